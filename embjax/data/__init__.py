@@ -1,0 +1,1 @@
+"""Input pipelines: Fashion-MNIST idx files, tfds datasets, padded and masked batches."""

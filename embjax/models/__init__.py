@@ -1,0 +1,1 @@
+"""Flax backbones, one file per family, and the name -> spec registry."""

@@ -1,0 +1,1 @@
+"""Readers for checkpoint files and converters into Flax variables."""

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# embjax launcher: sets itself up on a fresh machine, then runs one command.
+#
+#   ./launch.sh                    the main job: the affine-equivalence study on the offline default (zoo)
+#   ./launch.sh test [pytest args] the whole test suite
+#   ./launch.sh study [flags]      experiments/affine_equivalence.py with absl flags (e.g. --config=...)
+#   ./launch.sh bench NAME [args]  benchmarks/NAME.py (installs the benchmark extra: PyTorch CPU, psutil)
+#   ./launch.sh python [args]      the project's Python, for anything else
+#
+# Environment: EMBJAX_VENV (default .venv) is where the virtual environment lives; EMBJAX_PYTHON the
+# interpreter that creates it (default python3). Set-up is skipped when nothing it installs has changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${EMBJAX_VENV:-$ROOT/.venv}
+PY=${EMBJAX_PYTHON:-python3}
+cmd=${1:-main}
+[ $# -gt 0 ] && shift
+
+log() { echo "[launch] $*" >&2; }
+
+ensure_venv() {  # $1: comma-separated extras
+  local extras=$1
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+  # Re-install only when pyproject.toml or the extras asked for change.
+  local stamp="$VENV/.embjax-installed-$(echo "$extras" | tr ',' '-')"
+  local want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing embjax[$extras] into $VENV"
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+ensure_fashion_mnist() {
+  # Offline labelled images: Debian's dataset-fashion-mnist. Falls back to tfds 'fashion_mnist' at run time.
+  local dir=/usr/share/datasets/fashion-mnist
+  if [ -f "$dir/train-images-idx3-ubyte.gz" ] || [ -n "${EMBJAX_FASHION_MNIST_DIR:-}" ]; then return 0; fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing Debian package dataset-fashion-mnist"
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) ||
+      log "could not install dataset-fashion-mnist; the tfds 'fashion_mnist' builder will be used"
+  else
+    log "no $dir and no root apt-get; the tfds 'fashion_mnist' builder will be used"
+  fi
+}
+
+case "$cmd" in
+  main)
+    ensure_venv "weights"
+    ensure_fashion_mnist
+    exec "$VENV/bin/python" -m experiments.affine_equivalence "$@"
+    ;;
+  study)
+    ensure_venv "weights"
+    ensure_fashion_mnist
+    exec "$VENV/bin/python" -m experiments.affine_equivalence "$@"
+    ;;
+  test)
+    ensure_venv "test,weights"
+    ensure_fashion_mnist
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  bench)
+    name=${1:?usage: ./launch.sh bench NAME [args]}
+    shift
+    ensure_venv "test,weights,bench"
+    exec "$VENV/bin/python" "benchmarks/$name.py" "$@"
+    ;;
+  python)
+    ensure_venv "test,weights"
+    exec "$VENV/bin/python" "$@"
+    ;;
+  *)
+    echo "unknown command '$cmd'; use one of: (none), test, study, bench NAME, python" >&2
+    exit 2
+    ;;
+esac
