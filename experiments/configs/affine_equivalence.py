@@ -1,0 +1,102 @@
+"""Configs of the affine-equivalence study: `--config=experiments/configs/affine_equivalence.py:NAME`.
+
+NAME is one of
+  zoo          (default) five small models of different families trained by embjax on Fashion-MNIST
+  effnet_lite  the three real ImageNet EfficientNet-Lite backbones on Fashion-MNIST: linear heads trained on
+               fit features give labelled accuracies, the original ImageNet heads give agreement
+  imagenet     the thesis setting: registry models on imagenet2012 through tfds with a manual_dir, maps fit on
+               the training split and evaluated on validation
+Fields can be overridden on the command line, e.g. `--config.batch_size=512 --config.fit_split=train[:10%]`.
+"""
+
+import ml_collections
+
+ZOO_MODELS = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2",
+              "zoo_efficientnet_lite")
+
+# Registry name -> the thesis' name, for printing the thesis' cells beside ours.
+THESIS_NAMES = {
+    "inception_v3": "Inception-v3",
+    "inception_resnet_v2": "Inception-ResNet-v2",
+    "mobilenet_v2_140": "MobileNet-v2-1.4-224",
+    "resnet152_v1": "ResNet-v1-152",
+    "resnet152_v2": "ResNet-v2-152",
+}
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""
+    c.models = []
+    # Where each model's variables come from: "zoo" (trained by embjax), "pretrained" (installed packages),
+    # or a dict {model name: weight file path} for files a user downloaded (Keras .h5, .pth, safetensors).
+    c.weights = "zoo"
+    c.weight_files = ml_collections.ConfigDict()
+    c.dataset = "fashion_mnist"
+    c.fit_split = "train"
+    c.eval_split = "test"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    # Host-side square size for datasets of variable-size images (each model then resizes on device).
+    c.image_size = ml_collections.config_dict.placeholder(int)
+    c.num_classes = 10
+    # Heads scored against labels: "native" (each model's own classifier) or "linear" (a linear head per
+    # backbone trained with optax on fit features; the native heads are then scored for agreement).
+    c.heads = "native"
+    c.linear_head = ml_collections.ConfigDict(dict(epochs=30, batch_size=512, learning_rate=1e-2,
+                                                   weight_decay=1e-4, seed=0))
+    c.batch_size = 256  # global, over all devices and processes
+    c.ridge = 0.0  # relative ridge, lambda = ridge * tr(C_AA) / d_A (see embjax.maps.affine)
+    c.dtype = "float32"
+    c.checkpoint_every = 50  # batches
+    c.prefetch = 2
+    c.save_eval_features = False
+    c.thesis_names = ml_collections.ConfigDict()
+    c.zoo = ml_collections.ConfigDict(dict(epochs=2, batch_size=128, learning_rate=3e-3,
+                                           weight_decay=1e-4, seed=0, limit=0))
+    return c
+
+
+def zoo() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "zoo"
+    c.models = list(ZOO_MODELS)
+    return c
+
+
+def effnet_lite() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "effnet_lite"
+    c.models = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    c.weights = "pretrained"
+    c.heads = "linear"
+    # Three ImageNet backbones at 224-260 px on a 2-core CPU: a subset keeps a run to minutes.
+    c.fit_split = "train[:3000]"
+    c.eval_split = "test[:1000]"
+    c.batch_size = 32
+    c.checkpoint_every = 10
+    return c
+
+
+def imagenet() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "imagenet"
+    c.models = list(THESIS_NAMES)
+    c.weights = "files"
+    c.dataset = "imagenet2012"
+    c.fit_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 331
+    c.num_classes = 1000
+    c.batch_size = 512
+    c.checkpoint_every = 200
+    c.thesis_names = ml_collections.ConfigDict(THESIS_NAMES)
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = {"zoo": zoo, "effnet_lite": effnet_lite, "imagenet": imagenet}
+    name = arg or "zoo"
+    if name not in presets:
+        raise ValueError(f"unknown config '{name}'; choose one of {sorted(presets)}")
+    return presets[name]()
