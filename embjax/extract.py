@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -275,6 +276,9 @@ class Progress:
               f"ETA {eta:,.0f} s", file=self.stream, flush=True)
 
 
+_BATCHES_FOLDED = [0]
+
+
 def run_stream(step: Callable, state, batches: Iterator[dict], *, mesh: Mesh, total_batches: int,
                start_batch: int, label: str, batch_size: int, checkpoints: Checkpoints | None = None,
                checkpoint_every: int = 0, step_offset: int = 0, meta: dict | None = None,
@@ -287,8 +291,13 @@ def run_stream(step: Callable, state, batches: Iterator[dict], *, mesh: Mesh, to
     returns beyond (state, nonfinite flags), e.g. features to write to disk.
     """
     progress = Progress(label, total_batches, batch_size)
-    b = start_batch
+    kill_after = int(os.environ.get("EMBJAX_TEST_KILL_AFTER_BATCHES", "0"))
     for b, batch in enumerate(batches, start=start_batch):
+        # Fault injection for the resume tests: SIGKILL (as kill -9 would) after that many batches
+        # folded in by this process, over all passes.
+        if kill_after and _BATCHES_FOLDED[0] == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _BATCHES_FOLDED[0] += 1
         out = step(state, shard_batch(batch, mesh))
         state, bad = out[0], out[1]
         raise_if_nonfinite(bad, members, split, b)

@@ -37,6 +37,8 @@ def main(argv):
         if _COORDINATOR.value:
             kw = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                       process_id=_PROCESS_ID.value)
+        # Cross-process collectives on CPU (tests, CPU clusters) go through gloo; GPUs/TPUs ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kw)
 
     config = _CONFIG.value

@@ -1,0 +1,179 @@
+"""The affine-equivalence study end to end on tiny zoo models and small slices of Fashion-MNIST.
+
+Each run is a subprocess of `python -m experiments.affine_equivalence`, exactly as a user starts it.
+The zoo is trained once per test session into a shared cache (one epoch on 512 images: the models are
+poor, which is fine: the tests check the engine's arithmetic and bookkeeping, not accuracy).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = "zoo_resnet_v1,zoo_mobilenet_v2,zoo_inception"
+
+TINY = [
+    f"--config.models={MODELS}",
+    "--config.fit_split=train[:512]",
+    "--config.eval_split=test[:200]",  # 200 is not a multiple of 64: the last batch is padded
+    "--config.batch_size=64",
+    "--config.zoo.epochs=1",
+    "--config.zoo.limit=512",
+    "--config.checkpoint_every=2",
+]
+
+
+def _env(cache, devices=1, **extra):
+    env = dict(os.environ)
+    env["EMBJAX_CACHE"] = str(cache)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("EMBJAX_TRACEBACK", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_study(workdir, cache, *args, devices=1, check=True, **env):
+    cmd = [sys.executable, "-m", "experiments.affine_equivalence", f"--workdir={workdir}", *TINY, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache, devices, **env), capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"study failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_results(workdir):
+    runs = sorted(d for d in os.listdir(workdir) if d != "state" and
+                  os.path.isfile(os.path.join(workdir, d, "results.json")))
+    assert runs, f"no finished report under {workdir}: {os.listdir(workdir)}"
+    with open(os.path.join(workdir, runs[-1], "results.json")) as f:
+        return json.load(f), os.path.join(workdir, runs[-1])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("baseline")
+    proc = run_study(workdir, cache)
+    results, run_dir = load_results(workdir)
+    return results, run_dir, proc
+
+
+def test_report_contents(baseline):
+    results, run_dir, proc = baseline
+    names = MODELS.split(",")
+    assert results["models"] == names
+    assert results["num_fit"] == 512 and results["num_eval"] == 200
+    n = len(names)
+    for family in ("affine", "logit", "naive"):
+        acc = np.asarray(results[family]["accuracy"])
+        assert acc.shape == (n, n)
+        assert np.all((acc >= 0) & (acc <= 1))
+        # The diagonal is the unmapped model in every family.
+        np.testing.assert_array_equal(np.diag(acc), results["unmapped"]["accuracy"])
+    # Logit maps reproduce the source logits through the target head, so every cell of a row equals the
+    # source's unmapped accuracy: exact up to argmax ties, which 200 float32 samples do not produce.
+    logit = np.asarray(results["logit"]["accuracy"])
+    np.testing.assert_array_equal(logit, np.repeat(np.diag(logit)[:, None], n, axis=1))
+    # Trained models are far better than chance (0.1) even after one short epoch.
+    assert min(results["unmapped"]["accuracy"]) > 0.3
+    assert "config" in results and results["config"]["batch_size"] == 64
+    for f in ("report.md", "results.json"):
+        assert os.path.isfile(os.path.join(run_dir, f))
+    assert "report:" in proc.stdout
+    # The resume state is gone once the report exists.
+    assert not os.path.exists(os.path.join(os.path.dirname(run_dir), "state", "checkpoints"))
+
+
+def test_resume_after_kill_gives_identical_results(baseline, tmp_path, cache):
+    results, _, _ = baseline
+    workdir = tmp_path / "killed"
+    # Killed (SIGKILL, like kill -9) after 5 fit batches: checkpoints exist after batches 2 and 4.
+    proc = run_study(workdir, cache, check=False, EMBJAX_TEST_KILL_AFTER_BATCHES=5)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir))
+    # Killed again in the evaluation pass of the resumed run: it folds fit batches 4-7, then evaluation
+    # batches 0-1 (checkpoint after 2), and dies before evaluation batch 2.
+    proc = run_study(workdir, cache, check=False, EMBJAX_TEST_KILL_AFTER_BATCHES=6)
+    assert proc.returncode == -signal.SIGKILL
+    proc = run_study(workdir, cache)
+    assert "[resume]" in proc.stdout
+    resumed, _ = load_results(workdir)
+    # Same fold order, same jitted steps on the same device: bit-identical numbers.
+    for family in ("affine", "logit", "naive"):
+        for key in ("accuracy", "top5", "agreement", "r2"):
+            assert resumed[family][key] == results[family][key], (family, key)
+    assert resumed["num_fit"] == 512 and resumed["num_eval"] == 200
+
+
+def test_four_devices_give_the_same_tables(baseline, tmp_path, cache):
+    results, _, _ = baseline
+    workdir = tmp_path / "four"
+    run_study(workdir, cache, devices=4)
+    four, _ = load_results(workdir)
+    assert four["meta"]["devices"] and len(four["meta"]["devices"]) == 4
+    for family in ("affine", "logit", "naive"):
+        # Counts are integers; a different reduction order over 4 devices can move a float32 logit by a
+        # few ulps, which could flip an exact argmax tie only: none occur here, so the tables are equal.
+        assert four[family]["accuracy"] == results[family]["accuracy"], family
+        assert four[family]["agreement"] == results[family]["agreement"], family
+        # R² sums squares over 200 x d values in float32, in another order: agreement to 1e-4 absolute
+        # is ~1000x the float32 rounding of such sums.
+        np.testing.assert_allclose(four[family]["r2"], results[family]["r2"], atol=1e-4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.models=zoo_resnet_v1,no_such_model"], "no_such_model"),
+    (["--config.weights=files"], "weight_files"),
+    (["--config.dataset=fashion_mnist", "--config.data_dir=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    (["--config.eval_split=test[:0]"], "empty"),
+])
+def test_bad_input_fails_clearly(tmp_path, cache, args, needle):
+    workdir = tmp_path / "bad"
+    proc = run_study(workdir, cache, *args, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr[-3000:]
+    assert "embjax: error:" in proc.stderr
+    if os.path.isdir(workdir):
+        assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_same_maps_and_tables(baseline, tmp_path, cache):
+    """Two processes on loopback (jax.distributed, gloo collectives), each reading its half of every
+    split, produce the same tables as one process."""
+    results, _, _ = baseline
+    workdir = tmp_path / "multi"
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "experiments.affine_equivalence", f"--workdir={workdir}", *TINY,
+               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    multi, _ = load_results(workdir)
+    assert multi["meta"]["process_count"] == 2
+    assert multi["num_fit"] == 512 and multi["num_eval"] == 200
+    for family in ("affine", "logit", "naive"):
+        # Same integer counts (see the 4-device test for why float32 reordering cannot change them here).
+        assert multi[family]["accuracy"] == results[family]["accuracy"], family
+        np.testing.assert_allclose(multi[family]["r2"], results[family]["r2"], atol=1e-4)
