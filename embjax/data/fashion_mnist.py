@@ -137,11 +137,22 @@ def load(split: str, data_dir: str | os.PathLike | None = None, *, tfds_data_dir
         _, start, stop = parse_split(split, {base: images.shape[0]})
         images, labels = images[start:stop], labels[start:stop]
     if images.shape[0] == 0:
-        raise EmptySplitError(f"Fashion-MNIST split {split!r} holds no examples; widen the slice")
+        raise EmptySplitError(f"Fashion-MNIST split {split!r} is empty (no examples); widen the slice")
     return images, labels
 
 
-def source(split: str, data_dir: str | os.PathLike | None = None, **kwargs) -> ArraySource:
-    """`load` wrapped as an in-memory source for `batches`."""
+def source(split: str, data_dir: str | os.PathLike | None = None, *, manual_dir: str | None = None,
+           image_size: int | None = None, **kwargs) -> ArraySource:
+    """`load` wrapped as an in-memory source for `batches`.
+
+    manual_dir and image_size exist so that one call serves every dataset (`embjax.data.get_source`); for
+    Fashion-MNIST they must be unset (or image_size 28): its images all have one shape already, and the
+    models resize on device.
+    """
+    if manual_dir is not None:
+        raise ValueError(f"Fashion-MNIST takes no manual_dir (got {manual_dir!r}); use data_dir for the idx files")
+    if image_size not in (None, IMAGE_SHAPE[0]):
+        raise ValueError(f"Fashion-MNIST images are 28x28 and are not resized on the host (got image_size="
+                         f"{image_size!r}); leave image_size unset, each model resizes on device")
     images, labels = load(split, data_dir, **kwargs)
     return ArraySource(images, labels, name=f"fashion_mnist:{split}")

@@ -162,7 +162,7 @@ def load(name: str, split: str, data_dir: str | None = None, manual_dir: str | N
             known = ", ".join(builder.info.splits.keys()) or "none recorded"
             raise ValueError(f"tfds '{name}': cannot open split {split!r} ({e}); its splits are {known}") from e
         if num_examples == 0:
-            raise EmptySplitError(f"tfds '{name}' split {split!r} holds no examples; pick another split or slice")
+            raise EmptySplitError(f"tfds '{name}' split {split!r} is empty (no examples); pick another split or slice")
     try:
         data_source = builder.as_data_source(split=split)
     except Exception as e:
@@ -196,7 +196,7 @@ def load(name: str, split: str, data_dir: str | None = None, manual_dir: str | N
     num_classes = getattr(label_feature, "num_classes", None)
 
     if len(data_source) == 0:
-        raise EmptySplitError(f"tfds '{name}' split {split!r} holds no examples; pick another split or slice")
+        raise EmptySplitError(f"tfds '{name}' split {split!r} is empty (no examples); pick another split or slice")
     return TfdsSource(data_source, name=name, split=split, image_key=image_key, label_key=label_key,
                       image_size=image_size, feature_shape=feature_shape, num_classes=num_classes,
                       num_threads=num_threads)
