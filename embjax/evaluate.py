@@ -1,0 +1,302 @@
+"""Streaming all-pairs evaluation of mapped features through the target models' own heads.
+
+For N models and every ordered pair (src, dst), this module accumulates, over an evaluation split, the
+sufficient statistics of
+
+  - top-1 / top-5 correct:  head_dst(map_{src→dst}(f_src)) against the labels,
+  - agreement:              argmax of that against argmax head_dst(f_dst), the target's own prediction,
+  - feature-space R²:       1 − Σ‖f_dst − map(f_src)‖² / Σ‖f_dst − μ_dst‖²,
+
+where the diagonal (i, i) is model i unmapped (its own accuracy, agreement n, R² 1). Counts are exact
+integers; the R² denominator is accumulated exactly in the streaming sense: each batch is centred on its
+own mean and batches are merged with Chan et al.'s update, so μ_dst is the evaluation split's mean, not
+a training mean. States merge across batches, devices (`allreduce`) and hosts (`merge`), like
+embjax.stats. This module imports nothing from embjax.
+
+Shapes and vectorisation. Maps of different pairs have different shapes (d_src, d_dst). For each source
+the maps to all N targets are zero-padded to (d_src, d_max), the target heads' kernels to (d_max, C) and
+the target features to (batch, d_max); the per-pair computation is then `jax.vmap`-ed over targets.
+Sources are a Python loop (unrolled under jit): stacking all sources at once would pad every map to
+d_max², e.g. 90 maps × 4320² floats = 6.7 GB for the ten thesis CNNs, whereas per source the padded
+stack is N·d_src·d_max (at most 0.75 GB there) and XLA can free it before the next source. Padding
+is exact: the padded columns of a mapped feature are 0 + 0 and meet zero rows of the padded kernel.
+
+Every head applies as z = x K + c with K of shape (d, classes), row vectors. All models must share the
+label set (same number of classes). Matmuls run at Precision.HIGHEST.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+KINDS = ("top1", "top5", "agreement")
+
+
+@flax.struct.dataclass
+class EvalState:
+    """Sufficient statistics of the all-pairs evaluation; rows are sources, columns targets."""
+
+    count: jax.Array  # () int32: real samples seen
+    top1: jax.Array  # (N, N) int32: top-1 correct of head_dst(map(f_src))
+    top5: jax.Array  # (N, N) int32: top-5 correct (top-min(5, classes))
+    agreement: jax.Array  # (N, N) int32: argmax equal to head_dst(f_dst)'s argmax
+    sse: jax.Array  # (N, N) float: Σ ‖f_dst − map(f_src)‖²
+    mean: jax.Array  # (D,) concatenated per-model means of the evaluation features
+    sst: jax.Array  # (N,) float: Σ ‖f_t − μ_t‖², centred on the evaluation mean
+    dims: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+def init(dims: Sequence[int], dtype=jnp.float32) -> EvalState:
+    """Empty evaluation state for N models with feature widths `dims`."""
+    dims = tuple(int(d) for d in dims)
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"evaluate.init: dims must be a non-empty sequence of positive widths, got {dims}")
+    n = len(dims)
+    zeros_i = jnp.zeros((n, n), jnp.int32)
+    return EvalState(
+        count=jnp.zeros((), jnp.int32),
+        top1=zeros_i,
+        top5=zeros_i,
+        agreement=zeros_i,
+        sse=jnp.zeros((n, n), dtype),
+        mean=jnp.zeros((sum(dims),), dtype),
+        sst=jnp.zeros((n,), dtype),
+        dims=dims,
+    )
+
+
+def _offsets(dims: Sequence[int]) -> tuple[int, ...]:
+    out = [0]
+    for d in dims:
+        out.append(out[-1] + d)
+    return tuple(out)
+
+
+def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> tuple:
+    """The per-source padded stacks that `update` consumes: a tuple over sources s of
+    (W (N, d_s, d_max), b (N, d_max)), with the identity at target s (the unmapped model).
+
+    `maps` is a dict {(src, dst): (W, b)} covering every src ≠ dst; entries (i, i) are ignored. Passing
+    the dict to `update` stacks it inside the step; stacking once here saves that copy per batch at the
+    price of keeping Σ_s N·d_s·d_max floats resident.
+    """
+    dims = tuple(int(d) for d in dims)
+    d_max = max(dims)
+    out = []
+    for s, d_s in enumerate(dims):
+        ws, bs = [], []
+        for t, d_t in enumerate(dims):
+            if t == s:
+                w = jnp.eye(d_s, d_max, dtype=dtype)
+                b = jnp.zeros((d_max,), dtype)
+            else:
+                if (s, t) not in maps:
+                    raise KeyError(
+                        f"evaluate: no map for pair ({s}, {t}); pass a dict covering every src ≠ dst "
+                        "(e.g. maps.affine_all(state))"
+                    )
+                w, b = maps[(s, t)]
+                if tuple(w.shape) != (d_s, d_t) or tuple(b.shape) != (d_t,):
+                    raise ValueError(
+                        f"evaluate: map ({s}, {t}) has W {tuple(w.shape)} and b {tuple(b.shape)}; "
+                        f"expected ({d_s}, {d_t}) and ({d_t},)"
+                    )
+                w = jnp.pad(jnp.asarray(w, dtype), ((0, 0), (0, d_max - d_t)))
+                b = jnp.pad(jnp.asarray(b, dtype), (0, d_max - d_t))
+            ws.append(w)
+            bs.append(b)
+        out.append((jnp.stack(ws), jnp.stack(bs)))
+    return tuple(out)
+
+
+def _check_inputs(state: EvalState, feats, heads, labels, mask):
+    n = len(state.dims)
+    feats = list(feats)
+    heads = list(heads)
+    if len(feats) != n or len(heads) != n:
+        raise ValueError(
+            f"evaluate.update: the state has {n} models but got {len(feats)} feature blocks and "
+            f"{len(heads)} heads; pass one of each per model, in the order of init(dims)"
+        )
+    batch = feats[0].shape[0]
+    classes = None
+    for i, (f, (k, c), d) in enumerate(zip(feats, heads, state.dims)):
+        if f.shape != (batch, d):
+            raise ValueError(f"evaluate.update: features of model {i} have shape {f.shape}, expected ({batch}, {d})")
+        if k.ndim != 2 or k.shape[0] != d or c.shape != (k.shape[1],):
+            raise ValueError(
+                f"evaluate.update: head of model {i} has kernel {k.shape} and bias {c.shape}; expected ({d}, classes) and (classes,)"
+            )
+        if classes is None:
+            classes = k.shape[1]
+        elif k.shape[1] != classes:
+            raise ValueError(f"evaluate.update: head of model {i} predicts {k.shape[1]} classes, model 0 predicts {classes}")
+    if labels.shape != (batch,):
+        raise ValueError(f"evaluate.update: labels have shape {labels.shape}, expected ({batch},)")
+    if mask is not None and mask.shape != (batch,):
+        raise ValueError(f"evaluate.update: mask has shape {mask.shape}, expected ({batch},)")
+    return feats, heads, batch, classes
+
+
+def _pair_stats(w, b, kernel, bias, f_dst, own_pred, mapped_src, labels, keep, k):
+    """Counts and squared error of one (src, dst) pair; vmapped over targets."""
+    y = jnp.matmul(mapped_src, w, precision=_HIGHEST) + b  # (batch, d_max)
+    logits = jnp.matmul(y, kernel, precision=_HIGHEST) + bias
+    pred = jnp.argmax(logits, axis=-1)
+    _, top = jax.lax.top_k(logits, k)
+    top1 = jnp.sum(keep & (pred == labels), dtype=jnp.int32)
+    top5 = jnp.sum(keep & jnp.any(top == labels[:, None], axis=-1), dtype=jnp.int32)
+    agree = jnp.sum(keep & (pred == own_pred), dtype=jnp.int32)
+    err = jnp.where(keep[:, None], y - f_dst, 0)
+    return top1, top5, agree, jnp.sum(err * err)
+
+
+def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState:
+    """Fold one batch into the all-pairs evaluation.
+
+    Args:
+      state: from `init(dims)`.
+      feats: list of (batch, d_i) features, one per model.
+      heads: list of (kernel (d_i, classes), bias (classes,)), one per model, same classes for all.
+      maps: dict {(src, dst): (W (d_src, d_dst), b (d_dst,))} for every src ≠ dst (the diagonal means the
+        unmapped model and is ignored), or the output of `stack_maps(maps, dims)`.
+      labels: (batch,) integer class labels.
+      mask: optional (batch,) bool, True for real rows of a padded batch; padded rows count nowhere,
+        whatever their contents.
+    Works under `jax.jit` (jit it with the state, features, heads and maps as arguments).
+    """
+    labels = jnp.asarray(labels)
+    mask = None if mask is None else jnp.asarray(mask).astype(bool)
+    feats, heads, batch, classes = _check_inputs(state, feats, heads, labels, mask)
+    dims = state.dims
+    n = len(dims)
+    d_max = max(dims)
+    dtype = state.sse.dtype
+    if isinstance(maps, Mapping):
+        maps = stack_maps(maps, dims, dtype)
+    elif len(maps) != n:
+        raise ValueError(f"evaluate.update: `maps` must be a dict or stack_maps(...) output with {n} sources")
+    keep = jnp.ones((batch,), bool) if mask is None else mask
+    feats = [jnp.asarray(f, dtype) for f in feats]
+    # Padded rows may hold anything (even NaN): zero them once so no product can leak them.
+    feats = [jnp.where(keep[:, None], f, 0) for f in feats]
+    k = min(5, classes)
+
+    f_pad = jnp.stack([jnp.pad(f, ((0, 0), (0, d_max - f.shape[1]))) for f in feats])  # (N, batch, d_max)
+    kernels = jnp.stack([jnp.pad(jnp.asarray(kk, dtype), ((0, d_max - kk.shape[0]), (0, 0))) for kk, _ in heads])
+    biases = jnp.stack([jnp.asarray(c, dtype) for _, c in heads])
+    own_logits = jnp.einsum("tbd,tdc->tbc", f_pad, kernels, precision=_HIGHEST) + biases[:, None, :]
+    own_pred = jnp.argmax(own_logits, axis=-1)  # (N, batch)
+
+    pair = jax.vmap(_pair_stats, in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None))
+    rows = [
+        pair(w_s, b_s, kernels, biases, f_pad, own_pred, feats[s], labels, keep, k)
+        for s, (w_s, b_s) in enumerate(maps)
+    ]
+    top1, top5, agree, sse = (jnp.stack(col) for col in zip(*rows))
+
+    # Evaluation-split mean and centred total sum of squares per model (Chan et al. merge).
+    n_b = jnp.sum(keep, dtype=jnp.int32)
+    n_bf = jnp.maximum(n_b, 1).astype(dtype)
+    x = jnp.concatenate(feats, axis=1)
+    mu_b = jnp.sum(x, axis=0) / n_bf
+    xc = jnp.where(keep[:, None], x - mu_b, 0)
+    sq = jnp.sum(xc * xc, axis=0)
+    o = _offsets(dims)
+    sst_b = jnp.stack([jnp.sum(sq[o[i] : o[i + 1]]) for i in range(n)])
+    count, mean, sst = _combine_moments(state.count, state.mean, state.sst, n_b, mu_b, sst_b, dims)
+    return state.replace(
+        count=count,
+        top1=state.top1 + top1,
+        top5=state.top5 + top5,
+        agreement=state.agreement + agree,
+        sse=state.sse + sse,
+        mean=mean,
+        sst=sst,
+    )
+
+
+def _block_sums(v, dims):
+    o = _offsets(dims)
+    return jnp.stack([jnp.sum(v[o[i] : o[i + 1]]) for i in range(len(dims))])
+
+
+def _combine_moments(n_a, mu_a, sst_a, n_b, mu_b, sst_b, dims):
+    dtype = mu_a.dtype
+    n = n_a + n_b
+    frac_b = n_b.astype(dtype) / jnp.maximum(n, 1).astype(dtype)
+    delta = mu_b - mu_a
+    mu = mu_a + delta * frac_b
+    sst = sst_a + sst_b + _block_sums(delta * delta, dims) * (n_a.astype(dtype) * frac_b)
+    return n, mu, sst
+
+
+def merge(a: EvalState, b: EvalState) -> EvalState:
+    """Evaluation state of the union of the samples behind `a` and `b`."""
+    if a.dims != b.dims:
+        raise ValueError(f"evaluate.merge: feature widths differ: {a.dims} vs {b.dims}")
+    count, mean, sst = _combine_moments(a.count, a.mean, a.sst, b.count, b.mean, b.sst, a.dims)
+    return a.replace(
+        count=count,
+        top1=a.top1 + b.top1,
+        top5=a.top5 + b.top5,
+        agreement=a.agreement + b.agreement,
+        sse=a.sse + b.sse,
+        mean=mean,
+        sst=sst,
+    )
+
+
+def allreduce(state: EvalState, axis_name) -> EvalState:
+    """Exact merge of per-device states along a named mapped axis (inside pmap / shard_map)."""
+    dtype = state.mean.dtype
+    psum = lambda v: jax.lax.psum(v, axis_name)  # noqa: E731
+    n = psum(state.count)
+    n_k = state.count.astype(dtype)
+    mu = psum(state.mean * n_k) / jnp.maximum(n, 1).astype(dtype)
+    delta = state.mean - mu
+    sst = psum(state.sst + _block_sums(delta * delta, state.dims) * n_k)
+    return state.replace(
+        count=n,
+        top1=psum(state.top1),
+        top5=psum(state.top5),
+        agreement=psum(state.agreement),
+        sse=psum(state.sse),
+        mean=mu,
+        sst=sst,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Turning counts into tables
+
+
+def accuracy(state: EvalState, kind: str = "top1") -> jax.Array:
+    """(N, N) fraction of samples: row = source, column = target head; the diagonal is each model's
+    own (unmapped) accuracy. `kind` is "top1", "top5" or "agreement". NaN if no sample was seen."""
+    if kind not in KINDS:
+        raise ValueError(f"evaluate.accuracy: kind must be one of {KINDS}, got {kind!r}")
+    counts = getattr(state, kind)
+    total = state.count.astype(jnp.float32)
+    return jnp.where(total > 0, counts.astype(jnp.float32) / jnp.maximum(total, 1.0), jnp.nan)
+
+
+def r2(state: EvalState) -> jax.Array:
+    """(N, N) feature-space R² of map(f_src) against f_dst on the evaluation split (diagonal 1). NaN for
+    a target whose evaluation features are constant."""
+    sst = state.sst[None, :]
+    return jnp.where(sst > 0, 1.0 - state.sse / jnp.where(sst > 0, sst, 1.0), jnp.nan)
+
+
+def relative_change(acc: jax.Array) -> jax.Array:
+    """The thesis' relative change of a mapped accuracy: cell / (unmapped accuracy of its row's source) − 1.
+    Works on any (N, N) matrix from `accuracy` (and on NumPy arrays)."""
+    acc = jnp.asarray(acc)
+    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
+        raise ValueError(f"evaluate.relative_change: expected a square (N, N) matrix, got shape {acc.shape}")
+    return acc / jnp.diagonal(acc)[:, None] - 1.0

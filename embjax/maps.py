@@ -1,0 +1,374 @@
+"""Closed-form maps between embedding spaces: affine least squares, logit, naive, Procrustes, reduced rank.
+
+Every map is a pair (W, b) acting on row vectors, x_dst ≈ x_src @ W + b, with W of shape
+(d_src, d_dst). The statistics-based maps read a `Stats`-like state (fields `count`, `mean`, `cross`,
+`dims`; see embjax.stats) and never touch raw features; this module imports nothing from embjax.
+
+The public functions run eagerly on concrete arrays, because an ill-conditioned covariance must be
+reported (warnings.warn) and repaired (a larger ridge) from outside any trace; the numerical kernels
+they call are jitted. Every linear-algebra call runs under `jax.default_matmul_precision("highest")`
+so that GPUs (TF32) and TPUs (bfloat16) do not silently lower the precision.
+
+Conditioning of the affine solve, precisely:
+
+1. Features whose spread is at the rounding level of their own mean (dead ReLU units, constants) are
+   dropped from the regression: their rows of W are zero and the intercept absorbs them. They carry no
+   information, and keeping them would make every post-ReLU block singular.
+2. The remaining features are scaled to unit variance (Jacobi scaling) before the Cholesky
+   factorisation; in exact arithmetic this changes nothing, in float32 it removes the part of the
+   condition number that comes from features of different scales.
+3. The condition number of the scaled, regularised matrix is estimated (power iteration for the largest
+   eigenvalue, inverse iteration through the Cholesky factor for the smallest). When the factor is not
+   finite or the estimate exceeds `cond_limit`, a warning names the block and the estimate, and the
+   smallest relative ridge μ·diag(C_AA) with μ = λ_max / cond_limit (then 10×, 100×, ... if needed) that
+   brings the estimate under the limit is added. Maps are therefore always finite.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class IllConditionedWarning(UserWarning):
+    """A covariance block was singular or ill-conditioned and an extra ridge was added."""
+
+
+def default_cond_limit(dtype) -> float:
+    """Largest condition estimate accepted without an extra ridge: 1e6 in float32 (about 1/(16·eps):
+    the worst direction of the solve still keeps a digit), 1e12 in float64."""
+    return 1e6 if jnp.finfo(dtype).bits <= 32 else 1e12
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the statistics (duck-typed on the Stats fields, so this module imports nothing of embjax)
+
+
+def _offsets(dims: Sequence[int]) -> tuple[int, ...]:
+    out = [0]
+    for d in dims:
+        out.append(out[-1] + int(d))
+    return tuple(out)
+
+
+def _check_state(state, *blocks: int) -> None:
+    for name in ("count", "mean", "cross", "dims"):
+        if not hasattr(state, name):
+            raise TypeError(f"maps: expected an embjax.stats.Stats state, got {type(state).__name__} without `{name}`")
+    n_blocks = len(state.dims)
+    for i in blocks:
+        if not 0 <= int(i) < n_blocks:
+            raise IndexError(f"maps: block index {i} out of range for a state with {n_blocks} blocks")
+    if int(state.count) < 2:
+        raise ValueError(
+            f"maps: the statistics hold {int(state.count)} sample(s); fitting a map needs at least 2 "
+            "(accumulate features with stats.update first)"
+        )
+
+
+def _block(state, i: int, j: int) -> jax.Array:
+    o = _offsets(state.dims)
+    return state.cross[o[i] : o[i + 1], o[j] : o[j + 1]]
+
+
+def _mean(state, i: int) -> jax.Array:
+    o = _offsets(state.dims)
+    return state.mean[o[i] : o[i + 1]]
+
+
+def _name(names, i: int) -> str:
+    if names is None:
+        return f"block {i}"
+    return f"block {i} ({names[i]!r})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Jitted kernels of the affine solve
+
+
+def _dropped(c_aa: jax.Array, mean_a: jax.Array, count: jax.Array) -> jax.Array:
+    """Features with no spread beyond the rounding of their mean (64 eps·|μ|, generous for a pairwise
+    sum) or exactly none: dead units and constants."""
+    eps = jnp.finfo(c_aa.dtype).eps
+    var = jnp.diagonal(c_aa) / jnp.maximum(count, 1).astype(c_aa.dtype)
+    return var <= (64 * eps * mean_a) ** 2
+
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _factor(c_aa, mean_a, count, lam, rel, iters: int = 30):
+    """Cholesky factor of the scaled system s (C_AA + λI + rel·diag C_AA) s, with s = diag(C_AA)^-½.
+
+    Returns (L, s, finite, λ_max estimate, λ_min estimate) of the scaled matrix.
+    """
+    dtype = c_aa.dtype
+    drop = _dropped(c_aa, mean_a, count)
+    diag = jnp.diagonal(c_aa)
+    s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag)))
+    a = c_aa * s[:, None] * s[None, :]
+    # Dropped features get a unit diagonal (their rows and columns are zero): W's rows there are zero.
+    a_diag = jnp.where(drop, 1.0, 1.0 + lam * s * s + rel)
+    d = a.shape[0]
+    a = a.at[jnp.arange(d), jnp.arange(d)].set(a_diag.astype(dtype))
+    chol = jnp.linalg.cholesky(a)
+    finite = jnp.all(jnp.isfinite(chol))
+
+    # A fixed, dense start vector: it has a component along every eigenvector of a generic matrix.
+    v0 = jax.random.normal(jax.random.key(0), (d,), dtype)
+    v0 = v0 / jnp.linalg.norm(v0)
+
+    def power(_, v):
+        w = jnp.matmul(a, v, precision=_HIGHEST)
+        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+
+    v = jax.lax.fori_loop(0, iters, power, v0)
+    lam_max = jnp.dot(v, jnp.matmul(a, v, precision=_HIGHEST), precision=_HIGHEST)
+
+    safe_chol = jnp.where(finite, chol, jnp.eye(d, dtype=dtype))
+
+    def inverse(_, v):
+        w = jsl.cho_solve((safe_chol, True), v)
+        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+
+    u = jax.lax.fori_loop(0, iters, inverse, v0)
+    # Rayleigh quotient of A⁻¹ at the converged vector: 1 / that is an upper bound on λ_min.
+    inv_quot = jnp.dot(u, jsl.cho_solve((safe_chol, True), u), precision=_HIGHEST)
+    lam_min = jnp.where(finite & (inv_quot > 0), 1.0 / inv_quot, 0.0)
+    return chol, s, finite, lam_max, lam_min
+
+
+@jax.jit
+def _solve(chol, s, c_ab, mean_a, mean_b):
+    """W = s · A⁻¹ (s · C_AB), b = μ_B − μ_A W, for the scaled factor A = L Lᵀ."""
+    y = jsl.cho_solve((chol, True), c_ab * s[:, None])
+    w = y * s[:, None]
+    b = mean_b - jnp.matmul(mean_a, w, precision=_HIGHEST)
+    return w, b
+
+
+def _factor_source(state, src: int, ridge: float, names, cond_limit):
+    """Factor C_AA of one source block, repairing it with a ridge (and a warning) when needed."""
+    if not (isinstance(ridge, (int, float, np.floating, np.integer)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"maps: ridge must be a finite number ≥ 0 (relative to tr(C_AA)/d_A), got {ridge!r}")
+    c_aa = _block(state, src, src)
+    mean_a = _mean(state, src)
+    if cond_limit is None:
+        cond_limit = default_cond_limit(c_aa.dtype)
+    d_a = c_aa.shape[0]
+    lam = float(ridge) * float(jnp.trace(c_aa)) / d_a
+    rel = 0.0
+    chol, s, finite, lam_max, lam_min = _factor(c_aa, mean_a, state.count, lam, rel)
+    cond = float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
+    if cond <= cond_limit:
+        return chol, s
+    first_cond = cond
+    # λ_max of the scaled matrix is at most its trace (d_a plus ridges); the power estimate is better.
+    top = float(lam_max) if math.isfinite(float(lam_max)) and float(lam_max) > 0 else float(d_a)
+    rel = top / cond_limit
+    for _ in range(12):
+        chol, s, finite, lam_max, lam_min = _factor(c_aa, mean_a, state.count, lam, rel)
+        cond = float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
+        if cond <= cond_limit:
+            break
+        rel *= 10.0
+    else:  # pragma: no cover - needs a matrix whose diagonal dominance fails at rel ≥ 1e12·λ_max/limit
+        raise FloatingPointError(f"maps: could not regularise the covariance of {_name(names, src)}")
+    warnings.warn(
+        f"maps: the covariance of {_name(names, src)} is singular or ill-conditioned "
+        f"(condition estimate {first_cond:.3g} after scaling features to unit variance, limit "
+        f"{cond_limit:.3g}); added a ridge of {rel:.3g}·diag(C_AA) to keep its maps finite "
+        f"(new estimate {cond:.3g}). Pass a larger `ridge` to silence this.",
+        IllConditionedWarning,
+        stacklevel=3,
+    )
+    return chol, s
+
+
+# --------------------------------------------------------------------------------------------------
+# Affine least-squares maps
+
+
+def affine(state, src: int, dst: int, ridge: float = 0.0, *, names=None, cond_limit: float | None = None):
+    """Least-squares affine map from block `src` to block `dst`: x_dst ≈ x_src @ W + b.
+
+    W = (C_AA + λI)⁻¹ C_AB by Cholesky and b = μ_B − μ_A W, where C are the centred cross-products of
+    the statistics. `ridge` is unit-free: λ = ridge · tr(C_AA) / d_A, i.e. a fraction of the average
+    feature variance times n, so the same value means the same thing for any feature scale or sample
+    count. ridge = 0 is ordinary least squares with an intercept. See the module docstring for what
+    happens to constant features and ill-conditioned blocks (warning + extra ridge, never NaN).
+
+    Args:
+      state: an embjax.stats.Stats.
+      src, dst: block indices.
+      ridge: relative ridge, ≥ 0.
+      names: optional model names, used in warnings.
+      cond_limit: condition estimate above which an extra ridge is added (default: 1e6 for float32).
+    Returns:
+      (W (d_src, d_dst), b (d_dst,)).
+    """
+    _check_state(state, src, dst)
+    with jax.default_matmul_precision("highest"):
+        chol, s = _factor_source(state, src, ridge, names, cond_limit)
+        return _solve(chol, s, _block(state, src, dst), _mean(state, src), _mean(state, dst))
+
+
+def affine_all(state, ridge: float = 0.0, *, names=None, cond_limit: float | None = None) -> dict:
+    """All N(N−1) affine maps {(src, dst): (W, b)} for src ≠ dst, factoring each source block once and
+    solving for all its targets in one triangular solve. Same arguments as `affine`."""
+    _check_state(state)
+    n_blocks = len(state.dims)
+    o = _offsets(state.dims)
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        for src in range(n_blocks):
+            targets = [t for t in range(n_blocks) if t != src]
+            if not targets:
+                continue
+            chol, s = _factor_source(state, src, ridge, names, cond_limit)
+            rows = state.cross[o[src] : o[src + 1]]
+            c_rest = jnp.concatenate([rows[:, o[t] : o[t + 1]] for t in targets], axis=1)
+            mean_rest = jnp.concatenate([_mean(state, t) for t in targets])
+            w_all, b_all = _solve(chol, s, c_rest, _mean(state, src), mean_rest)
+            start = 0
+            for t in targets:
+                width = state.dims[t]
+                out[(src, t)] = (w_all[:, start : start + width], b_all[start : start + width])
+                start += width
+    return out
+
+
+def apply(x: jax.Array, wb) -> jax.Array:
+    """x @ W + b at full precision, for a map (W, b)."""
+    w, b = wb
+    return jnp.matmul(x, w, precision=_HIGHEST) + b
+
+
+# --------------------------------------------------------------------------------------------------
+# Maps that need no statistics
+
+
+def _check_head(head, what: str):
+    if not (isinstance(head, (tuple, list)) and len(head) == 2):
+        raise ValueError(f"maps.logit: {what} must be a (kernel (d, classes), bias (classes,)) pair")
+    kernel, bias = jnp.asarray(head[0]), jnp.asarray(head[1])
+    if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
+        raise ValueError(
+            f"maps.logit: {what} has kernel {kernel.shape} and bias {bias.shape}; expected (d, classes) and (classes,)"
+        )
+    return kernel, bias
+
+
+def logit(head_src, head_dst):
+    """The map that makes the target head reproduce the source head's logits (thesis §5.5).
+
+    With heads z = x K + c, the map is x_dst = (x_src K_src + c_src − c_dst) K_dst⁺, i.e.
+    W = K_src K_dst⁺ and b = (c_src − c_dst) K_dst⁺. When K_dst has full column rank (d_dst ≥ classes),
+    K_dst⁺ K_dst = I and the target head returns exactly the source logits. Otherwise the logits are
+    only reproduced in the least-squares sense, and a warning says so.
+    """
+    k_a, c_a = _check_head(head_src, "head_src")
+    k_b, c_b = _check_head(head_dst, "head_dst")
+    if k_a.shape[1] != k_b.shape[1]:
+        raise ValueError(
+            f"maps.logit: the heads predict different numbers of classes ({k_a.shape[1]} vs {k_b.shape[1]})"
+        )
+    dtype = jnp.result_type(k_a.dtype, k_b.dtype, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        w, b, rank = _logit(k_a.astype(dtype), c_a.astype(dtype), k_b.astype(dtype), c_b.astype(dtype))
+    classes = k_b.shape[1]
+    if int(rank) < classes:
+        warnings.warn(
+            f"maps.logit: the target kernel {k_b.shape} has rank {int(rank)} < {classes} classes, so the "
+            "target head cannot reproduce the source logits exactly (least-squares logit map returned)",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
+    return w, b
+
+
+@jax.jit
+def _logit(k_a, c_a, k_b, c_b):
+    u, sv, vt = jnp.linalg.svd(k_b, full_matrices=False)  # k_b = u diag(sv) vt, u (d_b, r)
+    cutoff = jnp.finfo(k_b.dtype).eps * max(k_b.shape) * sv[0]
+    keep = sv > cutoff
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, sv, 1.0), 0.0)
+    pinv = jnp.matmul(vt.T * inv[None, :], u.T, precision=_HIGHEST)  # (classes, d_b)
+    w = jnp.matmul(k_a, pinv, precision=_HIGHEST)
+    b = jnp.matmul(c_a - c_b, pinv, precision=_HIGHEST)
+    return w, b, jnp.sum(keep)
+
+
+def naive(d_src: int, d_dst: int, dtype=jnp.float32):
+    """The "no map" baseline of thesis §5.6: feed the source features to the target head as they are,
+    truncated (d_src > d_dst) or zero-padded (d_src < d_dst). W is the (d_src, d_dst) identity, b = 0."""
+    d_src, d_dst = int(d_src), int(d_dst)
+    if d_src <= 0 or d_dst <= 0:
+        raise ValueError(f"maps.naive: dimensions must be positive, got {d_src} and {d_dst}")
+    return jnp.eye(d_src, d_dst, dtype=dtype), jnp.zeros((d_dst,), dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Constrained maps
+
+
+def procrustes(state, src: int, dst: int, *, scale: bool = False):
+    """Orthogonal (Procrustes) map: min ‖(X_A − μ_A) R − (X_B − μ_B)‖_F over R with R Rᵀ = I.
+
+    R = U Vᵀ from the SVD C_AB = U Σ Vᵀ. Requires d_src ≤ d_dst, so that R is an isometry of the source
+    space into the target space (square orthogonal when the widths match). With `scale=True`, W = s R
+    with the optimal s = tr Σ / tr C_AA. b = μ_B − μ_A W in both cases.
+    """
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    if d_a > d_b:
+        raise ValueError(
+            f"maps.procrustes: source block {src} is wider ({d_a}) than target block {dst} ({d_b}); an "
+            "isometry needs d_src ≤ d_dst. Use reduced_rank or affine for this pair."
+        )
+    with jax.default_matmul_precision("highest"):
+        return _procrustes(_block(state, src, src), _block(state, src, dst), _mean(state, src), _mean(state, dst), scale)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _procrustes(c_aa, c_ab, mean_a, mean_b, scale):
+    u, sv, vt = jnp.linalg.svd(c_ab, full_matrices=False)
+    r = jnp.matmul(u, vt, precision=_HIGHEST)
+    if scale:
+        tr = jnp.trace(c_aa)
+        r = r * jnp.where(tr > 0, jnp.sum(sv) / jnp.where(tr > 0, tr, 1.0), 0.0)
+    return r, mean_b - jnp.matmul(mean_a, r, precision=_HIGHEST)
+
+
+def reduced_rank(state, src: int, dst: int, rank: int, ridge: float = 0.0, *, names=None, cond_limit=None):
+    """Rank-`rank` least-squares affine map (classical reduced-rank regression).
+
+    With W the full (ridge) least-squares map, the rank-k map is W P_k, where P_k = V_k V_kᵀ projects
+    onto the top k eigenvectors of the fitted values' covariance Wᵀ C_AA W; b = μ_B − μ_A W P_k. For
+    ridge = 0 this minimises the squared error over all maps of rank ≤ k.
+    """
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
+        raise ValueError(f"maps.reduced_rank: rank must be an integer in [1, {min(d_a, d_b)}], got {rank!r}")
+    w, _ = affine(state, src, dst, ridge, names=names, cond_limit=cond_limit)
+    with jax.default_matmul_precision("highest"):
+        return _project_rank(w, _block(state, src, src), _mean(state, src), _mean(state, dst), int(rank))
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _project_rank(w, c_aa, mean_a, mean_b, rank):
+    fitted = jnp.matmul(w.T, jnp.matmul(c_aa, w, precision=_HIGHEST), precision=_HIGHEST)
+    fitted = 0.5 * (fitted + fitted.T)
+    _, vecs = jnp.linalg.eigh(fitted)  # ascending eigenvalues
+    top = vecs[:, -rank:]
+    w_k = jnp.matmul(jnp.matmul(w, top, precision=_HIGHEST), top.T, precision=_HIGHEST)
+    return w_k, mean_b - jnp.matmul(mean_a, w_k, precision=_HIGHEST)
+
