@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embjax import data
-from embjax.data import fashion_mnist, pipeline
+from embjax.data import fashion_mnist
 from embjax.data.sources import parse_split
 
 # ------------------------------------------------------------------------------------------------
