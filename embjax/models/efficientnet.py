@@ -1,0 +1,237 @@
+"""EfficientNet-Lite0–4 (Tan & Le 2019, the "lite" edge variants) and a small Fashion-MNIST configuration.
+
+Owns the architecture only; pretrained weights come from `embjax.weights.efficientnet_lite`.
+
+Lite differs from EfficientNet-B: no squeeze-and-excitation, ReLU6 instead of swish, and the stem (32
+channels) and head (1280 channels) are not scaled by the width multiplier, nor are the repeats of the
+first and last block groups scaled by the depth multiplier. The released weights were trained in
+TensorFlow, whose "SAME" padding puts the odd extra pixel of a stride-2 convolution on the bottom/right;
+the PyTorch port that ships them (EfficientNet-Lite-PyTorch) emulates exactly that with explicit
+zero-padding, so `padding="tf_same"` (the default) is the one that matches the weights. `"symmetric"`
+(k//2 on every side, what most PyTorch-native models use) is kept only to show the difference.
+
+`__call__(x, train=False)` takes NHWC images (any size; stride-2 layers round up) and returns a dict:
+
+    stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6
+    stage1..7  output of each block group (16, 24, 40, 80, 112, 192, 320 channels for Lite0; strides
+               2, 4, 8, 16, 16, 32, 32 relative to the input)
+    head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6
+    pre_logits (B, 1280)               global average pool of `head`
+    logits     (B, num_classes)
+
+Parameters are float32 (`param_dtype`); `dtype` sets the computation dtype (bfloat16 on accelerators).
+BatchNorm uses the running statistics unless `train=True` (then pass `mutable=["batch_stats"]`, and an
+rng named "dropout" when `dropout_rate > 0`). Drop-connect (stochastic depth) is not implemented: it is
+an identity at inference, and the small configuration trains without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = [
+    "StageConfig",
+    "LITE_STAGES",
+    "LITE_VARIANTS",
+    "SMALL_STAGES",
+    "round_filters",
+    "round_repeats",
+    "lite_stages",
+    "MBConv",
+    "EfficientNetLite",
+    "small_efficientnet_lite",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One block group: `repeats` inverted-residual blocks, the first with `stride`."""
+
+    kernel_size: int
+    stride: int
+    expand_ratio: int
+    out_channels: int
+    repeats: int
+
+
+# The seven block groups of EfficientNet-B0 / Lite0 (the TF builder's 'r1_k3_s11_e1_i32_o16', ...).
+LITE_STAGES: tuple[StageConfig, ...] = (
+    StageConfig(3, 1, 1, 16, 1),
+    StageConfig(3, 2, 6, 24, 2),
+    StageConfig(5, 2, 6, 40, 2),
+    StageConfig(3, 2, 6, 80, 3),
+    StageConfig(5, 1, 6, 112, 3),
+    StageConfig(5, 2, 6, 192, 4),
+    StageConfig(3, 1, 6, 320, 1),
+)
+
+# variant -> (width multiplier, depth multiplier, native resolution, dropout before the classifier)
+LITE_VARIANTS: dict[int, tuple[float, float, int, float]] = {
+    0: (1.0, 1.0, 224, 0.2),
+    1: (1.0, 1.1, 240, 0.2),
+    2: (1.1, 1.2, 260, 0.3),
+    3: (1.2, 1.4, 280, 0.3),
+    4: (1.4, 1.8, 300, 0.3),
+}
+
+# Small configuration for 28x28x1 Fashion-MNIST: stem at stride 1 (28 px), three downsamplings to 4 px,
+# expansion 3 instead of 6 to stay under ~10 MFLOPs per image; pre_logits width 192.
+SMALL_STAGES: tuple[StageConfig, ...] = (
+    StageConfig(3, 1, 1, 16, 1),   # 28 x 28
+    StageConfig(3, 2, 3, 24, 2),   # 14 x 14
+    StageConfig(5, 2, 3, 40, 2),   #  7 x 7
+    StageConfig(3, 2, 3, 64, 2),   #  4 x 4
+)
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """Width scaling as in the TF reference: nearest multiple of `divisor`, never more than 10% below."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def lite_stages(variant: int) -> tuple[StageConfig, ...]:
+    """Block groups of EfficientNet-Lite`variant` (first and last group keep their repeats)."""
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(LITE_VARIANTS)}, got {variant!r}")
+    width, depth = LITE_VARIANTS[variant][:2]
+    last = len(LITE_STAGES) - 1
+    return tuple(
+        dataclasses.replace(
+            s,
+            out_channels=round_filters(s.out_channels, width),
+            repeats=s.repeats if i in (0, last) else round_repeats(s.repeats, depth),
+        )
+        for i, s in enumerate(LITE_STAGES)
+    )
+
+
+def _padding(kernel_size: int, mode: str):
+    if mode == "tf_same":
+        return "SAME"  # lax's SAME = TF's: total pad split with the extra pixel after (bottom/right)
+    if mode == "symmetric":
+        return ((kernel_size // 2, kernel_size // 2),) * 2
+    raise ValueError(f"padding must be 'tf_same' or 'symmetric', got {mode!r}")
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-and-excitation: [1x1 expand] -> depthwise -> 1x1 project."""
+
+    out_channels: int
+    kernel_size: int
+    stride: int
+    expand_ratio: int
+    epsilon: float = 1e-3
+    momentum: float = 0.99
+    padding: str = "tf_same"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, **k)
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                                       epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                                       name=name)
+        in_channels = x.shape[-1]
+        hidden = in_channels * self.expand_ratio
+        h = x
+        if self.expand_ratio != 1:
+            h = conv(hidden, (1, 1), name="expand_conv")(h)
+            h = nn.relu6(bn("expand_bn")(h))
+        k = self.kernel_size
+        h = conv(hidden, (k, k), strides=(self.stride, self.stride), padding=_padding(k, self.padding),
+                 feature_group_count=hidden, name="depthwise_conv")(h)
+        h = nn.relu6(bn("depthwise_bn")(h))
+        h = conv(self.out_channels, (1, 1), name="project_conv")(h)
+        h = bn("project_bn")(h)
+        if self.stride == 1 and in_channels == self.out_channels:
+            h = h + x
+        return h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite`variant` (0–4); `stages`/`stem_*`/`head_channels` override it for other sizes.
+
+    Block submodules are named `block_<i>` with i counting over all blocks (the `_blocks.<i>` index of
+    the PyTorch port), so the weight converter's name map is a simple loop.
+    """
+
+    variant: int = 0
+    num_classes: int = 1000
+    stages: Sequence[StageConfig] | None = None
+    stem_channels: int = 32
+    stem_stride: int = 2
+    head_channels: int = 1280
+    dropout_rate: float | None = None
+    epsilon: float = 1e-3  # TF BatchNormalization epsilon the weights were trained with
+    momentum: float = 0.99  # TF convention (= PyTorch momentum 0.01)
+    padding: str = "tf_same"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def block_configs(self) -> list[StageConfig]:
+        """One StageConfig per block (repeats=1), with the stage's stride only on its first block."""
+        stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
+        out = []
+        for s in stages:
+            for r in range(s.repeats):
+                out.append(dataclasses.replace(s, stride=s.stride if r == 0 else 1, repeats=1))
+        return out
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"EfficientNetLite expects NHWC images, got shape {x.shape}")
+        stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
+        dropout = LITE_VARIANTS.get(self.variant, (0, 0, 0, 0.0))[3] if self.dropout_rate is None \
+            else self.dropout_rate
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                                       epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                                       name=name)
+        out = {}
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.stem_channels, (3, 3), strides=(self.stem_stride,) * 2, padding=_padding(3, self.padding),
+                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
+        x = nn.relu6(bn("stem_bn")(x))
+        out["stem"] = x
+        index = 0
+        for stage_number, s in enumerate(stages, start=1):
+            for r in range(s.repeats):
+                x = MBConv(s.out_channels, s.kernel_size, s.stride if r == 0 else 1, s.expand_ratio,
+                           epsilon=self.epsilon, momentum=self.momentum, padding=self.padding,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{index}")(x, train)
+                index += 1
+            out[f"stage{stage_number}"] = x
+        x = nn.Conv(self.head_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="head_conv")(x)
+        x = nn.relu6(bn("head_bn")(x))
+        out["head"] = x
+        # Pool with float32 accumulation: a bfloat16 sum over 49+ positions would lose ~2 digits.
+        pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        out["pre_logits"] = pre_logits
+        h = nn.Dropout(dropout, deterministic=not train)(pre_logits) if dropout > 0 else pre_logits
+        out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="classifier")(h)
+        return out
+
+
+def small_efficientnet_lite(num_classes: int = 10, **kwargs) -> EfficientNetLite:
+    """EfficientNet-Lite-style network for 28x28x1 inputs: ~8 MFLOPs/image, pre_logits width 192."""
+    config = dict(variant=None, num_classes=num_classes, stages=SMALL_STAGES, stem_channels=16, stem_stride=1,
+                  head_channels=192, dropout_rate=0.0)
+    config.update(kwargs)
+    return EfficientNetLite(**config)
