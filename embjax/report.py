@@ -138,11 +138,33 @@ def _relative_from_accuracy(acc: list[list[float]]) -> list[list[float | None]]:
             for i in range(len(acc))]
 
 
+def _undefined_changes_to_none(results: Mapping) -> dict:
+    """A source with zero unmapped accuracy has no relative change (x / 0 - 1, NaN or inf as computed by
+    evaluate.relative_change): those rows become None, the one non-finite value a report accepts."""
+    out = dict(results)
+    for key, block in results.items():
+        if not (isinstance(block, Mapping) and "accuracy" in block and "relative_change" in block):
+            continue
+        try:
+            acc = np.asarray(block["accuracy"], dtype=float)
+            rows = [list(r) for r in block["relative_change"]]
+        except (TypeError, ValueError):
+            continue  # malformed: validate() names the problem
+        if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or len(rows) != acc.shape[0]:
+            continue
+        zero = [i for i in range(acc.shape[0]) if acc[i, i] == 0]
+        if zero:
+            for i in zero:
+                rows[i] = [None] * len(rows[i])
+            out[key] = {**block, "relative_change": rows}
+    return out
+
+
 def validate(results: Mapping) -> dict:
     """Checks `results` and returns its JSON-ready copy; raises ReportError naming the first problem."""
     if not isinstance(results, Mapping):
         raise ReportError(f"results must be a dict, got {type(results).__name__}")
-    out = _plain(results, "")
+    out = _plain(_undefined_changes_to_none(results), "")
     for key in ("models", "feature_dims", "unmapped", *FAMILIES, "config"):
         if key not in out:
             raise ReportError(f"results has no '{key}'; see embjax.report.write for the expected keys")
@@ -479,7 +501,8 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
     {"models", "feature_dims", "dataset", "eval_split", "num_eval", "num_fit",
      "unmapped": {"accuracy", "top5"}, "affine"|"logit"|"naive": {"accuracy", "top5", "agreement", "r2",
      "relative_change"}, "reference": {"thesis_names"} (optional), "config", "meta"}; other keys are kept.
-    Non-finite numbers are refused (ReportError naming the matrix and cell) before anything is written.
+    Non-finite numbers are refused (ReportError naming the matrix and cell) before anything is written,
+    except the relative changes of a source whose unmapped accuracy is 0: undefined, they are stored as null.
     """
     r = validate(results)
     final = Path(run_dir)

@@ -171,6 +171,23 @@ def test_bad_results_are_refused_with_a_clear_message(tmp_path, mutate, needle):
     assert os.listdir(tmp_path) == []
 
 
+def test_zero_accuracy_source_gets_no_relative_change(tmp_path):
+    """evaluate.relative_change divides by the diagonal: a source at 0% gives NaN/inf there, stored as null."""
+    results = make_results()
+    acc = results["affine"]["accuracy"]
+    acc[2, :] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        results["affine"]["relative_change"] = acc / np.diag(acc)[:, None] - 1  # row 2: NaN (0/0)
+    report.write(tmp_path / "run", results)
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f)["affine"]["relative_change"][2] == [None] * 4
+    assert read_csv(tmp_path / "run" / "table_5_2_affine.csv")[3][1] == "0.00 (n/a)"
+    # Anywhere else a NaN relative change is still refused.
+    results["affine"]["relative_change"][1, 3] = np.nan
+    with pytest.raises(report.ReportError, match=r"affine\.relative_change.*\[1\]\[3\]"):
+        report.write(tmp_path / "run2", results)
+
+
 def test_undefined_relative_change_prints_na(tmp_path):
     results = make_results()
     acc = results["naive"]["accuracy"]
