@@ -8,7 +8,8 @@
 #   ./launch.sh python [args]      the project's Python, for anything else
 #
 # Environment: EMBJAX_VENV (default .venv) is where the virtual environment lives; EMBJAX_PYTHON the
-# interpreter that creates it (default python3). Set-up is skipped when nothing it installs has changed.
+# interpreter that creates it (default python3); EMBJAX_ACCELERATOR=tpu|cuda installs jax for TPU VMs or
+# NVIDIA GPUs (default: the CPU build). Set-up is skipped when nothing it installs has changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -28,11 +29,17 @@ ensure_venv() {  # $1: comma-separated extras
   fi
   # Re-install only when pyproject.toml or the extras asked for change.
   local stamp="$VENV/.embjax-installed-$(echo "$extras" | tr ',' '-')"
-  local want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  local want accel=${EMBJAX_ACCELERATOR:-cpu}
+  want=$( (cat pyproject.toml; echo "$accel") | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing embjax[$extras] into $VENV"
     "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    case "$accel" in
+      cpu) ;;
+      tpu) "$VENV/bin/python" -m pip install -q -U "jax[tpu]" ;;
+      cuda) "$VENV/bin/python" -m pip install -q -U "jax[cuda12]" ;;
+      *) log "EMBJAX_ACCELERATOR must be cpu, tpu or cuda, not '$accel'"; exit 2 ;;
+    esac
     echo "$want" > "$stamp"
   fi
 }

@@ -73,14 +73,23 @@ def _variables_for(name: str, spec, config, fit_data: Callable[[], tuple[np.ndar
     raise ValueError(f"config.weights must be 'zoo', 'pretrained', 'files' or 'random', not {source!r}")
 
 
+def model_names(config) -> list[str]:
+    """config.models as a list: a comma-separated string (or a list, when built in Python)."""
+    models = config.models
+    names = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else list(models)
+    if len(names) < 2:
+        raise ValueError(f"the study needs at least two models in config.models, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.models names a model twice: {names}")
+    return names
+
+
 def build_members(config, fit_data) -> list[extract.Member]:
     from embjax.models import registry
 
-    if len(config.models) < 2:
-        raise ValueError(f"the study needs at least two models, got {list(config.models)}")
     dtype = _dtype(config.dtype)
     members = []
-    for name in config.models:
+    for name in model_names(config):
         spec = registry.get(name)  # unknown names raise here, listing the known ones
         variables = _variables_for(name, spec, config, fit_data)
         module = spec.build(dtype=dtype) if dtype != jnp.float32 else spec.build()
@@ -263,8 +272,7 @@ def run(config, workdir: str) -> dict:
 
     # ---- pass 2: every pair on the evaluation split -------------------------------------------
     t = time.perf_counter()
-    num_classes = {k: [int(np.shape(h[1])[0]) for h in hs] for k, hs in head_sets.items()}
-    eval_state = {k: evaluate.init(dims, num_classes[k]) for k in families}
+    eval_state = {k: evaluate.init(dims) for k in families}
     state = extract.replicate({"stats": stats_state, "eval": eval_state}, mesh)
     if latest > n_fit:
         state, _ = ckpt.restore(latest, state)
@@ -272,7 +280,7 @@ def run(config, workdir: str) -> dict:
     if start < n_eval:
         step = extract.make_eval_step(members, mesh)
         dev_heads = extract.replicate(head_sets, mesh)
-        dev_maps = extract.replicate(families, mesh)
+        dev_maps = extract.replicate({k: evaluate.stack_maps(m, dims) for k, m in families.items()}, mesh)
         batches = data.batches(eval_src, local_bs, process_index=pi, process_count=pc,
                                start_batch=start, prefetch=config.prefetch)
 
@@ -298,7 +306,7 @@ def run(config, workdir: str) -> dict:
         "fit_split": config.fit_split,
         "eval_split": config.eval_split,
         "num_fit": int(round(float(host_stats.count))),
-        "num_eval": int(round(float(evaluate.count(ev["affine"])))),
+        "num_eval": int(ev["affine"].count),
         "heads": config.heads,
     }
     for k, e in ev.items():
@@ -313,7 +321,7 @@ def run(config, workdir: str) -> dict:
     results["unmapped"] = {"accuracy": np.diag(np.asarray(results["affine"]["accuracy"])).tolist(),
                            "top5": np.diag(np.asarray(results["affine"]["top5"])).tolist()}
     results["fit_statistics"] = {
-        "r2": [[float(stats.r2(host_stats, i, j, ridge=config.ridge)) if i != j else 1.0
+        "r2": [[float(stats.r2(host_stats, i, j, *affine[(i, j)])) if i != j else 1.0
                 for j in range(N)] for i in range(N)],
         "cka": [[float(stats.cka(host_stats, i, j)) for j in range(N)] for i in range(N)],
     }

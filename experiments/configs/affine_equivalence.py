@@ -27,7 +27,7 @@ THESIS_NAMES = {
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = ""
-    c.models = []
+    c.models = ""  # comma-separated registry names (a string, so --config.models=a,b,c works)
     # Where each model's variables come from: "zoo" (trained by embjax), "pretrained" (installed packages),
     # or a dict {model name: weight file path} for files a user downloaded (Keras .h5, .pth, safetensors).
     c.weights = "zoo"
@@ -60,14 +60,14 @@ def base() -> ml_collections.ConfigDict:
 def zoo() -> ml_collections.ConfigDict:
     c = base()
     c.name = "zoo"
-    c.models = list(ZOO_MODELS)
+    c.models = ",".join(ZOO_MODELS)
     return c
 
 
 def effnet_lite() -> ml_collections.ConfigDict:
     c = base()
     c.name = "effnet_lite"
-    c.models = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    c.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     c.weights = "pretrained"
     c.heads = "linear"
     # Three ImageNet backbones at 224-260 px on a 2-core CPU: a subset keeps a run to minutes.
@@ -81,7 +81,7 @@ def effnet_lite() -> ml_collections.ConfigDict:
 def imagenet() -> ml_collections.ConfigDict:
     c = base()
     c.name = "imagenet"
-    c.models = list(THESIS_NAMES)
+    c.models = ",".join(THESIS_NAMES)
     c.weights = "files"
     c.dataset = "imagenet2012"
     c.fit_split = "train"
