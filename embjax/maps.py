@@ -92,7 +92,8 @@ def _name(names, i: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Jitted kernels of the affine solve
+# The affine solve: one jitted kernel per (source, targets) shape does slicing, factorisation,
+# condition estimate and solve, so a fit costs one compilation per source block.
 
 
 def _dropped(c_aa: jax.Array, mean_a: jax.Array, count: jax.Array) -> jax.Array:
@@ -103,83 +104,96 @@ def _dropped(c_aa: jax.Array, mean_a: jax.Array, count: jax.Array) -> jax.Array:
     return var <= (64 * eps * mean_a) ** 2
 
 
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _factor(c_aa, mean_a, count, lam, rel, iters: int = 30):
-    """Cholesky factor of the scaled system s (C_AA + λI + rel·diag C_AA) s, with s = diag(C_AA)^-½.
+def _start_vector(d: int, dtype) -> jax.Array:
+    """A fixed dense unit vector for the power iterations: irrational-frequency cosines, so it has a
+    component along every eigenvector of a generic matrix (no RNG: cheaper to compile, deterministic)."""
+    v = np.cos(np.arange(1, d + 1) * np.sqrt(2.0) * 2.0) + 0.5
+    return jnp.asarray(v / np.linalg.norm(v), dtype)
 
-    Returns (L, s, finite, λ_max estimate, λ_min estimate) of the scaled matrix.
+
+@functools.partial(jax.jit, static_argnames=("src", "targets", "iters"))
+def _fit_source(cross, mean, count, ridge, rel, *, src, targets, iters=30):
+    """Affine maps from block `src` (a (start, stop) column range) to the concatenated `targets` ranges.
+
+    Solves s (C_AA + λI + rel·diag C_AA) s · y = s C_AB and returns W = s y, b = μ_B − μ_A W, together
+    with (finite, λ_max, λ_min) of the scaled, regularised matrix for the caller's conditioning check.
+    λ = ridge · tr(C_AA) / d_A; s = diag(C_AA)^-½ on the kept features, 0 on dropped ones.
     """
-    dtype = c_aa.dtype
+    dtype = cross.dtype
+    lo, hi = src
+    c_aa = cross[lo:hi, lo:hi]
+    mean_a = mean[lo:hi]
+    c_ab = jnp.concatenate([cross[lo:hi, a:b] for a, b in targets], axis=1)
+    mean_b = jnp.concatenate([mean[a:b] for a, b in targets])
+    d = hi - lo
+
     drop = _dropped(c_aa, mean_a, count)
     diag = jnp.diagonal(c_aa)
+    lam = ridge * jnp.trace(c_aa) / d
     s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag)))
     a = c_aa * s[:, None] * s[None, :]
     # Dropped features get a unit diagonal (their rows and columns are zero): W's rows there are zero.
-    a_diag = jnp.where(drop, 1.0, 1.0 + lam * s * s + rel)
-    d = a.shape[0]
-    a = a.at[jnp.arange(d), jnp.arange(d)].set(a_diag.astype(dtype))
+    a_diag = jnp.where(drop, 1.0, 1.0 + lam * s * s + rel).astype(dtype)
+    idx = jnp.arange(d)
+    a = a.at[idx, idx].set(a_diag)
     chol = jnp.linalg.cholesky(a)
     finite = jnp.all(jnp.isfinite(chol))
-
-    # A fixed, dense start vector: it has a component along every eigenvector of a generic matrix.
-    v0 = jax.random.normal(jax.random.key(0), (d,), dtype)
-    v0 = v0 / jnp.linalg.norm(v0)
-
-    def power(_, v):
-        w = jnp.matmul(a, v, precision=_HIGHEST)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
-
-    v = jax.lax.fori_loop(0, iters, power, v0)
-    lam_max = jnp.dot(v, jnp.matmul(a, v, precision=_HIGHEST), precision=_HIGHEST)
-
     safe_chol = jnp.where(finite, chol, jnp.eye(d, dtype=dtype))
 
-    def inverse(_, v):
-        w = jsl.cho_solve((safe_chol, True), v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+    def solve(rhs):
+        return jsl.cho_solve((safe_chol, True), rhs)
 
-    u = jax.lax.fori_loop(0, iters, inverse, v0)
-    # Rayleigh quotient of A⁻¹ at the converged vector: 1 / that is an upper bound on λ_min.
-    inv_quot = jnp.dot(u, jsl.cho_solve((safe_chol, True), u), precision=_HIGHEST)
+    def unit(v):
+        return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(dtype).tiny)
+
+    v0 = _start_vector(d, dtype)
+    v = jax.lax.fori_loop(0, iters, lambda _, v: unit(jnp.matmul(a, v, precision=_HIGHEST)), v0)
+    lam_max = jnp.dot(v, jnp.matmul(a, v, precision=_HIGHEST), precision=_HIGHEST)
+    u = jax.lax.fori_loop(0, iters, lambda _, v: unit(solve(v)), v0)
+    # Rayleigh quotient of A⁻¹ at the converged vector: its inverse is an upper bound on λ_min.
+    inv_quot = jnp.dot(u, solve(u), precision=_HIGHEST)
     lam_min = jnp.where(finite & (inv_quot > 0), 1.0 / inv_quot, 0.0)
-    return chol, s, finite, lam_max, lam_min
 
-
-@jax.jit
-def _solve(chol, s, c_ab, mean_a, mean_b):
-    """W = s · A⁻¹ (s · C_AB), b = μ_B − μ_A W, for the scaled factor A = L Lᵀ."""
-    y = jsl.cho_solve((chol, True), c_ab * s[:, None])
-    w = y * s[:, None]
+    w = solve(c_ab * s[:, None]) * s[:, None]
     b = mean_b - jnp.matmul(mean_a, w, precision=_HIGHEST)
-    return w, b
+    return w, b, finite, lam_max, lam_min
 
 
-def _factor_source(state, src: int, ridge: float, names, cond_limit):
-    """Factor C_AA of one source block, repairing it with a ridge (and a warning) when needed."""
+def _affine_from(state, src: int, targets: Sequence[int], ridge: float, names, cond_limit):
+    """Maps from `src` to the concatenated `targets`, repairing an ill-conditioned C_AA (with a warning)."""
     if not (isinstance(ridge, (int, float, np.floating, np.integer)) and math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"maps: ridge must be a finite number ≥ 0 (relative to tr(C_AA)/d_A), got {ridge!r}")
-    c_aa = _block(state, src, src)
-    mean_a = _mean(state, src)
+    o = _offsets(state.dims)
     if cond_limit is None:
-        cond_limit = default_cond_limit(c_aa.dtype)
-    d_a = c_aa.shape[0]
-    lam = float(ridge) * float(jnp.trace(c_aa)) / d_a
-    rel = 0.0
-    chol, s, finite, lam_max, lam_min = _factor(c_aa, mean_a, state.count, lam, rel)
-    cond = float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
+        cond_limit = default_cond_limit(state.cross.dtype)
+    fit = functools.partial(
+        _fit_source,
+        state.cross,
+        state.mean,
+        state.count,
+        float(ridge),
+        src=(o[src], o[src + 1]),
+        targets=tuple((o[t], o[t + 1]) for t in targets),
+    )
+
+    def cond_of(finite, lam_max, lam_min):
+        return float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
+
+    w, b, finite, lam_max, lam_min = fit(0.0)
+    cond = cond_of(finite, lam_max, lam_min)
     if cond <= cond_limit:
-        return chol, s
+        return w, b
     first_cond = cond
-    # λ_max of the scaled matrix is at most its trace (d_a plus ridges); the power estimate is better.
-    top = float(lam_max) if math.isfinite(float(lam_max)) and float(lam_max) > 0 else float(d_a)
+    # λ_max of the scaled matrix is at most its trace (about d_A); the power estimate is sharper.
+    top = float(lam_max) if math.isfinite(float(lam_max)) and float(lam_max) > 0 else float(state.dims[src])
     rel = top / cond_limit
     for _ in range(12):
-        chol, s, finite, lam_max, lam_min = _factor(c_aa, mean_a, state.count, lam, rel)
-        cond = float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
+        w, b, finite, lam_max, lam_min = fit(rel)
+        cond = cond_of(finite, lam_max, lam_min)
         if cond <= cond_limit:
             break
         rel *= 10.0
-    else:  # pragma: no cover - needs a matrix whose diagonal dominance fails at rel ≥ 1e12·λ_max/limit
+    else:  # pragma: no cover - rel has reached 1e12·λ_max/limit, far beyond diagonal dominance
         raise FloatingPointError(f"maps: could not regularise the covariance of {_name(names, src)}")
     warnings.warn(
         f"maps: the covariance of {_name(names, src)} is singular or ill-conditioned "
@@ -189,7 +203,7 @@ def _factor_source(state, src: int, ridge: float, names, cond_limit):
         IllConditionedWarning,
         stacklevel=3,
     )
-    return chol, s
+    return w, b
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,28 +229,30 @@ def affine(state, src: int, dst: int, ridge: float = 0.0, *, names=None, cond_li
       (W (d_src, d_dst), b (d_dst,)).
     """
     _check_state(state, src, dst)
-    with jax.default_matmul_precision("highest"):
-        chol, s = _factor_source(state, src, ridge, names, cond_limit)
-        return _solve(chol, s, _block(state, src, dst), _mean(state, src), _mean(state, dst))
+    if src == dst:
+        raise ValueError(f"maps.affine: src and dst are both {src}; the map of a block to itself is the identity")
+    # Solving for every target of `src` shares one compiled kernel with affine_all and reduced_rank;
+    # the extra triangular solves cost O(d_A²·D), less than the factorisation's condition estimate
+    # and far less than accumulating the statistics.
+    return affine_all(state, ridge, names=names, cond_limit=cond_limit, sources=(src,))[(src, dst)]
 
 
-def affine_all(state, ridge: float = 0.0, *, names=None, cond_limit: float | None = None) -> dict:
+def affine_all(
+    state, ridge: float = 0.0, *, names=None, cond_limit: float | None = None, sources: Sequence[int] | None = None
+) -> dict:
     """All N(N−1) affine maps {(src, dst): (W, b)} for src ≠ dst, factoring each source block once and
-    solving for all its targets in one triangular solve. Same arguments as `affine`."""
-    _check_state(state)
-    n_blocks = len(state.dims)
-    o = _offsets(state.dims)
+    solving for all its targets in one triangular solve. Same arguments as `affine`; `sources`
+    restricts the fit to some source blocks (default: all)."""
+    n_blocks = len(getattr(state, "dims", ()))
+    sources = tuple(range(n_blocks)) if sources is None else tuple(int(s) for s in sources)
+    _check_state(state, *sources)
     out = {}
     with jax.default_matmul_precision("highest"):
-        for src in range(n_blocks):
+        for src in sources:
             targets = [t for t in range(n_blocks) if t != src]
             if not targets:
                 continue
-            chol, s = _factor_source(state, src, ridge, names, cond_limit)
-            rows = state.cross[o[src] : o[src + 1]]
-            c_rest = jnp.concatenate([rows[:, o[t] : o[t + 1]] for t in targets], axis=1)
-            mean_rest = jnp.concatenate([_mean(state, t) for t in targets])
-            w_all, b_all = _solve(chol, s, c_rest, _mean(state, src), mean_rest)
+            w_all, b_all = _affine_from(state, src, targets, ridge, names, cond_limit)
             start = 0
             for t in targets:
                 width = state.dims[t]
