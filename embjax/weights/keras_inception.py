@@ -16,6 +16,7 @@ Every missing, extra or mis-shaped parameter is reported at once in a `KerasConv
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -34,7 +35,11 @@ Path = tuple[str, ...]
 
 
 class KerasConversionError(ValueError):
-    """Keras weights that do not fit the Flax port; the message lists every offending parameter."""
+    """Keras weights that do not fit the Flax port; `problems` (and the message) list every one."""
+
+    def __init__(self, message: str, problems: Sequence[str]):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,6 +215,18 @@ def _unflatten(flat: Mapping[Path, object]) -> dict:
     return tree
 
 
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(model_cls, num_classes: int, in_channels: int) -> dict[tuple[str, Path], tuple]:
+    """(collection, path) -> shape of the port's variables; cached, as tracing the model takes seconds."""
+    probe = jax.ShapeDtypeStruct((1, _SHAPE_PROBE, _SHAPE_PROBE, in_channels), jnp.float32)
+    variables = jax.eval_shape(model_cls(num_classes=num_classes).init, jax.random.key(0), probe)
+    return {
+        (collection, path): leaf.shape
+        for collection, tree in variables.items()
+        for path, leaf in _flatten(tree).items()
+    }
+
+
 def _fmt(collection: str, path: Path) -> str:
     return "/".join((collection,) + path)
 
@@ -277,13 +294,7 @@ def _convert(
     in_channels = 3
     if convs and layers[convs[0]][0].ndim == 4:
         in_channels = layers[convs[0]][0].shape[2]
-    probe = jax.ShapeDtypeStruct((1, _SHAPE_PROBE, _SHAPE_PROBE, in_channels), jnp.float32)
-    expected_vars = jax.eval_shape(model_cls(num_classes=num_classes).init, jax.random.key(0), probe)
-    expected = {
-        (collection, path): leaf.shape
-        for collection, tree in expected_vars.items()
-        for path, leaf in _flatten(tree).items()
-    }
+    expected = _expected_shapes(model_cls, num_classes, in_channels)
 
     for key, shape in expected.items():
         if key not in converted:
@@ -301,7 +312,8 @@ def _convert(
         raise KerasConversionError(
             f"Keras {model_name} weights do not fit embjax.models.inception.{model_cls.__name__} "
             f"({len(errors)} problem(s); auto-named layers are matched in natural order of their numeric "
-            "suffix, so one missing layer shifts every later one):\n  " + "\n  ".join(errors)
+            "suffix, so one missing layer shifts every later one):\n  " + "\n  ".join(errors),
+            errors,
         )
 
     variables: dict[str, dict] = {}
