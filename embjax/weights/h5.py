@@ -1,0 +1,281 @@
+"""Keras weight files (.h5) and the layer-by-layer conversion of Keras weights into Flax variables.
+
+Reading: `read_keras_weights(path)` returns {layer name: [that layer's arrays in Keras' order]} from
+
+* legacy Keras 2 weight files, as keras.applications downloads them: a root attribute `layer_names`,
+  one group per layer with a `weight_names` attribute (also the full-model variant, where all that
+  sits under a `model_weights` group). The dict follows `layer_names`, i.e. the model's layer order.
+* Keras 3 `.weights.h5` files (`model.save_weights`): `layers/<key>/vars/0..n-1`. Keys are Keras'
+  class-based auto names (`conv2d_3`); recent Keras also records the real layer name as a `name`
+  attribute on `vars`, which is used when present. The dict follows the natural order of the keys.
+
+Layers without weights are left out. An unreadable, truncated or non-Keras file raises
+`KerasWeightsError` naming the file; a missing one `FileNotFoundError`.
+
+Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`) describe a model as a list of
+`LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
+{"params", "batch_stats"} and compares the result with the shapes the Flax module expects;
+it collects every problem before raising one `WeightMismatchError`. Keras' layouts need no transposition:
+Conv2D kernels are HWIO and Dense kernels (in, out) as in Flax; a DepthwiseConv2D kernel
+(h, w, C, multiplier) becomes Flax's grouped (h, w, 1, C * multiplier).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+
+class KerasWeightsError(ValueError):
+    """A file that is not a readable Keras weights file (corrupt, truncated, or some other format)."""
+
+
+class WeightMismatchError(ValueError):
+    """Weights that do not fit the Flax module; `problems` lists every missing, extra or mis-shaped one."""
+
+    def __init__(self, what: str, problems: Sequence[str]):
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{what}: {len(self.problems)} mismatched parameter(s):\n  {shown}{more}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _text(value) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def natural_key(name: str):
+    """Sort key that orders embedded numbers by value: conv2d < conv2d_2 < conv2d_10."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def _read_legacy(root: h5py.Group) -> dict[str, list[np.ndarray]]:
+    layers = {}
+    for layer in (_text(n) for n in root.attrs["layer_names"]):
+        group = root[layer]
+        names = [_text(n) for n in group.attrs.get("weight_names", [])]
+        if names:
+            layers[layer] = [np.asarray(group[n]) for n in names]
+    return layers
+
+
+def _read_keras3(group: h5py.Group, prefix: str, layers: dict) -> None:
+    for key in sorted(group.keys(), key=natural_key):
+        child = group[key]
+        if not isinstance(child, h5py.Group):
+            continue
+        name = key
+        if "vars" in child:
+            variables = child["vars"]
+            name = _text(variables.attrs.get("name", key))
+            indices = sorted((k for k in variables.keys() if k.isdigit()), key=int)
+            if indices:
+                layers[prefix + name] = [np.asarray(variables[k]) for k in indices]
+        if "layers" in child:  # a model nested in the model: its layers are named under it
+            _read_keras3(child["layers"], f"{prefix}{name}/", layers)
+
+
+def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+    """{layer name: [arrays in Keras' weight order]} from a legacy Keras .h5 or a Keras 3 .weights.h5.
+
+    Keras' order: Conv2D [kernel, bias?], BatchNormalization [gamma, beta, moving_mean,
+    moving_variance], Dense [kernel, bias], DepthwiseConv2D [depthwise_kernel, bias?].
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Keras weights file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise KerasWeightsError(f"{path!r} is a directory, not a Keras .h5 weights file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise KerasWeightsError(
+            f"cannot read {path!r} as HDF5 ({err}); the file is truncated, corrupt or not a Keras .h5 "
+            "weights file; download it again"
+        ) from err
+    with handle:
+        try:
+            if "model_weights" in handle and "layer_names" in handle["model_weights"].attrs:
+                layers = _read_legacy(handle["model_weights"])
+            elif "layer_names" in handle.attrs:
+                layers = _read_legacy(handle)
+            elif "layers" in handle:
+                layers = {}
+                _read_keras3(handle["layers"], "", layers)
+            else:
+                raise KerasWeightsError(
+                    f"{path!r} is HDF5 but not a Keras weights file: it has neither a 'layer_names' "
+                    "attribute (legacy Keras .h5) nor a 'layers' group (Keras 3 .weights.h5)"
+                )
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            if isinstance(err, KerasWeightsError):
+                raise
+            raise KerasWeightsError(f"cannot read the weights in {path!r} ({err}); the file is corrupt") from err
+    if not layers:
+        raise KerasWeightsError(f"{path!r} holds no layer weights")
+    return layers
+
+
+def layer_weights_of(model) -> dict[str, list[np.ndarray]]:
+    """The same dict from an in-memory Keras model (its layers in order, weightless ones left out)."""
+    return {layer.name: [np.asarray(w) for w in layer.weights] for layer in model.layers if layer.weights}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converting
+
+# kind -> (number of Keras arrays, description)
+_KINDS = {
+    "conv": (2, "Conv2D [kernel, bias]"),
+    "conv_nobias": (1, "Conv2D [kernel] (use_bias=False)"),
+    "depthwise": (1, "DepthwiseConv2D [depthwise_kernel] (use_bias=False)"),
+    "bn": (4, "BatchNormalization [gamma, beta, moving_mean, moving_variance]"),
+    "dense": (2, "Dense [kernel, bias]"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMap:
+    """One Keras layer and where its weights go in the Flax tree (path of module names)."""
+
+    keras_name: str
+    flax_path: tuple[str, ...]
+    kind: str
+
+
+def _set(tree: dict, path: Sequence[str], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def convert_layers(
+    layer_weights: Mapping[str, Sequence[np.ndarray]],
+    layer_map: Sequence[LayerMap],
+    what: str,
+    expected: Mapping | None = None,
+) -> dict[str, Any]:
+    """{"params", "batch_stats"} from Keras layer weights through an explicit name map.
+
+    Raises one WeightMismatchError listing every Keras layer the map expects but the weights lack, every
+    weight-carrying layer the map does not know, every layer with the wrong number or rank of arrays,
+    and, when `expected` (a tree of shapes, e.g. `jax.eval_shape(module.init, ...)`) is given, every
+    leaf whose shape differs from it (leaves of layers already reported are not repeated).
+    """
+    problems = []
+    reported = []  # Flax paths of layers already reported, so the shape check does not repeat them
+    known = {m.keras_name for m in layer_map}
+    for name in layer_weights:
+        if name not in known and len(layer_weights[name]) > 0:
+            problems.append(f"unexpected Keras layer {name!r} ({len(layer_weights[name])} arrays)")
+    params: dict = {}
+    stats: dict = {}
+    for m in layer_map:
+        count, description = _KINDS[m.kind]
+        if m.keras_name not in layer_weights:
+            problems.append(f"missing Keras layer {m.keras_name!r} ({description}) for {'/'.join(m.flax_path)}")
+            reported.append(m.flax_path)
+            continue
+        arrays = [np.asarray(a, dtype=np.float32) for a in layer_weights[m.keras_name]]
+        if len(arrays) != count:
+            problems.append(
+                f"Keras layer {m.keras_name!r} has {len(arrays)} arrays with shapes "
+                f"{[a.shape for a in arrays]}; expected {description}"
+            )
+            reported.append(m.flax_path)
+            continue
+        if m.kind in ("conv", "conv_nobias", "depthwise") and arrays[0].ndim != 4:
+            problems.append(f"Keras layer {m.keras_name!r}: kernel of shape {arrays[0].shape} is not 4-D")
+            reported.append(m.flax_path)
+            continue
+        if m.kind == "bn":
+            gamma, beta, mean, var = arrays
+            if not (gamma.ndim == 1 and gamma.shape == beta.shape == mean.shape == var.shape):
+                problems.append(
+                    f"Keras layer {m.keras_name!r}: BatchNormalization arrays of shapes "
+                    f"{[a.shape for a in arrays]} are not four vectors of one length"
+                )
+                reported.append(m.flax_path)
+                continue
+            _set(params, m.flax_path, {"scale": gamma, "bias": beta})
+            _set(stats, m.flax_path, {"mean": mean, "var": var})
+        elif m.kind == "depthwise":
+            h, w, c, mult = arrays[0].shape
+            # Keras output channel c*mult + k is Flax's group c, member k: a reshape keeps that order.
+            _set(params, m.flax_path, {"kernel": arrays[0].reshape(h, w, 1, c * mult)})
+        elif m.kind == "conv_nobias":
+            _set(params, m.flax_path, {"kernel": arrays[0]})
+        else:  # conv, dense: (kernel, bias)
+            _set(params, m.flax_path, {"kernel": arrays[0], "bias": arrays[1]})
+    variables = {"params": params, "batch_stats": stats}
+    if expected is not None:
+        problems += shape_problems(expected, variables, skip=reported)
+    if problems:
+        raise WeightMismatchError(what, problems)
+    return variables
+
+
+def flatten_tree(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{path: leaf} of a nested mapping."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, prefix + (str(key),)))
+        else:
+            flat[prefix + (str(key),)] = value
+    return flat
+
+
+def shape_problems(expected: Mapping, variables: Mapping, skip: Sequence[tuple[str, ...]] = ()) -> list[str]:
+    """Every missing, extra and mis-shaped leaf of `variables` against `expected` (leaves with `.shape`).
+
+    Leaves under a Flax module path in `skip` (e.g. ("conv2_block1", "1_conv")) are ignored in both trees.
+    """
+    def skipped(path):  # path is (collection, module..., leaf)
+        return any(path[1 : 1 + len(s)] == tuple(s) for s in skip)
+
+    want = {p: v for p, v in flatten_tree(expected).items() if not skipped(p)}
+    have = {p: v for p, v in flatten_tree(variables).items() if not skipped(p)}
+    problems = []
+    for path in sorted(want.keys() - have.keys()):
+        problems.append(f"missing {'/'.join(path)} (expected shape {tuple(want[path].shape)})")
+    for path in sorted(have.keys() - want.keys()):
+        problems.append(f"unexpected {'/'.join(path)} (shape {tuple(np.shape(have[path]))})")
+    for path in sorted(want.keys() & have.keys()):
+        if tuple(np.shape(have[path])) != tuple(want[path].shape):
+            problems.append(
+                f"{'/'.join(path)}: shape {tuple(np.shape(have[path]))}, expected {tuple(want[path].shape)}"
+            )
+    return problems
+
+
+def check_shapes(expected: Mapping, variables: Mapping, what: str) -> None:
+    """Raise one WeightMismatchError naming every leaf of `variables` that does not match `expected`.
+
+    `expected` is typically `jax.eval_shape(module.init, ...)`; leaves need only a `.shape`.
+    """
+    problems = shape_problems(expected, variables)
+    if problems:
+        raise WeightMismatchError(what, problems)
+
+
+__all__ = [
+    "KerasWeightsError",
+    "WeightMismatchError",
+    "LayerMap",
+    "read_keras_weights",
+    "layer_weights_of",
+    "convert_layers",
+    "check_shapes",
+    "shape_problems",
+    "flatten_tree",
+    "natural_key",
+]
