@@ -198,6 +198,17 @@ def test_converter_rejects_a_batchnorm_with_scale_and_a_missing_head(keras_irv2)
     assert "missing parameter params/predictions/kernel" in message
 
 
+def test_converter_refuses_other_weights_and_non_dicts(keras_irv2):
+    """Inception-ResNet-v2 weights offered as Inception-v3: hundreds of problems, all kept, 60 shown."""
+    with pytest.raises(keras_inception.KerasConversionError) as info:
+        keras_inception.convert_inception_v3(keras_irv2["weights"])
+    assert len(info.value.problems) > 100
+    assert any(p.startswith("extra Keras layer 'block35_1_conv'") for p in info.value.problems)
+    assert "more" in str(info.value).splitlines()[-1]
+    with pytest.raises(keras_inception.KerasConversionError, match="read_keras_weights"):
+        keras_inception.convert_inception_v3("inception_v3_weights.h5")
+
+
 def test_converter_reads_keras_weights_files(keras_v3, tmp_path):
     """Round trip through Keras' own .weights.h5 writer and embjax's reader."""
     h5 = pytest.importorskip("embjax.weights.h5")

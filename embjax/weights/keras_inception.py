@@ -30,6 +30,7 @@ _AUTO_CONV = re.compile(r"^conv2d(?:_(\d+))?$")
 _AUTO_BN = re.compile(r"^batch_normalization(?:_(\d+))?$")
 # The classifier input is at least 75 px, so shapes are derived at that size (they do not depend on it).
 _SHAPE_PROBE = 75
+_SHOWN = 60  # problems spelled out in an error message
 
 Path = tuple[str, ...]
 
@@ -239,9 +240,11 @@ def _convert(
     model_name: str,
 ) -> dict:
     if not isinstance(layer_weights, Mapping):
-        raise TypeError(
-            f"{model_name} converter takes {{layer name: [weights]}}, got {type(layer_weights).__name__}; "
-            "read a .h5 file with embjax.weights.h5.read_keras_weights first."
+        problem = f"expected {{layer name: [weights]}}, got {type(layer_weights).__name__}"
+        raise KerasConversionError(
+            f"{model_name} converter: {problem}; read a .h5 file with "
+            "embjax.weights.h5.read_keras_weights first.",
+            [problem],
         )
     errors: list[str] = []
     layers = {name: [np.asarray(w) for w in ws] for name, ws in layer_weights.items() if len(ws) > 0}
@@ -309,10 +312,12 @@ def _convert(
             errors.append(f"extra parameter {_fmt(*key)} from Keras layer {origin[key]!r}")
 
     if errors:
+        # Weights of another architecture give hundreds of lines; `problems` keeps them all.
+        shown = errors[:_SHOWN] + ([f"... and {len(errors) - _SHOWN} more"] if len(errors) > _SHOWN else [])
         raise KerasConversionError(
             f"Keras {model_name} weights do not fit embjax.models.inception.{model_cls.__name__} "
             f"({len(errors)} problem(s); auto-named layers are matched in natural order of their numeric "
-            "suffix, so one missing layer shifts every later one):\n  " + "\n  ".join(errors),
+            "suffix, so one missing layer shifts every later one):\n  " + "\n  ".join(shown),
             errors,
         )
 
