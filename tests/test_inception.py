@@ -219,6 +219,40 @@ def test_converter_reads_keras_weights_files(keras_v3, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_file, in_memory)
 
 
+def test_converter_reads_legacy_keras2_files(keras_v3, tmp_path):
+    """The layout of the downloadable ImageNet files: Keras 2 names counted from 1, `layer_names` /
+    `weight_names` attributes, weightless layers listed too."""
+    h5 = pytest.importorskip("embjax.weights.h5")
+    h5py = pytest.importorskip("h5py")
+    suffix = {"beta": 0, "moving_mean": 1, "moving_variance": 2}
+
+    def keras2_name(name):
+        m = re.fullmatch(r"(conv2d|batch_normalization)(?:_(\d+))?", name)
+        return f"{m.group(1)}_{int(m.group(2) or 0) + 1}" if m else name
+
+    path = tmp_path / "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
+    with h5py.File(path, "w") as f:
+        names = ["input_1"]
+        for name, weights in keras_v3["weights"].items():
+            name = keras2_name(name)
+            names += [name, f"activation_for_{name}"]
+            group = f.create_group(name)
+            if name.startswith("batch_normalization"):
+                kinds = sorted(suffix, key=suffix.get)
+            else:
+                kinds = ["kernel", "bias"][: len(weights)]
+            weight_names = [f"{name}/{k}:0" for k in kinds]
+            for weight_name, value in zip(weight_names, weights):
+                group.create_dataset(weight_name, data=value)
+            group.attrs["weight_names"] = [n.encode() for n in weight_names]
+        for empty in ["input_1"] + [n for n in names if n.startswith("activation_for_")]:
+            f.create_group(empty).attrs["weight_names"] = []
+        f.attrs["layer_names"] = [n.encode() for n in names]
+    from_file = keras_inception.convert_inception_v3(h5.read_keras_weights(path))
+    in_memory = keras_inception.convert_inception_v3(keras_v3["weights"])
+    jax.tree.map(np.testing.assert_array_equal, from_file, in_memory)
+
+
 @pytest.mark.parametrize("model", [inception.InceptionV3(), inception.InceptionResNetV2()])
 def test_too_small_inputs_are_refused(model):
     with pytest.raises(ValueError, match="at least 75x75"):

@@ -17,7 +17,8 @@ needed when True) and returns a dict of named outputs:
 - `SmallInception` (`small_inception()`, for 28×28 grayscale Fashion-MNIST): `stem`, `mixed0`,
   `mixed1`, `mixed2`, `pre_logits` (batch, 128), `logits`.
 
-`pre_logits` is the global average pool of the last feature map, the input of the classifier.
+`pre_logits` is the global average pool of the last feature map, the input of the classifier; it is
+float32 whatever the computation dtype, since it is the embedding the studies measure.
 Both ImageNet models accept any spatial size of at least 75×75 (Keras' minimum: smaller inputs shrink a
 feature map to nothing) and expect inputs scaled to [-1, 1]. `dtype` is the computation dtype; parameters
 stay float32.
