@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import h5py
@@ -162,6 +163,7 @@ def convert_layers(
     layer_map: Sequence[LayerMap],
     what: str,
     expected: Mapping | None = None,
+    positional_fallback: bool = False,
 ) -> dict[str, Any]:
     """{"params", "batch_stats"} from Keras layer weights through an explicit name map.
 
@@ -169,7 +171,22 @@ def convert_layers(
     weight-carrying layer the map does not know, every layer with the wrong number or rank of arrays,
     and, when `expected` (a tree of shapes, e.g. `jax.eval_shape(module.init, ...)`) is given, every
     leaf whose shape differs from it (leaves of layers already reported are not repeated).
+
+    `positional_fallback`: when some names of the map are absent but the weights hold exactly as many
+    weight-carrying layers as the map, pair them by position instead (with a warning), as Keras itself
+    loads a legacy .h5 file. Only sound for maps listed in the model's layer order with no two parallel
+    branches (a chain such as MobileNetV2); the shape check then catches a wrong pairing of unequal layers.
     """
+    if positional_fallback and any(m.keras_name not in layer_weights for m in layer_map):
+        weighted = [name for name, arrays in layer_weights.items() if len(arrays) > 0]
+        if len(weighted) == len(layer_map):
+            renamed = [(old, m.keras_name) for old, m in zip(weighted, layer_map) if old != m.keras_name]
+            warnings.warn(
+                f"{what}: {len(renamed)} layer names differ from the expected ones (e.g. {renamed[:3]}); "
+                "matching layers by position, as Keras does when it loads a legacy .h5 file",
+                stacklevel=2,
+            )
+            layer_weights = {m.keras_name: layer_weights[old] for old, m in zip(weighted, layer_map)}
     problems = []
     reported = []  # Flax paths of layers already reported, so the shape check does not repeat them
     known = {m.keras_name for m in layer_map}
