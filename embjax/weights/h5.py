@@ -127,7 +127,10 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 def layer_weights_of(model) -> dict[str, list[np.ndarray]]:
     """The same dict from an in-memory Keras model (its layers in order, weightless ones left out)."""
-    return {layer.name: [np.asarray(w) for w in layer.weights] for layer in model.layers if layer.weights}
+    def value(w):  # a Keras variable's backend array; np.asarray(variable) itself warns under NumPy 2
+        return np.asarray(getattr(w, "value", w))
+
+    return {layer.name: [value(w) for w in layer.weights] for layer in model.layers if layer.weights}
 
 
 # ---------------------------------------------------------------------------------------------------
