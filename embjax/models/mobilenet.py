@@ -139,7 +139,9 @@ class MobileNetV2(nn.Module):
         if self.alpha <= 0:
             raise ValueError(f"MobileNetV2 alpha (width multiplier) must be positive, got {self.alpha}")
         if x.ndim != 4:
-            raise ValueError(f"MobileNetV2 expects NHWC images (batch, height, width, channels), got shape {x.shape}")
+            raise ValueError(
+                f"MobileNetV2 expects NHWC images (batch, height, width, channels), got shape {x.shape}"
+            )
         bn = dict(
             momentum=self.bn_momentum, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype
         )
@@ -189,7 +191,8 @@ class MobileNetV2(nn.Module):
 
 def small_mobilenet_v2(num_classes: int = 10, **overrides) -> MobileNetV2:
     """Zoo MobileNet-v2 for 28x28x1: 16-channel stride-2 stem (28 -> 14 px), six inverted residual blocks
-    (14 -> 7 -> 4 px), last 1x1 conv 160 wide (= pre_logits width); about 1.9 M multiply-adds per image."""
+    (14 -> 7 -> 4 px), last 1x1 conv 160 wide (= pre_logits width); 4.0 MFLOPs per image (XLA cost
+    analysis), 67k parameters."""
     fields = dict(
         blocks=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 48, 1, 1)),
         stem_filters=16,
@@ -201,4 +204,12 @@ def small_mobilenet_v2(num_classes: int = 10, **overrides) -> MobileNetV2:
     return MobileNetV2(**fields)
 
 
-__all__ = ["MobileNetV2", "InvertedResidual", "IMAGENET_BLOCKS", "make_divisible", "same_pad", "small_mobilenet_v2"]
+__all__ = [
+    "MobileNetV2",
+    "InvertedResidual",
+    "IMAGENET_BLOCKS",
+    "make_divisible",
+    "same_pad",
+    "relu6",
+    "small_mobilenet_v2",
+]

@@ -408,7 +408,7 @@ def load_pretrained(name: str, cache_dir: str | os.PathLike | None = None) -> di
     `load_weights(name, path)`.
     """
     spec = get(name)
-    if spec.family == "efficientnet_lite" and name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+    if name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         from embjax.weights import efficientnet_lite
 
         return check_variables(name, efficientnet_lite.load_pretrained(int(name[-1]), cache_dir=cache_dir))
@@ -419,7 +419,10 @@ def load_pretrained(name: str, cache_dir: str | os.PathLike | None = None) -> di
             f"load_weights({name!r}, path)"
         )
     elif name.startswith("zoo_"):
-        hint = "zoo models are trained by embjax (embjax.zoo.load_or_train), or pass their orbax directory to load_weights"
+        hint = (
+            "zoo models are trained by embjax (embjax.zoo.load_or_train); pass their orbax directory "
+            f"to load_weights({name!r}, path)"
+        )
     else:
         hint = f"its weights: {spec.weight_source}; call load_weights({name!r}, path)"
     raise WeightsUnavailableError(f"no offline weights for {name}; {hint}")

@@ -302,7 +302,8 @@ def resnet(depth: int, version: int = 1, num_classes: int = 1000, **overrides) -
 def small_resnet_v1(num_classes: int = 10, **overrides) -> ResNet:
     """Zoo ResNet-v1 for 28x28x1: 3x3 stride-2 stem (28->14 px), three basic-block stages 16/32/64.
 
-    14 -> 7 -> 4 px through the stages; pre_logits width 64; about 2.6 M multiply-adds per image.
+    14 -> 7 -> 4 px through the stages; pre_logits width 64; 4.3 MFLOPs per image (XLA cost analysis),
+    78k parameters.
     """
     fields = dict(
         stage_sizes=(1, 1, 1),
@@ -324,7 +325,7 @@ def small_resnet_v2(num_classes: int = 10, **overrides) -> ResNet:
     """Zoo ResNet-v2 for 28x28x1: 3x3 stride-2 stem, three pre-activation bottleneck stages.
 
     Bottleneck widths 16/24/24 (outputs 64/96/96), two blocks each, Keras v2 stride placement
-    (14 -> 7 -> 4 px); pre_logits width 96.
+    (14 -> 7 -> 4 px); pre_logits width 96; 5.1 MFLOPs per image (XLA cost analysis), 57k parameters.
     """
     fields = dict(
         stage_sizes=(2, 2, 2),
