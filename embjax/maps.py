@@ -92,8 +92,8 @@ def _name(names, i: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The affine solve: one jitted kernel per (source, targets) shape does slicing, factorisation,
-# condition estimate and solve, so a fit costs one compilation per source block.
+# The affine solve: one jitted kernel does slicing, factorisation, condition estimate and solve. The
+# source block's offset is a traced value, so sources of equal width share one compilation.
 
 
 def _dropped(c_aa: jax.Array, mean_a: jax.Array, count: jax.Array) -> jax.Array:
@@ -111,21 +111,19 @@ def _start_vector(d: int, dtype) -> jax.Array:
     return jnp.asarray(v / np.linalg.norm(v), dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("src", "targets", "iters"))
-def _fit_source(cross, mean, count, ridge, rel, *, src, targets, iters=30):
-    """Affine maps from block `src` (a (start, stop) column range) to the concatenated `targets` ranges.
+@functools.partial(jax.jit, static_argnames=("d", "dims", "iters"))
+def _fit_source(cross, mean, count, ridge, rel, lo, *, d, dims, iters=30):
+    """Affine maps from the source block of width `d` starting at column `lo` to every block of `dims`.
 
-    Solves s (C_AA + λI + rel·diag C_AA) s · y = s C_AB and returns W = s y, b = μ_B − μ_A W, together
-    with (finite, λ_max, λ_min) of the scaled, regularised matrix for the caller's conditioning check.
-    λ = ridge · tr(C_AA) / d_A; s = diag(C_AA)^-½ on the kept features, 0 on dropped ones.
+    Solves s (C_AA + λI + rel·diag C_AA) s · y = s C_A· and returns, per block t of `dims`, W_t = s y_t
+    and b_t = μ_t − μ_A W_t (the source's own entry is an identity up to rounding and is discarded by
+    the caller), together with (finite, λ_max, λ_min) of the scaled, regularised matrix for the
+    conditioning check. λ = ridge · tr(C_AA) / d_A; s = diag(C_AA)^-½ on kept features, 0 on dropped.
     """
     dtype = cross.dtype
-    lo, hi = src
-    c_aa = cross[lo:hi, lo:hi]
-    mean_a = mean[lo:hi]
-    c_ab = jnp.concatenate([cross[lo:hi, a:b] for a, b in targets], axis=1)
-    mean_b = jnp.concatenate([mean[a:b] for a, b in targets])
-    d = hi - lo
+    rows = jax.lax.dynamic_slice_in_dim(cross, lo, d, axis=0)  # C_A· : (d, D)
+    c_aa = jax.lax.dynamic_slice_in_dim(rows, lo, d, axis=1)
+    mean_a = jax.lax.dynamic_slice_in_dim(mean, lo, d)
 
     drop = _dropped(c_aa, mean_a, count)
     diag = jnp.diagonal(c_aa)
@@ -154,13 +152,16 @@ def _fit_source(cross, mean, count, ridge, rel, *, src, targets, iters=30):
     inv_quot = jnp.dot(u, solve(u), precision=_HIGHEST)
     lam_min = jnp.where(finite & (inv_quot > 0), 1.0 / inv_quot, 0.0)
 
-    w = solve(c_ab * s[:, None]) * s[:, None]
-    b = mean_b - jnp.matmul(mean_a, w, precision=_HIGHEST)
-    return w, b, finite, lam_max, lam_min
+    w = solve(rows * s[:, None]) * s[:, None]
+    b = mean - jnp.matmul(mean_a, w, precision=_HIGHEST)
+    o = _offsets(dims)
+    per_block = tuple((w[:, o[t] : o[t + 1]], b[o[t] : o[t + 1]]) for t in range(len(dims)))
+    return per_block, finite, lam_max, lam_min
 
 
-def _affine_from(state, src: int, targets: Sequence[int], ridge: float, names, cond_limit):
-    """Maps from `src` to the concatenated `targets`, repairing an ill-conditioned C_AA (with a warning)."""
+def _affine_from(state, src: int, ridge: float, names, cond_limit):
+    """Maps from `src` to every block (a tuple of (W, b)), repairing an ill-conditioned C_AA with a
+    warning."""
     if not (isinstance(ridge, (int, float, np.floating, np.integer)) and math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"maps: ridge must be a finite number ≥ 0 (relative to tr(C_AA)/d_A), got {ridge!r}")
     o = _offsets(state.dims)
@@ -172,23 +173,24 @@ def _affine_from(state, src: int, targets: Sequence[int], ridge: float, names, c
         state.mean,
         state.count,
         float(ridge),
-        src=(o[src], o[src + 1]),
-        targets=tuple((o[t], o[t + 1]) for t in targets),
+        lo=o[src],
+        d=state.dims[src],
+        dims=tuple(state.dims),
     )
 
     def cond_of(finite, lam_max, lam_min):
         return float(lam_max / lam_min) if bool(finite) and float(lam_min) > 0 else math.inf
 
-    w, b, finite, lam_max, lam_min = fit(0.0)
+    out, finite, lam_max, lam_min = fit(0.0)
     cond = cond_of(finite, lam_max, lam_min)
     if cond <= cond_limit:
-        return w, b
+        return out
     first_cond = cond
     # λ_max of the scaled matrix is at most its trace (about d_A); the power estimate is sharper.
     top = float(lam_max) if math.isfinite(float(lam_max)) and float(lam_max) > 0 else float(state.dims[src])
     rel = top / cond_limit
     for _ in range(12):
-        w, b, finite, lam_max, lam_min = fit(rel)
+        out, finite, lam_max, lam_min = fit(rel)
         cond = cond_of(finite, lam_max, lam_min)
         if cond <= cond_limit:
             break
@@ -203,7 +205,7 @@ def _affine_from(state, src: int, targets: Sequence[int], ridge: float, names, c
         IllConditionedWarning,
         stacklevel=3,
     )
-    return w, b
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,15 +251,12 @@ def affine_all(
     out = {}
     with jax.default_matmul_precision("highest"):
         for src in sources:
-            targets = [t for t in range(n_blocks) if t != src]
-            if not targets:
+            if n_blocks < 2:
                 continue
-            w_all, b_all = _affine_from(state, src, targets, ridge, names, cond_limit)
-            start = 0
-            for t in targets:
-                width = state.dims[t]
-                out[(src, t)] = (w_all[:, start : start + width], b_all[start : start + width])
-                start += width
+            per_block = _affine_from(state, src, ridge, names, cond_limit)
+            for t in range(n_blocks):
+                if t != src:
+                    out[(src, t)] = per_block[t]
     return out
 
 
