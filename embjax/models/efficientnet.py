@@ -27,11 +27,14 @@ an identity at inference, and the small configuration trains without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = [
     "StageConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "round_filters",
     "round_repeats",
     "lite_stages",
+    "DepthwiseConv",
     "MBConv",
     "EfficientNetLite",
     "small_efficientnet_lite",
@@ -127,6 +131,63 @@ def _padding(kernel_size: int, mode: str):
     raise ValueError(f"padding must be 'tf_same' or 'symmetric', got {mode!r}")
 
 
+def _pad_amounts(size: int, kernel_size: int, stride: int, mode: str) -> tuple[int, int]:
+    if mode == "symmetric":
+        return kernel_size // 2, kernel_size // 2
+    if mode != "tf_same":
+        raise ValueError(f"padding must be 'tf_same' or 'symmetric', got {mode!r}")
+    total = max((-(-size // stride) - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """k x k depthwise convolution without bias; kernel (k, k, 1, C) as nn.Conv with feature groups.
+
+    `impl="shifts"` (default) sums k*k strided slices of the padded input times per-channel weights:
+    the same arithmetic as a grouped convolution, but XLA:CPU runs it 5-20x faster forward and 5-15x
+    faster backward than its grouped-convolution kernel (measured on this project's 2-core machine, e.g.
+    (32, 112, 112, 96), k3 s2: 0.37 s vs 1.7 s forward, 1.7 s vs 25 s for the gradient). `impl="xla"`
+    uses lax.conv_general_dilated with feature_group_count, which accelerators handle well.
+    """
+
+    kernel_size: int
+    stride: int = 1
+    padding: str = "tf_same"
+    impl: str = "shifts"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, s, c = self.kernel_size, self.stride, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        pads = tuple(_pad_amounts(n, k, s, self.padding) for n in x.shape[1:3])
+        if self.impl == "xla":
+            return lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=c)
+        if self.impl != "shifts":
+            raise ValueError(f"depthwise impl must be 'shifts' or 'xla', got {self.impl!r}")
+        return _depthwise_by_shifts(x, kernel, s, tuple(pads))
+
+
+@functools.partial(jax.jit, static_argnames=("stride", "pads"))
+def _depthwise_by_shifts(x, kernel, stride, pads):
+    # Jitted on its own so that eager calls (flax's init runs the model eagerly) compile one program
+    # per layer shape instead of k*k separate slice ops; inside an outer jit it is simply inlined.
+    k, s, c = kernel.shape[0], stride, x.shape[-1]
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_h = (xp.shape[1] - k) // s + 1
+    out_w = (xp.shape[2] - k) // s + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c),
+                            (1, s, s, 1)) * kernel[i, j, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
 class MBConv(nn.Module):
     """Inverted residual block without squeeze-and-excitation: [1x1 expand] -> depthwise -> 1x1 project."""
 
@@ -137,6 +198,7 @@ class MBConv(nn.Module):
     epsilon: float = 1e-3
     momentum: float = 0.99
     padding: str = "tf_same"
+    depthwise_impl: str = "shifts"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -152,9 +214,8 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             h = conv(hidden, (1, 1), name="expand_conv")(h)
             h = nn.relu6(bn("expand_bn")(h))
-        k = self.kernel_size
-        h = conv(hidden, (k, k), strides=(self.stride, self.stride), padding=_padding(k, self.padding),
-                 feature_group_count=hidden, name="depthwise_conv")(h)
+        h = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.depthwise_impl, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="depthwise_conv")(h)
         h = nn.relu6(bn("depthwise_bn")(h))
         h = conv(self.out_channels, (1, 1), name="project_conv")(h)
         h = bn("project_bn")(h)
@@ -180,6 +241,7 @@ class EfficientNetLite(nn.Module):
     epsilon: float = 1e-3  # TF BatchNormalization epsilon the weights were trained with
     momentum: float = 0.99  # TF convention (= PyTorch momentum 0.01)
     padding: str = "tf_same"
+    depthwise_impl: str = "shifts"  # see DepthwiseConv
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -213,7 +275,7 @@ class EfficientNetLite(nn.Module):
             for r in range(s.repeats):
                 x = MBConv(s.out_channels, s.kernel_size, s.stride if r == 0 else 1, s.expand_ratio,
                            epsilon=self.epsilon, momentum=self.momentum, padding=self.padding,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{index}")(x, train)
+                           depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{index}")(x, train)
                 index += 1
             out[f"stage{stage_number}"] = x
         x = nn.Conv(self.head_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
