@@ -94,7 +94,9 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def replicate(tree, mesh: Mesh):
     """Place a pytree fully replicated on the mesh (models, maps, heads, accumulators)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+    # Through a host copy, so that leaves sharing one buffer (e.g. zeros reused in an init) get
+    # buffers of their own and can be donated.
+    return jax.tree.map(lambda x: jax.device_put(np.array(x), sharding), tree)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -253,26 +255,30 @@ class Progress:
     stream: Any = sys.stdout
 
     def __post_init__(self):
-        self._start = time.perf_counter()
-        self._last = 0.0
-        self._done_at_start = None
+        self._first: tuple[float, int] | None = None  # (time, batches) when timing started
+        self._last = -float("inf")
 
     def update(self, batches_done: int, force: bool = False) -> None:
         if jax.process_index() != 0:
             return
-        now = time.perf_counter() - self._start
-        if self._done_at_start is None:
-            self._done_at_start = batches_done - 1
-            self._start_count_time = now
+        now = time.perf_counter()
+        if self._first is None:
+            # Rates are measured from the first finished batch on, so compilation does not count.
+            self._first = (now, batches_done)
+            print(f"[{self.label}] batch {batches_done}/{self.total_batches} (compiled)", file=self.stream,
+                  flush=True)
+            self._last = now
+            return
         if not force and now - self._last < self.every_seconds:
             return
         self._last = now
-        counted = batches_done - self._done_at_start
-        elapsed = max(now - self._start_count_time, 1e-9)
-        rate = counted * self.batch_size / elapsed if counted > 0 else 0.0
-        left = (self.total_batches - batches_done) * self.batch_size
-        eta = left / rate if rate > 0 else float("nan")
-        print(f"[{self.label}] batch {batches_done}/{self.total_batches}  {rate:,.0f} img/s  "
+        counted = batches_done - self._first[1]
+        elapsed = now - self._first[0]
+        if counted <= 0 or elapsed <= 0:
+            return
+        rate = counted * self.batch_size / elapsed
+        eta = (self.total_batches - batches_done) * self.batch_size / rate
+        print(f"[{self.label}] batch {batches_done}/{self.total_batches}  {rate:,.1f} img/s  "
               f"ETA {eta:,.0f} s", file=self.stream, flush=True)
 
 

@@ -206,10 +206,14 @@ def run(config, workdir: str) -> dict:
 
     # ---- pass 1: joint statistics over the fit split --------------------------------------------
     t = time.perf_counter()
+    family_names = ["affine", "logit", "naive"] + (["native_affine"] if linear else [])
     stats_state = extract.replicate(stats.init(dims), mesh)
+    eval_state = extract.replicate({k: evaluate.init(dims) for k in family_names}, mesh)
     if 0 < latest <= n_fit:
-        restored, _ = ckpt.restore(latest, {"stats": stats_state})
-        stats_state = restored["stats"]
+        stats_state = ckpt.restore(latest, {"stats": stats_state})[0]["stats"]
+    elif latest > n_fit:
+        restored = ckpt.restore(latest, {"stats": stats_state, "eval": eval_state})[0]
+        stats_state, eval_state = restored["stats"], restored["eval"]
     if latest < n_fit:
         fit_feats = None
         on_output = None
@@ -233,11 +237,16 @@ def run(config, workdir: str) -> dict:
         step = extract.make_fit_step(members, mesh, keep_features=linear)
         batches = data.batches(fit_src, local_bs, process_index=pi, process_count=pc,
                                start_batch=latest, prefetch=config.prefetch)
+
+        def fold_fit(s, b):  # checkpoints hold {"stats": ...} in both passes
+            out = step(s["stats"], variables, b)
+            return ({"stats": out[0]},) + tuple(out[1:])
+
         stats_state = extract.run_stream(
-            lambda s, b: step(s, variables, b), stats_state, batches, mesh=mesh, total_batches=n_fit,
+            fold_fit, {"stats": stats_state}, batches, mesh=mesh, total_batches=n_fit,
             start_batch=latest, label=f"fit {config.fit_split}", batch_size=config.batch_size,
             checkpoints=ckpt, checkpoint_every=config.checkpoint_every,
-            meta={"phase": "fit"}, on_output=on_output, members=members, split=config.fit_split)
+            meta={"phase": "fit"}, on_output=on_output, members=members, split=config.fit_split)["stats"]
         if fit_feats is not None:
             for mm in fit_feats:
                 mm.flush()
@@ -272,10 +281,8 @@ def run(config, workdir: str) -> dict:
 
     # ---- pass 2: every pair on the evaluation split -------------------------------------------
     t = time.perf_counter()
-    eval_state = {k: evaluate.init(dims) for k in families}
-    state = extract.replicate({"stats": stats_state, "eval": eval_state}, mesh)
-    if latest > n_fit:
-        state, _ = ckpt.restore(latest, state)
+    assert sorted(families) == sorted(family_names)
+    state = {"stats": stats_state, "eval": eval_state}
     start = max(latest - n_fit, 0)
     if start < n_eval:
         step = extract.make_eval_step(members, mesh)

@@ -31,6 +31,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax reports every checkpoint step at INFO
+    # Compiled steps are cached on disk, so a second run of the same study skips XLA compilation.
+    if not jax.config.jax_compilation_cache_dir:
+        from embjax.zoo import default_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
         kw = {}
