@@ -233,9 +233,9 @@ def affine(state, src: int, dst: int, ridge: float = 0.0, *, names=None, cond_li
     _check_state(state, src, dst)
     if src == dst:
         raise ValueError(f"maps.affine: src and dst are both {src}; the map of a block to itself is the identity")
-    # Solving for every target of `src` shares one compiled kernel with affine_all and reduced_rank;
-    # the extra triangular solves cost O(d_A²·D), less than the factorisation's condition estimate
-    # and far less than accumulating the statistics.
+    # Solving for every block at once shares one compiled kernel with affine_all and reduced_rank;
+    # the extra triangular solves cost O(d_A²·D) flops, of the order of the Cholesky factorisation
+    # itself and far below the O(n·D²) of accumulating the statistics.
     return affine_all(state, ridge, names=names, cond_limit=cond_limit, sources=(src,))[(src, dst)]
 
 
