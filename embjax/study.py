@@ -69,7 +69,7 @@ def _variables_for(name: str, spec, config, fit_data: Callable[[], tuple[np.ndar
     if source == "random":  # smoke tests and throughput runs only: untrained weights
         module = spec.build()
         x = jnp.zeros((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
-        return module.init(jax.random.PRNGKey(0), x)
+        return jax.jit(module.init)(jax.random.PRNGKey(0), x)
     raise ValueError(f"config.weights must be 'zoo', 'pretrained', 'files' or 'random', not {source!r}")
 
 

@@ -57,7 +57,8 @@ def train(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, shuffle_seed = jax.random.split(rng)
     sample = spec.preprocess(jnp.asarray(images[:2]))
-    variables = module.init(init_rng, sample, train=False)
+    # One jitted init: eager init compiles a separate random-number program per parameter shape.
+    variables = jax.jit(lambda r, x: module.init(r, x, train=False))(init_rng, sample)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
