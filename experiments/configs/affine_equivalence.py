@@ -52,7 +52,7 @@ def base() -> ml_collections.ConfigDict:
     c.prefetch = 2
     c.save_eval_features = False
     c.thesis_names = ml_collections.ConfigDict()
-    c.zoo = ml_collections.ConfigDict(dict(epochs=2, batch_size=128, learning_rate=3e-3,
+    c.zoo = ml_collections.ConfigDict(dict(epochs=1, batch_size=128, learning_rate=3e-3,
                                            weight_decay=1e-4, seed=0, limit=0))
     return c
 
