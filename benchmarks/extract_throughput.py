@@ -3,11 +3,13 @@
 For each model (ResNet-50 v1 and EfficientNet-Lite0 at 224 px by default) the benchmark builds
 
 * embjax: the registry's module and preprocessing, jitted together as `extract.forward` runs them (uint8
-  images in, float32 pre-logits and logits out, preprocessing on the device), in float32 and bfloat16;
-  and, where `embjax.fastpath` exists, its inference-only variant;
+  images in, float32 pre-logits and logits out, preprocessing on the device), in float32 and bfloat16,
+  each compiled with XLA's defaults and with YNNPACK fusions off (`_eigen`, see EIGEN_OPTIONS);
 * PyTorch: `benchmarks/torch_models.py`'s version of the same network, loaded with the same weights
   (converted from the Flax variables), in eager mode and under torch.compile, each with contiguous (NCHW)
-  and channels_last (NHWC) tensors, preprocessing included (uint8 -> float, channel order, mean/scale);
+  and channels_last (NHWC) tensors, and torch.compile with inductor's `freezing` (BatchNorm folded into
+  the convolutions, weights pre-packed for oneDNN: PyTorch's fastest CPU inference mode), preprocessing
+  included (uint8 -> float, channel order, mean/scale);
 
 checks that every contestant gives the same features on the same photos, then times them all in
 alternating rounds (so machine drift hits each alike) and reports medians. The machine's float32 matmul
@@ -28,6 +30,7 @@ The last line printed ends with the ResNet-50 ratio embjax / fastest PyTorch as 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -43,8 +46,12 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 
-TORCH_CONFIGS = ("eager", "eager_cl", "compile", "compile_cl")
-EMBJAX_CONFIGS = ("f32", "bf16", "fast", "fast_bf16")
+TORCH_CONFIGS = ("eager", "eager_cl", "compile", "compile_cl", "compile_frozen_cl")
+EMBJAX_CONFIGS = ("f32", "f32_eigen", "bf16", "bf16_eigen")
+# XLA:CPU (jaxlib 0.10) hands convolutions, and the elementwise work around them, to YNNPACK fusions by
+# default. "_eigen" configurations switch that off for the compilation, so convolutions run on XLA's
+# Eigen kernels and 1x1 convolutions become dots; nothing else changes.
+EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # skimage ships these colour photos inside the package (no download); grey ones are stacked to RGB.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "ihc.png",
           "retina.jpg", "motorcycle_left.png", "camera.png", "coins.png", "moon.png", "horse.png")
@@ -193,16 +200,14 @@ def embjax_extract(model: Model, config: str, compiler_options: dict | None = No
     import jax
     import jax.numpy as jnp
 
-    dtype = jnp.bfloat16 if config.endswith("bf16") else jnp.float32
-    if config.startswith("fast"):
-        from embjax import fastpath  # optional inference-only path; absent -> the config is skipped
-        apply, variables = fastpath.inference_apply(model.spec, model.variables, dtype=dtype)
-    else:
-        module = model.spec.build(dtype=dtype) if dtype != jnp.float32 else model.spec.build()
-        variables = model.variables
+    dtype = jnp.bfloat16 if config.startswith("bf16") else jnp.float32
+    if compiler_options is None:
+        compiler_options = EIGEN_OPTIONS if config.endswith("_eigen") else {}
+    module = model.spec.build(dtype=dtype) if dtype != jnp.float32 else model.spec.build()
+    variables = model.variables
 
-        def apply(v, images):
-            return module.apply(v, model.spec.preprocess(images).astype(dtype))
+    def apply(v, images):
+        return module.apply(v, model.spec.preprocess(images).astype(dtype))
 
     def extract(v, images):
         out = apply(v, images)
@@ -211,7 +216,7 @@ def embjax_extract(model: Model, config: str, compiler_options: dict | None = No
     variables = jax.device_put(variables)
     example = jax.ShapeDtypeStruct((BATCH[0], model.input_size, model.input_size, 3), jnp.uint8)
     t0 = time.perf_counter()
-    compiled = jax.jit(extract).lower(variables, example).compile(compiler_options or {})
+    compiled = jax.jit(extract).lower(variables, example).compile(compiler_options)
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -230,11 +235,10 @@ def torch_extract(model: Model, config: str):
     import torch
 
     channels_last = config.endswith("_cl")
-    module = model.torch_module
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    else:
-        module = module.to(memory_format=torch.contiguous_format)
+    # A copy per configuration: `.to(memory_format=...)` converts parameters in place, and a compiled
+    # graph must keep the weight layout it was compiled for.
+    module = copy.deepcopy(model.torch_module)
+    module = module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     preprocess = model.torch_preprocess
 
     def forward(images_uint8):
@@ -243,7 +247,11 @@ def torch_extract(model: Model, config: str):
         out = module(x)
         return out["pre_logits"], out["logits"]
 
-    fn = torch.compile(forward) if config.startswith("compile") else forward
+    if config.startswith("compile"):
+        # freezing: inductor folds BatchNorm into the convolutions and pre-packs the weights (inference only).
+        fn = torch.compile(forward, options={"freezing": True} if "frozen" in config else None)
+    else:
+        fn = forward
     compile_s = 0.0
 
     def run(images_np):
@@ -322,11 +330,7 @@ def run_model(model_name: str, args) -> dict:
     contestants, info, outputs = [], {}, {}
     for config in args.embjax:
         name = f"embjax_{config}"
-        try:
-            run, meta = embjax_extract(model, config)
-        except ImportError as e:
-            log(f"[{model_name}] {name}: skipped ({e})")
-            continue
+        run, meta = embjax_extract(model, config)
         t = time.perf_counter()
         outputs[name] = run(images)
         meta["first_call_s"] = time.perf_counter() - t
@@ -353,7 +357,7 @@ def run_model(model_name: str, args) -> dict:
     for name, (feats, logits) in outputs.items():
         feats, logits = np.asarray(feats, np.float32), np.asarray(logits, np.float32)
         info[name]["top1_agreement"] = float(np.mean(np.argmax(logits, -1) == np.argmax(ref_logits, -1)))
-        if name.endswith("bf16"):
+        if name.startswith("embjax_bf16"):
             info[name]["r2_vs_f32"] = r2(reference, feats)
             info[name]["max_rel_err_vs_f32"] = float(np.max(np.abs(reference - feats)) / np.max(np.abs(reference)))
         elif name != "embjax_f32":
@@ -424,8 +428,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (medians reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every contestant first")
     parser.add_argument("--torch", default=",".join(TORCH_CONFIGS), help=f"subset of {TORCH_CONFIGS}")
-    parser.add_argument("--embjax", default=",".join(EMBJAX_CONFIGS), help=f"subset of {EMBJAX_CONFIGS}; "
-                        "'fast*' need embjax.fastpath and are skipped without it")
+    parser.add_argument("--embjax", default=",".join(EMBJAX_CONFIGS), help=f"subset of {EMBJAX_CONFIGS}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     parser.add_argument("--json", default="", help="also write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print every round's times")
@@ -474,7 +477,7 @@ def main(argv=None) -> int:
         if result["model"] == "resnet50":
             torch_rows = {k: v for k, v in result["rows"].items() if k.startswith("torch_")}
             if torch_rows:
-                best_embjax = max((k for k in result["rows"] if k.startswith("embjax_") and not k.endswith("bf16")),
+                best_embjax = max((k for k in result["rows"] if k.startswith("embjax_f32")),
                                   key=lambda k: result["rows"][k]["images_per_s"])
                 fastest = max(torch_rows, key=lambda k: torch_rows[k]["images_per_s"])
                 log(f"resnet50 float32 throughput ratio {best_embjax} / {fastest}: "
