@@ -72,7 +72,8 @@ case "$cmd" in
   test)
     ensure_venv "test,weights"
     ensure_fashion_mnist
-    exec "$VENV/bin/python" -m pytest "$@"
+    # One worker per core; a module's tests stay on one worker so its fixtures are built once.
+    exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile "$@"
     ;;
   bench)
     name=${1:?usage: ./launch.sh bench NAME [args]}

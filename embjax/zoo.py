@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 # Bump when the training procedure changes in a way that changes the weights.
-TRAINING_VERSION = 2
+TRAINING_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)

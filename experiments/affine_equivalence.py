@@ -70,6 +70,7 @@ def _run(config):
     workdir = _WORKDIR.value or os.path.join("results", config.name)
     state_dir = os.path.join(workdir, "state")
     results = study.run(config, state_dir)
+    results["meta"]["command"] = " ".join(["python -m experiments.affine_equivalence", *sys.argv[1:]])
     if jax.process_index() == 0:
         run_dir = report.new_run_dir(workdir, name=config.name)
         report.write(run_dir, results)

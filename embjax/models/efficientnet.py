@@ -293,7 +293,8 @@ def small_efficientnet_lite(num_classes: int = 10, **kwargs) -> EfficientNetLite
 
     No dropout, so `train=True` needs no rng. Keyword arguments override any EfficientNetLite field.
     """
+    # momentum 0.9: the zoo's short training run needs BatchNorm running statistics that settle in it.
     config = dict(variant=None, num_classes=num_classes, stages=SMALL_STAGES, stem_channels=16, stem_stride=2,
-                  head_channels=192, dropout_rate=0.0)
+                  head_channels=192, dropout_rate=0.0, momentum=0.9)
     config.update(kwargs)
     return EfficientNetLite(**config)

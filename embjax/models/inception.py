@@ -59,6 +59,7 @@ class ConvBN(nn.Module):
     padding: str = "SAME"
     relu: bool = True
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
+    momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -76,7 +77,7 @@ class ConvBN(nn.Module):
         x = nn.BatchNorm(
             use_running_average=not train,
             use_scale=False,
-            momentum=0.99,
+            momentum=self.momentum,
             epsilon=self.epsilon,
             dtype=self.dtype,
             name="bn",
@@ -101,7 +102,7 @@ class InceptionStem(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         x = conv(32, (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
         x = conv(32, (3, 3), padding="VALID", name="conv2")(x, train)
         x = conv(64, (3, 3), name="conv3")(x, train)
@@ -121,7 +122,7 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         b1 = conv(self.branch1x1, (1, 1), name="branch1x1")(x, train)
         b5 = conv(48, (1, 1), name="branch5x5_1")(x, train)
         b5 = conv(64, (5, 5), name="branch5x5_2")(b5, train)
@@ -142,7 +143,7 @@ class ReductionA(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         b3 = conv(self.branch3x3, (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
         bd = conv(self.dbl[0], (1, 1), name="branch3x3dbl_1")(x, train)
         bd = conv(self.dbl[1], (3, 3), name="branch3x3dbl_2")(bd, train)
@@ -159,7 +160,7 @@ class InceptionC(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         c7 = self.channels_7x7
         b1 = conv(192, (1, 1), name="branch1x1")(x, train)
         b7 = conv(c7, (1, 1), name="branch7x7_1")(x, train)
@@ -182,7 +183,7 @@ class ReductionB(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         b3 = conv(192, (1, 1), name="branch3x3_1")(x, train)
         b3 = conv(320, (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
         b7 = conv(192, (1, 1), name="branch7x7x3_1")(x, train)
@@ -200,7 +201,7 @@ class InceptionE(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         b1 = conv(320, (1, 1), name="branch1x1")(x, train)
         b3 = conv(384, (1, 1), name="branch3x3_1")(x, train)
         b3 = jnp.concatenate(
@@ -308,7 +309,7 @@ class Reduction7a(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         b0 = conv(256, (1, 1), name="branch0_0")(x, train)
         b0 = conv(384, (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
         b1 = conv(256, (1, 1), name="branch1_0")(x, train)
@@ -372,12 +373,15 @@ class SmallInception(nn.Module):
 
     num_classes: int = 10
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
+    # The zoo trains for about 150 steps: running statistics with momentum 0.99 would still be mostly
+    # their initial values (0.99^150 = 0.22), and the model would be scored with the wrong BatchNorm.
+    bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
         out = {}
         x = conv(24, (3, 3), name="stem_conv")(x, train)
         x = out["stem"] = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
