@@ -313,6 +313,66 @@ def check_same(name: str, reference: np.ndarray, other: np.ndarray, rtol: float 
 
 
 # --------------------------------------------------------------------------------------------------
+# Per-layer view: every distinct convolution of ResNet-50 v1 (Keras layout) at 224 px on its own.
+
+# (input size, in channels, out channels, kernel, stride, how many in the network)
+RESNET50_CONVS = ((224, 3, 64, 7, 2, 1), (56, 64, 64, 1, 1, 3), (56, 64, 64, 3, 1, 3), (56, 64, 256, 1, 1, 4),
+                  (56, 256, 64, 1, 1, 2), (56, 256, 128, 1, 2, 1), (28, 128, 128, 3, 1, 4), (28, 128, 512, 1, 1, 4),
+                  (56, 256, 512, 1, 2, 1), (28, 512, 128, 1, 1, 3), (28, 512, 256, 1, 2, 1), (14, 256, 256, 3, 1, 6),
+                  (14, 256, 1024, 1, 1, 6), (28, 512, 1024, 1, 2, 1), (14, 1024, 256, 1, 1, 5),
+                  (14, 1024, 512, 1, 2, 1), (7, 512, 512, 3, 1, 3), (7, 512, 2048, 1, 1, 3),
+                  (14, 1024, 2048, 1, 2, 1), (7, 2048, 512, 1, 1, 2))
+
+
+def conv_layers(batch_size: int, rounds: int) -> str:
+    """GFLOP/s of each ResNet-50 convolution alone: XLA (YNNPACK default, Eigen) against PyTorch (oneDNN).
+
+    Says whether a gap comes from the convolution kernels or from what lies between them.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    lines = ["| input | conv | count | XLA default | XLA Eigen | torch NCHW | torch channels_last |",
+             "|---|---|---|---|---|---|---|"]
+    total = {}
+    total_flops = 0
+    for size, cin, cout, k, stride, count in RESNET50_CONVS:
+        pad = k // 2
+        x_np = rng.standard_normal((batch_size, size, size, cin), dtype=np.float32)
+        w_np = rng.standard_normal((k, k, cin, cout), dtype=np.float32) * 0.01
+        x, w = jax.device_put(x_np), jax.device_put(w_np)
+        lowered = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(x, w)
+        xla_default, xla_eigen = lowered.compile(), lowered.compile(EIGEN_OPTIONS)
+        tx = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))
+        tw = torch.from_numpy(np.ascontiguousarray(w_np.transpose(3, 2, 0, 1)))
+        tx_cl = tx.contiguous(memory_format=torch.channels_last)
+        out = (size + 2 * pad - k) // stride + 1
+        flops = 2 * batch_size * out * out * cout * cin * k * k
+        with torch.inference_mode():
+            contestants = [("xla_default", lambda: xla_default(x, w).block_until_ready()),
+                           ("xla_eigen", lambda: xla_eigen(x, w).block_until_ready()),
+                           ("torch", lambda: F.conv2d(tx, tw, None, stride, pad)),
+                           ("torch_cl", lambda: F.conv2d(tx_cl, tw, None, stride, pad))]
+            for _, fn in contestants:
+                fn()
+            times = common.alternate(contestants, rounds)
+        rates = {name: flops / common.median(t) / 1e9 for name, t in times.items()}
+        for name, t in times.items():
+            total[name] = total.get(name, 0.0) + common.median(t) * count
+        total_flops += flops * count
+        lines.append(f"| {size}x{size}x{cin} | {k}x{k}/{stride} -> {cout} | {count} | "
+                     + " | ".join(f"{rates[n]:.1f}" for n in ("xla_default", "xla_eigen", "torch", "torch_cl")) + " |")
+    lines.append(f"| all 53, weighted by count | | 53 | "
+                 + " | ".join(f"**{total_flops / total[n] / 1e9:.1f}**" for n in ("xla_default", "xla_eigen", "torch",
+                                                                               "torch_cl")) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 
 BATCH = [32]
 
@@ -354,6 +414,9 @@ def run_model(model_name: str, args) -> dict:
 
     reference = np.asarray(outputs["embjax_f32"][0])
     ref_logits = np.asarray(outputs["embjax_f32"][1])
+    # Top-1 agreement only means something if the batch's predictions are not all one class.
+    distinct = len(np.unique(np.argmax(ref_logits, -1)))
+    log(f"[{model_name}] float32 top-1 predictions span {distinct} distinct classes over {len(ref_logits)} images")
     for name, (feats, logits) in outputs.items():
         feats, logits = np.asarray(feats, np.float32), np.asarray(logits, np.float32)
         info[name]["top1_agreement"] = float(np.mean(np.argmax(logits, -1) == np.argmax(ref_logits, -1)))
@@ -386,6 +449,7 @@ def run_model(model_name: str, args) -> dict:
         rows[name] = dict(info[name], median_s=med, spread=common.spread(times[name]), images_per_s=ips,
                           gflops=ips * flops_per_image / 1e9, fraction_of_matmul=ips * flops_per_image / 1e9 / peak)
     return dict(model=model_name, weights=model.weights, batch_size=args.batch_size, input_size=model.input_size,
+                distinct_top1_classes=distinct,
                 flops_per_image=flops_per_image, matmul_gflops=matmul, rows=rows,
                 load_average_after=common.load_average())
 
@@ -397,7 +461,8 @@ def report(result: dict) -> str:
              f"weights: {result['weights']}",
              f"model FLOPs (conv + dense, 2 per multiply-add): {result['flops_per_image'] / 1e9:.2f} GFLOP/image; "
              f"float32 matmul {MATMUL_N}^3: " + ", ".join(f"{k[7:]} {v:.1f} GFLOP/s" for k, v in
-                                                         result["matmul_gflops"].items()),
+                                                         result["matmul_gflops"].items())
+             + f"; float32 top-1 spans {result['distinct_top1_classes']} classes over the batch",
              "",
              "| contestant | img/s (median) | batch time spread | GFLOP/s | of matmul rate | max rel. feature diff | top-1 agree | R² vs f32 |",
              "|---|---|---|---|---|---|---|---|"]
@@ -432,6 +497,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     parser.add_argument("--json", default="", help="also write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print every round's times")
+    parser.add_argument("--layers", action="store_true",
+                        help="instead: GFLOP/s of each ResNet-50 convolution alone, XLA vs PyTorch")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.torch = [c for c in args.torch.split(",") if c]
@@ -461,6 +528,12 @@ def main(argv=None) -> int:
     log(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"load average {common.load_average()}")
+    if args.layers:
+        log(f"ResNet-50 convolutions alone, batch {args.batch_size}, GFLOP/s (2 per multiply-add), medians of "
+            f"{args.rounds} alternating rounds")
+        log(conv_layers(args.batch_size, args.rounds))
+        log(f"load average at the end: {common.load_average()}")
+        return 0
     results = []
     for name in args.models:
         result = run_model(name, args)
