@@ -9,7 +9,7 @@ synthetic correlated post-ReLU-like features (N = 5 models × 1280 dims, n = 60,
   - the wall time of the embjax fit (accumulation + all solves, compiled beforehand) and of per-pair
     NumPy lstsq, in the same run, interleaved in rounds so a slow spell of a shared machine hits both;
   - the fit's floor: the N(N+1)/2 Gram blocks' 2·n·d² flops each at this machine's float32 matmul
-    rate, probed with a 4096³ jitted matmul in the same rounds;
+    rate, probed with a 4096³ jitted matmul right before and after each fit (mean rate of 3 calls);
   - the max relative error of embjax's predictions on held-out rows against the float64 lstsq ones;
   - the peak memory (VmHWM) of the streaming embjax fit as n grows 10k → 1M, each n in a fresh
     subprocess that generates its features batch by batch and never holds them all.
@@ -108,17 +108,25 @@ def numpy_pair(x_src: np.ndarray, x_dst: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(design, x_dst.astype(np.float64), rcond=None)[0]
 
 
-def matmul_rate(size: int = 4096) -> float:
-    """Float32 flop/s of one large jitted matmul at full precision (best of 3 after a warm-up)."""
-    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    f = jax.jit(lambda a: jnp.matmul(a, a, precision="highest"))
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
+class MatmulProbe:
+    """This machine's float32 matmul rate: a jitted 4096³ matmul at full precision.
+
+    `rate()` times `repeats` back-to-back calls and returns their mean flop/s, not the best call: on a
+    shared machine the fit it is compared with runs through the same slow and fast spells, so the
+    probe must average over them too (it is run right before and right after each fit).
+    """
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+        self._f = jax.jit(lambda a: jnp.matmul(a, a, precision="highest"))
+        self._f(self._a).block_until_ready()
+
+    def rate(self, repeats: int = 3) -> float:
         t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
+        for _ in range(repeats):
+            self._f(self._a).block_until_ready()
+        return repeats * 2.0 * self.size**3 / (time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,20 +240,27 @@ def main() -> None:
     del warm
     log(f"embjax compile + warm-up: {time.perf_counter() - t0:.1f}s (not counted below)")
 
-    # Interleaved rounds: probe, embjax fit, a share of the NumPy pairs.
-    fit_times, rates, numpy_times, coefs = [], [], {}, {}
+    # Interleaved rounds: probe, embjax fit, probe, a share of the NumPy pairs.
+    n_blocks = n_models * (n_models + 1) // 2
+    floor_flops = n_blocks * 2.0 * args.n * d * d
+    probe = MatmulProbe()
+    fit_times, rates, ratios, numpy_times, coefs = [], [], [], {}, {}
     share = [pairs[:n_numpy][r::args.rounds] for r in range(args.rounds)]
     fitted = None
     for r in range(args.rounds):
-        rates.append(matmul_rate())
+        before = probe.rate()
         t0 = time.perf_counter()
         fitted = embjax_fit(batches, dims, update)
         fit_times.append(time.perf_counter() - t0)
+        after = probe.rate()
+        rates.append(0.5 * (before + after))
+        ratios.append(fit_times[-1] / (floor_flops / rates[-1]))
         for s, t in share[r]:
             t0 = time.perf_counter()
             coefs[(s, t)] = numpy_pair(host[s], host[t])
             numpy_times[(s, t)] = time.perf_counter() - t0
-        log(f"round {r + 1}/{args.rounds}: matmul {rates[-1] / 1e9:.1f} GFLOP/s, embjax fit {fit_times[-1]:.2f}s, "
+        log(f"round {r + 1}/{args.rounds}: matmul {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s before / after, "
+            f"embjax fit {fit_times[-1]:.2f}s (fit / floor {ratios[-1]:.2f}), "
             + ", ".join(f"numpy {s}->{t} {numpy_times[(s, t)]:.1f}s" for s, t in share[r])
             + f"; load {load_average()}")
 
@@ -261,8 +276,7 @@ def main() -> None:
 
     fit = statistics.median(fit_times)
     rate = statistics.median(rates)
-    n_blocks = n_models * (n_models + 1) // 2
-    floor = n_blocks * 2.0 * args.n * d * d / rate
+    floor = floor_flops / rate
     per_pair = statistics.median(numpy_times.values())
     numpy_total = sum(numpy_times.values()) * len(pairs) / n_numpy
     extrapolated = n_numpy < len(pairs)
@@ -271,8 +285,9 @@ def main() -> None:
     log("")
     log(f"embjax fit (accumulate + {len(pairs)} maps): median {fit:.2f}s over {len(fit_times)} rounds "
         f"({', '.join(f'{x:.2f}' for x in fit_times)})")
-    log(f"floor: {n_blocks} Gram blocks x 2*n*d^2 = {n_blocks * 2.0 * args.n * d * d / 1e12:.2f} TFLOP "
-        f"at {rate / 1e9:.1f} GFLOP/s (median probe) = {floor:.2f}s; fit / floor = {fit / floor:.2f}")
+    log(f"floor: {n_blocks} Gram blocks x 2*n*d^2 = {floor_flops / 1e12:.2f} TFLOP at {rate / 1e9:.1f} GFLOP/s "
+        f"(median of the probes around each fit) = {floor:.2f}s; fit / floor = {statistics.median(ratios):.2f} "
+        f"(median of the per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})")
     log(f"numpy lstsq float64: {n_numpy} pairs timed, median {per_pair:.1f}s a pair; "
         + (f"{len(pairs)} pairs EXTRAPOLATED from {n_numpy}: {numpy_total:.1f}s" if extrapolated
            else f"all {len(pairs)} pairs: {numpy_total:.1f}s"))
