@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=10_000, help="rows per stats.update call")
     p.add_argument("--eval-rows", type=int, default=4096, help="held-out rows for the prediction error")
     p.add_argument("--numpy-pairs", type=int, default=0,
-                   help="time only this many NumPy pairs and extrapolate (0: all N(N-1) pairs)")
+                   help="time only this many NumPy pairs (spread over sources) and extrapolate (0: all N(N-1) pairs)")
     p.add_argument("--rounds", type=int, default=4, help="rounds interleaving the fit, the probe and NumPy")
     p.add_argument("--memory-n", default="10000,100000,1000000", help="comma-separated n for the memory scan; '' skips it")
     p.add_argument("--seed", type=int, default=0)
@@ -214,7 +214,8 @@ def main() -> None:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     n_models, d = args.models, args.dim
     dims = (d,) * n_models
-    pairs = [(s, t) for s in range(n_models) for t in range(n_models) if s != t]
+    # Ordered so that any prefix spreads over sources and targets: (0,1), (1,2), ..., (N-1,0), (0,2), ...
+    pairs = [(s, (s + off) % n_models) for off in range(1, n_models) for s in range(n_models)]
     n_numpy = len(pairs) if args.numpy_pairs <= 0 else min(args.numpy_pairs, len(pairs))
     log(f"# fit_all_pairs  {now()}")
     log(f"# machine: {machine_line()}; load average {load_average()}")
