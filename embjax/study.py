@@ -67,9 +67,10 @@ def _variables_for(name: str, spec, config, fit_data: Callable[[], tuple[np.ndar
                 f"(a keras.applications .h5, a .pth, .safetensors or a converted orbax directory)")
         return registry.load_weights(name, files[name])
     if source == "random":  # smoke tests and throughput runs only: untrained weights
-        module = spec.build()
+        from embjax import zoo
+
         x = jnp.zeros((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
-        return jax.jit(module.init)(jax.random.PRNGKey(0), x)
+        return zoo.numpy_init(spec.build(), x, seed=0)
     raise ValueError(f"config.weights must be 'zoo', 'pretrained', 'files' or 'random', not {source!r}")
 
 
@@ -88,9 +89,10 @@ def build_members(config, fit_data) -> list[extract.Member]:
     from embjax.models import registry
 
     dtype = _dtype(config.dtype)
+    names = model_names(config)
+    specs = [registry.get(name) for name in names]  # unknown names fail here, before any loading
     members = []
-    for name in model_names(config):
-        spec = registry.get(name)  # unknown names raise here, listing the known ones
+    for name, spec in zip(names, specs):
         variables = _variables_for(name, spec, config, fit_data)
         module = spec.build(dtype=dtype) if dtype != jnp.float32 else spec.build()
 

@@ -129,21 +129,43 @@ def test_four_devices_give_the_same_tables(baseline, tmp_path, cache):
         np.testing.assert_allclose(four[family]["r2"], results[family]["r2"], atol=1e-4)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--config.models=zoo_resnet_v1,no_such_model"], "no_such_model"),
-    (["--config.weights=files"], "weight_files"),
-    (["--config.weights=zoo", "--config.models=zoo_resnet_v1,resnet50_v1"], "resnet50_v1"),
-    (["--config.dataset=fashion_mnist", "--config.data_dir=/nonexistent/fmnist"], "/nonexistent/fmnist"),
-    (["--config.eval_split=test[:0]"], "empty"),
+def _tiny_config(**overrides):
+    from experiments.configs import affine_equivalence as configs
+
+    config = configs.get_config("zoo")
+    for arg in TINY:
+        key, value = arg[len("--config."):].split("=", 1)
+        config[key] = type(config[key])(value)
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(models="zoo_resnet_v1,no_such_model"), "no_such_model"),
+    (dict(weights="files"), "weight_files"),
+    (dict(weights="zoo", models="zoo_resnet_v1,resnet50_v1"), "resnet50_v1"),
+    (dict(data_dir="/nonexistent/fmnist"), "/nonexistent/fmnist"),
+    (dict(eval_split="test[:0]"), "empty"),
 ])
-def test_bad_input_fails_clearly(tmp_path, cache, args, needle):
+def test_bad_input_raises_a_clear_error(tmp_path, overrides, needle):
+    from embjax import study
+
     workdir = tmp_path / "bad"
-    proc = run_study(workdir, cache, *args, check=False)
-    assert proc.returncode != 0
-    assert needle in proc.stderr, proc.stderr[-3000:]
-    assert "embjax: error:" in proc.stderr
-    if os.path.isdir(workdir):
-        assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir))
+    with pytest.raises((ValueError, KeyError, FileNotFoundError)) as err:
+        study.run(_tiny_config(**overrides), str(workdir / "state"))
+    assert needle in str(err.value)
+    assert not (workdir.exists() and any(p.name == "results.json" for p in workdir.rglob("*")))
+
+
+def test_bad_input_exits_nonzero_with_the_message(tmp_path, cache):
+    """What a user sees on the command line: one line naming the problem, exit status 1."""
+    workdir = tmp_path / "bad"
+    proc = run_study(workdir, cache, "--config.models=zoo_resnet_v1,no_such_model", check=False)
+    assert proc.returncode == 1
+    assert "embjax: error:" in proc.stderr and "no_such_model" in proc.stderr, proc.stderr[-3000:]
+    assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir)) \
+        if os.path.isdir(workdir) else True
 
 
 def _free_port():
