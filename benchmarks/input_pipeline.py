@@ -121,6 +121,7 @@ def time_loops(run, state, mesh, source, batch_size: int, steps: int, prefetch: 
     contestants = [("staged", staged_loop), (f"prefetch={prefetch}", fed_loop(prefetch)), ("prefetch=0", fed_loop(0))]
     times = common.alternate(contestants, rounds)
     per_step = {name: common.median(t) / steps for name, t in times.items()}
+    ranges = {name: (min(t) / steps, max(t) / steps) for name, t in times.items()}
 
     # Host cost of one batch on its own: reading + padding (make_batch), then the host->device copy.
     it = data.batches(source, batch_size, prefetch=0)
@@ -132,15 +133,18 @@ def time_loops(run, state, mesh, source, batch_size: int, steps: int, prefetch: 
     for b in host:
         jax.block_until_ready(extract.shard_batch(b, mesh))
     put_s = (time.perf_counter() - t0) / len(host)
-    return per_step, read_s, put_s
+    return per_step, ranges, read_s, put_s
 
 
-def report_case(title: str, per_step: dict, read_s: float, put_s: float, batch_size: int, prefetch: int) -> list[str]:
+def report_case(title: str, per_step: dict, ranges: dict, read_s: float, put_s: float, batch_size: int,
+                prefetch: int) -> list[str]:
     staged = per_step["staged"]
     lines = [f"### {title}", "",
-             "| feed | ms / step | img/s | vs. staged |", "|---|---|---|---|"]
+             "| feed | ms / step (median) | min..max over rounds | img/s | vs. staged |", "|---|---|---|---|---|"]
     for name, s in per_step.items():
-        lines.append(f"| {name} | {1000 * s:.1f} | {batch_size / s:.0f} | {s / staged:.3f}x |")
+        lo, hi = ranges[name]
+        lines.append(f"| {name} | {1000 * s:.1f} | {1000 * lo:.0f}..{1000 * hi:.0f} | {batch_size / s:.0f} | "
+                     f"{s / staged:.3f}x |")
     lines += ["", f"host cost of one batch alone: read + pad {1000 * read_s:.1f} ms, host->device {1000 * put_s:.1f} ms "
               f"({100 * (read_s + put_s) / staged:.1f}% of a staged step)",
               f"input wait with prefetch={prefetch}: {1000 * (per_step[f'prefetch={prefetch}'] - staged):+.1f} ms/step "
@@ -268,10 +272,10 @@ def main(argv=None) -> int:
         run, state, mesh, members = fit_step(names, args.batch_size)
         log(f"[zoo] {len(members)} models {names}, batch {args.batch_size}, {args.steps} steps per loop, "
             f"{args.rounds} rounds")
-        per_step, read_s, put_s = time_loops(run, state, mesh, source, args.batch_size, args.steps, args.prefetch,
-                                             args.rounds)
+        per_step, ranges, read_s, put_s = time_loops(run, state, mesh, source, args.batch_size, args.steps,
+                                                     args.prefetch, args.rounds)
         lines += report_case(f"zoo fit step ({len(members)} models, Fashion-MNIST 28x28, batch {args.batch_size})",
-                             per_step, read_s, put_s, args.batch_size, args.prefetch)
+                             per_step, ranges, read_s, put_s, args.batch_size, args.prefetch)
         lines.append("")
         log("\n".join(lines))
 
@@ -287,7 +291,8 @@ def main(argv=None) -> int:
         run, state, mesh, members = fit_step([args.imagenet_model], bs)
         log(f"[imagenet-like] {args.imagenet_model} fit step, batch {bs}, {n_steps} steps per loop, "
             f"decode threads {args.decode_threads}")
-        per_step, read_s, put_s = time_loops(run, state, mesh, source, bs, n_steps, args.prefetch, args.rounds)
+        per_step, ranges, read_s, put_s = time_loops(run, state, mesh, source, bs, n_steps, args.prefetch,
+                                                     args.rounds)
         source.close()
         model_rate = bs / per_step["staged"]
         block = [f"### ImageNet-like host path: {len(jpegs)} JPEGs, 224-331 px shorter side, mean {mean_kb:.0f} KiB, "
@@ -298,8 +303,8 @@ def main(argv=None) -> int:
         per_thread = rates[1]
         block += [""]
         block += report_case(f"{args.imagenet_model} fit step at {size} px fed by that JPEG source "
-                             f"(batch {bs}, {args.decode_threads} decode threads)", per_step, read_s, put_s, bs,
-                             args.prefetch)
+                             f"(batch {bs}, {args.decode_threads} decode threads)", per_step, ranges, read_s, put_s,
+                             bs, args.prefetch)
         block += ["", f"threads needed = device img/s / {per_thread:.0f} img/s per thread (measured single-thread "
                   f"rate): {model_rate:.1f} img/s here -> {max(1, math.ceil(model_rate / per_thread))}; "
                   + ", ".join(f"{r:,} img/s -> {math.ceil(r / per_thread)}" for r in (1000, 5000, 20000))]
