@@ -102,7 +102,7 @@ class InceptionStem(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         x = conv(32, (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
         x = conv(32, (3, 3), padding="VALID", name="conv2")(x, train)
         x = conv(64, (3, 3), name="conv3")(x, train)
@@ -122,7 +122,7 @@ class InceptionA(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         b1 = conv(self.branch1x1, (1, 1), name="branch1x1")(x, train)
         b5 = conv(48, (1, 1), name="branch5x5_1")(x, train)
         b5 = conv(64, (5, 5), name="branch5x5_2")(b5, train)
@@ -143,7 +143,7 @@ class ReductionA(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         b3 = conv(self.branch3x3, (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
         bd = conv(self.dbl[0], (1, 1), name="branch3x3dbl_1")(x, train)
         bd = conv(self.dbl[1], (3, 3), name="branch3x3dbl_2")(bd, train)
@@ -160,7 +160,7 @@ class InceptionC(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         c7 = self.channels_7x7
         b1 = conv(192, (1, 1), name="branch1x1")(x, train)
         b7 = conv(c7, (1, 1), name="branch7x7_1")(x, train)
@@ -183,7 +183,7 @@ class ReductionB(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         b3 = conv(192, (1, 1), name="branch3x3_1")(x, train)
         b3 = conv(320, (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
         b7 = conv(192, (1, 1), name="branch7x7x3_1")(x, train)
@@ -201,7 +201,7 @@ class InceptionE(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         b1 = conv(320, (1, 1), name="branch1x1")(x, train)
         b3 = conv(384, (1, 1), name="branch3x3_1")(x, train)
         b3 = jnp.concatenate(
@@ -309,7 +309,7 @@ class Reduction7a(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
         b0 = conv(256, (1, 1), name="branch0_0")(x, train)
         b0 = conv(384, (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
         b1 = conv(256, (1, 1), name="branch1_0")(x, train)
