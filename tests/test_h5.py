@@ -12,7 +12,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from embjax.weights import h5, keras_mobilenet  # noqa: E402
-from test_resnet import fast_keras_init, randomize  # noqa: E402  (shared Keras test helpers)
+from keras_helpers import fast_keras_init, randomize  # noqa: E402  (shared Keras test helpers)
 
 # Keras' own legacy .h5 writer converts variables with np.array(variable), which NumPy 2 flags.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

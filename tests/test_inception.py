@@ -24,6 +24,7 @@ keras = pytest.importorskip("keras")
 
 from embjax.models import inception  # noqa: E402
 from embjax.weights import keras_inception  # noqa: E402
+from keras_helpers import fast_keras_init  # noqa: E402
 
 # Tolerance of the parity checks: max |flax - keras| <= RTOL * max |keras| per output. float32 rounds
 # to u = 2**-24 ≈ 6e-8; an output sums up to ~4000 products (3·3·448 in mixed9/10, 1·1·2080 in the IRv2
@@ -42,16 +43,8 @@ def _compile(fn, *args):
     return lowered.compile(_FAST_COMPILE if jax.default_backend() == "cpu" else None)
 
 
-def _zeros(shape, *args, dtype=None, **kwargs):
-    return np.zeros(shape, dtype or "float32")
-
-
 def _build_keras(constructor, **kwargs):
-    import keras.src.backend.jax.random as keras_jax_random
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("uniform", "normal", "truncated_normal"):
-            mp.setattr(keras_jax_random, name, _zeros)
+    with fast_keras_init():
         return constructor(weights=None, classifier_activation=None, **kwargs)
 
 

@@ -16,7 +16,7 @@ keras = pytest.importorskip("keras")
 from embjax.models import mobilenet as mobilenet_lib  # noqa: E402
 from embjax.weights import h5, keras_mobilenet  # noqa: E402
 # Keras test helpers shared with the ResNet tests (fast Keras init, weight randomization, error metric).
-from test_resnet import fast_keras_init, numpy_variables, randomize, rel_err  # noqa: E402
+from keras_helpers import fast_keras_init, numpy_variables, randomize, rel_err  # noqa: E402
 
 # max|flax - keras| / max|keras| in float32 with matmul precision "highest": the two differ only in
 # summation order. The widest sum is 960 (1x1 project at alpha 1.0) or 1344 terms (alpha 1.4), rounding
