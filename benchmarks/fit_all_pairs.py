@@ -193,6 +193,17 @@ def run_memory(args, n: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def memory_scan(args, log) -> None:
+    if not args.memory_n.strip():
+        return
+    log("")
+    log("peak RSS of the streaming fit (fresh process per n, features generated per batch):")
+    for n in (int(v) for v in args.memory_n.split(",")):
+        m = run_memory(args, n)
+        log(f"  n={n:>9,}: peak during fit {m['peak_rss_mb']:.0f} MB (process peak before the fit, incl. "
+            f"compile: {m['peak_rss_before_fit_mb']:.0f} MB), fit {m['seconds']:.1f}s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=int, default=5)
@@ -204,11 +215,17 @@ def main() -> None:
                    help="time only this many NumPy pairs (spread over sources) and extrapolate (0: all N(N-1) pairs)")
     p.add_argument("--rounds", type=int, default=4, help="rounds interleaving the fit, the probe and NumPy")
     p.add_argument("--memory-n", default="10000,100000,1000000", help="comma-separated n for the memory scan; '' skips it")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory scan (its figures do not depend on a quiet machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
+        return
+    if args.memory_only:
+        print(f"# fit_all_pairs --memory-only  {now()}; machine: {machine_line()}; command: {' '.join(sys.argv)}")
+        memory_scan(args, lambda *a: print(*a, flush=True))
         return
 
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -295,14 +312,7 @@ def main() -> None:
     log(f"max relative error of embjax predictions vs float64 lstsq on {args.eval_rows} held-out rows "
         f"({len(coefs)} pairs): {rel:.2e} (relative to the centred predictions: {rel_centred:.2e})")
 
-    if args.memory_n.strip():
-        log("")
-        log("peak RSS of the streaming fit (fresh process per n, features generated per batch):")
-        for n in (int(v) for v in args.memory_n.split(",")):
-            m = run_memory(args, n)
-            peak = m["peak_rss_mb"]
-            log(f"  n={n:>9,}: peak during fit {peak:.0f} MB (process peak before the fit, incl. "
-                f"compile: {m['peak_rss_before_fit_mb']:.0f} MB), fit {m['seconds']:.1f}s")
+    memory_scan(args, log)
     log("")
     log(f"speed-up of the embjax fit over per-pair numpy lstsq"
         f"{' (extrapolated)' if extrapolated else ''}: {speedup:.1f}")

@@ -17,6 +17,7 @@ order is the same the result equals an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -116,6 +117,31 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
 # --------------------------------------------------------------------------------------------------
 # The jitted steps.
 
+# XLA:CPU (jaxlib 0.10) hands convolutions and their elementwise neighbours to YNNPACK fusions by
+# default. With those off, convolutions run on XLA's Eigen kernels and 1x1 convolutions become dots,
+# which benchmarks/extract_throughput.py measured faster on this project's CPUs for every backbone it
+# times (ResNet-50 and EfficientNet-Lite0; figures in benchmarks/RESULTS.md). Set
+# EMBJAX_XLA_CPU_DEFAULTS=1 to compile with XLA's defaults instead.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+    """Whether this jaxlib's CPU compiler knows the options (an unknown option is a compile error)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(dict(CPU_COMPILER_OPTIONS))
+        return True
+    except Exception:  # noqa: BLE001  (any failure means: compile with the defaults)
+        return False
+
+
+def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """The XLA options the engine's steps are compiled with on `mesh`'s platform (None: defaults)."""
+    if mesh.devices.flat[0].platform != "cpu" or os.environ.get("EMBJAX_XLA_CPU_DEFAULTS", "") not in ("", "0"):
+        return None
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
+
+
 
 def forward(members: Sequence[Member], variables: Sequence[Any], images: jax.Array):
     """Every member on one batch: lists of pre-logit features (float32) and logits."""
@@ -148,7 +174,8 @@ def make_fit_step(members: Sequence[Member], mesh: Mesh, keep_features: bool = F
         return state, bad
 
     out_shardings = (replicated, replicated) + ((sharded,) if keep_features else ())
-    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings,
+                   compiler_options=compiler_options(mesh))
 
 
 def make_eval_step(members: Sequence[Member], mesh: Mesh):
@@ -167,7 +194,8 @@ def make_eval_step(members: Sequence[Member], mesh: Mesh):
                for k in states}
         return new, bad
 
-    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
+    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated),
+                   compiler_options=compiler_options(mesh))
 
 
 class NonFiniteFeatures(ValueError):

@@ -86,3 +86,37 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
     other = extract.Checkpoints(str(tmp_path / "ck"), "different")
     with pytest.raises(RuntimeError, match="different config"):
         other.restore(3, state)
+
+
+def test_cpu_compiler_options_switch_and_agree(monkeypatch):
+    """On CPU the steps are compiled with YNNPACK fusions off (Eigen convolutions); the switch back to
+    XLA's defaults works, and both compilations give the same statistics for a convolutional member."""
+    mesh = extract.make_mesh()
+    if jax.default_backend() == "cpu":
+        assert extract.compiler_options(mesh) == extract.CPU_COMPILER_OPTIONS
+    else:
+        assert extract.compiler_options(mesh) is None
+    rng = np.random.default_rng(3)
+    kernel = jnp.asarray(rng.normal(0, 0.1, (3, 3, 3, 6)), jnp.float32)
+
+    def apply(v, images):
+        x = jax.lax.conv_general_dilated(images.astype(jnp.float32) / 255.0, v["k"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+        x = jnp.maximum(x, 0.0).mean(axis=(1, 2))
+        return {"pre_logits": x, "logits": x[:, :2]}
+
+    member = extract.Member(name="conv", apply=apply, variables={"k": kernel}, feature_dim=6)
+    batch = {"image": rng.integers(0, 255, (8, 9, 9, 3), dtype=np.uint8), "mask": np.ones(8, bool)}
+    results = []
+    for defaults in ("0", "1"):
+        monkeypatch.setenv("EMBJAX_XLA_CPU_DEFAULTS", defaults)
+        step = extract.make_fit_step([member], mesh)
+        variables = extract.replicate([member.variables], mesh)
+        state, bad = step(extract.replicate(stats.init([6]), mesh), variables, extract.shard_batch(batch, mesh))
+        assert not bool(np.any(bad))
+        results.append(np.asarray(state.cross, np.float64))
+    assert extract.compiler_options(mesh) is None  # EMBJAX_XLA_CPU_DEFAULTS=1
+    # Same float32 arithmetic in another summation order: a 27-term conv sum and 8x8 row products
+    # round at ~1e-6 relative of the largest entry.
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5 * np.abs(results[1]).max())
