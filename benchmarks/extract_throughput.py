@@ -4,7 +4,8 @@ For each model (ResNet-50 v1 and EfficientNet-Lite0 at 224 px by default) the be
 
 * embjax: the registry's module and preprocessing, jitted together as `extract.forward` runs them (uint8
   images in, float32 pre-logits and logits out, preprocessing on the device), in float32 and bfloat16,
-  each compiled with XLA's defaults and with YNNPACK fusions off (`_eigen`, see EIGEN_OPTIONS);
+  each compiled with XLA's defaults and with YNNPACK fusions off (`_eigen`, see EIGEN_OPTIONS; also
+  float32 with YNNPACK only for elementwise fusions, `_eltwise`);
 * PyTorch: `benchmarks/torch_models.py`'s version of the same network, loaded with the same weights
   (converted from the Flax variables), in eager mode and under torch.compile, each with contiguous (NCHW)
   and channels_last (NHWC) tensors, and torch.compile with inductor's `freezing` (BatchNorm folded into
@@ -47,11 +48,13 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 
 TORCH_CONFIGS = ("eager", "eager_cl", "compile", "compile_cl", "compile_frozen_cl")
-EMBJAX_CONFIGS = ("f32", "f32_eigen", "bf16", "bf16_eigen")
+EMBJAX_CONFIGS = ("f32", "f32_eigen", "f32_eltwise", "bf16", "bf16_eigen")
 # XLA:CPU (jaxlib 0.10) hands convolutions, and the elementwise work around them, to YNNPACK fusions by
 # default. "_eigen" configurations switch that off for the compilation, so convolutions run on XLA's
 # Eigen kernels and 1x1 convolutions become dots; nothing else changes.
 EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# "_eltwise": YNNPACK keeps only the elementwise fusions; convolutions stay on Eigen.
+ELTWISE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
 # skimage ships these colour photos inside the package (no download); grey ones are stacked to RGB.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "ihc.png",
           "retina.jpg", "motorcycle_left.png", "camera.png", "coins.png", "moon.png", "horse.png")
@@ -202,7 +205,8 @@ def embjax_extract(model: Model, config: str, batch_size: int, compiler_options:
 
     dtype = jnp.bfloat16 if config.startswith("bf16") else jnp.float32
     if compiler_options is None:
-        compiler_options = EIGEN_OPTIONS if config.endswith("_eigen") else {}
+        compiler_options = (EIGEN_OPTIONS if config.endswith("_eigen")
+                            else ELTWISE_OPTIONS if config.endswith("_eltwise") else {})
     module = model.spec.build(dtype=dtype) if dtype != jnp.float32 else model.spec.build()
     variables = model.variables
 
