@@ -46,13 +46,15 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for `embjax` w
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+from embjax.extract import CPU_COMPILER_OPTIONS  # noqa: E402
 
 TORCH_CONFIGS = ("eager", "eager_cl", "compile", "compile_cl", "compile_frozen_cl")
 EMBJAX_CONFIGS = ("f32", "f32_eigen", "f32_eltwise", "bf16", "bf16_eigen")
 # XLA:CPU (jaxlib 0.10) hands convolutions, and the elementwise work around them, to YNNPACK fusions by
 # default. "_eigen" configurations switch that off for the compilation, so convolutions run on XLA's
-# Eigen kernels and 1x1 convolutions become dots; nothing else changes.
-EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Eigen kernels and 1x1 convolutions become dots; nothing else changes. These are the options the
+# engine's steps are compiled with on CPU.
+EIGEN_OPTIONS = CPU_COMPILER_OPTIONS
 # "_eltwise": YNNPACK keeps only the elementwise fusions; convolutions stay on Eigen.
 ELTWISE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
 # skimage ships these colour photos inside the package (no download); grey ones are stacked to RGB.

@@ -223,12 +223,12 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
     if args.memory_only:
-        print(f"# fit_all_pairs --memory-only  {now()}; machine: {machine_line()}; command: {' '.join(sys.argv)}")
-        memory_scan(args, lambda *a: print(*a, flush=True))
+        log(f"# fit_all_pairs --memory-only  {now()}; machine: {machine_line()}; command: {' '.join(sys.argv)}")
+        memory_scan(args, log)
         return
 
-    log = lambda *a: print(*a, flush=True)  # noqa: E731
     n_models, d = args.models, args.dim
     dims = (d,) * n_models
     # Ordered so that any prefix spreads over sources and targets: (0,1), (1,2), ..., (N-1,0), (0,2), ...

@@ -142,7 +142,6 @@ def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
 
 
-
 def forward(members: Sequence[Member], variables: Sequence[Any], images: jax.Array):
     """Every member on one batch: lists of pre-logit features (float32) and logits."""
     feats, logits = [], []
