@@ -274,6 +274,10 @@ class Pass:
       "member/key" is that output flattened to (batch, -1) unless `emit` computes it.
     emit: optional `(outputs, batch, aux) -> {entry: (batch, ...) array}` for derived entries.
     dataset: the dataset's name, for the store's manifest.
+    merge: optional `(a, b) -> state`, the accumulator's associative merge. With it, every device folds
+      its own shard of each batch into its own partial state (no cross-device reduction per batch), and
+      the partials are merged on the host in float64 only at checkpoints and at the end of the pass.
+      Without it, the state is replicated and XLA reduces each batch across devices.
     """
 
     name: str
@@ -286,6 +290,7 @@ class Pass:
     store: Mapping[str, str] = dataclasses.field(default_factory=dict)
     emit: Callable[[dict, dict, Any], dict] | None = None
     dataset: str = ""
+    merge: Callable[[Any, Any], Any] | None = None
 
 
 class NonFiniteFeatures(ValueError):
@@ -316,18 +321,22 @@ def _emit_default(p: Pass) -> Callable[[dict, dict, Any], dict]:
     return emit
 
 
-def make_step(members: Sequence[Member], p: Pass, mesh: Mesh):
+def make_step(members: Sequence[Member], p: Pass, mesh: Mesh, precision: str | None = "float32"):
     """The jitted `(state, flags, variables, aux, batch) -> (state, flags, emitted)` of pass `p`.
 
-    `variables` are those of the members the pass needs, in member order; `flags` (one bool per such
-    member) accumulate whether any real row had a non-finite output.
+    `variables` are those of the members the pass needs, in member order; `flags` accumulate whether any
+    real row had a non-finite output (per member; per device and member when `p.merge` is set, where
+    `state` and `flags` carry a leading device axis sharded over the mesh and each device folds only its
+    own rows). `precision` is the matmul and convolution precision every dot of the step is traced with:
+    "float32" means float32 arithmetic on every backend (not TF32 on NVIDIA GPUs, nor one-pass bfloat16
+    on TPUs); None leaves XLA's default (bfloat16 runs).
     """
     needed = _needed(members, p)
     emit = p.emit or (_emit_default(p) if p.store else None)
     replicated = NamedSharding(mesh, P())
     sharded = NamedSharding(mesh, P(DATA_AXIS))
 
-    def step(state, flags, variables, aux, batch):
+    def body(state, flags, variables, aux, batch):
         mask = batch["mask"]
         outputs, bad = {}, []
         for member, v in zip(needed, variables):
@@ -348,8 +357,48 @@ def make_step(members: Sequence[Member], p: Pass, mesh: Mesh):
         emitted = emit(outputs, batch, aux) if emit is not None else {}
         return state, flags | jnp.stack(bad), emitted
 
-    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
+    def traced(state, flags, variables, aux, batch):
+        if precision is None:
+            return body(state, flags, variables, aux, batch)
+        with jax.default_matmul_precision(precision):
+            return body(state, flags, variables, aux, batch)
+
+    if p.merge is None:
+        return jax.jit(traced, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
+                       compiler_options=compiler_options(mesh))
+
+    def local(state, flags, variables, aux, batch):  # one device: its partial state and its rows
+        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+        state, flag, emitted = traced(squeeze(state), flags[0], variables, aux, batch)
+        return jax.tree.map(lambda x: x[None], state), flag[None], emitted
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(), P(DATA_AXIS)),
+                           out_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
+    return jax.jit(mapped, donate_argnums=0, out_shardings=(sharded, sharded, sharded),
                    compiler_options=compiler_options(mesh))
+
+
+def merge_partials(states: Sequence[Any], merge: Callable[[Any, Any], Any]) -> Any:
+    """Merge partial accumulators pairwise (a balanced tree: log2(k) merges deep) in float64 on the
+    host CPU, returned in the dtypes of the first state. Floating leaves are merged in float64 whatever
+    their dtype, so thousands of merges of float32 partials lose no more than one float32 rounding."""
+    states = list(states)
+    if not states:
+        raise ValueError("merge_partials needs at least one state")
+    dtypes = jax.tree.map(lambda x: np.asarray(x).dtype, states[0])
+    if len(states) == 1:
+        return jax.tree.map(np.asarray, states[0])
+    wide = [jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                         else np.asarray(x), s) for s in states]
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        merge64 = jax.jit(merge)
+        while len(wide) > 1:
+            nxt = [merge64(wide[i], wide[i + 1]) for i in range(0, len(wide) - 1, 2)]
+            if len(wide) % 2:
+                nxt.append(wide[-1])
+            wide = nxt
+        merged = jax.device_get(wide[0])
+    return jax.tree.map(lambda x, dt: np.asarray(x).astype(dt), merged, dtypes)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -404,12 +453,14 @@ class Engine:
 
     `fingerprint` is the JSON-able config of the run: checkpoints only resume a run whose config hashes
     the same (fields that do not change the numbers, like checkpoint_every or prefetch, should be left
-    out by the caller).
+    out by the caller). `precision` is the dot/convolution precision of every step (see `make_step`):
+    "float32" for float32 runs, None for bfloat16 runs.
     """
 
     def __init__(self, members: Sequence[Member], workdir: str, *, batch_size: int, fingerprint: Any,
                  checkpoint_every: int = 50, prefetch: int = 2, progress_seconds: float = 10.0,
-                 mesh: Mesh | None = None, log: Callable[[str], None] | None = None, config: Any = None):
+                 mesh: Mesh | None = None, log: Callable[[str], None] | None = None, config: Any = None,
+                 precision: str | None = "float32"):
         self.members = list(members)
         self.workdir = os.path.abspath(workdir)
         self.mesh = mesh or make_mesh()
@@ -424,6 +475,7 @@ class Engine:
         self.prefetch = int(prefetch)
         self.progress_seconds = float(progress_seconds)
         self.config = config
+        self.precision = precision
         self.seconds: dict[str, float] = {}
         self._log = log or (lambda msg: print(msg, flush=True) if self.process_index == 0 else None)
         self._variables = replicate([m.variables for m in self.members], self.mesh)
@@ -514,10 +566,17 @@ class Engine:
             writer = self._writer(p, needed, n, resume=start > 0)
         share = data.pipeline.process_share(np.arange(n), self.process_index, self.process_count).shape[0]
 
-        step = make_step(self.members, p, self.mesh)
+        step = make_step(self.members, p, self.mesh, self.precision)
         variables = [v for m, v in zip(self.members, self._variables) if any(m is k for k in needed)]
         aux = replicate(p.aux, self.mesh) if p.aux is not None else None
-        flags = replicate(np.zeros((len(needed),), bool), self.mesh)
+        per_device = p.merge is not None
+        if per_device:  # device 0 starts from the (restored) state, the others from empty partials
+            init = like
+            state = self._spread(state, init)
+            flags = jax.device_put(np.zeros((self.mesh.devices.size, len(needed)), bool),
+                                   NamedSharding(self.mesh, P(DATA_AXIS)))
+        else:
+            flags = replicate(np.zeros((len(needed),), bool), self.mesh)
         progress = Progress(f"{p.name} {p.split}", total, self.batch_size, self.progress_seconds)
         checked = start  # batches [start, checked) were verified finite
         pending = None  # (emitted, host batch, batch index): written one step late, so transfers overlap
@@ -527,7 +586,7 @@ class Engine:
 
         def check(upto: int) -> None:
             nonlocal checked
-            bad = np.asarray(jax.device_get(flags))
+            bad = self._any_flags(flags) if per_device else np.asarray(jax.device_get(flags))
             if bad.any():
                 names = [m.name for m, b in zip(needed, bad) if b]
                 raise NonFiniteFeatures(
@@ -562,8 +621,11 @@ class Engine:
                         write(pending)
                         pending = None
                         writer.flush()
-                    ckpt.save(done_b, _saved(state, done_b), {"pass": p.name, "batches_done": done_b,
-                                              "step": offset + done_b})
+                    merged = self._merged(state, p.merge) if per_device else state
+                    ckpt.save(done_b, _saved(merged, done_b), {"pass": p.name, "batches_done": done_b,
+                                                               "step": offset + done_b})
+                    if per_device:  # go on from the merged state, exactly as a resumed run would
+                        state = self._spread(merged, init)
                 progress.update(done_b)
             if writer is not None and pending is not None:
                 write(pending)
@@ -577,6 +639,8 @@ class Engine:
         if writer is not None:
             writer.close()
             self._finish_store(p, needed, n)
+        if per_device:
+            state = self._merged(state, p.merge)
         done = self._checkpoints("passes", p.name, keep=1)
         done.save(total, _saved(state, total), {"pass": p.name, "batches_done": total, "step": offset + total})
         done.close()
@@ -584,6 +648,41 @@ class Engine:
             shutil.rmtree(self._dir("checkpoints", p.name), ignore_errors=True)
         self.seconds[p.name] = time.perf_counter() - t0
         return jax.device_get(state)
+
+    def _spread(self, state, init):
+        """Per-device partial states: `state` on device 0, `init` (empty) on every other device."""
+        n_dev = self.mesh.devices.size
+
+        def spread(s, e):
+            return jax.tree.map(lambda a, b: jnp.concatenate([a[None], jnp.broadcast_to(b, (n_dev - 1, *b.shape))]),
+                                s, e)
+
+        return jax.jit(spread, out_shardings=NamedSharding(self.mesh, P(DATA_AXIS)))(state, init)
+
+    def _local_partials(self, state) -> list:
+        leaves, treedef = jax.tree.flatten(state)
+        per_leaf = [_local_rows(x) for x in leaves]
+        return [jax.tree.unflatten(treedef, [leaf[k] for leaf in per_leaf]) for k in range(per_leaf[0].shape[0])]
+
+    def _merged(self, state, merge):
+        """The merge of every device's partial state (float64 on the host), replicated on the mesh."""
+        merged = merge_partials(self._local_partials(state), merge)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = multihost_utils.process_allgather(merged)  # a leading process axis on every leaf
+            leaves, treedef = jax.tree.flatten(gathered)
+            merged = merge_partials([jax.tree.unflatten(treedef, [np.asarray(x)[k] for x in leaves])
+                                     for k in range(self.process_count)], merge)
+        return replicate(merged, self.mesh)
+
+    def _any_flags(self, flags) -> np.ndarray:
+        local = _local_rows(flags).any(axis=0)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            local = np.asarray(multihost_utils.process_allgather(local)).any(axis=0)
+        return local
 
     def _writer(self, p: Pass, needed, n: int, resume: bool) -> feature_store.Writer:
         from embjax import data
@@ -600,7 +699,7 @@ class Engine:
         batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool),
                  "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
-        step = make_step(self.members, p, self.mesh)
+        step = make_step(self.members, dataclasses.replace(p, merge=None), self.mesh, self.precision)
         variables = [m.variables for m in needed]
         flags = np.zeros((len(needed),), bool)
         out = jax.eval_shape(step, p.init, flags, variables, p.aux, batch)

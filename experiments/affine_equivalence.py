@@ -59,7 +59,8 @@ def run(config, workdir: str):
                       minimum=2)
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+                            progress_seconds=config.progress_seconds, config=common.to_dict(config),
+                            precision="float32" if config.dtype == "float32" else None)
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     linear = config.heads == "linear"
     features = {n: ("pre_logits",) for n in names}
@@ -70,7 +71,7 @@ def run(config, workdir: str):
     # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
     fit = engine.run(extract.Pass(
         "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]),
+        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]), merge=stats.merge,
         store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
@@ -103,7 +104,7 @@ def run(config, workdir: str):
 
     ev = engine.run(extract.Pass(
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
-        fold=fold_eval, dataset=config.dataset,
+        fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": {k: evaluate.stack_maps(m, dims) for k, m in families.items()}}))
     return results(config, names, dims, fit, affine, ev, engine.seconds), engine
 
