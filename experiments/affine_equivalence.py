@@ -8,7 +8,7 @@ r"""The affine-equivalence study (McNeely-White 2020, Tables 5.1-5.3 and the sec
 Two passes on the engine (embjax.extract):
   1. fit:  the joint statistics (embjax.stats) of every model's pre-logit features over the fit split;
   2. maps: affine (least squares), logit (classifier weights only) and naive (truncate / zero-pad) maps
-           for every ordered pair; with `heads="linear"`, a linear head per backbone trained on the fit
+           for every ordered pair (logit and naive in factored form: no N² matrices on the devices); with `heads="linear"`, a linear head per backbone trained on the fit
            features the first pass kept in the feature store;
   3. eval: every pair's mapped features through the target's head on the evaluation split (embjax.evaluate).
 See experiments/common.py for the command-line flags, resume and multi-host options.
@@ -88,13 +88,15 @@ def run(config, workdir: str):
         scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
     else:
         scoring = own_heads
-    pairs = [(i, j) for i in range(len(ms)) for j in range(len(ms)) if i != j]
-    families = {"affine": affine,
-                "logit": {(i, j): maps.logit(scoring[i], scoring[j]) for i, j in pairs},
-                "naive": {(i, j): maps.naive(dims[i], dims[j]) for i, j in pairs}}
+    # Affine maps as padded dense stacks; logit maps factored through each head's pseudo-inverse and
+    # naive maps as truncation / zero-padding, so neither keeps N² matrices on the devices.
+    affine_stacks = evaluate.stack_maps(affine, dims)
+    families = {"affine": affine_stacks,
+                "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
+                "naive": evaluate.NaiveMaps()}
     head_sets = {k: scoring for k in families}
     if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy
-        families["native_affine"], head_sets["native_affine"] = affine, own_heads
+        families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
 
     # 3. Every pair on the evaluation split.
     def fold_eval(state, out, batch, aux):
@@ -105,7 +107,7 @@ def run(config, workdir: str):
     ev = engine.run(extract.Pass(
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
-        aux={"heads": head_sets, "maps": {k: evaluate.stack_maps(m, dims) for k, m in families.items()}}))
+        aux={"heads": head_sets, "maps": families}))
     return results(config, names, dims, fit, affine, ev, engine.seconds), engine
 
 
