@@ -16,7 +16,9 @@ globally), and the classifier is a Dense layer `logits` (TF-Slim's 1×1 convolut
 `Logits`, the same map). Dropout and the auxiliary heads are training-only and left out.
 
 Outputs (dict): every TF-Slim end point (`Conv2d_1a_7x7`, `MaxPool_2a_3x3`, …, `Mixed_5c` for v1/v2;
-`Conv2d_1a_3x3` … `Mixed_7d` for v4), `pre_logits` (float32; 1024 for v1/v2, 1536 for v4) and `logits`.
+`Conv2d_1a_3x3` … `Mixed_7d` for v4), `stem` (the same array as the end point before the first
+Inception block: `MaxPool_3a_3x3` for v1/v2, `Mixed_5a` for v4), `pre_logits` (float32; 1024 for v1/v2,
+1536 for v4) and `logits`.
 NHWC inputs scaled to [-1, 1].
 """
 from __future__ import annotations
@@ -172,6 +174,8 @@ INCEPTION_V4 = (
 ARCHITECTURES = {"inception_v1": INCEPTION_V1, "inception_v2": INCEPTION_V2, "inception_v4": INCEPTION_V4}
 # Smallest input every "VALID" layer still has pixels for (v4: 75 -> 37 -> 35 -> 17 -> 15 -> 7 -> 3 -> 1).
 MIN_INPUT_SIZE = {"inception_v1": 32, "inception_v2": 32, "inception_v4": 75}
+# `stem` (every embjax model has one) is the end point before the first Inception block.
+STEM_END = {"inception_v1": "MaxPool_3a_3x3", "inception_v2": "MaxPool_3a_3x3", "inception_v4": "Mixed_5a"}
 FEATURE_DIM = {"inception_v1": 1024, "inception_v2": 1024, "inception_v4": 1536}
 
 
@@ -271,6 +275,7 @@ class SlimInception(nn.Module):
             else:
                 x = Block(spec, self.dtype, name=name)(x, train)
             out[name] = x
+        out["stem"] = out[STEM_END[self.architecture]]
         out["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(out["pre_logits"])
         return out

@@ -50,7 +50,11 @@ def _num_classes(state_dict: Mapping, what: str) -> int:
 
 def _convert(state_dict: Mapping, module, probe_size: int, torch_module: Callable[[tuple], str],
              bn_epsilon: float, what: str) -> dict:
-    """Variables for `module` from `state_dict`; `torch_module` maps a Flax module path to timm's prefix."""
+    """Variables for `module` from `state_dict`; `torch_module` maps a Flax module path to timm's prefix.
+
+    Shapes come from the module at `probe_size` px: large enough that every stride-2 cell really halves
+    its input, so a NAS cell's `prev` is reduced exactly where timm reduces it (PNASNet: 96 px).
+    """
     if not isinstance(state_dict, Mapping):
         raise WeightMismatchError(what, [f"expected a {{name: array}} state dict, got {type(state_dict).__name__}; "
                                          "read the file with embjax.weights.torch_pth.load_state_dict first"])
@@ -162,16 +166,8 @@ def inception_v4_name_map() -> dict[tuple[str, ...], str]:
 def convert_timm_inception_v4(state_dict: Mapping[str, np.ndarray]) -> dict:
     """Flax variables for `inception_slim.inception_v4(num_classes=<from last_linear>)` from timm's
     `inception_v4` state dict (BatchNorm γ folded, see the module docstring)."""
-    what = "timm inception_v4 state dict"
-    module = inception_slim.inception_v4(num_classes=_num_classes(state_dict, what))
-    table = inception_v4_name_map()
-
-    def torch_module(modules: tuple) -> str:
-        if modules[-1] in ("conv", "bn"):  # a ConvBN's convolution / BatchNorm, timm's ConvNormAct likewise
-            return f"{table.get(modules[:-1], '/'.join(modules[:-1]))}.{modules[-1]}"
-        return table.get(modules, "/".join(modules))
-
-    return _convert(state_dict, module, 299, torch_module, inception_slim.BN_EPSILON, what)
+    num_classes = _num_classes(state_dict, "timm inception_v4 state dict")
+    return convert_timm(state_dict, inception_slim.inception_v4(num_classes=num_classes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,10 +198,27 @@ def pnasnet_torch_name(modules: tuple[str, ...]) -> str:
 
 def convert_timm_pnasnet(state_dict: Mapping[str, np.ndarray]) -> dict:
     """Flax variables for `nasnet.pnasnet_large(num_classes=<from last_linear>)` from timm's `pnasnet5large`."""
-    what = "timm pnasnet5large state dict"
-    module = nasnet.pnasnet_large(num_classes=_num_classes(state_dict, what))
-    # 96 px keeps every reduction a real halving, so `prev` is reduced where timm reduces it.
-    return _convert(state_dict, module, 96, pnasnet_torch_name, nasnet.BN_EPSILON, what)
+    num_classes = _num_classes(state_dict, "timm pnasnet5large state dict")
+    return convert_timm(state_dict, nasnet.pnasnet_large(num_classes=num_classes))
 
 
-__all__ = ["convert_timm_inception_v4", "convert_timm_pnasnet", "inception_v4_name_map", "pnasnet_torch_name"]
+def convert_timm(state_dict: Mapping[str, np.ndarray], module) -> dict:
+    """Variables for a given `PNASNet` or Inception-v4 module of any size (e.g. a reduced one in a test)."""
+    if isinstance(module, nasnet.PNASNet):
+        return _convert(state_dict, module, 96, pnasnet_torch_name, nasnet.BN_EPSILON, "timm PNASNet state dict")
+    if isinstance(module, inception_slim.SlimInception) and module.architecture == "inception_v4":
+        table = inception_v4_name_map()
+
+        def torch_module(modules: tuple) -> str:
+            if modules[-1] in ("conv", "bn"):  # ConvBN's convolution / BatchNorm; timm's ConvNormAct likewise
+                return f"{table.get(modules[:-1], '/'.join(modules[:-1]))}.{modules[-1]}"
+            return table.get(modules, "/".join(modules))
+
+        return _convert(state_dict, module, 299, torch_module, inception_slim.BN_EPSILON,
+                        "timm inception_v4 state dict")
+    raise TypeError(f"no timm name map for {type(module).__name__}; timm converters exist for PNASNet and "
+                    "Inception-v4")
+
+
+__all__ = ["convert_timm", "convert_timm_inception_v4", "convert_timm_pnasnet", "inception_v4_name_map",
+           "pnasnet_torch_name"]
