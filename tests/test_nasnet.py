@@ -129,3 +129,12 @@ def test_converter_refuses_a_headless_file(keras_nasnet_case):
 def test_too_small_inputs_are_refused():
     with pytest.raises(ValueError, match="at least 32x32"):
         jax.eval_shape(nasnet.nasnet_large().init, jax.random.key(0), jnp.zeros((1, 31, 64, 3)))
+
+
+def test_converter_reads_keras_weights_files(keras_nasnet_case, tmp_path):
+    """Round trip through Keras' own .weights.h5 writer and embjax's reader (SeparableConv2D included)."""
+    path = tmp_path / "nasnet.weights.h5"
+    keras_nasnet_case["model"].save_weights(path)
+    from_file = keras_nasnet.convert_nasnet(h5.read_keras_weights(path))
+    in_memory = keras_nasnet.convert_nasnet(keras_nasnet_case["weights"])
+    jax.tree.map(np.testing.assert_array_equal, from_file, in_memory)
