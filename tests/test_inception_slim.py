@@ -171,6 +171,7 @@ def _assert_close(got, want, what):
     assert scale > 0.1, f"{what}: degenerate reference"
     err = np.abs(got - want).max()
     assert err <= RTOL * scale, f"{what}: max error {err:.3g} > {RTOL} x {scale:.3g}"
+    print(f"{what}: relative error {err / scale:.2e}")  # pytest -s shows it
 
 
 def test_inception_v2_blocks_match_numpy():

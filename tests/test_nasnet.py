@@ -72,6 +72,7 @@ def test_nasnet_matches_keras_cell_by_cell(keras_nasnet_case):
     variables = keras_nasnet.convert_nasnet(case["weights"], pool_padding="keras")
     module = nasnet.NASNet(**config, pool_padding="keras")
     out = _compile(module.apply, variables, case["x"])(variables, case["x"])
+    worst = (0.0, None)
     for key, ref in case["ref"].items():
         got = np.asarray(out[key], np.float64)
         assert got.shape == ref.shape, key
@@ -79,6 +80,8 @@ def test_nasnet_matches_keras_cell_by_cell(keras_nasnet_case):
         assert scale > 0.1, f"{key}: reference output is degenerate (max {scale})"
         err = np.abs(got - ref).max()
         assert err <= RTOL * scale, f"{key}: max error {err:.3g} > {RTOL} x {scale:.3g}"
+        worst = max(worst, (err / scale, key))
+    print(f"NASNet vs Keras: worst relative error {worst[0]:.2e} ({worst[1]})")  # pytest -s shows it
     assert out["pre_logits"].shape == (2, 192) and out["pre_logits"].dtype == jnp.float32
     # Keras counts BatchNorm moving statistics among its parameters.
     ours = sum(int(np.size(a)) for a in jax.tree.leaves(variables))

@@ -51,6 +51,7 @@ def _fixture(name):
 def _assert_matches(module, variables, x, ref):
     out = _compile(module.apply, variables, x)(variables, x)
     assert ref.keys() - {"pre_logits", "logits"}, "fixture without intermediate outputs"
+    worst = (0.0, None)
     for key, want in ref.items():
         name = key.split("/", 1)[-1]
         got = np.asarray(out[name], np.float64)
@@ -61,6 +62,8 @@ def _assert_matches(module, variables, x, ref):
         assert scale > 0.1, f"{key}: reference output is degenerate (max {scale})"
         err = np.abs(got - want).max()
         assert err <= RTOL * scale, f"{key}: max error {err:.3g} > {RTOL} x {scale:.3g}"
+        worst = max(worst, (err / scale, key))
+    print(f"{type(module).__name__}: worst relative error {worst[0]:.2e} ({worst[1]})")  # pytest -s shows it
     return out
 
 
