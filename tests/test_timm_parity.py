@@ -72,7 +72,8 @@ def test_inception_v4_matches_timm(tmp_path):
     variables = timm_models.convert_timm_inception_v4(state_dict)
     module = inception_slim.inception_v4(num_classes=1000)
     out = _assert_matches(module, variables, x, ref)
-    assert out["pre_logits"].shape == (2, 1536) and out["Mixed_7d"].shape == (2, 1, 1, 1536)  # 75x91: Conv2d_2b 35x43, Mixed_5a 7x9, Mixed_6a 3x4
+    # 75x91: Conv2d_2b 35x43, Mixed_5a 7x9, Mixed_6a 3x4, Mixed_7a 1x1.
+    assert out["pre_logits"].shape == (2, 1536) and out["Mixed_7d"].shape == (2, 1, 1, 1536)
     # timm's count (stored by the fixture script) holds a γ per BatchNorm channel that TF-Slim lacks.
     bn_channels = sum(int(np.size(v)) for v in jax.tree.leaves(variables["batch_stats"])) // 2
     ours = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
@@ -134,7 +135,8 @@ def test_converter_reports_every_problem():
     with pytest.raises(WeightMismatchError) as info:
         timm_models.convert_timm_inception_v4(bad)
     message = str(info.value)
-    assert "missing timm tensor 'features.7.branch1.1.conv.weight' for params/Mixed_5c/Branch_1/Conv2d_0b_3x3" in message
+    missing = "missing timm tensor 'features.7.branch1.1.conv.weight' for params/Mixed_5c/Branch_1/Conv2d_0b_3x3"
+    assert missing in message
     assert "'features.6.branch0.bn.weight' has BatchNorm scales <= 0 (96 of 96)" in message
     assert "params/Mixed_6a/Branch_0/Conv2d_1a_3x3/conv/kernel: timm tensor under" in message
     assert "unexpected timm tensor 'aux.weight'" in message
