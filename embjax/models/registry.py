@@ -379,7 +379,7 @@ def _thesis_specs() -> list[ModelSpec]:
             weight_source="keras.applications NASNetLarge (NASNet-large.h5, under keras-applications/nasnet/)",
             converter=_lazy_converter("embjax.weights.keras_nasnet", "convert_nasnet"),
             weight_formats=("keras_h5",),
-            keras_file="NASNet-large.h5",
+            keras_file="nasnet/NASNet-large.h5",  # under the keras-applications bucket
         ),
         # 1000 classes: timm pnasnet5large's head (TF-Slim's pnasnet-5_large checkpoint has 1001).
         ModelSpec(
