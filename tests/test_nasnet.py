@@ -141,3 +141,34 @@ def test_converter_reads_keras_weights_files(keras_nasnet_case, tmp_path):
     from_file = keras_nasnet.convert_nasnet(h5.read_keras_weights(path))
     in_memory = keras_nasnet.convert_nasnet(keras_nasnet_case["weights"])
     jax.tree.map(np.testing.assert_array_equal, from_file, in_memory)
+
+
+@pytest.mark.slow
+def test_nasnet_large_matches_keras_nasnetlarge():
+    """The full keras.applications NASNetLarge (6 cells per stack, 4032 filters) at 64×78 px, logits and
+    the last cell of each stack (Keras' NASNetLarge only takes 331 px with its head, so the generic
+    NASNet builder is called with NASNetLarge's arguments)."""
+    from keras.src.applications.nasnet import NASNet
+
+    with fast_keras_init():
+        model = NASNet(input_shape=(64, 78, 3), penultimate_filters=4032, num_blocks=6, stem_block_filters=96,
+                       weights=None, classes=1000, classifier_activation=None, default_size=64)
+    randomize(model, 5)
+    x = np.random.default_rng(6).uniform(-1.0, 1.0, (1, 64, 78, 3)).astype(np.float32)
+    names = {"cell_5": "normal_concat_5", "cell_11": "normal_concat_12", "cell_17": "normal_concat_18",
+             "logits": "predictions"}
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names.values()])
+    ref = dict(zip(names, (np.asarray(y, np.float64) for y in probe.predict(x, verbose=0))))
+    weights = h5.layer_weights_of(model)
+    assert keras_nasnet.keras_nasnet_config(weights) == dict(num_classes=1000, num_cells=18, num_conv_filters=168,
+                                                              stem_filters=96)
+    variables = keras_nasnet.convert_nasnet(weights, pool_padding="keras")
+    module = nasnet.nasnet_large(pool_padding="keras")
+    out = _compile(module.apply, variables, x)(variables, x)
+    worst = 0.0
+    for key, want in ref.items():
+        scale = np.abs(want).max()
+        err = np.abs(np.asarray(out[key], np.float64) - want).max()
+        assert err <= RTOL * scale, f"{key}: max error {err:.3g} > {RTOL} x {scale:.3g}"
+        worst = max(worst, err / scale)
+    print(f"NASNetLarge vs Keras: worst relative error {worst:.2e}")  # pytest -s shows it
