@@ -12,8 +12,8 @@ Reading: `read_keras_weights(path)` returns {layer name: [that layer's arrays in
 Layers without weights are left out. An unreadable, truncated or non-Keras file raises
 `KerasWeightsError` naming the file; a missing one `FileNotFoundError`.
 
-Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`) describe a model as a list of
-`LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
+Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`, `keras_nasnet`) describe a model as a
+list of `LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
 {"params", "batch_stats"} and compares the result with the shapes the Flax module expects;
 it collects every problem before raising one `WeightMismatchError`. Keras' layouts need no transposition:
 Conv2D kernels are HWIO and Dense kernels (in, out) as in Flax; a DepthwiseConv2D kernel
