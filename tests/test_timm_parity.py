@@ -67,8 +67,13 @@ def _assert_matches(module, variables, x, ref):
     return out
 
 
-def test_inception_v4_matches_timm(tmp_path):
-    meta, ref, state_dict, x = _fixture("inception_v4")
+@pytest.fixture(scope="module")
+def inception_v4_case():
+    return _fixture("inception_v4")  # 42.7M random weights: drawn once for the module
+
+
+def test_inception_v4_matches_timm(inception_v4_case, tmp_path):
+    meta, ref, state_dict, x = inception_v4_case
     variables = timm_models.convert_timm_inception_v4(state_dict)
     module = inception_slim.inception_v4(num_classes=1000)
     out = _assert_matches(module, variables, x, ref)
@@ -125,8 +130,8 @@ def test_pnasnet_large_sizes_match_timm():
     assert torch_names == {n for n in shapes if not n.endswith("num_batches_tracked")}
 
 
-def test_converter_reports_every_problem():
-    meta, _, state_dict, _ = _fixture("inception_v4")
+def test_converter_reports_every_problem(inception_v4_case):
+    meta, _, state_dict, _ = inception_v4_case
     bad = dict(state_dict)
     del bad["features.7.branch1.1.conv.weight"]
     bad["features.6.branch0.bn.weight"] = -bad["features.6.branch0.bn.weight"]
@@ -146,9 +151,9 @@ def test_converter_reports_every_problem():
         timm_models.convert_timm_inception_v4(headless)
 
 
-def test_unit_batchnorm_scale_leaves_the_variance_untouched():
+def test_unit_batchnorm_scale_leaves_the_variance_untouched(inception_v4_case):
     """Real timm weights converted from TF-Slim have γ = 1: the variance must come through bit for bit."""
-    meta, _, state_dict, _ = _fixture("inception_v4")
+    meta, _, state_dict, _ = inception_v4_case
     ones = {k: (np.ones_like(v) if k.endswith("bn.weight") else v) for k, v in state_dict.items()}
     variables = timm_models.convert_timm_inception_v4(ones)
     np.testing.assert_array_equal(variables["batch_stats"]["Mixed_6b"]["Branch_2"]["Conv2d_0e_1x7"]["bn"]["var"],

@@ -322,7 +322,7 @@ def _thesis_specs() -> list[ModelSpec]:
     inception_v4, nasnet_large, pnasnet_large): Inception [-1, 1] scaling and the 0.875 central crop."""
     timm_formats = ("torch", "safetensors")
     return [
-        # TF-Slim heads have 1001 classes (0 = background); no converter in this module yet for their checkpoints.
+        # TF-Slim heads: 1001 classes (0 = background). No converter reads their TF-Slim checkpoints yet.
         ModelSpec(
             name="inception_v1",
             family="inception_v1",
