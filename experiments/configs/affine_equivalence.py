@@ -39,6 +39,10 @@ def base() -> ml_collections.ConfigDict:
     c.manual_dir = ml_collections.config_dict.placeholder(str)
     # Host-side square size for datasets of variable-size images (each model then resizes on device).
     c.image_size = ml_collections.config_dict.placeholder(int)
+    # The square size every model runs at (0: each model's registry size), except the models named in
+    # native_size_models, which keep their own (the thesis ran every CNN at 331 px but MobileNet-v2 at 224).
+    c.input_size = 0
+    c.native_size_models = ""
     c.num_classes = 10
     # Heads scored against labels: "native" (each model's own classifier) or "linear" (a linear head per
     # backbone trained with optax on fit features; the native heads are then scored for agreement).
