@@ -19,7 +19,7 @@ The few protobuf fields needed are decoded here from the wire format. Every tabl
 every tensor's checksum is verified; any structural problem, truncation or checksum mismatch raises
 `TFCheckpointError` naming the file and, where there is one, the tensor. Numeric tensors come back as
 NumPy arrays (float32/64, float16, bfloat16, int8/16/32/64, uint8/16/32/64, bool); string tensors are
-left out of the result (they hold bookkeeping, not weights). The total size of the arrays is checked
+checked and left out of the result (they hold bookkeeping, not weights). The total size of the arrays is checked
 against `max_bytes` before anything is read. Partitioned (sliced) variables are refused with an error.
 
 SavedModel names. A TF2 SavedModel stores variables under object-graph keys such as
@@ -290,10 +290,13 @@ def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
     if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
         raise _Malformed("no table magic number at the end: truncated, or not a checkpoint .index file")
     pos = 0
-    _meta_offset, pos = _varint(footer, pos, 40)
-    _meta_size, pos = _varint(footer, pos, 40)
+    meta_offset, pos = _varint(footer, pos, 40)
+    meta_size, pos = _varint(footer, pos, 40)
     index_offset, pos = _varint(footer, pos, 40)
     index_size, pos = _varint(footer, pos, 40)
+    if any(footer[pos:40]):  # the writer pads the two handles with zeros: anything else is damage
+        raise _Malformed("table footer padding is not zero: the file is corrupt")
+    _read_block(data, meta_offset, meta_size, "metaindex")  # empty in checkpoints; read for its checksum
     index = _read_block(data, index_offset, index_size, "index")
     entries = []
     last_key = None
@@ -497,8 +500,8 @@ def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
                     f"for shape {entry.shape} of {dtype.name} ({count * dtype.itemsize} bytes): corrupt"
                 )
             total += entry.size
-        elif entry.name != _OBJECT_GRAPH_KEY:
-            continue  # string tensors other than the object graph are bookkeeping: left out
+        else:
+            total += entry.size  # string tensors are read for their checksums, then left out
         plan.append((entry, dtype))
     if total > max_bytes:
         raise TFCheckpointError(
@@ -541,10 +544,11 @@ def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
                     f"{masked_crc32c(None, crc=crc):#010x}): the file is corrupt"
                 )
             if dtype is None:
-                try:
-                    (object_graph,) = _read_string_tensor(bytes(raw), entry)[:1] or [b""]
-                except _Malformed as err:
-                    raise TFCheckpointError(f"{where}: {err}") from None
+                if entry.name == _OBJECT_GRAPH_KEY:
+                    try:
+                        (object_graph,) = _read_string_tensor(bytes(raw), entry)[:1] or [b""]
+                    except _Malformed as err:
+                        raise TFCheckpointError(f"{where}: {err}") from None
                 continue
             array = np.frombuffer(raw, dtype=dtype).reshape(entry.shape)
             arrays[entry.name] = array.astype(dtype.newbyteorder("="), copy=False) if big_endian else array
