@@ -15,7 +15,7 @@ from embjax.weights import tf_checkpoint
 from embjax.weights.tf_checkpoint import TFCheckpointError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf")
-NETWORKS = ("resnet_v1_152", "resnet_v2_152", "inception_v3", "mobilenet_v2")
+NETWORKS = ("resnet_v1_152", "resnet_v2_152", "inception_v3", "inception_resnet_v2", "mobilenet_v2")
 
 
 def _expected(name):

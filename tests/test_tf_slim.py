@@ -50,6 +50,11 @@ def _small(network):
         module = mobilenet.MobileNetV2(alpha=1.4, blocks=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2)),
                                        last_filters=64, num_classes=11)
         return module, lambda a, m: tf_slim.convert_mobilenet_v2(a, module=m), _MOBILENET_ENDS + _HEAD
+    if network == "inception_resnet_v2":
+        module = inception.InceptionResNetV2(depth_multiplier=0.1, min_depth=8, repeats=(2, 2, 2), num_classes=11)
+        ends = [(k, k) for k in ("stem", "mixed_5b", "block35", "mixed_6a", "block17", "mixed_7a", "block8",
+                                 "conv_7b")]
+        return module, lambda a, m: tf_slim.convert_inception_resnet_v2(a, module=m), ends + _HEAD
     raise ValueError(network)
 
 
@@ -64,7 +69,9 @@ def _max_relative_error(ours, theirs):
     return float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
 
 
-@pytest.mark.parametrize("network", ["resnet_v1_152", "resnet_v2_152", "inception_v3", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "network", ["resnet_v1_152", "resnet_v2_152", "inception_v3", "inception_resnet_v2", "mobilenet_v2"]
+)
 def test_converted_weights_reproduce_tensorflow_layer_by_layer(network):
     module, convert, ends = _small(network)
     arrays, expected = _fixture(network)

@@ -309,6 +309,8 @@ class InceptionResNetBlock(nn.Module):
     relu: bool = True
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's width rule (slim_depth); 1.0 changes nothing
+    min_depth: int = 16
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -321,7 +323,8 @@ class InceptionResNetBlock(nn.Module):
         for b, convs in enumerate(_RESIDUAL_BRANCHES[self.block_type]):
             h = x
             for k, (features, kernel) in enumerate(convs):
-                h = ConvBN(features, kernel, epsilon=self.epsilon, dtype=self.dtype, name=f"branch{b}_{k}")(
+                width = slim_depth(features, self.depth_multiplier, self.min_depth)
+                h = ConvBN(width, kernel, epsilon=self.epsilon, dtype=self.dtype, name=f"branch{b}_{k}")(
                     h, train
                 )
             branches.append(h)
@@ -337,17 +340,20 @@ class Reduction7a(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b0 = conv(256, (1, 1), name="branch0_0")(x, train)
-        b0 = conv(384, (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
-        b1 = conv(256, (1, 1), name="branch1_0")(x, train)
-        b1 = conv(288, (3, 3), strides=2, padding="VALID", name="branch1_1")(b1, train)
-        b2 = conv(256, (1, 1), name="branch2_0")(x, train)
-        b2 = conv(288, (3, 3), name="branch2_1")(b2, train)
-        b2 = conv(320, (3, 3), strides=2, padding="VALID", name="branch2_2")(b2, train)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b0 = conv(d(256), (1, 1), name="branch0_0")(x, train)
+        b0 = conv(d(384), (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
+        b1 = conv(d(256), (1, 1), name="branch1_0")(x, train)
+        b1 = conv(d(288), (3, 3), strides=2, padding="VALID", name="branch1_1")(b1, train)
+        b2 = conv(d(256), (1, 1), name="branch2_0")(x, train)
+        b2 = conv(d(288), (3, 3), name="branch2_1")(b2, train)
+        b2 = conv(d(320), (3, 3), strides=2, padding="VALID", name="branch2_2")(b2, train)
         return jnp.concatenate([b0, b1, b2, _max_pool_valid(x)], axis=-1)
 
 
@@ -356,20 +362,27 @@ class InceptionResNetV2(nn.Module):
 
     Residual blocks are top-level submodules named like Keras' layers: `block35_1` … `block35_10`,
     `block17_1` … `block17_20`, `block8_1` … `block8_10` (the last one with scale 1 and no ReLU).
+    `depth_multiplier` / `min_depth` (TF-Slim's width rule, `slim_depth`) and `repeats` (blocks of each
+    type) give small test configurations; the defaults are the real network.
     """
 
     num_classes: int = 1000
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    repeats: Sequence[int] = (10, 20, 10)  # block35, block17, block8 (the last block8 included)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-        kw = dict(epsilon=self.epsilon, dtype=self.dtype)
+        kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
+                  min_depth=self.min_depth)
         out = {}
+        repeats = dict(zip(("block35", "block17", "block8"), self.repeats))
 
         def residual_group(x, block_type):
-            n = RESIDUAL_REPEATS[block_type]
+            n = repeats[block_type]
             for i in range(1, n + 1):
                 last_block8 = block_type == "block8" and i == n
                 x = InceptionResNetBlock(
@@ -389,7 +402,9 @@ class InceptionResNetV2(nn.Module):
         x = residual_group(x, "block17")
         x = out["mixed_7a"] = Reduction7a(**kw, name="mixed_7a")(x, train)
         x = residual_group(x, "block8")
-        x = out["conv_7b"] = ConvBN(1536, (1, 1), **kw, name="conv_7b")(x, train)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        x = out["conv_7b"] = ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype, name="conv_7b")(
+            x, train)
         return _classifier(x, self.num_classes, self.dtype, out)
 
 
