@@ -164,8 +164,8 @@ def test_missing_files_raise_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tf_checkpoint.load(str(tmp_path / "nothing.ckpt"))
     single = tmp_path / "old.ckpt"
-    single.write_bytes(b"\0" * 100)
-    with pytest.raises(FileNotFoundError, match="V1 checkpoint"):
+    single.write_bytes(b"\0" * 100)  # a file without an .index is read as V1, and this is none
+    with pytest.raises(TFCheckpointError, match="old.ckpt.*V1"):
         tf_checkpoint.load(str(single))
     with pytest.raises(FileNotFoundError, match="not a SavedModel"):
         tf_checkpoint.load(str(tmp_path))
@@ -191,3 +191,33 @@ def test_registry_tells_checkpoints_saved_models_and_orbax_directories_apart(tmp
     assert registry.file_kind(orbax_dir) == "orbax"
     with pytest.raises(registry.WeightFormatError, match="tf_checkpoint"):
         registry.load_weights("resnet50_v1", prefix)  # a Keras-only model names what it converts
+
+
+def test_v1_files_come_back_exactly_with_partitioned_variables_joined():
+    arrays = tf_checkpoint.load(os.path.join(FIXTURES, "v1", "model.ckpt"))
+    expected = {k[len("var/"):]: v for k, v in _expected("v1").items()}
+    assert set(arrays) == set(expected)  # 'str/labels' left out; 'part/weights' joined from 3 slices
+    for name, value in expected.items():
+        assert arrays[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    assert registry.file_kind(os.path.join(FIXTURES, "v1", "model.ckpt")) == "tf_checkpoint"
+
+
+def test_partitioned_v2_variables_are_refused_by_name():
+    with pytest.raises(TFCheckpointError, match="'part/weights': a partitioned"):
+        tf_checkpoint.load(os.path.join(FIXTURES, "partitioned_v2", "model.ckpt"))
+
+
+def test_every_flipped_byte_and_every_cut_of_a_v1_file_is_refused(tmp_path):
+    path = _copy(tmp_path, "v1")
+    original = open(path, "rb").read()
+    for offset in range(len(original)):  # 1.2 kB: every byte lies in a checksummed block or the footer
+        damaged = bytearray(original)
+        damaged[offset] ^= 0x24
+        with open(path, "wb") as f:
+            f.write(damaged)
+        _load_fails(path, path)
+    for cut in range(len(original)):
+        with open(path, "wb") as f:
+            f.write(original[:cut])
+        _load_fails(path, path)

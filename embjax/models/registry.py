@@ -51,6 +51,7 @@ _SUFFIX_KINDS = {
     ".pt": "torch",
     ".bin": "torch",
     ".safetensors": "safetensors",
+    ".ckpt": "tf_checkpoint",  # a TensorFlow V1 checkpoint file (TF-Slim's 2016 zoo files)
 }
 
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras imagenet_utils 'caffe' mode, in BGR order
@@ -420,7 +421,8 @@ def file_kind(path: str | os.PathLike) -> str:
 
     'tf_saved_model' for a directory with variables/variables.index (a TF-Hub SavedModel), 'orbax' for
     any other directory (converted variables, embjax.weights.store), 'tf_checkpoint' for a checkpoint
-    prefix with `<path>.index` beside it (or the .index file itself), else the kind the suffix names
+    prefix with `<path>.index` beside it (or the .index file itself) and for a V1 checkpoint file
+    (`.ckpt`, or any file ending with the table magic number), else the kind the suffix names
     (keras_h5, torch, safetensors).
     """
     path = os.fspath(path)
@@ -430,6 +432,8 @@ def file_kind(path: str | os.PathLike) -> str:
         return "tf_saved_model" if tf_checkpoint.is_saved_model(path) else "orbax"
     if tf_checkpoint.is_checkpoint_prefix(path):
         return "tf_checkpoint"
+    if os.path.splitext(path)[1].lower() not in _SUFFIX_KINDS and tf_checkpoint.has_table_magic(path):
+        return "tf_checkpoint"  # a V1 checkpoint file under another name
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _SUFFIX_KINDS:
         raise WeightFormatError(

@@ -1,7 +1,8 @@
-"""TensorFlow checkpoints (the "tensor bundle" format, V2) read without TensorFlow or protobuf code.
+"""TensorFlow checkpoints (V2 tensor bundles and V1 files) read without TensorFlow or protobuf code.
 
-    arrays = tf_checkpoint.load("inception_v4.ckpt")        # prefix: inception_v4.ckpt.index beside it
+    arrays = tf_checkpoint.load("model.ckpt")                # prefix: model.ckpt.index beside it (V2)
     arrays = tf_checkpoint.load("resnet_v2_152_savedmodel")  # a SavedModel directory: variables/ inside
+    arrays = tf_checkpoint.load("inception_v4.ckpt")         # one file, no .index beside it (V1)
 
 Owns the on-disk layout of a checkpoint written by `tf.train.Saver` (TF-Slim's `model.ckpt` files) or by
 `tf.train.Checkpoint` / `tf.saved_model.save` (a SavedModel's `variables/variables.*`):
@@ -14,13 +15,16 @@ Owns the on-disk layout of a checkpoint written by `tf.train.Saver` (TF-Slim's `
   tensor's name a BundleEntryProto (dtype, shape, shard, offset, size, masked CRC32C of the bytes).
 * `<prefix>.data-<shard>-of-<shards>` hold the tensors' raw bytes (row-major, the header's byte order);
   string tensors hold varint lengths, a checksum of the lengths, then the bytes.
+* The older V1 format (TF-Slim's 2016 zoo files) is one SSTable file holding the values themselves;
+  see the V1 section below.
 
 The few protobuf fields needed are decoded here from the wire format. Every table block's checksum and
-every tensor's checksum is verified; any structural problem, truncation or checksum mismatch raises
+every V2 tensor's checksum is verified; any structural problem, truncation or checksum mismatch raises
 `TFCheckpointError` naming the file and, where there is one, the tensor. Numeric tensors come back as
 NumPy arrays (float32/64, float16, bfloat16, int8/16/32/64, uint8/16/32/64, bool); string tensors are
-checked and left out of the result (they hold bookkeeping, not weights). The total size of the arrays is checked
-against `max_bytes` before anything is read. Partitioned (sliced) variables are refused with an error.
+checked and left out of the result (they hold bookkeeping, not weights). The total size is checked
+against `max_bytes` before any tensor is read. Partitioned (sliced) variables are joined in V1 files
+and refused with an error in V2 bundles.
 
 SavedModel names. A TF2 SavedModel stores variables under object-graph keys such as
 `model/layer-3/kernel/.ATTRIBUTES/VARIABLE_VALUE`; its `_CHECKPOINTABLE_OBJECT_GRAPH` string tensor
@@ -46,6 +50,8 @@ __all__ = [
     "resolve_prefix",
     "is_checkpoint_prefix",
     "is_saved_model",
+    "is_v1_file",
+    "has_table_magic",
     "masked_crc32c",
 ]
 
@@ -346,12 +352,7 @@ def resolve_prefix(path: str | os.PathLike) -> str:
         return base
     if os.path.isfile(path + ".index"):
         return path
-    hint = ""
-    if os.path.isfile(path):
-        hint = (" (a single file without an .index beside it looks like a TensorFlow V1 checkpoint, "
-                "which this reader does not read: take the TF-Hub SavedModel of the same network, or "
-                "re-save it once with TensorFlow as a V2 checkpoint)")
-    raise FileNotFoundError(f"no TensorFlow checkpoint at {path!r}: {path + '.index'!r} does not exist{hint}")
+    raise FileNotFoundError(f"no TensorFlow checkpoint at {path!r}: {path + '.index'!r} does not exist")
 
 
 def read_index(index_path: str | os.PathLike) -> tuple[dict, dict[str, TensorEntry]]:
@@ -368,6 +369,8 @@ def read_index(index_path: str | os.PathLike) -> tuple[dict, dict[str, TensorEnt
         raise TFCheckpointError(f"checkpoint index {index_path!r}: {err}") from None
     header, entries = None, {}
     for key, value in raw:
+        if key.startswith(b"\x00"):
+            continue  # a slice of a partitioned variable (binary key); its full entry is refused in load
         try:
             name = key.decode("utf8")
         except UnicodeDecodeError:
@@ -400,15 +403,19 @@ def read_index(index_path: str | os.PathLike) -> tuple[dict, dict[str, TensorEnt
 
 
 def _numpy_dtype(entry: TensorEntry, big_endian: bool):
-    if entry.dtype == _BFLOAT16:
-        import ml_dtypes
-
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    elif entry.dtype in _DTYPES:
-        dtype = _DTYPES[entry.dtype]
-    else:
+    dtype = _dtype_of(entry.dtype)
+    if dtype is None:
         return None
     return dtype.newbyteorder(">") if big_endian and dtype.itemsize > 1 else dtype
+
+
+def _dtype_of(enum: int):
+    """The NumPy dtype of a TensorFlow DataType enum value; None for types this reader does not return."""
+    if enum == _BFLOAT16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return _DTYPES.get(enum)
 
 
 def _read_string_tensor(raw: bytes, entry: TensorEntry) -> list[bytes]:
@@ -472,6 +479,8 @@ def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
     TFCheckpointError naming the file (and tensor) for anything truncated, corrupt, unsupported, or
     larger in total than `max_bytes`.
     """
+    if is_v1_file(path):
+        return _load_v1(os.fspath(path), max_bytes)
     prefix = resolve_prefix(path)
     index_path = prefix + ".index"
     header, entries = read_index(index_path)
@@ -576,3 +585,190 @@ def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
             name = key
         renamed[name] = array
     return renamed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The older V1 format (TF-Slim's 2016 model-zoo files): one SSTable file, no .index beside it. Under the
+# empty key a SavedTensorSlices message with the `meta` of every tensor (name, shape, dtype, slices);
+# under every other key a SavedTensorSlices with one `data` slice: the tensor's name, the slice's
+# extents and a TensorProto holding the values (packed repeated fields). V1 stores no per-tensor
+# checksums; the table blocks' checksums cover every byte of the file.
+
+
+def is_v1_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a file that can only be a V1 checkpoint: not an .index or .data shard, and
+    no `<path>.index` beside it (whether it really is one, `load` checks)."""
+    path = os.fspath(path)
+    base = os.path.basename(path)
+    return (os.path.isfile(path) and not path.endswith(".index") and ".data-" not in base
+            and not os.path.isfile(path + ".index"))
+
+
+def has_table_magic(path: str | os.PathLike) -> bool:
+    """True when the file ends with the SSTable magic number (a V1 checkpoint, or a V2 .index)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size < _FOOTER_SIZE:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - 8)
+            return int.from_bytes(f.read(8), "little") == _TABLE_MAGIC
+    except OSError:
+        return False
+
+
+# TensorProto fields holding values, by dtype: (field number, element dtype when packed as fixed-width,
+# None for varints).
+_VALUE_FIELDS = {
+    1: (5, np.dtype("<f4")),  # float_val
+    2: (6, np.dtype("<f8")),  # double_val
+    3: (7, None), 4: (7, None), 5: (7, None), 6: (7, None), 17: (7, None),  # int_val
+    9: (10, None),  # int64_val
+    10: (11, None),  # bool_val
+    14: (13, None), 19: (13, None), 22: (16, None), 23: (17, None),  # half_val, uint32_val, uint64_val
+}
+
+
+def _varints(buf: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(buf):
+        value, pos = _varint(buf, pos, len(buf))
+        out.append(value)
+    return out
+
+
+def _tensor_proto_values(buf: bytes, enum: int, dtype: np.dtype, count: int) -> np.ndarray:
+    """The `count` values of a serialized TensorProto of DataType `enum`, as a flat array of `dtype`."""
+    number, packed_dtype = _VALUE_FIELDS[enum]
+    content, parts, scalars = None, [], []
+    for n, wire, value in _fields(buf):
+        if n == 4 and wire == 2:
+            content = value
+        elif n == number:
+            if wire == 2 and packed_dtype is not None:
+                parts.append(np.frombuffer(value, packed_dtype))
+            elif wire == 2:
+                scalars.extend(_varints(value))
+            elif wire == 5 and packed_dtype is not None:
+                parts.append(np.frombuffer(struct.pack("<I", value), packed_dtype))
+            elif wire == 1 and packed_dtype is not None:
+                parts.append(np.frombuffer(struct.pack("<Q", value), packed_dtype))
+            else:
+                scalars.append(value)
+    if content is not None:
+        if len(content) != count * dtype.itemsize:
+            raise _Malformed(f"{len(content)} bytes of content for {count} values of {dtype.name}")
+        return np.frombuffer(content, dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype).astype(dtype)
+    if packed_dtype is not None:
+        values = np.concatenate(parts) if parts else np.zeros(0, packed_dtype)
+    elif enum in (14, 19):  # half/bfloat16 bit patterns in int32 varints
+        values = np.asarray(scalars, np.uint16).view(dtype)
+    else:
+        values = np.asarray([_int64(v) if enum not in (10, 22, 23) else v for v in scalars], np.int64)
+    if values.size != count:
+        raise _Malformed(f"{values.size} values stored for a slice of {count}")
+    return values.astype(dtype, copy=False)
+
+
+def _extents(buf: bytes | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index of a TensorSliceProto in a tensor of `shape` (an extent without length is the full dim)."""
+    extents = [] if buf is None else [v for n, w, v in _fields(buf) if n == 1 and w == 2]
+    if buf is not None and len(extents) != len(shape):
+        raise _Malformed(f"slice of rank {len(extents)} in a tensor of rank {len(shape)}")
+    index = []
+    for dim, extent in zip(shape, extents or [b""] * len(shape)):
+        start, length = 0, None
+        for n, w, v in _fields(extent):
+            if n == 1 and w == 0:
+                start = _int64(v)
+            elif n == 2 and w == 0:
+                length = _int64(v)
+        length = dim - start if length is None else length
+        if start < 0 or length < 0 or start + length > dim:
+            raise _Malformed(f"slice {start}:{start + length} outside a dimension of {dim}")
+        index.append(slice(start, start + length))
+    return tuple(index)
+
+
+def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
+    size = os.path.getsize(path)
+    if size > max_bytes:  # values take about the file's size (proto framing adds a little)
+        raise TFCheckpointError(
+            f"checkpoint {path!r} is {size / 2**30:.2f} GiB, more than max_bytes={max_bytes / 2**30:.2f} GiB; "
+            "pass a larger max_bytes if that much memory is available"
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = _table_entries(data)
+    except _Malformed as err:
+        raise TFCheckpointError(
+            f"checkpoint {path!r}: {err} (read as a TensorFlow V1 checkpoint, since no {path + '.index'!r} "
+            "is beside it)"
+        ) from None
+    if not raw or raw[0][0] != b"":
+        raise TFCheckpointError(f"checkpoint {path!r}: no V1 metadata entry (empty key): not a TF checkpoint")
+    metas: dict[str, tuple[tuple[int, ...], int]] = {}
+    try:
+        for number, wire, meta in _fields(raw[0][1]):
+            if number != 1 or wire != 2:
+                continue
+            for n, w, tensor in _fields(meta):
+                if n != 1 or w != 2:
+                    continue
+                name, shape, enum = "", (), 0
+                for tn, tw, tv in _fields(tensor):
+                    if tn == 1 and tw == 2:
+                        name = tv.decode("utf8")
+                    elif tn == 2 and tw == 2:
+                        shape = _parse_shape(tv)
+                    elif tn == 3 and tw == 0:
+                        enum = tv
+                metas[name] = (shape, enum)
+    except (_Malformed, UnicodeDecodeError) as err:
+        raise TFCheckpointError(f"checkpoint {path!r}, metadata: {err}") from None
+    arrays: dict[str, np.ndarray] = {}
+    filled: dict[str, int] = {}
+    for name, (shape, enum) in metas.items():
+        dtype = _dtype_of(enum)
+        if dtype is None and enum != _DT_STRING:
+            kind = _DTYPE_NAMES.get(enum, f"enum value {enum}")
+            raise TFCheckpointError(f"checkpoint {path!r}, tensor {name!r}: dtype {kind} is not supported")
+        if dtype is not None:
+            arrays[name] = np.zeros(shape, dtype)
+            filled[name] = 0
+    for key, value in raw[1:]:
+        name = key
+        try:
+            for number, wire, saved in _fields(value):
+                if number != 2 or wire != 2:
+                    continue
+                slice_buf, proto = None, None
+                for n, w, v in _fields(saved):
+                    if n == 1 and w == 2:
+                        name = v.decode("utf8")
+                    elif n == 2 and w == 2:
+                        slice_buf = v
+                    elif n == 3 and w == 2:
+                        proto = v
+                if name not in metas:
+                    raise _Malformed("data for a tensor the metadata does not list")
+                if name not in arrays:
+                    continue  # a string tensor: bookkeeping, left out
+                target = arrays[name]
+                index = _extents(slice_buf, target.shape)
+                part_shape = tuple(s.stop - s.start for s in index)
+                count = int(np.prod(part_shape, dtype=np.int64))
+                target[index] = _tensor_proto_values(proto or b"", metas[name][1], target.dtype, count).reshape(
+                    part_shape)
+                filled[name] += count
+        except (_Malformed, UnicodeDecodeError, KeyError) as err:
+            raise TFCheckpointError(f"checkpoint {path!r}, tensor {name!r}: {err}") from None
+    for name, count in filled.items():
+        if count != arrays[name].size:
+            raise TFCheckpointError(
+                f"checkpoint {path!r}, tensor {name!r}: slices cover {count} of {arrays[name].size} values: "
+                "the file is incomplete"
+            )
+    return arrays
