@@ -156,8 +156,9 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fields(buf: bytes) -> list[tuple[int, int, object]]:
-    """[(field number, wire type, value)] of one protobuf message: ints for varint/fixed fields, bytes
-    for length-delimited ones (sub-messages, strings, packed arrays)."""
+    """[(field number, wire type, value)] of one protobuf message: ints for varint/fixed fields, slices
+    of `buf` for length-delimited ones (sub-messages, strings, packed arrays; views, not copies, when
+    `buf` is a memoryview)."""
     out = []
     pos, end = 0, len(buf)
     while pos < end:
@@ -175,7 +176,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, object]]:
             length, pos = _varint(buf, pos, end)
             if pos + length > end:
                 raise _Malformed("length-delimited field runs past the end of its message")
-            value, pos = bytes(buf[pos : pos + length]), pos + length
+            value, pos = buf[pos : pos + length], pos + length  # a view when buf is a memoryview
         elif wire == 5:
             if pos + 4 > end:
                 raise _Malformed("fixed32 field runs past the end of its message")
@@ -281,7 +282,7 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
         value_len, pos = _varint(block, pos, limit)
         if shared > len(key) or pos + unshared + value_len > limit:
             raise _Malformed(f"{what} block entry at byte {pos} overruns its block")
-        key = key[:shared] + block[pos : pos + unshared]
+        key = key[:shared] + bytes(block[pos : pos + unshared])
         pos += unshared
         entries.append((key, block[pos : pos + value_len]))
         pos += value_len
@@ -289,7 +290,8 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
 
 
 def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of an SSTable held in `data`, in key order."""
+    """Every (key, value) of an SSTable held in `data`, in key order (values are views into `data`)."""
+    data = memoryview(data)
     if len(data) < _FOOTER_SIZE:
         raise _Malformed(f"{len(data)} bytes is shorter than the table footer ({_FOOTER_SIZE}): truncated")
     footer = data[-_FOOTER_SIZE:]
@@ -459,9 +461,9 @@ def _object_graph_names(blob: bytes) -> dict[str, str]:
             full_name = key = ""
             for an, aw, av in _fields(attribute):
                 if an == 2 and aw == 2:
-                    full_name = av.decode("utf8", "replace")
+                    full_name = bytes(av).decode("utf8", "replace")
                 elif an == 3 and aw == 2:
-                    key = av.decode("utf8", "replace")
+                    key = bytes(av).decode("utf8", "replace")
             if key and full_name:
                 names[key] = full_name[:-2] if full_name.endswith(":0") else full_name
     return names
@@ -720,7 +722,7 @@ def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
                 name, shape, enum = "", (), 0
                 for tn, tw, tv in _fields(tensor):
                     if tn == 1 and tw == 2:
-                        name = tv.decode("utf8")
+                        name = bytes(tv).decode("utf8")
                     elif tn == 2 and tw == 2:
                         shape = _parse_shape(tv)
                     elif tn == 3 and tw == 0:
@@ -747,7 +749,7 @@ def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
                 slice_buf, proto = None, None
                 for n, w, v in _fields(saved):
                     if n == 1 and w == 2:
-                        name = v.decode("utf8")
+                        name = bytes(v).decode("utf8")
                     elif n == 2 and w == 2:
                         slice_buf = v
                     elif n == 3 and w == 2:
