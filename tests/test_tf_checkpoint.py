@@ -186,6 +186,7 @@ def test_registry_tells_checkpoints_saved_models_and_orbax_directories_apart(tmp
     prefix = os.path.join(FIXTURES, "resnet_v1_152", "model.ckpt")
     assert registry.file_kind(prefix) == "tf_checkpoint"
     assert registry.file_kind(prefix + ".index") == "tf_checkpoint"
+    assert registry.file_kind(prefix + ".data-00000-of-00001") == "tf_checkpoint"
     assert registry.file_kind(os.path.join(FIXTURES, "saved_model")) == "tf_saved_model"
     orbax_dir = store.save_variables(tmp_path / "converted", {"params": {"w": np.zeros(2, np.float32)}})
     assert registry.file_kind(orbax_dir) == "orbax"

@@ -164,3 +164,14 @@ def test_load_weights_reads_and_converts_a_checkpoint_prefix():
     with pytest.raises(WeightMismatchError) as info:
         registry.load_weights("resnet_v2_152_slim", prefix)
     assert any("resnet_v2_152/block3/unit_36/bottleneck_v2" in p for p in info.value.problems)
+
+
+def test_load_weights_reads_and_converts_a_saved_model_directory():
+    # The SavedModel fixture holds two InceptionV3 variables under object-graph keys: renamed, found
+    # (so not reported), and every other variable of the network reported missing by name.
+    with pytest.raises(WeightMismatchError) as info:
+        registry.load_weights("inception_v3_slim", os.path.join(FIXTURES, "saved_model"))
+    problems = "\n".join(info.value.problems)
+    assert "missing TF-Slim variable 'InceptionV3/Conv2d_2a_3x3/weights'" in problems
+    assert "'InceptionV3/Conv2d_1a_3x3/weights'" not in problems
+    assert "'InceptionV3/Conv2d_1a_3x3/BatchNorm/beta'" not in problems

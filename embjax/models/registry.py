@@ -430,7 +430,8 @@ def file_kind(path: str | os.PathLike) -> str:
 
     if os.path.isdir(path):
         return "tf_saved_model" if tf_checkpoint.is_saved_model(path) else "orbax"
-    if tf_checkpoint.is_checkpoint_prefix(path):
+    shard_prefix, shard, _ = path.rpartition(".data-")
+    if tf_checkpoint.is_checkpoint_prefix(path) or (shard and os.path.isfile(shard_prefix + ".index")):
         return "tf_checkpoint"
     if os.path.splitext(path)[1].lower() not in _SUFFIX_KINDS and tf_checkpoint.has_table_magic(path):
         return "tf_checkpoint"  # a V1 checkpoint file under another name

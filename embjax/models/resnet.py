@@ -198,6 +198,8 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet width multiplier must be positive, got {self.width}")
         if self.layout not in ("keras", "slim"):
             raise ValueError(f"ResNet layout must be 'keras' or 'slim', got {self.layout!r}")
+        if self.layout == "slim" and not self.bottleneck:
+            raise ValueError("ResNet layout 'slim' exists for bottleneck blocks only (TF-Slim has no basic blocks)")
 
     def _scaled(self, channels):
         return max(1, int(round(channels * self.width)))
