@@ -175,3 +175,27 @@ def test_load_weights_reads_and_converts_a_saved_model_directory():
     assert "missing TF-Slim variable 'InceptionV3/Conv2d_2a_3x3/weights'" in problems
     assert "'InceptionV3/Conv2d_1a_3x3/weights'" not in problems
     assert "'InceptionV3/Conv2d_1a_3x3/BatchNorm/beta'" not in problems
+
+
+@pytest.mark.parametrize(
+    "name, name_map",
+    [
+        ("resnet_v1_152_slim", tf_slim.resnet_name_map(1, "resnet_v1_152")),
+        ("resnet_v2_152_slim", tf_slim.resnet_name_map(2, "resnet_v2_152")),
+        ("inception_v3_slim", tf_slim.inception_v3_name_map()),
+        ("inception_resnet_v2_slim", tf_slim.inception_resnet_v2_name_map()),
+        ("mobilenet_v2_140_slim", tf_slim.mobilenet_v2_name_map()),
+    ],
+)
+def test_full_size_name_maps_cover_every_variable_once(name, name_map):
+    # The fixtures are reduced networks; this checks the full-size trees (50 ResNet units, 20 block17,
+    # Block8 as block8_10, expanded_conv_16): every Flax leaf has a TF-Slim name and no two share one.
+    from embjax.weights.h5 import flatten_tree
+
+    leaves = flatten_tree(registry.get(name).init_shapes())
+    slim_names = {}
+    for path in leaves:
+        scope_kind = name_map(path[1:-1])
+        assert scope_kind is not None, path
+        slim_names.setdefault((scope_kind[0], path[0], path[-1]), []).append(path)
+    assert len(slim_names) == len(leaves)
