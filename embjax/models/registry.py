@@ -353,12 +353,11 @@ def _tf_slim_specs() -> dict[str, ModelSpec]:
                 background_class=classes == 1001,
             )
         )
-    for name, cls, dim, input_size, builder in (
-        ("inception_v3_slim", "InceptionV3", 2048, 299, _lazy("embjax.models.inception", "InceptionV3",
-                                                                num_classes=1001)),
-        ("inception_resnet_v2_slim", "InceptionResNetV2", 1536, 299,
+    for name, dim, input_size, builder in (
+        ("inception_v3_slim", 2048, 299, _lazy("embjax.models.inception", "InceptionV3", num_classes=1001)),
+        ("inception_resnet_v2_slim", 1536, 299,
          _lazy("embjax.models.inception", "InceptionResNetV2", num_classes=1001)),
-        ("mobilenet_v2_140_slim", "MobileNetV2", 1792, 224,
+        ("mobilenet_v2_140_slim", 1792, 224,
          _lazy("embjax.models.mobilenet", "MobileNetV2", alpha=1.4, num_classes=1001)),
     ):
         family = name[: -len("_slim")].replace("_140", "")
@@ -468,9 +467,11 @@ def load_weights(name: str, path: str | os.PathLike) -> dict:
     A keras.applications .h5 (legacy or Keras 3 .weights.h5), a PyTorch .pth/.pt/.bin, a .safetensors
     state dict, a TensorFlow checkpoint prefix (`model.ckpt` with `model.ckpt.index` beside it) or a
     TF-Hub SavedModel directory goes through the spec's converter; any other directory is read as
-    converted variables saved with `embjax.weights.store.save_variables`. Raises FileNotFoundError naming a missing file,
-    WeightFormatError for a file kind the model has no converter for, and WeightMismatchError
-    (embjax.weights.h5) naming every parameter that does not fit.
+    converted variables saved with `embjax.weights.store.save_variables` (a TensorFlow V1 `.ckpt` file
+    is read too). Raises FileNotFoundError naming a missing file, WeightFormatError for a file kind
+    the model has no converter for, embjax.weights.tf_checkpoint.TFCheckpointError for a corrupt
+    TensorFlow file, and WeightMismatchError (embjax.weights.h5) naming every parameter that does not
+    fit.
     """
     spec = get(name)
     path = os.fspath(path)
