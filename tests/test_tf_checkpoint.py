@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import struct
 import time
 
 import numpy as np
@@ -222,3 +224,115 @@ def test_every_flipped_byte_and_every_cut_of_a_v1_file_is_refused(tmp_path):
         with open(path, "wb") as f:
             f.write(original[:cut])
         _load_fails(path, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Structurally wrong files whose checksums are right: written here with a minimal SSTable writer (one
+# data block, no key prefix sharing), since TensorFlow never writes them and flipped bytes never reach
+# the parser past the block checksums.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload) -> bytes:
+    key = _varint(number << 3 | wire)
+    if wire == 0:
+        return key + _varint(payload)
+    if wire == 5:
+        return key + struct.pack("<I", payload)
+    return key + _varint(len(payload)) + payload
+
+
+def _shape(*dims) -> bytes:
+    return b"".join(_field(2, 2, _field(1, 0, d)) for d in dims)
+
+
+def _table(entries) -> bytes:
+    out = bytearray()
+
+    def block(items):
+        body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in items)
+        body += struct.pack("<II", 0, 1)  # one restart point, at 0
+        offset = len(out)
+        out.extend(body + b"\0" + struct.pack("<I", tf_checkpoint.masked_crc32c(body + b"\0")))
+        return _varint(offset) + _varint(len(body))
+
+    data = block(entries)
+    meta = block([])
+    index = block([(entries[-1][0], data)])
+    footer = meta + index
+    out.extend(footer + b"\0" * (40 - len(footer)) + struct.pack("<Q", 0xDB4775248B80FB57))
+    return bytes(out)
+
+
+def _write_v2(tmp_path, entries, data: bytes) -> str:
+    prefix = str(tmp_path / "crafted.ckpt")
+    with open(prefix + ".index", "wb") as f:
+        f.write(_table([(b"", _field(1, 0, 1))] + entries))
+    with open(prefix + ".data-00000-of-00001", "wb") as f:
+        f.write(data)
+    return prefix
+
+
+def _entry(dtype=1, shape=(2, 3), shard=0, offset=0, size=24, crc=None, data=b"") -> bytes:
+    crc = tf_checkpoint.masked_crc32c(data[offset : offset + size]) if crc is None else crc
+    return (_field(1, 0, dtype) + _field(2, 2, _shape(*shape)) + _field(3, 0, shard) + _field(4, 0, offset)
+            + _field(5, 0, size) + _field(6, 5, crc))
+
+
+def test_a_crafted_checkpoint_reads_back(tmp_path):
+    # The positive control of the writer above: a well-formed tensor is read exactly.
+    values = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
+    prefix = _write_v2(tmp_path, [(b"w", _entry(data=values.tobytes()))], values.tobytes())
+    np.testing.assert_array_equal(tf_checkpoint.load(prefix)["w"], values)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(size=20), "20 bytes recorded for shape (2, 3)"),
+        (dict(shard=1), "shard 1 of 1"),
+        (dict(offset=8), "lie past the end of the file"),
+        (dict(dtype=8, size=48), "dtype complex64 is not supported"),
+        (dict(crc=123), "checksum mismatch"),
+    ],
+)
+def test_crafted_entries_are_refused_naming_the_tensor(tmp_path, entry, message):
+    values = np.ones((2, 3), np.float32).tobytes()
+    prefix = _write_v2(tmp_path, [(b"layer/w", _entry(**{"data": values, **entry}))], values)
+    with pytest.raises(TFCheckpointError, match=re.escape(message)) as info:
+        tf_checkpoint.load(prefix)
+    assert "'layer/w'" in str(info.value)
+
+
+def test_crafted_tables_with_bad_structure_are_refused(tmp_path):
+    values = np.ones((2, 3), np.float32).tobytes()
+    good = _entry(data=values)
+    cases = [
+        ([(b"", _field(1, 0, 1)), (b"b", good), (b"a", good)], "keys out of order"),
+        ([(b"w", good)], "no bundle header"),
+        ([(b"", _field(1, 0, 1)), (b"w", good[:-3])], "'w'"),  # the entry's last field cut short
+    ]
+    for entries, message in cases:
+        prefix = str(tmp_path / "crafted.ckpt")
+        with open(prefix + ".index", "wb") as f:
+            f.write(_table(entries))
+        with open(prefix + ".data-00000-of-00001", "wb") as f:
+            f.write(values)
+        with pytest.raises(TFCheckpointError, match=message):
+            tf_checkpoint.load(prefix)
+
+
+def test_a_v1_file_declaring_huge_tensors_is_refused_before_allocating(tmp_path):
+    meta = _field(1, 2, _field(1, 2, b"huge") + _field(2, 2, _shape(1 << 20, 1 << 20)) + _field(3, 0, 1))
+    path = tmp_path / "huge.ckpt"
+    path.write_bytes(_table([(b"", _field(1, 2, meta))]))
+    with pytest.raises(TFCheckpointError, match="declares 4096.00 GiB"):
+        tf_checkpoint.load(str(path))

@@ -730,16 +730,22 @@ def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
                 metas[name] = (shape, enum)
     except (_Malformed, UnicodeDecodeError) as err:
         raise TFCheckpointError(f"checkpoint {path!r}, metadata: {err}") from None
-    arrays: dict[str, np.ndarray] = {}
-    filled: dict[str, int] = {}
+    declared, total = {}, 0
     for name, (shape, enum) in metas.items():
         dtype = _dtype_of(enum)
         if dtype is None and enum != _DT_STRING:
             kind = _DTYPE_NAMES.get(enum, f"enum value {enum}")
             raise TFCheckpointError(f"checkpoint {path!r}, tensor {name!r}: dtype {kind} is not supported")
         if dtype is not None:
-            arrays[name] = np.zeros(shape, dtype)
-            filled[name] = 0
+            declared[name] = dtype
+            total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if total > max_bytes:  # the metadata's shapes, checked before anything is allocated
+        raise TFCheckpointError(
+            f"checkpoint {path!r} declares {total / 2**30:.2f} GiB of tensors, more than max_bytes="
+            f"{max_bytes / 2**30:.2f} GiB; pass a larger max_bytes if that much memory is available"
+        )
+    arrays = {name: np.zeros(metas[name][0], dtype) for name, dtype in declared.items()}
+    filled = {name: 0 for name in arrays}
     for key, value in raw[1:]:
         name = key
         try:
