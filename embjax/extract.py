@@ -392,7 +392,7 @@ def merge_partials(states: Sequence[Any], merge: Callable[[Any, Any], Any]) -> A
         return jax.tree.map(np.asarray, states[0])
     wide = [jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
                          else np.asarray(x), s) for s in states]
-    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
         merge64 = jax.jit(merge)
         while len(wide) > 1:
             nxt = [merge64(wide[i], wide[i + 1]) for i in range(0, len(wide) - 1, 2)]
