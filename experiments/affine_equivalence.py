@@ -51,6 +51,8 @@ def input_sizes(config) -> dict:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
+    import jax
+
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
 
     if config.heads not in ("native", "linear"):
@@ -114,7 +116,9 @@ def run(config, workdir: str):
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": families}))
-    return results(config, names, dims, fit, affine, ev, engine.seconds), engine
+    out = results(config, names, dims, fit, affine, ev, engine.seconds)
+    out["params"] = [int(sum(np.size(x) for x in jax.tree.leaves(m.variables.get("params", {})))) for m in ms]
+    return out, engine
 
 
 def results(config, names, dims, fit, affine, ev, seconds) -> dict:
