@@ -554,3 +554,38 @@ def test_tfds_images_of_unexpected_shape_or_dtype(image, match):
                                  location="/data/fake")
     with pytest.raises(data.CorruptDataError, match=rf"tfds 'fake' split 'train' example 0 \(in /data/fake\).*{match}"):
         src[0]
+
+
+class OddSource:
+    """A plain source whose sample `odd` differs from the others (shape or label)."""
+
+    def __init__(self, n, odd, image=None, label=None, image_shape=None):
+        self.n, self.odd, self.odd_image, self.odd_label = n, odd, image, label
+        if image_shape is not None:
+            self.image_shape = image_shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image, label = np.zeros((4, 4, 3), np.uint8), 1
+        if i == self.odd:
+            image = self.odd_image if self.odd_image is not None else image
+            label = self.odd_label if self.odd_label is not None else label
+        return image, label
+
+    def __repr__(self):
+        return "OddSource"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"image": np.zeros((5, 4, 3), np.uint8)}, r"sample 6 has an image of shape \(5, 4, 3\)"),
+    ({"image": np.zeros((4, 4, 3), np.float32)}, "expected uint8 images.*float32"),
+    ({"label": 1.5}, "expected 4 integer labels, got float64"),
+    ({"image_shape": (8, 8, 3)}, r"images of shape \(4, 4, 3\), the source declares \(8, 8, 3\)"),
+])
+def test_batches_with_unexpected_images_or_labels_name_the_source_and_batch(kwargs, match):
+    it = data.batches(OddSource(10, odd=6, **kwargs), 4, prefetch=0)
+    with pytest.raises(data.CorruptDataError, match=rf"OddSource.*{match}" if "sample 6" in match else
+                       rf"OddSource, batch starting at sample \d+: {match}"):
+        list(it)
