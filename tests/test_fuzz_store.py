@@ -152,3 +152,6 @@ def test_content_hash_names_the_weights(tmp_path):
     changed["params"]["dense"]["bias"][2] += 1e-6
     store.save_variables(c, changed)
     assert store.content_hash(a) == store.content_hash(b) != store.content_hash(c)
+    # The same hash from the tree in memory, so weights from a file and from the store compare alike.
+    assert store.variables_hash(tree) == store.content_hash(a)
+    assert store.variables_hash(changed) == store.content_hash(c)

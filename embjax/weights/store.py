@@ -30,7 +30,7 @@ import numpy as np
 
 from embjax.weights.limits import ByteBudget
 
-__all__ = ["CorruptCheckpointError", "save_variables", "load_variables", "load_metadata", "content_hash"]
+__all__ = ["CorruptCheckpointError", "save_variables", "load_variables", "load_metadata", "content_hash", "variables_hash"]
 
 _FORMAT = "embjax.variables/1"
 _INDEX = "embjax.json"
@@ -54,8 +54,21 @@ def _leaf_hashes(tree: Any) -> dict[str, str]:
             for k, v in flat}
 
 
+def _combined_hash(leaves: dict, hashes: dict) -> str:
+    return hashlib.sha256(json.dumps([leaves, hashes], sort_keys=True).encode()).hexdigest()
+
+
+def variables_hash(variables: Any) -> str:
+    """One SHA-256 over a variables tree's leaf names, shapes, dtypes and bytes.
+
+    Equal to `content_hash` of a store written from the same tree, so a resume fingerprint can name the
+    weights by content whether they come from a weight file or from the store.
+    """
+    return _combined_hash(_leaf_signature(variables), _leaf_hashes(variables))
+
+
 def content_hash(path: str | os.PathLike) -> str:
-    """One SHA-256 over every leaf's hash as recorded in the index at `path` (reads no arrays).
+    """`variables_hash` of the variables stored at `path`, from the index alone (reads no arrays).
 
     Two stores with equal content hashes hold bit-identical leaves of the same names, shapes and dtypes.
     Raises CorruptCheckpointError for an index written before leaf hashes were recorded.
@@ -65,7 +78,7 @@ def content_hash(path: str | os.PathLike) -> str:
     if "sha256" not in index:
         raise CorruptCheckpointError(f"{path}: the index records no leaf hashes (written by an older embjax); "
                                      "delete the directory and convert/save again")
-    return hashlib.sha256(json.dumps([index["leaves"], index["sha256"]], sort_keys=True).encode()).hexdigest()
+    return _combined_hash(index["leaves"], index["sha256"])
 
 
 def _checkpointer():
