@@ -16,6 +16,7 @@ REQUIRED = (
     + ["inception_v3", "inception_resnet_v2", "mobilenet_v2_100", "mobilenet_v2_140"]
     + [f"efficientnet_lite{v}" for v in range(5)]
     + ["zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite"]
+    + ["inception_v1", "inception_v2", "inception_v4", "nasnet_large", "pnasnet_large"]
 )
 
 

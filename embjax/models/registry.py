@@ -313,7 +313,90 @@ def _specs() -> dict[str, ModelSpec]:
                 **_ZOO,
             )
         )
+    specs += _thesis_specs()
     return {spec.name: spec for spec in specs}
+
+
+def _thesis_specs() -> list[ModelSpec]:
+    """The thesis' TF-Slim / TF-Hub CNNs not covered by keras.applications (inception_v1, inception_v2,
+    inception_v4, nasnet_large, pnasnet_large): Inception [-1, 1] scaling and the 0.875 central crop."""
+    timm_formats = ("torch", "safetensors")
+    return [
+        # TF-Slim heads: 1001 classes (0 = background). No converter reads their TF-Slim checkpoints yet.
+        ModelSpec(
+            name="inception_v1",
+            family="inception_v1",
+            build=_lazy("embjax.models.inception_slim", "inception_v1", num_classes=1001),
+            input_size=224,
+            in_channels=3,
+            feature_dim=1024,
+            num_classes=1001,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="TF-Slim inception_v1_2016_08_28.tar.gz (inception_v1.ckpt); pass an orbax directory "
+            "of converted variables",
+        ),
+        ModelSpec(
+            name="inception_v2",
+            family="inception_v2",
+            build=_lazy("embjax.models.inception_slim", "inception_v2", num_classes=1001),
+            input_size=224,
+            in_channels=3,
+            feature_dim=1024,
+            num_classes=1001,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="TF-Slim inception_v2_2016_08_28.tar.gz (inception_v2.ckpt); pass an orbax directory "
+            "of converted variables",
+        ),
+        # 1000 classes: the head of timm's inception_v4 (timm dropped TF-Slim's background class), the
+        # reference this port is checked against; TF-Slim's own checkpoint has 1001.
+        ModelSpec(
+            name="inception_v4",
+            family="inception_v4",
+            build=_lazy("embjax.models.inception_slim", "inception_v4", num_classes=1000),
+            input_size=299,
+            in_channels=3,
+            feature_dim=1536,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="timm inception_v4 (.pth / .safetensors state dict, e.g. inception_v4.tf_in1k)",
+            converter=_lazy_converter("embjax.weights.timm_models", "convert_timm_inception_v4"),
+            weight_formats=timm_formats,
+        ),
+        # 1000 classes: keras.applications NASNetLarge's head (TF-Slim's nasnet-a_large checkpoint has 1001).
+        ModelSpec(
+            name="nasnet_large",
+            family="nasnet",
+            build=_lazy("embjax.models.nasnet", "nasnet_large", num_classes=1000),
+            input_size=331,
+            in_channels=3,
+            feature_dim=4032,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="keras.applications NASNetLarge (NASNet-large.h5, under keras-applications/nasnet/)",
+            converter=_lazy_converter("embjax.weights.keras_nasnet", "convert_nasnet"),
+            weight_formats=("keras_h5",),
+            keras_file="nasnet/NASNet-large.h5",  # under the keras-applications bucket
+        ),
+        # 1000 classes: timm pnasnet5large's head (TF-Slim's pnasnet-5_large checkpoint has 1001).
+        ModelSpec(
+            name="pnasnet_large",
+            family="pnasnet",
+            build=_lazy("embjax.models.nasnet", "pnasnet_large", num_classes=1000),
+            input_size=331,
+            in_channels=3,
+            feature_dim=4320,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="timm pnasnet5large (.pth / .safetensors state dict, e.g. pnasnet5large.tf_in1k)",
+            converter=_lazy_converter("embjax.weights.timm_models", "convert_timm_pnasnet"),
+            weight_formats=timm_formats,
+        ),
+    ]
 
 
 _SPECS: Mapping[str, ModelSpec] = _specs()

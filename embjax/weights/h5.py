@@ -16,12 +16,13 @@ Layers without weights are left out. An unreadable, truncated, oversized or non-
 links to other files and datasets stored outside the file are refused, and nested models are followed
 only to `limits.MAX_NESTING` levels, never around a cycle.
 
-Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`) describe a model as a list of
-`LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
+Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`, `keras_nasnet`) describe a model as a
+list of `LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
 {"params", "batch_stats"} and compares the result with the shapes the Flax module expects;
 it collects every problem before raising one `WeightMismatchError`. Keras' layouts need no transposition:
 Conv2D kernels are HWIO and Dense kernels (in, out) as in Flax; a DepthwiseConv2D kernel
-(h, w, C, multiplier) becomes Flax's grouped (h, w, 1, C * multiplier).
+(h, w, C, multiplier) becomes Flax's grouped (h, w, 1, C * multiplier); a SeparableConv2D fills the
+`depthwise` and `pointwise` convolutions of one Flax module.
 """
 from __future__ import annotations
 
@@ -223,6 +224,7 @@ _KINDS = {
     "conv": (2, "Conv2D [kernel, bias]"),
     "conv_nobias": (1, "Conv2D [kernel] (use_bias=False)"),
     "depthwise": (1, "DepthwiseConv2D [depthwise_kernel] (use_bias=False)"),
+    "separable": (2, "SeparableConv2D [depthwise_kernel, pointwise_kernel] (use_bias=False)"),
     "bn": (4, "BatchNormalization [gamma, beta, moving_mean, moving_variance]"),
     "dense": (2, "Dense [kernel, bias]"),
 }
@@ -294,7 +296,7 @@ def convert_layers(
             )
             reported.append(m.flax_path)
             continue
-        if m.kind in ("conv", "conv_nobias", "depthwise") and arrays[0].ndim != 4:
+        if m.kind in ("conv", "conv_nobias", "depthwise", "separable") and arrays[0].ndim != 4:
             problems.append(f"Keras layer {m.keras_name!r}: kernel of shape {arrays[0].shape} is not 4-D")
             reported.append(m.flax_path)
             continue
@@ -313,6 +315,12 @@ def convert_layers(
             h, w, c, mult = arrays[0].shape
             # Keras output channel c*mult + k is Flax's group c, member k: a reshape keeps that order.
             _set(params, m.flax_path, {"kernel": arrays[0].reshape(h, w, 1, c * mult)})
+        elif m.kind == "separable":
+            # A Flax module with a grouped `depthwise` and a 1x1 `pointwise` conv (embjax.models.nasnet).
+            depthwise, pointwise = arrays
+            h, w, c, mult = depthwise.shape
+            _set(params, m.flax_path + ("depthwise",), {"kernel": depthwise.reshape(h, w, 1, c * mult)})
+            _set(params, m.flax_path + ("pointwise",), {"kernel": pointwise})
         elif m.kind == "conv_nobias":
             _set(params, m.flax_path, {"kernel": arrays[0]})
         else:  # conv, dense: (kernel, bias)
