@@ -17,6 +17,11 @@ The engine owns everything else:
   into `workdir/passes/<pass>/`, so a rerun of the same command skips finished passes, resumes the
   interrupted one at its last checkpoint (skipping exactly the batches it holds: nothing counted twice
   or missed) and, because the fold order is the same, ends with the numbers of an uninterrupted run.
+  The fingerprint covers the config and a SHA-256 of every member's weights (changed weights in the
+  same file never resume an old run); each checkpoint records a SHA-256 of its state, and a checkpoint
+  that cannot be restored or no longer hashes the same is deleted with a warning and the previous one is
+  used. A checkpoint that cannot be written (full or read-only disk) stops the run with a
+  `CheckpointWriteError` naming the directory; the previous checkpoint stays for the rerun.
 - Non-finite outputs. A NaN or inf in a real row is replaced by 0 before the fold (so it cannot poison
   the accumulator) and flagged per member on device; the flags are read only at progress lines,
   checkpoints and the end of the pass (no host sync per batch), and a flagged pass stops with
@@ -164,8 +169,32 @@ def config_fingerprint(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint that cannot be restored as it was written (damaged files, or bytes that no longer hash
+    to what was saved); the engine falls back to the previous one."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full or read-only disk, ...); the previous one is kept."""
+
+
+def state_hash(state) -> str:
+    """SHA-256 over an accumulator's leaf paths, shapes, dtypes and bytes (on the host)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
+        digest.update(leaf.view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()
+
+
 class Checkpoints:
-    """Orbax checkpoints of the accumulators of one run, in `directory`, tagged by a fingerprint."""
+    """Orbax checkpoints of the accumulators of one run, in `directory`, tagged by a fingerprint.
+
+    Each checkpoint's meta records a SHA-256 of the state it holds, checked on restore: orbax's files
+    carry checksums of their own only in part, and a resumed run must never continue from silently
+    changed sums.
+    """
 
     def __init__(self, directory: str, fingerprint: str, keep: int = 2):
         import orbax.checkpoint as ocp
@@ -181,6 +210,10 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every step with a (final-named) checkpoint, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
         return restored["meta"]
@@ -192,23 +225,39 @@ class Checkpoints:
             restored = self.manager.restore(step, args=self._ocp.args.Composite(
                 state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises several types for a damaged checkpoint
-            raise RuntimeError(
-                f"could not restore checkpoint {step} in {self.directory}: {e}. Delete that step's "
-                f"directory to resume from the previous checkpoint, or the whole directory to start "
-                f"over") from e
+            raise CheckpointUnreadable(
+                f"could not restore checkpoint {step} in {self.directory} ({type(e).__name__}: "
+                f"{str(e)[:300]})") from e
         meta = restored["meta"]
         if meta.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
                 f"checkpoint {step} in {self.directory} was written by a run with a different config "
                 f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); use another workdir or "
                 f"delete this one")
+        if "state_sha256" in meta and state_hash(restored["state"]) != meta["state_sha256"]:
+            raise CheckpointUnreadable(
+                f"checkpoint {step} in {self.directory} restored to a state whose SHA-256 differs from the "
+                "one recorded when it was written: its files were changed or damaged")
         return restored["state"], meta
 
     def save(self, step: int, state, meta: dict) -> None:
-        meta = dict(meta, fingerprint=self.fingerprint)
-        self.manager.save(step, args=self._ocp.args.Composite(
-            state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        meta = dict(meta, fingerprint=self.fingerprint, state_sha256=state_hash(state))
+        previous = self.latest()
+        try:
+            self.manager.save(step, args=self._ocp.args.Composite(
+                state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # a full or read-only disk, a vanished mount ...
+            kept = (f"the previous checkpoint ({previous}) is kept" if previous is not None
+                    else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {step} into {self.directory} ({type(e).__name__}: "
+                f"{str(e)[:300]}); {kept}. Free space on that disk or make it writable, then rerun the "
+                "same command to resume") from e
+
+    def delete(self, step: int) -> None:
+        if jax.process_index() == 0:
+            self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()
@@ -472,7 +521,11 @@ class Engine:
         if self.batch_size % self.process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by the {self.process_count} processes")
         self.local_batch = self.batch_size // self.process_count
-        self.fingerprint = config_fingerprint({"config": fingerprint, "processes": self.process_count})
+        # The weights by content, not by the file they came from: changed weights never resume an old run.
+        from embjax.weights.store import variables_hash
+
+        self.fingerprint = config_fingerprint({"config": fingerprint, "processes": self.process_count,
+                                               "weights": {m.name: variables_hash(m.variables) for m in self.members}})
         self.checkpoint_every = int(checkpoint_every)
         self.prefetch = int(prefetch)
         self.progress_seconds = float(progress_seconds)
@@ -549,19 +602,28 @@ class Engine:
                     state = done.restore(total, _saved(like, total))[0]["accumulator"]
                     self._log(f"[resume] pass '{p.name}' finished earlier: restored")
                     return jax.device_get(state)
+            except CheckpointUnreadable as e:
+                self._log(f"[warning] {e}; running pass '{p.name}' again")
+                done.delete(total)
             finally:
                 done.close()
 
         t0 = time.perf_counter()
         ckpt = self._checkpoints("checkpoints", p.name, keep=2)
-        start = ckpt.latest() or 0
-        state = like
-        if start:
-            if start >= total:
-                raise RuntimeError(f"checkpoint {start} in {ckpt.directory} is past the {total} batches of "
+        start, state = 0, like
+        for step in ckpt.steps():  # newest first; a damaged one falls back to the one before
+            if step >= total:
+                raise RuntimeError(f"checkpoint {step} in {ckpt.directory} is past the {total} batches of "
                                    f"pass '{p.name}'; delete that directory to start the pass over")
-            state = ckpt.restore(start, _saved(like, start))[0]["accumulator"]
+            try:
+                state = ckpt.restore(step, _saved(like, step))[0]["accumulator"]
+            except CheckpointUnreadable as e:
+                self._log(f"[warning] {e}; deleting it and falling back to the previous checkpoint")
+                ckpt.delete(step)
+                continue
+            start = step
             self._log(f"[resume] pass '{p.name}': {start}/{total} batches already done")
+            break
 
         writer = None
         if p.store:

@@ -18,6 +18,9 @@ import pytest
 
 from embjax.models import inception_slim, registry
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 # Tolerance, max |flax - numpy| <= RTOL * max |numpy| per block: the NumPy side is float64, so the error
 # is Flax's float32 rounding (u = 6e-8) in sums of at most 3·3·192 = 1728 products (sqrt(n)·u ≈ 3e-6)
 # through at most three convolutions of a block plus its BatchNorms: ≈ 1e-5 < 1e-4. Measured: ~5e-7.

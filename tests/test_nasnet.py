@@ -23,6 +23,9 @@ from embjax.models import nasnet  # noqa: E402
 from embjax.weights import h5, keras_nasnet  # noqa: E402
 from keras_helpers import fast_keras_init, randomize  # noqa: E402
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 # Tolerance: max |flax - keras| <= RTOL * max |keras| per output. float32 rounds at u = 6e-8; an output is a
 # sum of at most ~150 products (1x1 convs over 4 x 48 channels, 7x7 depthwise = 49 taps), whose rounding
 # error grows like sqrt(n)·u ≈ 1e-6 when the sides sum in different orders, and ~40 stacked layers (cells

@@ -24,6 +24,9 @@ from embjax.models import inception_slim, nasnet, registry
 from embjax.weights import safetensors_io, timm_models
 from embjax.weights.h5 import WeightMismatchError
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "timm")
 # Tolerance: max |flax - timm| <= RTOL * max |timm| per output. The reference is float64, so the error is
 # embjax's float32 rounding alone: u = 6e-8 per operation; the longest sums are 3·3·448 = 4032 products
