@@ -21,7 +21,9 @@ needed when True) and returns a dict of named outputs:
 float32 whatever the computation dtype, since it is the embedding the studies measure.
 Both ImageNet models accept any spatial size of at least 75×75 (Keras' minimum: smaller inputs shrink a
 feature map to nothing) and expect inputs scaled to [-1, 1]. `dtype` is the computation dtype; parameters
-stay float32.
+stay float32. `fold_bn=True` (every module here) is the inference mode without BatchNorm ops: each
+`ConvBN`'s convolution gets a bias holding the folded BatchNorm (embjax.models.folding makes the
+variables); every named output is after its block's last BatchNorm + ReLU, so none changes meaning.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 Dtype = Any
 
@@ -61,6 +65,7 @@ class ConvBN(nn.Module):
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False  # inference: the BatchNorm folded into the conv's kernel and a bias
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -69,10 +74,12 @@ class ConvBN(nn.Module):
             tuple(self.kernel_size),
             strides=self.strides,
             padding=self.padding,
-            use_bias=False,
+            use_bias=self.fold_bn,
             dtype=self.dtype,
             name="conv",
         )(x)
+        if self.fold_bn:
+            return nn.relu(x) if self.relu else x
         # The ReLU follows directly, so a BatchNorm scale would be redundant with the next conv.
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -99,10 +106,11 @@ class InceptionStem(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         x = conv(32, (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
         x = conv(32, (3, 3), padding="VALID", name="conv2")(x, train)
         x = conv(64, (3, 3), name="conv3")(x, train)
@@ -119,10 +127,11 @@ class InceptionA(nn.Module):
     pool_features: int = 32
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         b1 = conv(self.branch1x1, (1, 1), name="branch1x1")(x, train)
         b5 = conv(48, (1, 1), name="branch5x5_1")(x, train)
         b5 = conv(64, (5, 5), name="branch5x5_2")(b5, train)
@@ -140,10 +149,11 @@ class ReductionA(nn.Module):
     dbl: Sequence[int] = (64, 96, 96)
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         b3 = conv(self.branch3x3, (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
         bd = conv(self.dbl[0], (1, 1), name="branch3x3dbl_1")(x, train)
         bd = conv(self.dbl[1], (3, 3), name="branch3x3dbl_2")(bd, train)
@@ -157,10 +167,11 @@ class InceptionC(nn.Module):
     channels_7x7: int
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         c7 = self.channels_7x7
         b1 = conv(192, (1, 1), name="branch1x1")(x, train)
         b7 = conv(c7, (1, 1), name="branch7x7_1")(x, train)
@@ -180,10 +191,11 @@ class ReductionB(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         b3 = conv(192, (1, 1), name="branch3x3_1")(x, train)
         b3 = conv(320, (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
         b7 = conv(192, (1, 1), name="branch7x7x3_1")(x, train)
@@ -198,10 +210,11 @@ class InceptionE(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         b1 = conv(320, (1, 1), name="branch1x1")(x, train)
         b3 = conv(384, (1, 1), name="branch3x3_1")(x, train)
         b3 = jnp.concatenate(
@@ -237,11 +250,13 @@ class InceptionV3(nn.Module):
     num_classes: int = 1000
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionV3")
-        kw = dict(epsilon=self.epsilon, dtype=self.dtype)
+        folding.check_inference("InceptionV3", self.fold_bn, train)
+        kw = dict(epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         out = {}
         x = out["stem"] = InceptionStem(**kw, name="stem")(x, train)
         for i, pool_features in enumerate((32, 64, 64)):
@@ -278,6 +293,7 @@ class InceptionResNetBlock(nn.Module):
     relu: bool = True
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -290,9 +306,8 @@ class InceptionResNetBlock(nn.Module):
         for b, convs in enumerate(_RESIDUAL_BRANCHES[self.block_type]):
             h = x
             for k, (features, kernel) in enumerate(convs):
-                h = ConvBN(features, kernel, epsilon=self.epsilon, dtype=self.dtype, name=f"branch{b}_{k}")(
-                    h, train
-                )
+                h = ConvBN(features, kernel, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn,
+                           name=f"branch{b}_{k}")(h, train)
             branches.append(h)
         up = nn.Conv(x.shape[-1], (1, 1), use_bias=True, dtype=self.dtype, name="conv")(
             jnp.concatenate(branches, axis=-1)
@@ -306,10 +321,11 @@ class Reduction7a(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         b0 = conv(256, (1, 1), name="branch0_0")(x, train)
         b0 = conv(384, (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
         b1 = conv(256, (1, 1), name="branch1_0")(x, train)
@@ -330,11 +346,13 @@ class InceptionResNetV2(nn.Module):
     num_classes: int = 1000
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-        kw = dict(epsilon=self.epsilon, dtype=self.dtype)
+        folding.check_inference("InceptionResNetV2", self.fold_bn, train)
+        kw = dict(epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         out = {}
 
         def residual_group(x, block_type):
@@ -377,11 +395,14 @@ class SmallInception(nn.Module):
     # their initial values (0.99^150 = 0.22), and the model would be scored with the wrong BatchNorm.
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        folding.check_inference("SmallInception", self.fold_bn, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+                                 fold_bn=self.fold_bn)
         out = {}
         x = conv(24, (3, 3), name="stem_conv")(x, train)
         x = out["stem"] = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
