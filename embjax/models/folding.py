@@ -90,8 +90,9 @@ class BatchNormSite:
     producer: tuple[str, ...] | None  # the conv / dense layer whose output it normalizes, if one did
 
 
-def batchnorm_sites(module, variables: Mapping, sample) -> list[BatchNormSite]:
-    """Every BatchNorm of `module` applied to `sample` at inference, in call order, with its producer.
+def batchnorm_sites(module, sample) -> tuple[list[BatchNormSite], Any]:
+    """Every BatchNorm of `module` applied to `sample` at inference, in call order, with its producer; and
+    the shapes of the module's variables.
 
     Traced with jax.eval_shape: no computation, no compilation.
     """
@@ -115,10 +116,9 @@ def batchnorm_sites(module, variables: Mapping, sample) -> list[BatchNormSite]:
             produced[id(out)] = (tuple(layer.scope.path), out)  # the array is kept so its id stays unique
         return out
 
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda v, x: module.apply(v, x, train=False), shapes, sample)
-    return sites
+        shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), sample)
+    return sites, shapes
 
 
 def scale_shift_paths(folded_module, sample) -> tuple[set[tuple[str, ...]], Any]:
@@ -184,8 +184,9 @@ def fold_variables(module, variables: Mapping, sample) -> dict:
         raise FoldingError("fold_variables needs the module's variables {'params', 'batch_stats'}; got keys "
                            f"{sorted(variables)}")
     sample = jax.ShapeDtypeStruct(np.shape(sample), jnp.result_type(sample))
+    sites, unfolded_shapes = batchnorm_sites(module, sample)
+    check_shapes(unfolded_shapes, variables, f"variables of {type(module).__name__} to fold")
     kept, expected = scale_shift_paths(fold_module(module), sample)
-    sites = batchnorm_sites(module, variables, sample)
     unfoldable = [s for s in sites if s.producer is None and s.path not in kept]
     if unfoldable:
         raise FoldingError(
