@@ -21,7 +21,9 @@ needed when True) and returns a dict of named outputs:
 float32 whatever the computation dtype, since it is the embedding the studies measure.
 Both ImageNet models accept any spatial size of at least 75×75 (Keras' minimum: smaller inputs shrink a
 feature map to nothing) and expect inputs scaled to [-1, 1]. `dtype` is the computation dtype; parameters
-stay float32.
+stay float32. `fold_bn=True` (every module here) is the inference mode without BatchNorm ops: each
+`ConvBN`'s convolution gets a bias holding the folded BatchNorm (embjax.models.folding makes the
+variables); every named output is after its block's last BatchNorm + ReLU, so none changes meaning.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 Dtype = Any
 
@@ -67,6 +71,7 @@ class ConvBN(nn.Module):
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False  # inference: the BatchNorm folded into the conv's kernel and a bias
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -75,10 +80,12 @@ class ConvBN(nn.Module):
             tuple(self.kernel_size),
             strides=self.strides,
             padding=self.padding,
-            use_bias=False,
+            use_bias=self.fold_bn,
             dtype=self.dtype,
             name="conv",
         )(x)
+        if self.fold_bn:
+            return nn.relu(x) if self.relu else x
         # The ReLU follows directly, so a BatchNorm scale would be redundant with the next conv.
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -107,10 +114,11 @@ class InceptionStem(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         x = conv(d(32), (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
         x = conv(d(32), (3, 3), padding="VALID", name="conv2")(x, train)
@@ -130,10 +138,11 @@ class InceptionA(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         b1 = conv(d(self.branch1x1), (1, 1), name="branch1x1")(x, train)
         b5 = conv(d(48), (1, 1), name="branch5x5_1")(x, train)
@@ -154,10 +163,11 @@ class ReductionA(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         b3 = conv(d(self.branch3x3), (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
         bd = conv(d(self.dbl[0]), (1, 1), name="branch3x3dbl_1")(x, train)
@@ -174,10 +184,11 @@ class InceptionC(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         c7 = self.channels_7x7
         b1 = conv(d(192), (1, 1), name="branch1x1")(x, train)
@@ -200,10 +211,11 @@ class ReductionB(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         b3 = conv(d(192), (1, 1), name="branch3x3_1")(x, train)
         b3 = conv(d(320), (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
@@ -221,10 +233,11 @@ class InceptionE(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         b1 = conv(d(320), (1, 1), name="branch1x1")(x, train)
         b3 = conv(d(384), (1, 1), name="branch3x3_1")(x, train)
@@ -267,12 +280,14 @@ class InceptionV3(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionV3")
+        folding.check_inference("InceptionV3", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
-                  min_depth=self.min_depth)
+                  min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
         x = out["stem"] = InceptionStem(**kw, name="stem")(x, train)
         for i, pool_features in enumerate((32, 64, 64)):
@@ -311,6 +326,7 @@ class InceptionResNetBlock(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0  # TF-Slim's width rule (slim_depth); 1.0 changes nothing
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -324,7 +340,8 @@ class InceptionResNetBlock(nn.Module):
             h = x
             for k, (features, kernel) in enumerate(convs):
                 width = slim_depth(features, self.depth_multiplier, self.min_depth)
-                h = ConvBN(width, kernel, epsilon=self.epsilon, dtype=self.dtype, name=f"branch{b}_{k}")(
+                h = ConvBN(width, kernel, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn,
+                           name=f"branch{b}_{k}")(
                     h, train
                 )
             branches.append(h)
@@ -342,10 +359,11 @@ class Reduction7a(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         b0 = conv(d(256), (1, 1), name="branch0_0")(x, train)
         b0 = conv(d(384), (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
@@ -371,13 +389,15 @@ class InceptionResNetV2(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False
     repeats: Sequence[int] = (10, 20, 10)  # block35, block17, block8 (the last block8 included)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
+        folding.check_inference("InceptionResNetV2", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
-                  min_depth=self.min_depth)
+                  min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
         repeats = dict(zip(("block35", "block17", "block8"), self.repeats))
 
@@ -423,11 +443,14 @@ class SmallInception(nn.Module):
     # their initial values (0.99^150 = 0.22), and the model would be scored with the wrong BatchNorm.
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        folding.check_inference("SmallInception", self.fold_bn, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+                                 fold_bn=self.fold_bn)
         out = {}
         x = conv(24, (3, 3), name="stem_conv")(x, train)
         x = out["stem"] = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")

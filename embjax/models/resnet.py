@@ -22,6 +22,11 @@ strided convs pad explicitly and symmetrically (slim's `conv2d_same`, as Keras);
 "SAME" (pads -inf, and only at the end of an even-sized side). With slim's other constants (BatchNorm
 epsilon 1e-5; v1 convs without biases) set by the caller, see `embjax.weights.tf_slim`.
 
+`fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables): a
+conv that a BatchNorm follows carries the folded scale in its kernel and the shift in its bias; v2's
+pre-activation `preact_bn` / `post_bn` act on the residual stream, which no conv produces alone, and
+become precomputed per-channel `ScaleShift`s under the same names.
+
 Parameter names mirror Keras layer names (`conv1_conv`, `conv2_block1` / `1_conv`, `post_bn`,
 `predictions`) so the converter's name map reads as the identity it is. Returned features: `stem` (after
 the max-pool), `stage1`..`stageN` (Keras' conv2..conv{N+1} outputs), `pre_logits` (global average pool,
@@ -33,6 +38,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 # Blocks per stage of the standard depths (He et al. 2016, Table 1) and whether they use bottlenecks.
 STAGE_SIZES = {
@@ -65,6 +72,7 @@ class _Block(nn.Module):
     bn_momentum: float
     dtype: Any
     param_dtype: Any
+    fold_bn: bool = False  # inference: BatchNorm folded into the conv before it (embjax.models.folding)
 
     def conv(self, features, kernel, strides, name, bias):
         pad = kernel // 2
@@ -81,6 +89,8 @@ class _Block(nn.Module):
         )
 
     def bn(self, train, name):
+        if self.fold_bn:
+            return folding.identity
         return nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -90,6 +100,17 @@ class _Block(nn.Module):
             name=name,
         )
 
+    def preactivation_bn(self, train):
+        """v2's BatchNorm on the residual stream: no conv to fold into, a precomputed ScaleShift instead."""
+        if self.fold_bn:
+            return folding.ScaleShift(self.dtype, self.param_dtype, name="preact_bn")
+        return self.bn(train, "preact_bn")
+
+    @property
+    def bn_conv_bias(self):
+        """Whether a conv that a BatchNorm follows has a bias: folding puts BatchNorm's shift there."""
+        return self.conv_bias or self.fold_bn
+
 
 class BottleneckV1(_Block):
     """1x1 -> 3x3 -> 1x1 (x4 channels), BatchNorm after every conv, ReLU after the sum (Keras block_v1)."""
@@ -97,7 +118,7 @@ class BottleneckV1(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        b = self.conv_bias
+        b = self.bn_conv_bias
         shortcut = x[:, :: self.strides, :: self.strides, :]  # TF-Slim's strided identity (subsample)
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(x)
@@ -113,7 +134,7 @@ class BasicV1(_Block):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        b = self.conv_bias
+        b = self.bn_conv_bias
         shortcut = x
         if self.project:
             shortcut = self.bn(train, "0_bn")(self.conv(self.filters, 1, self.strides, "0_conv", b)(x))
@@ -132,13 +153,13 @@ class BottleneckV2(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         b = self.conv_bias
-        preact = nn.relu(self.bn(train, "preact_bn")(x))
+        preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(preact)
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv", False)(preact)))
-        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv", False)(y)))
+        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv", self.fold_bn)(preact)))
+        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv", self.fold_bn)(y)))
         y = self.conv(4 * self.filters, 1, 1, "3_conv", b)(y)
         return shortcut + y
 
@@ -149,12 +170,13 @@ class BasicV2(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         b = self.conv_bias
-        preact = nn.relu(self.bn(train, "preact_bn")(x))
+        preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
             shortcut = self.conv(self.filters, 1, self.strides, "0_conv", b)(preact)
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 3, self.strides, "1_conv", False)(preact)))
+        y = self.conv(self.filters, 3, self.strides, "1_conv", self.fold_bn)(preact)
+        y = nn.relu(self.bn(train, "1_bn")(y))
         y = self.conv(self.filters, 3, 1, "2_conv", b)(y)
         return shortcut + y
 
@@ -183,6 +205,9 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Inference mode without BatchNorm ops: each BatchNorm folded into the conv before it, v2's
+    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold makes the variables).
+    fold_bn: bool = False
 
     def _check(self):
         if self.version not in (1, 2):
@@ -207,6 +232,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         self._check()
+        folding.check_inference("ResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         v2 = self.version == 2
@@ -219,6 +245,7 @@ class ResNet(nn.Module):
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            fold_bn=self.fold_bn,
         )
         out = {}
 
@@ -228,13 +255,13 @@ class ResNet(nn.Module):
             (self.stem_kernel, self.stem_kernel),
             strides=(self.stem_stride, self.stem_stride),
             padding=((pad, pad), (pad, pad)),
-            use_bias=self.conv_bias,
+            use_bias=self.conv_bias or (self.fold_bn and not v2),
             kernel_init=_KERNEL_INIT,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv1_conv",
         )(x)
-        if not v2:
+        if not v2 and not self.fold_bn:
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
@@ -243,6 +270,7 @@ class ResNet(nn.Module):
                 param_dtype=self.param_dtype,
                 name="conv1_bn",
             )(x)
+        if not v2:
             x = nn.relu(x)
         if self.stem_pool and slim:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")  # TF "SAME": -inf, at the end
@@ -281,7 +309,9 @@ class ResNet(nn.Module):
                 )(x, train=train)
             out[f"stage{i + 1}"] = x
 
-        if v2:
+        if v2 and self.fold_bn:
+            x = nn.relu(folding.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
+        elif v2:
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
