@@ -74,6 +74,7 @@ class Member:
     feature_dim: int
     head: tuple[Any, Any] | None = None
     spec: Any = None
+    num_params: int = 0  # trainable parameters of the model as published (before any BatchNorm folding)
 
 
 def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

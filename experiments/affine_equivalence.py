@@ -51,8 +51,6 @@ def input_sizes(config) -> dict:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    import jax
-
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
 
     if config.heads not in ("native", "linear"):
@@ -64,7 +62,7 @@ def run(config, workdir: str):
     ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
                       dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2, input_sizes=input_sizes(config))
+                      minimum=2, input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm)
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
                             progress_seconds=config.progress_seconds, config=common.to_dict(config),
@@ -117,7 +115,7 @@ def run(config, workdir: str):
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": families}))
     out = results(config, names, dims, fit, affine, ev, engine.seconds)
-    out["params"] = [int(sum(np.size(x) for x in jax.tree.leaves(m.variables.get("params", {})))) for m in ms]
+    out["params"] = [m.num_params for m in ms]
     return out, engine
 
 
