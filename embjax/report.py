@@ -623,6 +623,13 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
         for key in ("agreement", "r2", "top5"):
             if key in r[family]:
                 tables[f"{family}_{key}"] = matrix_table(r, family, key)
+    check = r.get("bfloat16_vs_float32")
+    if isinstance(check, dict):
+        tables["bfloat16_vs_float32"] = Table(
+            f"bfloat16 against float32 on {check['images']} evaluation images",
+            ["model", "top-1 agreement of its own head (%)", "feature error ‖f_bf16 − f_32‖ / ‖f_32‖"],
+            [[m, pct(a), f"{e:.2e}"] for m, a, e in zip(r["models"], check["top1_agreement"],
+                                                         check["feature_rel_error"])])
     fit_stats = r.get("fit_statistics")
     if isinstance(fit_stats, dict):
         for key, m in fit_stats.items():

@@ -116,7 +116,45 @@ def run(config, workdir: str):
         aux={"heads": head_sets, "maps": families}))
     out = results(config, names, dims, fit, affine, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
+    if config.dtype != "float32" and config.precision_check_images:
+        out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
     return out, engine
+
+
+def precision_check(config, ms, eval_src, engine) -> dict:
+    """A bfloat16 run against float32 on the first `precision_check_images` evaluation images: per model,
+    the top-1 agreement of its own head and the relative error of its features (‖f_bf16 − f_32‖_F /
+    ‖f_32‖_F). The float32 members are loaded again from the same weights."""
+    import os
+
+    from embjax import data, extract, members
+
+    source = data.Prefix(eval_src, config.precision_check_images)
+    f32 = members.load([m.name for m in ms], config.weights, weight_files=common.to_dict(config.weight_files),
+                       dtype="float32", input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm,
+                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
+                       zoo_data=lambda: all_rows(sources(config)[0]))
+    outputs = {m.name: ("pre_logits", "logits") for m in ms}
+    store = {f"{m.name}/{k}": "float32" for m in ms for k in ("pre_logits", "logits")}
+    stores = []
+    for tag, group, precision in (("bfloat16", ms, None), ("float32", f32, "float32")):
+        e = extract.Engine(group, os.path.join(engine.workdir, f"precision_{tag}"), batch_size=config.batch_size,
+                           fingerprint=common.fingerprint(config), checkpoint_every=0, prefetch=config.prefetch,
+                           progress_seconds=config.progress_seconds, precision=precision)
+        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, init={},
+                           fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+        stores.append(e.store("precision"))
+    low, high = stores
+    agreement, error = [], []
+    import shutil
+    for m in ms:
+        a, b = low.array(f"{m.name}/logits"), high.array(f"{m.name}/logits")
+        agreement.append(float(np.mean(a.argmax(1) == b.argmax(1))))
+        fa, fb = (s.array(f"{m.name}/pre_logits").astype(np.float64) for s in (low, high))
+        error.append(float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-30)))
+    for tag in ("bfloat16", "float32"):  # the numbers are in the results; the features are not kept
+        shutil.rmtree(os.path.join(engine.workdir, f"precision_{tag}"), ignore_errors=True)
+    return {"images": len(source), "top1_agreement": agreement, "feature_rel_error": error}
 
 
 def results(config, names, dims, fit, affine, ev, seconds) -> dict:

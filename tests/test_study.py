@@ -242,3 +242,18 @@ def test_two_processes_give_the_same_maps_and_tables(baseline, tmp_path, cache):
         # Same integer counts (see the 4-device test for why float32 reordering cannot change them here).
         assert multi[family]["accuracy"] == results[family]["accuracy"], family
         np.testing.assert_allclose(multi[family]["r2"], results[family]["r2"], atol=1e-4)
+
+
+def test_bfloat16_run_reports_agreement_with_float32(tmp_path, cache):
+    workdir = tmp_path / "bf16"
+    run_study(workdir, cache, "--config.dtype=bfloat16", "--config.precision_check_images=64")
+    results, run_dir = load_results(workdir)
+    check = results["bfloat16_vs_float32"]
+    assert check["images"] == 64
+    # Random-weight zoo models in bfloat16 (8-bit mantissa: 2^-9 relative rounding per operation, a few
+    # hundred operations deep): features within a few percent of float32, and most own-head predictions
+    # unchanged. A check that compared float32 with itself would give exactly 0 and 1.
+    for agreement, error in zip(check["top1_agreement"], check["feature_rel_error"]):
+        assert 0.5 < agreement <= 1.0
+        assert 0 < error < 0.1
+    assert os.path.isfile(os.path.join(run_dir, "bfloat16_vs_float32.md"))

@@ -70,6 +70,9 @@ def base() -> ml_collections.ConfigDict:
     # Extraction with every BatchNorm folded into its convolution (families that implement it): same
     # features within float32 rounding, less work. False runs the modules as trained.
     c.fold_batchnorm = True
+    # A bfloat16 run (dtype="bfloat16") also extracts this many evaluation images in float32 and reports
+    # each model's top-1 agreement and feature error against float32 (0: no check).
+    c.precision_check_images = 256
     c.checkpoint_every = 50  # batches
     c.prefetch = 2
     c.progress_seconds = 10.0  # a progress line (images/s, ETA) at most this often; 0 = every batch
