@@ -335,6 +335,7 @@ def write_report(run_dir: str, results: dict, saved: dict):
             vmin=0.0, vmax=1.0)
     if labelled:
         tables["table_5_1"] = report.table_5_1(r)
+        tables["table_5_1"].title = f"Table 5.1: unmapped models ({r['num_eval']:,} evaluation rows)"
         for family, key in (("affine", "table_5_2_affine"), ("logit", "table_5_3_logit"), ("naive", "table_naive")):
             tables[key] = report.family_table(r, family)
         figures["table_5_2_heatmap.png"] = lambda p: report.heatmap(r, "affine", p)

@@ -260,3 +260,22 @@ def test_cli_error_leaves_nothing(two):
     assert "embjax: error: FeatureFileError: y_bad.npy: row 45 (row 45 of model 'y') holds NaN" in proc.stderr
     assert not os.path.exists(two / "out") or not any(
         os.path.exists(os.path.join(two / "out", d, "results.json")) for d in os.listdir(two / "out"))
+
+
+def test_without_heads_and_without_labels(tmp_path):
+    """Held-out R² and CKA need no heads; heads without labels give agreement, not accuracy."""
+    planted = Planted(seed=2)
+    lay_out(tmp_path, planted, n_fit=300, n_eval=200)
+    fit = [f"a={tmp_path}/fit/a.npy,b={tmp_path}/fit/b_shards"]
+    ev = [f"a={tmp_path}/eval/a.npy,b={tmp_path}/eval/b.npy"]
+    results, saved = _run({"features": fit, "eval_features": ev, "batch_size": 64})
+    assert sorted(saved) == ["maps/a__to__b.npz", "maps/b__to__a.npz"]
+    assert "affine" not in results and "unmapped" not in results and results["num_eval"] == 200
+    assert np.all(np.array(results["eval_statistics"]["r2"]) > 1 - 1e-4)
+    results, saved = _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz,b={tmp_path}/heads/b.npz"],
+                           "batch_size": 64})
+    assert "unmapped" not in results and "accuracy" not in results["affine"] and results["num_eval"] == 300
+    np.testing.assert_array_equal(results["affine"]["agreement"], np.ones((2, 2)))
+    assert any("agreement" in note for note in results["notes"])
+    with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
+        _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
