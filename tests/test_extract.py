@@ -244,3 +244,68 @@ def test_cpu_compiler_options_switch_and_agree(monkeypatch):
     # Same float32 arithmetic in another summation order: a 27-term conv sum and 8x8 row products
     # round at ~1e-6 relative of the largest entry.
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5 * np.abs(results[1]).max())
+
+
+def test_two_thousand_partial_merges_match_float64():
+    """The host merge of per-device partials (float64, pairwise) at ImageNet scale: 2,048 partial
+    statistics of features whose mean is 1e4 times their spread, against float64 NumPy on all rows."""
+    rng = np.random.default_rng(7)
+    dims, k, rows = (3, 2), 2048, 16
+    mean = 1e4 * rng.uniform(0.5, 1.5, sum(dims))
+    x = (mean + rng.normal(size=(k * rows, sum(dims))) @ rng.normal(size=(sum(dims), sum(dims)))).astype(np.float32)
+    partials = [stats.update(stats.init(dims), [x[i * rows:(i + 1) * rows, :3], x[i * rows:(i + 1) * rows, 3:]])
+                for i in range(k)]
+    merged = extract.merge_partials(jax.device_get(partials), stats.merge)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(0)
+    assert int(merged.count) == k * rows and merged.cross.dtype == np.float32
+    # Each partial's own cross-product is float32 over 16 rows centred on their own mean (relative
+    # error ~1e-6 of the spread); the merges add nothing beyond one final rounding to float32. A float32
+    # merge of raw sums would lose every digit here (mean² / spread² = 1e8 > 1 / eps32).
+    np.testing.assert_allclose(merged.mean, x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(merged.cross, centred.T @ centred, rtol=1e-4,
+                               atol=1e-5 * np.abs(centred.T @ centred).max())
+
+
+def test_per_device_partials_equal_the_replicated_pass(tmp_path):
+    """With `merge`, each device folds its own rows and partials meet only at checkpoints and the end:
+    same statistics as the replicated pass (here on this process' devices), and a checkpointed resume
+    gives the same numbers."""
+    source = _source(45, seed=9)
+    members = [_member("a", 1.0), _member("b", 0.5)]
+    replicated = _engine(members, tmp_path / "r").run(_stats_pass(["a", "b"], source))
+    partial = _engine(members, tmp_path / "p").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+    assert int(partial.count) == 45
+    np.testing.assert_allclose(partial.mean, replicated.mean, rtol=1e-6)
+    np.testing.assert_allclose(partial.cross, replicated.cross, rtol=1e-5, atol=1e-3)
+    with pytest.raises(_Crash):
+        _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], _CrashingSource(source, after=40),
+                                                         merge=stats.merge))
+    resumed = _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+    np.testing.assert_array_equal(resumed.cross, partial.cross)
+
+
+def test_float32_steps_trace_every_dot_at_highest_precision():
+    """A float32 run asks for float32 arithmetic in every matmul and convolution of the step (TF32 on
+    GPUs and one-pass bfloat16 on TPUs are XLA's defaults otherwise), with no global setting."""
+    rng = np.random.default_rng(0)
+
+    def apply(v, images):
+        x = jax.lax.conv_general_dilated(images.astype(jnp.float32), v["k"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return {"pre_logits": x.mean(axis=(1, 2)) @ v["w"]}
+
+    member = extract.Member(name="m", apply=apply, variables={"k": rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
+                                                              "w": np.eye(4, dtype=np.float32)}, feature_dim=4)
+    p = _stats_pass(["m"], None)
+    mesh = extract.make_mesh()
+    batch = {"image": np.zeros((8, 5, 5, 1), np.uint8), "mask": np.ones(8, bool), "label": np.zeros(8, np.int32),
+             "index": np.arange(8, dtype=np.int32)}
+    args = (stats.init([4]), np.zeros(1, bool), [member.variables], None, batch)
+    with jax.default_matmul_precision(None):  # whatever the test suite sets globally
+        high = str(extract.make_step([member], p, mesh, "float32").trace(*args).jaxpr)
+        low = str(extract.make_step([member], p, mesh, None).trace(*args).jaxpr)
+    for text in (high, low):
+        assert "conv_general_dilated" in text and "dot_general" in text
+    assert "precision=None" not in high and "DEFAULT" not in high and "HIGHEST" in high
+    assert "precision=None" in low  # the backbone's own dots, left to XLA in bfloat16 runs

@@ -15,6 +15,13 @@ Layout choices follow keras.applications (the pretrained files we convert are Ke
 * Padding is explicit and symmetric (Keras: ZeroPadding2D then 'valid'); the stem max-pool pads with
   *zeros*, which matters for v2, whose stem output is not rectified.
 
+`layout="slim"` gives TF-Slim's resnet_v1 / resnet_v2 instead (the thesis' checkpoints): in both versions
+the *last* unit of stages 1-3 carries the stride, on its 3x3 conv, and a unit whose channel count does
+not change keeps an identity shortcut, subsampled when strided (v1 included, where Keras projects);
+strided convs pad explicitly and symmetrically (slim's `conv2d_same`, as Keras); the stem max-pool is TF
+"SAME" (pads -inf, and only at the end of an even-sized side). With slim's other constants (BatchNorm
+epsilon 1e-5; v1 convs without biases) set by the caller, see `embjax.weights.tf_slim`.
+
 Parameter names mirror Keras layer names (`conv1_conv`, `conv2_block1` / `1_conv`, `post_bn`,
 `predictions`) so the converter's name map reads as the identity it is. Returned features: `stem` (after
 the max-pool), `stage1`..`stageN` (Keras' conv2..conv{N+1} outputs), `pre_logits` (global average pool,
@@ -91,7 +98,7 @@ class BottleneckV1(_Block):
     def __call__(self, x, train: bool = False):
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         b = self.conv_bias
-        shortcut = x
+        shortcut = x[:, :: self.strides, :: self.strides, :]  # TF-Slim's strided identity (subsample)
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(x)
             shortcut = self.bn(train, "0_bn")(shortcut)
@@ -169,6 +176,7 @@ class ResNet(nn.Module):
     stem_stride: int = 2
     stem_pool: bool = True  # 3x3 stride-2 max-pool after the stem conv
     stride_in_1x1: bool = True  # v1 bottleneck only: Keras (True) or torchvision (False) stride placement
+    layout: str = "keras"  # "slim": TF-Slim's stride placement, shortcuts and stem pool (module docstring)
     conv_bias: bool = True  # Keras convs carry biases (v2: only those not followed by BatchNorm)
     num_classes: int = 1000
     epsilon: float = 1.001e-5  # keras.applications ResNet's BatchNorm epsilon
@@ -188,6 +196,10 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet stage_sizes must be positive block counts, got {tuple(self.stage_sizes)}")
         if self.width <= 0:
             raise ValueError(f"ResNet width multiplier must be positive, got {self.width}")
+        if self.layout not in ("keras", "slim"):
+            raise ValueError(f"ResNet layout must be 'keras' or 'slim', got {self.layout!r}")
+        if self.layout == "slim" and not self.bottleneck:
+            raise ValueError("ResNet layout 'slim' exists for bottleneck blocks only (TF-Slim has no basic blocks)")
 
     def _scaled(self, channels):
         return max(1, int(round(channels * self.width)))
@@ -198,9 +210,10 @@ class ResNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         v2 = self.version == 2
+        slim = self.layout == "slim"
         x = x.astype(self.dtype)
         common = dict(
-            stride_in_1x1=self.stride_in_1x1,
+            stride_in_1x1=self.stride_in_1x1 and not slim,
             conv_bias=self.conv_bias,
             epsilon=self.epsilon,
             bn_momentum=self.bn_momentum,
@@ -231,7 +244,9 @@ class ResNet(nn.Module):
                 name="conv1_bn",
             )(x)
             x = nn.relu(x)
-        if self.stem_pool:
+        if self.stem_pool and slim:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")  # TF "SAME": -inf, at the end
+        elif self.stem_pool:
             # Keras pads with zeros, not -inf: identical after a ReLU (v1), not for v2's raw stem output.
             x = nn.max_pool(_pad(x, (1, 1)), (3, 3), strides=(2, 2), padding="VALID")
         out["stem"] = x
@@ -247,15 +262,16 @@ class ResNet(nn.Module):
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             filters = self._scaled(width)
             for j in range(blocks):
-                if v2:
-                    # Keras v2 strides the last block of every stage but the last one.
+                if v2 or slim:
+                    # Keras v2 and TF-Slim stride the last block of every stage but the last one.
                     strides = 2 if (j == blocks - 1 and i != last) else 1
                 else:
                     strides = 2 if (j == 0 and i > 0) else 1
                 in_channels = x.shape[-1]
                 # A projection wherever the shortcut changes shape; for Keras v1/v2 bottlenecks this is
                 # exactly "the first block of each stage" (conv_shortcut=True there, False elsewhere).
-                project = in_channels != expansion * filters or (strides != 1 and not v2)
+                # TF-Slim projects only when the channel count changes.
+                project = in_channels != expansion * filters or (strides != 1 and not (v2 or slim))
                 x = block_cls(
                     filters=filters,
                     strides=strides,
@@ -297,6 +313,14 @@ def resnet(depth: int, version: int = 1, num_classes: int = 1000, **overrides) -
     )
     fields.update(overrides)
     return ResNet(**fields)
+
+
+def slim_resnet(depth: int = 152, version: int = 1, num_classes: int = 1001, **overrides) -> ResNet:
+    """TF-Slim's resnet_v{version}_{depth}: `layout="slim"` with the constants of slim's resnet_arg_scope
+    (BatchNorm epsilon 1e-5; v1 convs carry no biases, v2's unnormalized ones do)."""
+    fields = dict(layout="slim", epsilon=1e-5, conv_bias=version == 2, num_classes=num_classes)
+    fields.update(overrides)
+    return resnet(depth, version, **fields)
 
 
 def small_resnet_v1(num_classes: int = 10, **overrides) -> ResNet:
@@ -351,6 +375,7 @@ __all__ = [
     "BasicV2",
     "STAGE_SIZES",
     "resnet",
+    "slim_resnet",
     "small_resnet_v1",
     "small_resnet_v2",
 ]
