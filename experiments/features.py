@@ -207,9 +207,17 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
         warnings.simplefilter("always")
         affine = maps.affine_all(fit, ridge=cfg["ridge"], names=names)
         pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-        families = {"affine": affine, "naive": {(i, j): maps.naive(dims[i], dims[j]) for i, j in pairs}}
+        # What the evaluation pass scores: dense affine maps; naive and logit maps in their factored
+        # forms (no N² dense matrices resident); the logit maps are also saved, densified per pair.
+        scored, logit = {}, {}
         if heads is not None:
-            families["logit"] = {(i, j): maps.logit(heads[i], heads[j]) for i, j in pairs}
+            pinvs = [np.asarray(maps.head_pinv(h), np.float64) for h in heads]
+            logit = {(i, j): ((np.asarray(heads[i][0], np.float64) @ pinvs[j]).astype(np.float32),
+                              ((np.asarray(heads[i][1], np.float64) - heads[j][1]) @ pinvs[j]).astype(np.float32))
+                     for i, j in pairs}
+            scored = {"affine": evaluate.stack_maps(affine, dims),
+                      "logit": evaluate.logit_maps(heads, pinvs, dims),
+                      "naive": evaluate.NaiveMaps()}
     map_warnings = [str(w.message) for w in caught]
     for w in map_warnings:
         log(f"[features] warning: {w}")
@@ -233,12 +241,11 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
     if eval_src is not None or heads is not None:
         t0 = time.perf_counter()
         rows_src = eval_src if eval_src is not None else fit_src
-        scored = {k: families[k] for k in FAMILIES if k in families} if heads is not None else {}
         carry = {"stats": stats.init(dims) if eval_src is not None else None,
                  "eval": {k: evaluate.init(dims) for k in scored}}
         # evaluate.init shares one zero array between its counters; donation needs distinct buffers.
         carry = jax.tree.map(np.array, carry)
-        aux = {"maps": {k: evaluate.stack_maps(m, dims) for k, m in scored.items()},
+        aux = {"maps": scored,
                "heads": [tuple(h) for h in heads] if heads is not None else None}
 
         def fold(c, feats, mask, lab, aux):
@@ -272,9 +279,7 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
     results["meta"] = {"seconds": seconds}
 
     saved = {f"maps/{names[i]}__to__{names[j]}.npz": affine[(i, j)] for i, j in affine}
-    if "logit" in families:
-        saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": families["logit"][(i, j)]
-                      for i, j in families["logit"]})
+    saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
     results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
                        "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
     return results, saved
