@@ -188,6 +188,9 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
     if heads is not None and eval_labels is None:
         notes.append(f"--heads without {label_flag}: agreement with each target's own prediction is reported, "
                      "not accuracy")
+    if heads is not None and fit_labels is not None and eval_src is not None:
+        notes.append("--labels labels the fit rows; with --eval_features accuracy is measured on the evaluation "
+                     "rows against --eval_labels, so --labels was only checked")
     for note in notes:
         log(f"[features] note: {note}")
 

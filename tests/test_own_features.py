@@ -112,7 +112,7 @@ def lay_out(tmp, planted, n_fit=700, n_eval=300):
     return fit, eval_labels, acc
 
 
-def doc_command(workdir_override=None):
+def doc_command():
     """The docs' bash command as an argv running this checkout's experiments.features."""
     argv = shlex.split(doc_block("bash").replace("\\\n", " "))
     assert argv[:2] == ["./launch.sh", "features"], argv[:2]
