@@ -279,3 +279,21 @@ def test_without_heads_and_without_labels(tmp_path):
     assert any("agreement" in note for note in results["notes"])
     with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
         _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
+
+
+def test_benchmark_runs_at_a_toy_size(tmp_path):
+    """benchmarks/own_features.py end to end (both contestants, a growth point each), in seconds."""
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/own_features.py", "--models", "3", "--dim", "16", "--n", "3000",
+         "--batch", "512", "--sklearn-pairs", "2", "--growth", "embjax:16:6000,sklearn:16:6000",
+         "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    diff = re.search(r"max relative difference of predictions on 3000 rows \(2 pairs;[^|]*\| (\S+) \|", proc.stdout)
+    # Both solve the same least-squares problem; float32 features of 16 well-conditioned dims: the two
+    # solutions' predictions agree to ~1e-6, 1e-4 still tells a wrong map (an O(1) difference) apart.
+    assert diff and float(diff.group(1)) < 1e-4, proc.stdout[-2000:]
+    assert "peak RSS: embjax, 3 x 16 dims x 6,000 rows" in proc.stdout
+    assert "peak RSS: scikit-learn, 3 x 16 dims x 6,000 rows" in proc.stdout
+    assert not os.path.exists(tmp_path / "data")  # generated features removed without --keep-data
