@@ -8,15 +8,10 @@ This module owns the method's arithmetic, and nothing else (no model, file or de
    embedding (every convolutional block in network order; VGG16's fixed list in `EMBEDDING_LAYERS`).
 2. `pool(outputs, layers)`: spatial average pooling of each (B, H, W, C) output, fully connected (B, C)
    outputs as they are, concatenated in the listed order into (B, D) float32.
-3. Per-feature mean and standard deviation streamed over the training split with the accumulator shape
-   every streaming statistic in embjax has: `moments_init(d)`, `moments_update(state, x, mask)`,
-   `moments_merge(a, b)`, `moments_compute(state)`. Only the diagonal is kept (D numbers, never D x D):
-   batches are centred on their own mean and combined with the Chan-Golub-LeVeque update
-
-       n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δ² n_a n_b / n,
-
-   so post-ReLU features, whose means sit far above their spread, keep their digits in float32.
-4. `standardization(state)` -> `Standardization` (mean, std, and which features are degenerate),
+3. Per-feature mean and standard deviation streamed over the training split: `embjax.moments`
+   (init / update under a mask / merge / compute; only the diagonal, D numbers and never D x D, with the
+   Chan merge, so post-ReLU features whose means sit far above their spread keep their digits).
+4. `standardization(moments_state)` -> `Standardization` (mean, std, and which features are degenerate),
    `standardize(x, s)` -> z = (x − μ) / σ.
 5. `discretize(z, low=-0.25, high=0.15)` -> int8 in {-1, 0, 1}, and `embed` = 2 ∘ 4 ∘ 5.
 
@@ -53,6 +48,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from embjax import moments
 
 # Discretization thresholds of the paper.
 LOW, HIGH = -0.25, 0.15
@@ -145,58 +142,6 @@ def pool(outputs: Mapping[str, jax.Array], layers: Sequence[str]) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Streaming per-feature moments (diagonal only)
-
-
-@flax.struct.dataclass
-class Moments:
-    """Per-feature count, mean and centred sum of squares M2 = Σ (x − μ)² of the rows seen."""
-
-    count: jax.Array  # () float32: rows seen (float: the merge divides by it; exact up to 2^24 rows)
-    mean: jax.Array  # (D,)
-    m2: jax.Array  # (D,)
-
-
-def moments_init(dim: int, dtype=jnp.float32) -> Moments:
-    """Empty moments of `dim` features."""
-    if int(dim) <= 0:
-        raise ValueError(f"fne.moments_init: dim must be a positive feature count, got {dim}")
-    return Moments(jnp.zeros((), dtype), jnp.zeros((int(dim),), dtype), jnp.zeros((int(dim),), dtype))
-
-
-def _combine(n_a, mu_a, m2_a, n_b, mu_b, m2_b) -> Moments:
-    n = n_a + n_b
-    safe = jnp.maximum(n, 1.0)  # both empty: every term below is 0, keep them 0 rather than NaN
-    delta = mu_b - mu_a
-    mean = mu_a + delta * (n_b / safe)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe)
-    return Moments(n, mean, m2)
-
-
-def moments_update(state: Moments, x: jax.Array, mask: jax.Array | None = None) -> Moments:
-    """Fold the rows of x (B, D) where mask (B,) is True into state; masked rows get no weight."""
-    x = jnp.asarray(x, state.mean.dtype)
-    if x.ndim != 2 or x.shape[1] != state.mean.shape[0]:
-        raise ValueError(f"fne.moments_update: x must be (batch, {state.mean.shape[0]}), got {x.shape}")
-    w = jnp.ones((x.shape[0],), x.dtype) if mask is None else jnp.asarray(mask).astype(x.dtype)
-    n_b = jnp.sum(w)
-    mu_b = jnp.sum(x * w[:, None], axis=0) / jnp.maximum(n_b, 1.0)
-    xc = (x - mu_b) * w[:, None]  # masked rows contribute exactly 0 (and their garbage never multiplies)
-    m2_b = jnp.sum(xc * xc, axis=0)
-    return _combine(state.count, state.mean, state.m2, n_b, mu_b, m2_b)
-
-
-def moments_merge(a: Moments, b: Moments) -> Moments:
-    """The moments of the union of the rows a and b have seen (order-free up to rounding)."""
-    return _combine(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
-
-
-def moments_compute(state: Moments) -> tuple[jax.Array, jax.Array]:
-    """(mean, population variance M2 / n): the statistics the paper standardizes with."""
-    return state.mean, state.m2 / jnp.maximum(state.count, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Standardization and discretization
 
 
@@ -207,10 +152,9 @@ class Standardization:
     degenerate: jax.Array  # (D,) bool: standardized to 0 (see the module docstring)
 
 
-def standardization(state: Moments, rtol: float = DEGENERATE_RTOL) -> Standardization:
-    """Mean, standard deviation and degenerate-feature mask from streamed moments."""
-    mean, var = moments_compute(state)
-    std = jnp.sqrt(jnp.maximum(var, 0.0))
+def standardization(state: moments.Moments, rtol: float = DEGENERATE_RTOL) -> Standardization:
+    """Mean, population standard deviation and degenerate-feature mask from streamed `embjax.moments`."""
+    mean, std = moments.compute(state)
     return Standardization(mean, std, std <= rtol * jnp.abs(mean))
 
 
@@ -258,11 +202,6 @@ __all__ = [
     "embedding_layers",
     "layer_widths",
     "pool",
-    "Moments",
-    "moments_init",
-    "moments_update",
-    "moments_merge",
-    "moments_compute",
     "Standardization",
     "standardization",
     "standardize",
