@@ -77,17 +77,18 @@ def _solve(x, y, s, C, tol, *, num_classes, max_iter, memory_size, regularize_bi
     target = tol * jnp.maximum(g0, 1e-30)
 
     def step(carry):
-        params, state, _ = carry
+        params, state = carry
         value, grad = value_and_grad(params, state=state)
         updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=fun)
-        return optax.apply_updates(params, updates), state, optax.tree_utils.tree_norm(grad)
+        return optax.apply_updates(params, updates), state
 
     def going(carry):
-        _, state, gnorm = carry
+        _, state = carry  # the line search leaves the gradient at the new params in the state
         count = optax.tree_utils.tree_get(state, "count")
+        gnorm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad"))
         return (count == 0) | ((count < max_iter) & (gnorm > target))
 
-    params, state, _ = jax.lax.while_loop(going, step, (params, opt.init(params), jnp.asarray(jnp.inf)))
+    params, state = jax.lax.while_loop(going, step, (params, opt.init(params)))
     value, grad = jax.value_and_grad(fun)(params)
     return params, value, optax.tree_utils.tree_norm(grad) / jnp.maximum(g0, 1e-30), \
         optax.tree_utils.tree_get(state, "count")
