@@ -50,6 +50,8 @@ def sources(config):
     from embjax import data
 
     kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
+    if config.download:
+        kw["download"] = True  # tfds prepares a missing dataset (needs the internet once)
     return (data.get_source(config.dataset, config.train_split, **kw),
             data.get_source(config.dataset, config.test_split, **kw))
 
@@ -98,14 +100,16 @@ def run(config, workdir: str):
 
     if config.activation not in ("post", "pre"):
         raise ValueError(f"config.activation must be 'post' or 'pre', not {config.activation!r}")
-    train_src, test_src = sources(config)
+    # Models first: a missing weight file is reported before any dataset is opened (or downloaded).
+    splits = functools.cache(lambda: sources(config))
+    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
+                      dtype=config.dtype, zoo_data=functools.cache(lambda: _all_rows(splits()[0])),
+                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.train_split}")
+    train_src, test_src = splits()
     for split, src in ((config.train_split, train_src), (config.test_split, test_src)):
         if len(src) == 0:
             raise ValueError(f"split '{split}' of {config.dataset} is empty")
     sizes = parse_sizes(config.train_sizes, len(train_src))
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(lambda: _all_rows(train_src)),
-                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.train_split}")
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
                             progress_seconds=config.progress_seconds, config=common.to_dict(config))

@@ -126,3 +126,25 @@ def test_resume_after_sigkill_mid_pass_gives_identical_results(baseline, tmp_pat
     # Same batches folded in the same order by the same compiled steps: bit-identical numbers.
     for key in ("accuracy", "sparsity", "degenerate_features", "dims"):
         assert resumed[key] == results[key], key
+
+
+def test_configs_and_errors(tmp_path):
+    from experiments import full_network_embedding as study
+    from experiments.configs import full_network_embedding as configs
+
+    default = configs.get_config(None)
+    assert default.models.split(",") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert study.parse_sizes(default.train_sizes, 1200) == [100, 1000, 1200]
+    for dataset, (train, test, classes) in configs.TFDS_DATASETS.items():
+        c = configs.get_config(f"vgg16_{dataset}")
+        assert (c.models, c.dataset, c.train_split, c.test_split, c.num_classes) == ("vgg16", dataset, train, test,
+                                                                                     classes)
+    assert configs.get_config("vgg16").dataset == "caltech101"
+    with pytest.raises(ValueError, match="unknown config"):
+        configs.get_config("vgg19")
+    with pytest.raises(ValueError, match="1..50"):
+        study.parse_sizes("100", 50)
+    assert study.parse_sizes("-1,10", 50) == [10, 50]
+    # The paper's preset without the weight file names the flag to set, before any data is downloaded.
+    with pytest.raises(FileNotFoundError, match="weight_files.vgg16"):
+        study.run(configs.get_config("vgg16_dtd"), str(tmp_path))

@@ -39,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.manual_dir = ml_collections.config_dict.placeholder(str)
     c.image_size = ml_collections.config_dict.placeholder(int)  # host-side square size for tfds images
+    c.download = False  # let tfds download and prepare a missing dataset
     c.num_classes = 10
     # The embedding (embjax.fne): which outputs (pre- or post-activation), thresholds, degenerate features.
     c.activation = "post"
@@ -76,6 +77,7 @@ def vgg16(dataset: str = "caltech101") -> ml_collections.ConfigDict:
     c.weights = "files"
     c.dataset = dataset
     c.train_split, c.test_split, c.num_classes = TFDS_DATASETS[dataset]
+    c.download = True
     c.image_size = 256  # the shorter side resized to 256 and centre-cropped; VGG16 then crops 224
     c.train_sizes = "-1"
     c.batch_size = 64
