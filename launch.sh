@@ -4,6 +4,7 @@
 #   ./launch.sh                    the main job: the affine-equivalence study on the offline default (zoo)
 #   ./launch.sh test [pytest args] the whole test suite
 #   ./launch.sh study [flags]      experiments/affine_equivalence.py with absl flags (e.g. --config=...)
+#   ./launch.sh STUDY [flags]      experiments/STUDY.py, e.g. ./launch.sh full_network_embedding
 #   ./launch.sh bench NAME [args]  benchmarks/NAME.py (installs the benchmark extra: PyTorch CPU, psutil)
 #   ./launch.sh python [args]      the project's Python, for anything else
 #
@@ -86,7 +87,12 @@ case "$cmd" in
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "unknown command '$cmd'; use one of: (none), test, study, bench NAME, python" >&2
+    if [ -f "experiments/$cmd.py" ] && [ "$cmd" != common ]; then  # any study: experiments/<study>.py
+      ensure_venv "weights"
+      ensure_fashion_mnist
+      exec "$VENV/bin/python" -m "experiments.$cmd" "$@"
+    fi
+    echo "unknown command '$cmd'; use one of: (none), test, study, bench NAME, python, or a study in experiments/" >&2
     exit 2
     ;;
 esac

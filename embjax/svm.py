@@ -9,14 +9,17 @@ fit_intercept=True, intercept_scaling=1), one binary problem per class k with y_
 (liblinear appends a constant feature for the intercept, so b_k is regularized like the weights; set
 `regularize_bias=False` for the textbook form). s_i are sample weights, 0 for padding rows. All classes
 are solved jointly as the sum Σ_k f_k, which is separable, so its minimizer is every f_k's minimizer.
-Prediction is the argmax of the K scores, as `LinearSVC.predict` does for K ≥ 3.
+Prediction is the argmax of the K scores, as `LinearSVC.predict` does for K ≥ 3 (for K = 2 both
+columns are trained, where LinearSVC trains one; the decisions are the same).
 
 Solver. The objective is strongly convex and continuously differentiable (the squared hinge has a
 Lipschitz gradient, its Hessian jumps at the margin), which is L-BFGS's home ground: optax's `lbfgs` with
 its zoom line search (strong Wolfe conditions), full batch, run in one `lax.while_loop` until the gradient
-norm falls below `tol` times its value at zero, or `max_iter`. Adam was the other candidate; on these
-problems it needs a learning-rate schedule tuned to the feature scale and thousands of steps to reach the
-objective L-BFGS reaches in a few hundred, so L-BFGS is the default with nothing to tune.
+norm falls below `tol` times its value at zero, or `max_iter`. The line search sets every step's length
+from the problem itself, which matters here: the same solver sees int8 embeddings in {-1, 0, 1} with
+thousands of features and raw pre-logits whose scale differs by orders of magnitude, and Adam would need a
+learning rate (and schedule) matched to each to reach the tight optimum the comparison with LinearSVC
+asks for. On the tests' problems L-BFGS reaches ‖∇‖ ≤ 1e-5 ‖∇₀‖ in 25-150 iterations.
 
 Scale. Each iteration costs a few passes of x @ W (n·D·K multiply-adds). Rows of x can be sharded over
 devices (a `jax.sharding.NamedSharding` with the rows on a mesh axis, the caller's business): the

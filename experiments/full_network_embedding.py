@@ -197,7 +197,10 @@ def embeddings_for(name: str, n: int, train, test, s, low: float, high: float) -
 
 
 def train_svms(config, engine, name: str, sizes, standardizations, low: float, high: float) -> dict:
-    from embjax import svm
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from embjax import extract, svm
 
     train, test = engine.store(f"stats_{name}"), engine.store(f"embed_{name}")
     if not np.array_equal(train.index, np.arange(len(train))):
@@ -206,7 +209,10 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
     # Every training set is padded to the largest one with zero-weight rows, and int8 is widened to float32
     # on the host: the SVM solver then compiles once per feature width instead of once per (size, width,
     # dtype), which on this CPU is ~10 s saved per avoided compilation.
-    rows = max(sizes)
+    # With several devices the rows are sharded over the engine's mesh (embjax.svm: weights replicated,
+    # sums over rows all-reduced), padded to a multiple of the device count.
+    devices = engine.mesh.devices.size
+    rows = -(-max(sizes) // devices) * devices
     for n in sizes:
         y_train = np.zeros(rows, np.int32)
         y_train[:n] = train.labels[:n]
@@ -216,8 +222,12 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
             t = time.perf_counter()
             x = np.zeros((rows, x_train.shape[1]), np.float32)
             x[:n] = np.asarray(x_train, np.float32)
-            model = svm.fit(x, y_train, config.num_classes, C=config.svm.C, tol=config.svm.tol,
-                            max_iter=config.svm.max_iter, sample_weight=weight)
+            xs, ys, ws = x, y_train, weight
+            if devices > 1:
+                xs, ys, ws = (jax.device_put(a, NamedSharding(engine.mesh, P(extract.DATA_AXIS, *[None] * (a.ndim - 1))))
+                              for a in (x, y_train, weight))
+            model = svm.fit(xs, ys, config.num_classes, C=config.svm.C, tol=config.svm.tol,
+                            max_iter=config.svm.max_iter, sample_weight=ws)
             k = _key(n)
             out["accuracy"][e][k] = np.float64(svm.accuracy(model, np.asarray(x_test, np.float32), test.labels))
             out["objective"][e][k] = np.float64(model.objective)
