@@ -45,7 +45,9 @@ def base() -> ml_collections.ConfigDict:
     c.activation = "post"
     c.low, c.high = -0.25, 0.15
     c.degenerate_rtol = 1e-4
-    c.svm = ml_collections.ConfigDict(dict(C=1.0, tol=1e-4, max_iter=1000))
+    # embjax.svm: C of LinearSVC's objective; stop at a relative duality gap of tol (objective within
+    # tol of the optimum); solver "dual_cd" (reliable) or "lbfgs" (optax; rows sharded over devices).
+    c.svm = ml_collections.ConfigDict(dict(C=1.0, tol=1e-3, max_iter=1000, solver="dual_cd"))
     c.batch_size = 32  # global, over all devices and processes
     c.dtype = "float32"
     c.checkpoint_every = 10  # batches
