@@ -8,7 +8,7 @@ r"""The affine-equivalence study (McNeely-White 2020, Tables 5.1-5.3 and the sec
 Two passes on the engine (embjax.extract):
   1. fit:  the joint statistics (embjax.stats) of every model's pre-logit features over the fit split;
   2. maps: affine (least squares), logit (classifier weights only) and naive (truncate / zero-pad) maps
-           for every ordered pair; with `heads="linear"`, a linear head per backbone trained on the fit
+           for every ordered pair (logit and naive in factored form: no N² matrices on the devices); with `heads="linear"`, a linear head per backbone trained on the fit
            features the first pass kept in the feature store;
   3. eval: every pair's mapped features through the target's head on the evaluation split (embjax.evaluate).
 See experiments/common.py for the command-line flags, resume and multi-host options.
@@ -43,6 +43,12 @@ def all_rows(source) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels)
 
 
+def input_sizes(config) -> dict:
+    """members.load's input_sizes from config.input_size and config.native_size_models."""
+    native = [m.strip() for m in config.native_size_models.split(",") if m.strip()]
+    return {"*": config.input_size, **{m: 0 for m in native}}
+
+
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
@@ -56,10 +62,11 @@ def run(config, workdir: str):
     ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
                       dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2)
+                      minimum=2, input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm)
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+                            progress_seconds=config.progress_seconds, config=common.to_dict(config),
+                            precision="float32" if config.dtype == "float32" else None)
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     linear = config.heads == "linear"
     features = {n: ("pre_logits",) for n in names}
@@ -70,7 +77,7 @@ def run(config, workdir: str):
     # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
     fit = engine.run(extract.Pass(
         "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]),
+        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]), merge=stats.merge,
         store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
@@ -87,13 +94,15 @@ def run(config, workdir: str):
         scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
     else:
         scoring = own_heads
-    pairs = [(i, j) for i in range(len(ms)) for j in range(len(ms)) if i != j]
-    families = {"affine": affine,
-                "logit": {(i, j): maps.logit(scoring[i], scoring[j]) for i, j in pairs},
-                "naive": {(i, j): maps.naive(dims[i], dims[j]) for i, j in pairs}}
+    # Affine maps as padded dense stacks; logit maps factored through each head's pseudo-inverse and
+    # naive maps as truncation / zero-padding, so neither keeps N² matrices on the devices.
+    affine_stacks = evaluate.stack_maps(affine, dims)
+    families = {"affine": affine_stacks,
+                "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
+                "naive": evaluate.NaiveMaps()}
     head_sets = {k: scoring for k in families}
     if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy
-        families["native_affine"], head_sets["native_affine"] = affine, own_heads
+        families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
 
     # 3. Every pair on the evaluation split.
     def fold_eval(state, out, batch, aux):
@@ -103,9 +112,11 @@ def run(config, workdir: str):
 
     ev = engine.run(extract.Pass(
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
-        fold=fold_eval, dataset=config.dataset,
-        aux={"heads": head_sets, "maps": {k: evaluate.stack_maps(m, dims) for k, m in families.items()}}))
-    return results(config, names, dims, fit, affine, ev, engine.seconds), engine
+        fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
+        aux={"heads": head_sets, "maps": families}))
+    out = results(config, names, dims, fit, affine, ev, engine.seconds)
+    out["params"] = [m.num_params for m in ms]
+    return out, engine
 
 
 def results(config, names, dims, fit, affine, ev, seconds) -> dict:

@@ -22,6 +22,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 from embjax.models import inception  # noqa: E402
 from embjax.weights import keras_inception  # noqa: E402
 from keras_helpers import fast_keras_init  # noqa: E402
