@@ -94,6 +94,7 @@ def _key(n: int) -> str:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
+    import jax
     import jax.numpy as jnp
 
     from embjax import extract, fne, members, moments
@@ -137,6 +138,7 @@ def run(config, workdir: str):
         stats = engine.run(extract.Pass(
             f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
             init={_key(n): moments.init(dim) for n in sizes}, fold=fold_stats, emit=emit_stats,
+            merge=lambda a, b: {k: moments.merge(a[k], b[k]) for k in a},  # per-device partials, Chan-merged
             store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
         standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
 
@@ -156,6 +158,7 @@ def run(config, workdir: str):
             f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
             init={"rows": np.zeros((), np.float32), "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}},
             fold=fold_embed, emit=emit_embed, aux=standardizations,
+            merge=lambda a, b: jax.tree.map(jnp.add, a, b),
             store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
             | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
         per_model[name] = dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)
