@@ -12,10 +12,12 @@ zero-padding, so `padding="tf_same"` (the default) is the one that matches the w
 
 `__call__(x, train=False)` takes NHWC images (any size; stride-2 layers round up) and returns a dict:
 
-    stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6
+    stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6 (stem_preact: before the ReLU6)
+    block_<i>  output of every block, i counting over all blocks (16 for Lite0; the full-network
+               embedding reads them)
     stage1..7  output of each block group (16, 24, 40, 80, 112, 192, 320 channels for Lite0; strides
-               2, 4, 8, 16, 16, 32, 32 relative to the input)
-    head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6
+               2, 4, 8, 16, 16, 32, 32 relative to the input): the group's last block_<i>
+    head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6 (head_preact: before the ReLU6)
     pre_logits (B, 1280)               global average pool of `head`
     logits     (B, num_classes)
 
@@ -288,7 +290,9 @@ class EfficientNetLite(nn.Module):
         stem_pads = [_pad_amounts(n, 3, self.stem_stride, self.padding) for n in x.shape[1:3]]
         x = nn.Conv(self.stem_channels, (3, 3), strides=(self.stem_stride,) * 2, padding=stem_pads,
                     use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
-        x = nn.relu6(bn("stem_bn")(x))
+        x = bn("stem_bn")(x)
+        out["stem_preact"] = x
+        x = nn.relu6(x)
         out["stem"] = x
         index = 0
         for stage_number, s in enumerate(stages, start=1):
@@ -297,11 +301,14 @@ class EfficientNetLite(nn.Module):
                            epsilon=self.epsilon, momentum=self.momentum, padding=self.padding,
                            depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                            fold_bn=self.fold_bn, name=f"block_{index}")(x, train)
+                out[f"block_{index}"] = x
                 index += 1
             out[f"stage{stage_number}"] = x
         x = nn.Conv(self.head_channels, (1, 1), use_bias=self.fold_bn, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="head_conv")(x)
-        x = nn.relu6(bn("head_bn")(x))
+        x = bn("head_bn")(x)
+        out["head_preact"] = x
+        x = nn.relu6(x)
         out["head"] = x
         # Pool with float32 accumulation: a bfloat16 sum over 49+ positions would lose ~2 digits.
         pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -64,7 +64,7 @@ class ModelSpec:
     """Everything the engine needs to know about one named model."""
 
     name: str
-    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite
+    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite, vgg16
     build: Callable[..., Any]  # build(**field_overrides) -> Flax module
     input_size: int
     in_channels: int
@@ -272,6 +272,23 @@ def _specs() -> dict[str, ModelSpec]:
                 keras_file=keras_file,
             )
         )
+    specs.append(
+        ModelSpec(
+            name="vgg16",
+            family="vgg16",
+            build=_lazy("embjax.models.vgg", "VGG16"),
+            input_size=224,  # fixed: fc1's kernel is sized for the 7x7x512 flatten of a 224-px input
+            in_channels=3,
+            feature_dim=4096,
+            num_classes=1000,
+            **_KERAS_CAFFE,
+            **_IMAGENET_CROP,
+            weight_source="keras.applications VGG16 (vgg16_weights_tf_dim_ordering_tf_kernels.h5)",
+            converter=_lazy_converter("embjax.weights.keras_vgg", "convert_vgg16"),
+            weight_formats=("keras_h5",),
+            keras_file="vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+        )
+    )
     for variant, size in _LITE_SIZES.items():
         packaged = variant <= 2
         specs.append(
