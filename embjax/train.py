@@ -151,6 +151,10 @@ def fit(loss_fn: Callable, variables: Mapping[str, Any], get_batch: Callable[[np
         batch = extract.shard_batch(get_batch(_process_rows(order[i])), mesh)
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
+        # Bound how far the host runs ahead of the devices (batches queued in memory), without a sync
+        # on the step just dispatched.
+        if len(pending) > 2:
+            jax.block_until_ready(pending[-3])
         done = s + 1
         if done % cfg.checkpoint_every == 0 or done == total:
             checkpoints.save(done, state, {"step": done, "name": name})
@@ -164,6 +168,7 @@ def fit(loss_fn: Callable, variables: Mapping[str, Any], get_batch: Callable[[np
                 raise FloatingPointError(
                     f"[{name}] non-finite training metrics {values} between steps {since} and "
                     f"{done}; lower the learning rate or check the inputs")
+            now = time.perf_counter()  # after the device caught up: rates count finished steps
             if s_timed is None:
                 s_timed, t_timed = done, now  # rates from the first logged step on: compilation excluded
                 rate = ""

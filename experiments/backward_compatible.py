@@ -26,6 +26,7 @@ See experiments/common.py for the flags, resume and multi-host options.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -51,6 +52,8 @@ METHOD_NOTES = {
     "affine old→new": "independent new model; the old gallery mapped once into the new space by least squares",
     "orthogonal old→new": "independent new model; the old gallery mapped once by a scaled isometry",
 }
+# Wall seconds of each training in this process (a reused finished training counts its restore only).
+TRAIN_SECONDS: dict[str, float] = {}
 # Published figures (top-1 of leave-one-out retrieval) to place ours beside.
 PUBLISHED = [
     ("Shen et al. 2020, ImageNet (ResNet-18 old on 50%, ResNet-50 new on 100%)", [
@@ -164,8 +167,11 @@ def train_model(config, workdir, role, spec, source, tcfg, kind="independent", i
             batch["old_embedding"] = np.asarray(old_embeddings[idx], np.float32)
         return batch
 
-    return train.fit(loss, variables, get_batch, len(source), cfg, workdir=_train_dir(workdir, role, fingerprint),
-                     fingerprint=fingerprint, name=f"train {role} ({spec.name})")
+    t0 = time.perf_counter()
+    out = train.fit(loss, variables, get_batch, len(source), cfg, workdir=_train_dir(workdir, role, fingerprint),
+                    fingerprint=fingerprint, name=f"train {role} ({spec.name})")
+    TRAIN_SECONDS[f"train {role}"] = time.perf_counter() - t0
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +285,7 @@ def run(config, workdir: str):
 
     retrieval = e2.memo("retrieval", compute_retrieval)
     return results(config, retrieval, subsets, old_classes, new_classes, len(old_rows), len(new_rows),
-                   len(fit_rows), len(labels), map_r2, {**e1.seconds, **e2.seconds}), e2
+                   len(fit_rows), len(labels), map_r2, {**TRAIN_SECONDS, **e1.seconds, **e2.seconds}), e2
 
 
 def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[int]]:
