@@ -393,6 +393,12 @@ def _from_skeleton(skel, leaves):
 # The engine.
 
 
+def _saved(state, batches_done: int) -> dict:
+    """What a checkpoint holds: the accumulator and its batch count (never an empty tree, which orbax
+    refuses: a pass that only fills the feature store has an empty accumulator)."""
+    return {"accumulator": state, "batches_done": np.int32(batches_done)}
+
+
 class Engine:
     """Runs a study's passes over `members` with checkpoints, resume, progress and a feature store.
 
@@ -482,14 +488,15 @@ class Engine:
         offset, self._step_offset = self._step_offset, self._step_offset + total
         like = replicate(p.init, self.mesh)
 
-        done = self._checkpoints("passes", p.name, keep=1)
-        try:
-            if done.latest() == total:
-                state, _ = done.restore(total, like)
-                self._log(f"[resume] pass '{p.name}' finished earlier: restored")
-                return jax.device_get(state)
-        finally:
-            done.close()
+        if os.path.isdir(self._dir("passes", p.name)):
+            done = self._checkpoints("passes", p.name, keep=1)
+            try:
+                if done.latest() == total:
+                    state = done.restore(total, _saved(like, total))[0]["accumulator"]
+                    self._log(f"[resume] pass '{p.name}' finished earlier: restored")
+                    return jax.device_get(state)
+            finally:
+                done.close()
 
         t0 = time.perf_counter()
         ckpt = self._checkpoints("checkpoints", p.name, keep=2)
@@ -499,7 +506,7 @@ class Engine:
             if start >= total:
                 raise RuntimeError(f"checkpoint {start} in {ckpt.directory} is past the {total} batches of "
                                    f"pass '{p.name}'; delete that directory to start the pass over")
-            state, _ = ckpt.restore(start, like)
+            state = ckpt.restore(start, _saved(like, start))[0]["accumulator"]
             self._log(f"[resume] pass '{p.name}': {start}/{total} batches already done")
 
         writer = None
@@ -555,7 +562,7 @@ class Engine:
                         write(pending)
                         pending = None
                         writer.flush()
-                    ckpt.save(done_b, state, {"pass": p.name, "batches_done": done_b,
+                    ckpt.save(done_b, _saved(state, done_b), {"pass": p.name, "batches_done": done_b,
                                               "step": offset + done_b})
                 progress.update(done_b)
             if writer is not None and pending is not None:
@@ -571,7 +578,7 @@ class Engine:
             writer.close()
             self._finish_store(p, needed, n)
         done = self._checkpoints("passes", p.name, keep=1)
-        done.save(total, state, {"pass": p.name, "batches_done": total, "step": offset + total})
+        done.save(total, _saved(state, total), {"pass": p.name, "batches_done": total, "step": offset + total})
         done.close()
         if self.process_index == 0:
             shutil.rmtree(self._dir("checkpoints", p.name), ignore_errors=True)

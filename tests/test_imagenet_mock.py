@@ -8,7 +8,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from embjax import report, study
+from embjax import report
+from experiments import affine_equivalence as study
 from experiments.configs import affine_equivalence as configs
 
 
@@ -21,7 +22,7 @@ def test_imagenet_config_on_mock_data(tmp_path):
     config.checkpoint_every = 1
     config.thesis_names = {"mobilenet_v2_140": "MobileNet-v2-1.4-224"}
     with tfds.testing.mock_data(num_examples=20):
-        results = study.run(config, str(tmp_path / "state"))
+        results, _ = study.run(config, str(tmp_path / "state"))
     assert results["models"] == ["mobilenet_v2_140", "efficientnet_lite0"]
     assert results["feature_dims"] == [1792, 1280]
     assert results["num_fit"] == 20 and results["num_eval"] == 20
