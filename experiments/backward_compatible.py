@@ -33,10 +33,11 @@ import numpy as np
 from experiments import common
 
 SETTINGS = ("old/old", "new/new", "new/old")
-# method -> (how its new model was trained, post-hoc map or None)
+# method -> (the new model it uses, post-hoc map or None)
 METHODS = {
     "independent": ("independent", None),
     "bct": ("bct", None),
+    "bct, unnormalized columns": ("bct_unnormalized", None),
     "l2": ("l2", None),
     "affine new→old": ("independent", "affine_new_to_old"),
     "orthogonal new→old": ("independent", "orthogonal_new_to_old"),
@@ -45,13 +46,26 @@ METHODS = {
 }
 METHOD_NOTES = {
     "independent": "new model trained alone; new/old feeds its embedding, cut/zero-padded, to the old gallery",
-    "bct": "new model trained with the influence loss through the old classifier (Shen et al.)",
+    "bct": "new model trained with the influence loss through the old classifier (Shen et al.); new classes' "
+           "columns synthesized from mean old embeddings, normalized as config.bct.normalize says",
+    "bct, unnormalized columns": "the same with the synthesized columns left unnormalized (the paper's rule "
+                                 "taken literally)",
     "l2": "new model trained with ‖φ_new − φ_old‖² added (the paper's L2-regression baseline)",
     "affine new→old": "independent new model; queries mapped into the old space by least squares",
     "orthogonal new→old": "independent new model; queries mapped into the old space by a scaled partial isometry",
     "affine old→new": "independent new model; the old gallery mapped once into the new space by least squares",
     "orthogonal old→new": "independent new model; the old gallery mapped once by a scaled isometry",
 }
+
+
+def methods_for(config) -> dict:
+    """The methods of this run: the unnormalized BCT variant only when it differs from "bct" and is asked for."""
+    out = dict(METHODS)
+    if not config.bct.compare_unnormalized or config.bct.normalize in (None, "none"):
+        out.pop("bct, unnormalized columns")
+    return out
+
+
 # Wall seconds of each training in this process (a reused finished training counts its restore only).
 TRAIN_SECONDS: dict[str, float] = {}
 # Published figures (top-1 of leave-one-out retrieval) to place ours beside.
@@ -144,7 +158,7 @@ def sources(config):
 def _train_dir(workdir: str, role: str, fingerprint: dict) -> str:
     from embjax import extract
 
-    return os.path.join(workdir, "train", f"{role}-{extract.config_fingerprint(fingerprint)[:12]}")
+    return os.path.join(workdir, "train", f"{role.split('_')[0]}-{extract.config_fingerprint(fingerprint)[:12]}")
 
 
 def train_model(config, workdir, role, spec, source, tcfg, kind="independent", influence=None, weight=1.0,
@@ -225,25 +239,35 @@ def run(config, workdir: str):
     old_classes = sorted(set(int(c) for c in (config.old_classes if config.old_data == "classes" else present)))
     new_classes = [c for c in present if c not in old_classes]
     means = np.asarray(bct.class_sums_compute(sums))
-    influence = bct.influence_classifier(old.head[0], old.head[1], old_classes, num_labels=num_labels,
-                                         new_classes=new_classes, new_class_means=means[new_classes],
-                                         normalize=normalize)
+    new_labels = np.empty((len(new_src),), np.int32)
     store = e1.store("old_features")
     old_emb = np.empty((len(new_src), d_old), np.float32)
     old_emb[store.index] = store.array("old/pre_logits")
+    new_labels[store.index] = store.labels
+    # One BCT model per normalization of the synthesized columns: config.bct.normalize, and the paper's
+    # literal rule (unnormalized) beside it when asked for.
+    variants = {"bct": normalize}
+    if "bct, unnormalized columns" in methods_for(config):
+        variants["bct_unnormalized"] = None
+    influences, diagnostics = {}, {}
+    for role, norm in variants.items():
+        influences[role] = bct.influence_classifier(
+            old.head[0], old.head[1], old_classes, num_labels=num_labels, new_classes=new_classes,
+            new_class_means=means[new_classes], normalize=norm)
+        diagnostics[role] = influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
+        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
 
-    # 3. The new model, three ways.
-    influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=config.bct.normalize)
-    trained = {
-        "independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
-                                   fingerprint=new_fp),
-        "bct": train_model(config, workdir, "bct", new_spec, new_src, config.new_train, kind="bct",
-                           influence=influence, weight=config.bct.influence_weight,
-                           fingerprint=dict(new_fp, bct=influence_fp)),
-        "l2": train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
-                          weight=config.l2_weight, old_embeddings=old_emb,
-                          fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight))),
-    }
+    # 3. The new model: independently, with BCT (per variant), with L2 regression.
+    trained = {"independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
+                                          fingerprint=new_fp)}
+    for role, norm in variants.items():
+        influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=norm or "none")
+        trained[role] = train_model(config, workdir, role, new_spec, new_src, config.new_train, kind="bct",
+                                    influence=influences[role], weight=config.bct.influence_weight,
+                                    fingerprint=dict(new_fp, bct=influence_fp))
+    trained["l2"] = train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
+                                weight=config.l2_weight, old_embeddings=old_emb,
+                                fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight)))
     news = {k: members.make_member(k, new_spec, v) for k, v in trained.items()}
     d_new = new_spec.feature_dim
 
@@ -285,7 +309,8 @@ def run(config, workdir: str):
 
     retrieval = e2.memo("retrieval", compute_retrieval)
     return results(config, retrieval, subsets, old_classes, new_classes, len(old_rows), len(new_rows),
-                   len(fit_rows), len(labels), map_r2, {**TRAIN_SECONDS, **e1.seconds, **e2.seconds}), e2
+                   len(fit_rows), len(labels), map_r2, {**TRAIN_SECONDS, **e1.seconds, **e2.seconds},
+                   diagnostics), e2
 
 
 def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[int]]:
@@ -306,22 +331,18 @@ def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
     from embjax import bct, maps
 
     old, ind = feats["old"], feats["independent"]
-    spaces = {
-        ("old", "old"): (old, old),
-        ("independent", "independent"): (ind, ind),
-        ("independent", "old"): (np.asarray(bct.fit_width(ind, d_old)), old),
-        ("bct", "bct"): (feats["bct"], feats["bct"]),
-        ("bct", "old"): (np.asarray(bct.fit_width(feats["bct"], d_old)), old),
-        ("l2", "l2"): (feats["l2"], feats["l2"]),
-        ("l2", "old"): (np.asarray(bct.fit_width(feats["l2"], d_old)), old),
-        ("affine_new_to_old", "old"): (np.asarray(maps.apply(ind, posthoc["affine_new_to_old"])), old),
-        ("orthogonal_new_to_old", "old"): (np.asarray(maps.apply(ind, posthoc["orthogonal_new_to_old"])), old),
-        ("independent", "affine_old_to_new"): (ind, np.asarray(maps.apply(old, posthoc["affine_old_to_new"]))),
-        ("independent", "orthogonal_old_to_new"): (ind, np.asarray(maps.apply(old, posthoc["orthogonal_old_to_new"]))),
-    }
+    spaces = {("old", "old"): (old, old)}
+    for role in [r for r in feats if r != "old"]:
+        spaces[(role, role)] = (feats[role], feats[role])
+        spaces[(role, "old")] = (np.asarray(bct.fit_width(feats[role], d_old)), old)
+    for k in ("affine_new_to_old", "orthogonal_new_to_old"):
+        spaces[(k, "old")] = (np.asarray(maps.apply(ind, posthoc[k])), old)
+    for k in ("affine_old_to_new", "orthogonal_old_to_new"):
+        spaces[("independent", k)] = (ind, np.asarray(maps.apply(old, posthoc[k])))
+    methods = methods_for(config)
 
     def pair(method: str, setting: str) -> tuple[str, str]:
-        trained, mapped = METHODS[method]
+        trained, mapped = methods[method]
         if setting == "old/old":
             return ("old", "old")
         if setting == "new/new":
@@ -338,7 +359,7 @@ def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
             done[key] = retrieve(q[rows], g[rows], labels[rows], config.retrieval_metric)
             print(f"[retrieval] {subset}: {key[0]} queries / {key[1]} gallery: top-1 {done[key]['top1']:.4f}  "
                   f"mAP {done[key]['map']:.4f}", flush=True)
-        out[subset] = {m: {s: done[pair(m, s)] for s in SETTINGS} for m in METHODS}
+        out[subset] = {m: {s: done[pair(m, s)] for s in SETTINGS} for m in methods}
     return out
 
 
@@ -350,7 +371,27 @@ def retrieve(query, gallery, labels, metric) -> dict:
     return {"top1": r["top1"], "top5": r["top5"], "map": r["map"]}
 
 
-def results(config, retrieval, subsets, old_classes, new_classes, n_old, n_new, n_fit, n_eval, map_r2, seconds):
+def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:
+    """How the influence classifier scores the old model's own embeddings of the new training set (the
+    target BCT pulls the new model towards): accuracy and cross-entropy on old-class and new-class images."""
+    kernel, bias, table = (np.asarray(a) for a in influence)
+    logits = old_emb.astype(np.float64) @ kernel + bias
+    cols = table[labels]
+    covered = cols >= 0
+    m = logits.max(axis=1, keepdims=True)
+    ce = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))) - logits[np.arange(len(labels)), np.maximum(cols, 0)]
+    right = logits.argmax(axis=1) == cols
+    out = {}
+    for group, rows in (("old classes", covered & np.isin(labels, old_classes)),
+                        ("new classes", covered & ~np.isin(labels, old_classes))):
+        if rows.any():
+            out[group] = {"accuracy": float(right[rows].mean()), "cross_entropy": float(ce[rows].mean())}
+    return out
+
+
+def results(config, retrieval, subsets, old_classes, new_classes, n_old, n_new, n_fit, n_eval, map_r2, seconds,
+            diagnostics):
+    METHODS = methods_for(config)  # noqa: N806 - this run's methods
     main = retrieval["all classes"]
     plain = {s: {m: {k: {q: float(v) for q, v in cell.items()} for k, cell in row.items()}
                  for m, row in table.items()} for s, table in retrieval.items()}
@@ -367,6 +408,7 @@ def results(config, retrieval, subsets, old_classes, new_classes, n_old, n_new, 
         "cost_new_new": {m: {k: float(main[m]["new/new"][k] - base_new[k]) for k in ("top1", "top5", "map")}
                          for m in METHODS},
         "map_r2": map_r2,
+        "influence_classifier_on_old_embeddings": diagnostics,
         "models": {"old": config.old_model, "new": config.new_model},
         "old_classes": old_classes, "new_classes": new_classes,
         "held_out_classes": [int(c) for c in config.held_out_classes],
@@ -448,6 +490,13 @@ def markdown(results: dict, tables: dict) -> str:
             out += [table.note, ""]
         out += [table.markdown(), ""]
     out += ["## Methods", ""] + [f"- **{m}**: {results['method_notes'][m]}" for m in results["methods"]]
+    diag = results.get("influence_classifier_on_old_embeddings", {})
+    if diag:
+        out += ["", "Influence classifier (old head on old classes + synthesized columns on new classes) scoring "
+                "the old model's own embeddings of the new training set, i.e. the target BCT pulls towards:", ""]
+        for role, groups in diag.items():
+            out.append(f"- {role}: " + "; ".join(f"{g}: accuracy {100 * v['accuracy']:.1f}%, cross-entropy "
+                                                 f"{v['cross_entropy']:.2f}" for g, v in groups.items()))
     out += ["", "Map fit R² (statistics of the fit set): " +
             ", ".join(f"{k} {v:.3f}" for k, v in results["map_r2"].items()), ""]
     return "\n".join(out)

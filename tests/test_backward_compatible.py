@@ -26,6 +26,7 @@ def tiny_config():
     for t in (c.old_train, c.new_train):
         t.update(dict(epochs=1, batch_size=64, warmup_steps=2, checkpoint_every=4, log_seconds=0.0))
     c.maps.fit_samples = 400
+    c.bct.compare_unnormalized = False
     return c
 
 
@@ -34,7 +35,7 @@ def _overrides():
     for t in ("old_train", "new_train"):
         args += [f"--config.{t}.epochs=1", f"--config.{t}.batch_size=64", f"--config.{t}.warmup_steps=2",
                  f"--config.{t}.checkpoint_every=4", f"--config.{t}.log_seconds=0"]
-    return args + ["--config.maps.fit_samples=400"]
+    return args + ["--config.maps.fit_samples=400", "--config.bct.compare_unnormalized=False"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def test_report_layout_and_consistency(tiny_run):
         saved = json.load(f)
     for key in ("methods", "retrieval", "compatible", "config"):
         assert key in saved
-    assert saved["methods"] == list(study.METHODS)
+    assert saved["methods"] == list(study.methods_for(tiny_config()))
+    assert "bct" in saved["methods"] and "bct, unnormalized columns" not in saved["methods"]
     for m in saved["methods"]:
         assert set(saved["retrieval"][m]) == {"old/old", "new/new", "new/old"}
         for cell in saved["retrieval"][m].values():
