@@ -1,4 +1,5 @@
-"""Closed-form maps between embedding spaces: affine least squares, logit, naive, Procrustes, reduced rank.
+"""Closed-form maps between embedding spaces: affine least squares, logit, naive, Procrustes (plain and
+scaled with zero-padding), reduced rank.
 
 Every map is a pair (W, b) acting on row vectors, x_dst ≈ x_src @ W + b, with W of shape
 (d_src, d_dst). The statistics-based maps read a `Stats`-like state (fields `count`, `mean`, `cross`,
@@ -430,3 +431,32 @@ def _project_rank(w, c_aa, mean_a, mean_b, rank):
     w_k = jnp.matmul(jnp.matmul(w, top, precision=_HIGHEST), top.T, precision=_HIGHEST)
     return w_k, mean_b - jnp.matmul(mean_a, w_k, precision=_HIGHEST)
 
+
+
+def scaled_procrustes(state, src: int, dst: int):
+    """Orthogonal map after centring and scaling both sides to unit total variance, the narrower side
+    zero-padded: the map of shape analysis (Williams et al. 2021) for spaces of any widths.
+
+    With σ_A = √(tr C_AA / n), σ_B likewise, the problem is min ‖(X_A − μ_A) R / σ_A − (X_B − μ_B) / σ_B‖
+    over orthogonal R of size max(d_A, d_B), the narrower features padded with zero columns. Its
+    solution restricted to the real columns (d_A > d_B) or rows (d_A < d_B) is R = U Vᵀ from the thin
+    SVD C_AB = U Σ Vᵀ: for d_A > d_B the padded target has C = [C_AB 0], and tr(Rᵀ C) only sees the
+    first d_B columns of R, whose best value over matrices with orthonormal columns is U Vᵀ; d_A < d_B
+    is the transpose. Back in B's units: W = (σ_B / σ_A) R, b = μ_B − μ_A W. Unlike `procrustes`,
+    the scale is fixed by the two spreads rather than fitted, and the source may be wider (then the
+    map is a projection followed by a rotation, not an isometry).
+    """
+    _check_state(state, src, dst)
+    with jax.default_matmul_precision("highest"):
+        return _scaled_procrustes(_block(state, src, src), _block(state, src, dst), _block(state, dst, dst),
+                                  _mean(state, src), _mean(state, dst))
+
+
+@jax.jit
+def _scaled_procrustes(c_aa, c_ab, c_bb, mean_a, mean_b):
+    u, _, vt = jnp.linalg.svd(c_ab, full_matrices=False)
+    r = jnp.matmul(u, vt, precision=_HIGHEST)
+    tr_a, tr_b = jnp.trace(c_aa), jnp.trace(c_bb)
+    s = jnp.where(tr_a > 0, jnp.sqrt(tr_b / jnp.where(tr_a > 0, tr_a, 1.0)), 0.0)
+    w = r * s
+    return w, mean_b - jnp.matmul(mean_a, w, precision=_HIGHEST)
