@@ -16,6 +16,7 @@ REQUIRED = (
     + ["inception_v3", "inception_resnet_v2", "mobilenet_v2_100", "mobilenet_v2_140"]
     + [f"efficientnet_lite{v}" for v in range(5)]
     + ["zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite"]
+    + [f"iresnet{d}" for d in (18, 34, 50, 100)]
 )
 
 
