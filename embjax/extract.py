@@ -59,14 +59,9 @@ class Member:
     extra_heads: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
 
-def find_head(variables, feature_dim: int, num_classes: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The classifier `(kernel, bias)` inside a backbone's params: the one 2-D kernel of shape
-    (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in a CNN).
-
-    num_classes None is an embedding model with no classifier (ModelSpec.num_classes None, e.g. the
-    iResNet face models): the answer is None, and a study that needs a head must train one."""
-    if num_classes is None:
-        return None
+    (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in a CNN)."""
     found = []
 
     def visit(path, tree):
