@@ -11,7 +11,7 @@ where the diagonal (i, i) is model i unmapped (its own accuracy, agreement n, R�
 integers; the R² denominator is accumulated exactly in the streaming sense: each batch is centred on its
 own mean and batches are merged with Chan et al.'s update, so μ_dst is the evaluation split's mean, not
 a training mean. States merge across batches, devices (`allreduce`) and hosts (`merge`), like
-embjax.stats. This module imports nothing from embjax.
+embjax.stats. This module imports only embjax.moments (pure).
 
 Shapes and vectorisation. Maps of different pairs have different shapes (d_src, d_dst). For each source
 the maps to all N targets are zero-padded to (d_src, d_max), the target heads' kernels to (d_max, C) and
@@ -32,6 +32,8 @@ from typing import Mapping, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from embjax import moments
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 KINDS = ("top1", "top5", "agreement")
@@ -70,11 +72,7 @@ def init(dims: Sequence[int], dtype=jnp.float32) -> EvalState:
     )
 
 
-def _offsets(dims: Sequence[int]) -> tuple[int, ...]:
-    out = [0]
-    for d in dims:
-        out.append(out[-1] + d)
-    return tuple(out)
+_offsets = moments.offsets
 
 
 def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> tuple:
@@ -221,19 +219,9 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
     )
 
 
-def _block_sums(v, dims):
-    o = _offsets(dims)
-    return jnp.stack([jnp.sum(v[o[i] : o[i + 1]]) for i in range(len(dims))])
-
-
 def _combine_moments(n_a, mu_a, sst_a, n_b, mu_b, sst_b, dims):
-    dtype = mu_a.dtype
-    n = n_a + n_b
-    frac_b = n_b.astype(dtype) / jnp.maximum(n, 1).astype(dtype)
-    delta = mu_b - mu_a
-    mu = mu_a + delta * frac_b
-    sst = sst_a + sst_b + _block_sums(delta * delta, dims) * (n_a.astype(dtype) * frac_b)
-    return n, mu, sst
+    return moments.chan_combine(n_a, mu_a, sst_a, n_b, mu_b, sst_b,
+                                lambda delta: moments.block_sums(delta * delta, dims))
 
 
 def merge(a: EvalState, b: EvalState) -> EvalState:
@@ -260,7 +248,7 @@ def allreduce(state: EvalState, axis_name) -> EvalState:
     n_k = state.count.astype(dtype)
     mu = psum(state.mean * n_k) / jnp.maximum(n, 1).astype(dtype)
     delta = state.mean - mu
-    sst = psum(state.sst + _block_sums(delta * delta, state.dims) * n_k)
+    sst = psum(state.sst + moments.block_sums(delta * delta, state.dims) * n_k)
     return state.replace(
         count=n,
         top1=psum(state.top1),
@@ -291,6 +279,14 @@ def r2(state: EvalState) -> jax.Array:
     a target whose evaluation features are constant."""
     sst = state.sst[None, :]
     return jnp.where(sst > 0, 1.0 - state.sse / jnp.where(sst > 0, sst, 1.0), jnp.nan)
+
+
+def compute(state: EvalState) -> dict:
+    """Every (N, N) matrix of the evaluation: top-1, top-5, agreement (fractions), R², and the relative
+    change of top-1 against the row's unmapped source."""
+    top1 = accuracy(state, "top1")
+    return {"accuracy": top1, "top5": accuracy(state, "top5"), "agreement": accuracy(state, "agreement"),
+            "r2": r2(state), "relative_change": relative_change(top1)}
 
 
 def relative_change(acc: jax.Array) -> jax.Array:

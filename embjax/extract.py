@@ -1,17 +1,30 @@
-"""The streaming engine: the one place in embjax that knows about devices, hosts and checkpoints.
+"""The streaming engine: the one place in embjax that knows about devices, hosts, checkpoints and progress.
 
-It runs several backbones on every batch in one jitted step, data-parallel over all devices of all
-processes (a 1-D `jax.sharding.Mesh` named "data"; batches are sharded on their leading axis, models and
-accumulators replicated, and XLA inserts the cross-device reductions of `stats.update` /
-`evaluate.update`). One pass over the fit split folds features into the joint `stats` accumulator, one
-pass over the evaluation split folds mapped predictions into `evaluate` accumulators.
+A study is a short list of passes. A `Pass` names its data split, the model outputs it needs (any named
+intermediate of any member), an accumulator pytree and a pure fold `(state, outputs, batch, aux) -> state`;
+`Engine.run(pass)` streams the split through every member it needs in one jitted step per batch,
+data-parallel over all devices of all processes (a 1-D `jax.sharding.Mesh` named "data": batches sharded
+on their leading axis, models, accumulators and `aux` replicated; XLA inserts the cross-device
+reductions), and returns the final accumulator on the host. Between passes the study computes what the
+next pass needs (maps, heads, standardization), optionally memoized with `Engine.memo`.
 
-Resumability: `Stream` checkpoints its accumulator pytree with orbax every `checkpoint_every` batches,
-together with the number of batches already folded in. Orbax writes each checkpoint to a temporary
-directory and renames it, so a process killed at any moment (kill -9 included) leaves either the previous
-checkpoint or the new one, never a half-written one. A restarted run restores the latest checkpoint and
-skips exactly the batches it already holds, so no sample is counted twice or missed, and because the fold
-order is the same the result equals an uninterrupted run's.
+The engine owns everything else:
+
+- Resume. Every `checkpoint_every` batches the accumulator is saved with orbax into
+  `workdir/checkpoints/<pass>/`, tagged with the run's fingerprint and the pass. Orbax writes into a
+  temporary directory and renames it, so a process killed at any moment (kill -9 included) leaves the
+  previous checkpoint or the new one, never a half-written one. A finished pass saves its final state
+  into `workdir/passes/<pass>/`, so a rerun of the same command skips finished passes, resumes the
+  interrupted one at its last checkpoint (skipping exactly the batches it holds: nothing counted twice
+  or missed) and, because the fold order is the same, ends with the numbers of an uninterrupted run.
+- Non-finite outputs. A NaN or inf in a real row is replaced by 0 before the fold (so it cannot poison
+  the accumulator) and flagged per member on device; the flags are read only at progress lines,
+  checkpoints and the end of the pass (no host sync per batch), and a flagged pass stops with
+  `NonFiniteFeatures` naming the models and the batch range, before any checkpoint holds those rows.
+- Feature store. A pass can keep chosen outputs (float32, float16 or int8) in
+  `workdir/store/<pass>/` (embjax.feature_store): one shard set per process, flushed at checkpoints,
+  manifest written last.
+- Progress: images/s (compilation excluded) and ETA every `progress_seconds`, on process 0.
 """
 
 from __future__ import annotations
@@ -21,17 +34,17 @@ import functools
 import hashlib
 import json
 import os
-import signal
+import shutil
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from embjax import evaluate, stats
+from embjax import feature_store
 
 DATA_AXIS = "data"
 
@@ -40,15 +53,14 @@ DATA_AXIS = "data"
 # Members: one backbone with its preprocessing, variables and the head used for evaluation.
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Member:
     """One backbone of a study.
 
-    `apply(variables, images_uint8)` must return the model's output dict (with `pre_logits` and
-    `logits`); it includes the model's own preprocessing so that resizing and scaling run on device
-    inside the jitted step. `head` is the `(kernel (d, classes), bias (classes,))` used to score
-    features against labels; `extra_heads` are further heads (e.g. the original ImageNet classifier of
-    a backbone evaluated on another dataset) scored for agreement.
+    `apply(variables, images_uint8)` must return the model's output dict (`pre_logits`, `logits` and
+    any named intermediates); it includes the model's own preprocessing so that resizing and scaling run
+    on device inside the jitted step. `head` is the `(kernel (d, classes), bias (classes,))` of the
+    model's own classifier (None for a model without one); `spec` the registry spec it was built from.
     """
 
     name: str
@@ -56,7 +68,7 @@ class Member:
     variables: Any
     feature_dim: int
     head: tuple[Any, Any] | None = None
-    extra_heads: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    spec: Any = None
 
 
 def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,77 +154,8 @@ def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
 
 
-def forward(members: Sequence[Member], variables: Sequence[Any], images: jax.Array):
-    """Every member on one batch: lists of pre-logit features (float32) and logits."""
-    feats, logits = [], []
-    for member, v in zip(members, variables):
-        out = member.apply(v, images)
-        feats.append(out["pre_logits"].astype(jnp.float32))
-        logits.append(out["logits"].astype(jnp.float32))
-    return feats, logits
-
-
-def check_finite(feats: Sequence[jax.Array], mask: jax.Array) -> jax.Array:
-    """Per member, whether any real (unmasked) row has a non-finite feature."""
-    return jnp.stack([jnp.any(~jnp.isfinite(f) & mask[:, None]) for f in feats])
-
-
-def make_fit_step(members: Sequence[Member], mesh: Mesh, keep_features: bool = False):
-    """(stats_state, variables, batch) -> (stats_state, nonfinite flags[, features])."""
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(DATA_AXIS))
-
-    def step(state, variables, batch):
-        feats, _ = forward(members, variables, batch["image"])
-        bad = check_finite(feats, batch["mask"])
-        # NaN features would poison the accumulator; zero them here and report them on the host.
-        feats = [jnp.where(jnp.isfinite(f), f, 0.0) for f in feats]
-        state = stats.update(state, feats, batch["mask"])
-        if keep_features:
-            return state, bad, feats
-        return state, bad
-
-    out_shardings = (replicated, replicated) + ((sharded,) if keep_features else ())
-    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings,
-                   compiler_options=compiler_options(mesh))
-
-
-def make_eval_step(members: Sequence[Member], mesh: Mesh):
-    """(eval_states, variables, heads, maps, batch) -> (eval_states, nonfinite flags).
-
-    `eval_states`, `heads` and `maps` are dicts keyed by evaluation name (e.g. "affine", "logit",
-    "naive", "imagenet_affine"); each entry is scored with its own heads and maps.
-    """
-    replicated = NamedSharding(mesh, P())
-
-    def step(states, variables, heads, maps, batch):
-        feats, _ = forward(members, variables, batch["image"])
-        bad = check_finite(feats, batch["mask"])
-        feats = [jnp.where(jnp.isfinite(f), f, 0.0) for f in feats]
-        new = {k: evaluate.update(states[k], feats, heads[k], maps[k], batch["label"], batch["mask"])
-               for k in states}
-        return new, bad
-
-    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated),
-                   compiler_options=compiler_options(mesh))
-
-
-class NonFiniteFeatures(ValueError):
-    """A backbone produced NaN or inf features on real images."""
-
-
-def raise_if_nonfinite(bad, members: Sequence[Member], split: str, batch_index: int) -> None:
-    bad = np.asarray(bad)
-    if bad.any():
-        names = [m.name for m, b in zip(members, bad) if b]
-        raise NonFiniteFeatures(
-            f"non-finite (NaN/inf) features from {', '.join(names)} on split '{split}', batch "
-            f"{batch_index}; check the weights and preprocessing of these models (a corrupted "
-            f"checkpoint or a bfloat16 overflow are the usual causes)")
-
-
 # --------------------------------------------------------------------------------------------------
-# Checkpointed streaming.
+# Checkpoints and progress.
 
 
 def config_fingerprint(config: Any) -> str:
@@ -285,6 +228,10 @@ class Progress:
         self._first: tuple[float, int] | None = None  # (time, batches) when timing started
         self._last = -float("inf")
 
+    def due(self) -> bool:
+        """Whether the next `update` would print (the engine checks its flags then)."""
+        return self._first is None or time.perf_counter() - self._last >= self.every_seconds
+
     def update(self, batches_done: int, force: bool = False) -> None:
         if jax.process_index() != 0:
             return
@@ -309,38 +256,379 @@ class Progress:
               f"ETA {eta:,.0f} s", file=self.stream, flush=True)
 
 
-_BATCHES_FOLDED = [0]
+# --------------------------------------------------------------------------------------------------
+# Passes and their jitted step.
 
 
-def run_stream(step: Callable, state, batches: Iterator[dict], *, mesh: Mesh, total_batches: int,
-               start_batch: int, label: str, batch_size: int, checkpoints: Checkpoints | None = None,
-               checkpoint_every: int = 0, step_offset: int = 0, meta: dict | None = None,
-               on_output: Callable[[int, Any], None] | None = None,
-               members: Sequence[Member] = (), split: str = "") -> Any:
-    """Fold batches `start_batch .. total_batches-1` into `state` with `step(state, batch)`.
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One streaming pass over a split (see the module docstring).
 
-    Checkpoint step numbers are `step_offset + batches done`, so several passes of one run share a
-    single increasing sequence. `on_output(batch_index, extra_outputs)` receives whatever the step
-    returns beyond (state, nonfinite flags), e.g. features to write to disk.
+    outputs: member name -> output keys the fold needs (keys of the member's output dict).
+    init: the accumulator pytree before the first batch.
+    fold: `(state, outputs, batch, aux) -> state`, pure (jitted by the engine). `outputs[member][key]` is
+      float32 with a leading batch axis, non-finite values replaced by 0; `batch` holds "image", "label",
+      "mask" (False on padding rows, which the fold must give no weight) and "index".
+    aux: arrays the fold reads (maps, heads, standardization), passed to the jitted step as an argument.
+    store: feature-store entries to keep, name -> dtype ("float32", "float16", "int8"). An entry
+      "member/key" is that output flattened to (batch, -1) unless `emit` computes it.
+    emit: optional `(outputs, batch, aux) -> {entry: (batch, ...) array}` for derived entries.
+    dataset: the dataset's name, for the store's manifest.
     """
-    progress = Progress(label, total_batches, batch_size)
-    kill_after = int(os.environ.get("EMBJAX_TEST_KILL_AFTER_BATCHES", "0"))
-    for b, batch in enumerate(batches, start=start_batch):
-        # Fault injection for the resume tests: SIGKILL (as kill -9 would) after that many batches
-        # folded in by this process, over all passes.
-        if kill_after and _BATCHES_FOLDED[0] == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        _BATCHES_FOLDED[0] += 1
-        out = step(state, shard_batch(batch, mesh))
-        state, bad = out[0], out[1]
-        raise_if_nonfinite(bad, members, split, b)
-        if on_output is not None:
-            on_output(b, batch, out[2:])
-        done = b + 1
-        if checkpoints is not None and checkpoint_every and (done % checkpoint_every == 0) \
-                and done < total_batches:
-            checkpoints.save(step_offset + done, state, dict(meta or {}, label=label, batches_done=done))
-        progress.update(done)
-    if total_batches > start_batch:
-        progress.update(total_batches, force=True)
-    return state
+
+    name: str
+    source: Any
+    split: str
+    outputs: Mapping[str, Sequence[str]]
+    init: Any
+    fold: Callable[[Any, dict, dict, Any], Any]
+    aux: Any = None
+    store: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    emit: Callable[[dict, dict, Any], dict] | None = None
+    dataset: str = ""
+
+
+class NonFiniteFeatures(ValueError):
+    """A backbone produced NaN or inf outputs on real images."""
+
+
+def _needed(members: Sequence[Member], p: Pass) -> list[Member]:
+    known = {m.name for m in members}
+    unknown = [n for n in p.outputs if n not in known]
+    if unknown:
+        raise ValueError(f"pass '{p.name}' asks for outputs of {unknown}, which are not members of this run "
+                         f"({', '.join(sorted(known))})")
+    return [m for m in members if m.name in p.outputs]
+
+
+def _emit_default(p: Pass) -> Callable[[dict, dict, Any], dict]:
+    def emit(outputs, batch, aux):
+        out = {}
+        for entry in p.store:
+            member, _, key = entry.partition("/")
+            if member not in outputs or key not in outputs[member]:
+                raise ValueError(f"pass '{p.name}': store entry '{entry}' is not 'member/key' of an output "
+                                 f"the pass asks for ({ {m: list(k) for m, k in p.outputs.items()} })")
+            x = outputs[member][key]
+            out[entry] = x.reshape(x.shape[0], -1)
+        return out
+
+    return emit
+
+
+def make_step(members: Sequence[Member], p: Pass, mesh: Mesh):
+    """The jitted `(state, flags, variables, aux, batch) -> (state, flags, emitted)` of pass `p`.
+
+    `variables` are those of the members the pass needs, in member order; `flags` (one bool per such
+    member) accumulate whether any real row had a non-finite output.
+    """
+    needed = _needed(members, p)
+    emit = p.emit or (_emit_default(p) if p.store else None)
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P(DATA_AXIS))
+
+    def step(state, flags, variables, aux, batch):
+        mask = batch["mask"]
+        outputs, bad = {}, []
+        for member, v in zip(needed, variables):
+            out = member.apply(v, batch["image"])
+            chosen, member_bad = {}, jnp.zeros((), bool)
+            for key in p.outputs[member.name]:
+                if key not in out:
+                    raise KeyError(f"{member.name} has no output '{key}' (pass '{p.name}'); it returns "
+                                   f"{', '.join(sorted(out))}")
+                x = out[key].astype(jnp.float32)
+                finite = jnp.isfinite(x)
+                row_ok = jnp.all(finite.reshape(x.shape[0], -1), axis=1)
+                member_bad = member_bad | jnp.any(~row_ok & mask)
+                chosen[key] = jnp.where(finite, x, 0.0)
+            outputs[member.name] = chosen
+            bad.append(member_bad)
+        state = p.fold(state, outputs, batch, aux)
+        emitted = emit(outputs, batch, aux) if emit is not None else {}
+        return state, flags | jnp.stack(bad), emitted
+
+    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
+                   compiler_options=compiler_options(mesh))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in its local order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:  # replicas of a shard on several local devices: once
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Memoized host results (between-pass computations).
+
+
+def _to_skeleton(tree, leaves: dict, prefix: str):
+    if isinstance(tree, Mapping):
+        return {"dict": {str(k): _to_skeleton(v, leaves, f"{prefix}/{k}") for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        kind = "list" if isinstance(tree, list) else "tuple"
+        return {kind: [_to_skeleton(v, leaves, f"{prefix}/{i}") for i, v in enumerate(tree)]}
+    key = f"a{len(leaves)}"
+    leaves[key] = np.asarray(tree)
+    return {"leaf": key}
+
+
+def _from_skeleton(skel, leaves):
+    if "dict" in skel:
+        return {k: _from_skeleton(v, leaves) for k, v in skel["dict"].items()}
+    if "list" in skel:
+        return [_from_skeleton(v, leaves) for v in skel["list"]]
+    if "tuple" in skel:
+        return tuple(_from_skeleton(v, leaves) for v in skel["tuple"])
+    return leaves[skel["leaf"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine.
+
+
+class Engine:
+    """Runs a study's passes over `members` with checkpoints, resume, progress and a feature store.
+
+    `fingerprint` is the JSON-able config of the run: checkpoints only resume a run whose config hashes
+    the same (fields that do not change the numbers, like checkpoint_every or prefetch, should be left
+    out by the caller).
+    """
+
+    def __init__(self, members: Sequence[Member], workdir: str, *, batch_size: int, fingerprint: Any,
+                 checkpoint_every: int = 50, prefetch: int = 2, progress_seconds: float = 10.0,
+                 mesh: Mesh | None = None, log: Callable[[str], None] | None = None, config: Any = None):
+        self.members = list(members)
+        self.workdir = os.path.abspath(workdir)
+        self.mesh = mesh or make_mesh()
+        self.batch_size = int(batch_size)
+        check_batch_size(self.batch_size, self.mesh)
+        self.process_count, self.process_index = jax.process_count(), jax.process_index()
+        if self.batch_size % self.process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {self.process_count} processes")
+        self.local_batch = self.batch_size // self.process_count
+        self.fingerprint = config_fingerprint({"config": fingerprint, "processes": self.process_count})
+        self.checkpoint_every = int(checkpoint_every)
+        self.prefetch = int(prefetch)
+        self.progress_seconds = float(progress_seconds)
+        self.config = config
+        self.seconds: dict[str, float] = {}
+        self._log = log or (lambda msg: print(msg, flush=True) if self.process_index == 0 else None)
+        self._variables = replicate([m.variables for m in self.members], self.mesh)
+        self._step_offset = 0  # batches of the passes run before this one: one step sequence per run
+
+    # ---- paths --------------------------------------------------------------------------------------
+
+    def _dir(self, kind: str, name: str) -> str:
+        if not name or os.sep in name or name in (".", ".."):
+            raise ValueError(f"pass/memo name {name!r} must be a plain name")
+        return os.path.join(self.workdir, kind, name)
+
+    def store_dir(self, pass_name: str) -> str:
+        return self._dir("store", pass_name)
+
+    def store(self, pass_name: str) -> feature_store.Store:
+        """The finished feature store of pass `pass_name`."""
+        return feature_store.open(self.store_dir(pass_name))
+
+    # ---- memo ---------------------------------------------------------------------------------------
+
+    def memo(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` (a pytree of dicts, lists, tuples and arrays) saved once under the run's fingerprint
+        and reused by a resumed run. `compute` must give the same result on every process."""
+        path = self._dir("memo", name) + ".npz"
+        if os.path.exists(path):
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    header = json.loads(str(f["__skeleton__"]))
+                    if header["fingerprint"] == self.fingerprint:
+                        self._log(f"[resume] {name}: reusing {path}")
+                        return _from_skeleton(header["skeleton"], {k: f[k] for k in f.files})
+            except Exception as e:  # noqa: BLE001 - a damaged memo is recomputed, never trusted
+                self._log(f"[warning] {path} is unreadable ({type(e).__name__}: {e}); recomputing {name}")
+        t = time.perf_counter()
+        value = compute()
+        self.seconds[name] = time.perf_counter() - t
+        if self.process_index == 0:
+            leaves: dict[str, np.ndarray] = {}
+            skeleton = _to_skeleton(value, leaves, "")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + ".tmp.npz"
+            header = json.dumps({"fingerprint": self.fingerprint, "skeleton": skeleton})
+            np.savez(tmp, __skeleton__=np.asarray(header), **leaves)
+            os.replace(tmp, path)
+        return value
+
+    # ---- passes -------------------------------------------------------------------------------------
+
+    def _checkpoints(self, kind: str, name: str, keep: int) -> Checkpoints:
+        return Checkpoints(self._dir(kind, name), config_fingerprint([self.fingerprint, name]), keep=keep)
+
+    def run(self, p: Pass) -> Any:
+        """Run (or resume, or restore) pass `p`; returns its final accumulator as a host pytree."""
+        from embjax import data
+
+        n = len(p.source)
+        if n == 0:
+            raise ValueError(f"split '{p.split}' of {p.dataset or 'the dataset'} is empty (pass '{p.name}')")
+        needed = _needed(self.members, p)
+        total = data.num_batches(n, self.local_batch, self.process_count)
+        offset, self._step_offset = self._step_offset, self._step_offset + total
+        like = replicate(p.init, self.mesh)
+
+        done = self._checkpoints("passes", p.name, keep=1)
+        try:
+            if done.latest() == total:
+                state, _ = done.restore(total, like)
+                self._log(f"[resume] pass '{p.name}' finished earlier: restored")
+                return jax.device_get(state)
+        finally:
+            done.close()
+
+        t0 = time.perf_counter()
+        ckpt = self._checkpoints("checkpoints", p.name, keep=2)
+        start = ckpt.latest() or 0
+        state = like
+        if start:
+            if start >= total:
+                raise RuntimeError(f"checkpoint {start} in {ckpt.directory} is past the {total} batches of "
+                                   f"pass '{p.name}'; delete that directory to start the pass over")
+            state, _ = ckpt.restore(start, like)
+            self._log(f"[resume] pass '{p.name}': {start}/{total} batches already done")
+
+        writer = None
+        if p.store:
+            writer = self._writer(p, needed, n, resume=start > 0)
+        share = data.pipeline.process_share(np.arange(n), self.process_index, self.process_count).shape[0]
+
+        step = make_step(self.members, p, self.mesh)
+        variables = [v for m, v in zip(self.members, self._variables) if any(m is k for k in needed)]
+        aux = replicate(p.aux, self.mesh) if p.aux is not None else None
+        flags = replicate(np.zeros((len(needed),), bool), self.mesh)
+        progress = Progress(f"{p.name} {p.split}", total, self.batch_size, self.progress_seconds)
+        checked = start  # batches [start, checked) were verified finite
+        pending = None  # (emitted, host batch, batch index): written one step late, so transfers overlap
+        in_flight = []  # flags of the last steps: bounds how far the host runs ahead of the devices
+        batches = data.batches(p.source, self.local_batch, process_index=self.process_index,
+                               process_count=self.process_count, start_batch=start, prefetch=self.prefetch)
+
+        def check(upto: int) -> None:
+            nonlocal checked
+            bad = np.asarray(jax.device_get(flags))
+            if bad.any():
+                names = [m.name for m, b in zip(needed, bad) if b]
+                raise NonFiniteFeatures(
+                    f"non-finite (NaN/inf) outputs from {', '.join(names)} on split '{p.split}' (pass "
+                    f"'{p.name}'), batches {checked}..{upto - 1}; check these models' weights and "
+                    "preprocessing (a corrupted weight file or a bfloat16 overflow are the usual causes)")
+            checked = upto
+
+        def write(pending_item) -> None:
+            emitted, host, b = pending_item
+            k = int(host["mask"].sum())
+            row = min(b * self.local_batch, share)
+            values = {name: _local_rows(x)[:k] for name, x in emitted.items()}
+            writer.write(row, values, host["index"][:k], host["label"][:k])
+
+        try:
+            for b, host in enumerate(batches, start=start):
+                state, flags, emitted = step(state, flags, variables, aux, shard_batch(host, self.mesh))
+                if writer is not None:
+                    if pending is not None:
+                        write(pending)
+                    pending = (emitted, host, b)
+                in_flight.append(flags)
+                if len(in_flight) > 2:
+                    in_flight.pop(0).block_until_ready()
+                done_b = b + 1
+                save = self.checkpoint_every and done_b % self.checkpoint_every == 0 and done_b < total
+                if save or progress.due():
+                    check(done_b)
+                if save:
+                    if writer is not None:
+                        write(pending)
+                        pending = None
+                        writer.flush()
+                    ckpt.save(done_b, state, {"pass": p.name, "batches_done": done_b,
+                                              "step": offset + done_b})
+                progress.update(done_b)
+            if writer is not None and pending is not None:
+                write(pending)
+            check(total)
+        finally:
+            batches.close()
+            ckpt.close()
+        if total > start:
+            progress.update(total, force=True)
+
+        if writer is not None:
+            writer.close()
+            self._finish_store(p, needed, n)
+        done = self._checkpoints("passes", p.name, keep=1)
+        done.save(total, state, {"pass": p.name, "batches_done": total, "step": offset + total})
+        done.close()
+        if self.process_index == 0:
+            shutil.rmtree(self._dir("checkpoints", p.name), ignore_errors=True)
+        self.seconds[p.name] = time.perf_counter() - t0
+        return jax.device_get(state)
+
+    def _writer(self, p: Pass, needed, n: int, resume: bool) -> feature_store.Writer:
+        from embjax import data
+
+        # Row shapes from an abstract evaluation of the step's outputs: nothing is computed.
+        shapes = self._emitted_shapes(p, needed)
+        rows = data.pipeline.process_share(np.arange(n), self.process_index, self.process_count).shape[0]
+        entries = {name: (dtype, shapes[name]) for name, dtype in p.store.items()}
+        return feature_store.Writer(self.store_dir(p.name), entries, rows, self.process_index, resume)
+
+    def _emitted_shapes(self, p: Pass, needed) -> dict[str, tuple[int, ...]]:
+        image_shape = getattr(p.source, "image_shape", None) or np.shape(p.source[0][0])
+        b = self.local_batch
+        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8),
+                 "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool),
+                 "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
+        step = make_step(self.members, p, self.mesh)
+        variables = [m.variables for m in needed]
+        flags = np.zeros((len(needed),), bool)
+        out = jax.eval_shape(step, p.init, flags, variables, p.aux, batch)
+        return {name: tuple(x.shape[1:]) for name, x in out[2].items()}
+
+    def _finish_store(self, p: Pass, needed, n: int) -> None:
+        from embjax import data
+
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"embjax store {p.name}")
+        if self.process_index != 0:
+            return
+        rows = [data.pipeline.process_share(np.arange(n), k, self.process_count).shape[0]
+                for k in range(self.process_count)]
+        shapes = self._emitted_shapes(p, needed)
+        models = {}
+        for m in needed:
+            spec = m.spec
+            models[m.name] = {"outputs": list(p.outputs[m.name])} | (
+                {k: getattr(spec, k) for k in ("family", "input_size", "scaling", "mean", "std", "channel_order",
+                                               "crop_fraction", "resize_method")} if spec is not None else {})
+        feature_store.write_manifest(self.store_dir(p.name), {
+            "pass": p.name, "dataset": p.dataset, "split": p.split, "num_rows": n,
+            "process_count": self.process_count, "rows_per_process": rows,
+            "sample_order": "rows sorted by dataset index ('index' files); each process read a contiguous "
+                            "share of the split in order",
+            "entries": {name: {"dtype": dtype, "shape": list(shapes[name]),
+                               "file_stem": feature_store.file_stem(name)} for name, dtype in p.store.items()},
+            "models": models, "config": self.config, "fingerprint": self.fingerprint})
+
+    def finish(self, keep_store: bool = True) -> None:
+        """After the report is written: drop the resume state (checkpoints, finished passes, memos)."""
+        if self.process_index != 0:
+            return
+        for kind in ("checkpoints", "passes", "memo") + (() if keep_store else ("store",)):
+            shutil.rmtree(os.path.join(self.workdir, kind), ignore_errors=True)

@@ -1,4 +1,10 @@
-"""The affine-equivalence report: tables (Markdown and CSV), a heatmap, report.md and results.json.
+"""Reports: the run directory every study writes (generic), and the affine-equivalence tables on top of it.
+
+Generic, for any study: `new_run_dir`, `Table` (Markdown and CSV), `write_run` (atomic run directory with
+tables, figures, report.md and results.json), `heatmap_matrix`, `plain` (JSON-ready results, finite
+numbers only).
+
+The affine-equivalence report: tables (Markdown and CSV), a heatmap, report.md and results.json.
 
 `write(run_dir, results)` lays out, in one directory per run, the thesis' tables for our models:
 Table 5.1 (unmapped accuracy and feature dimensions), Table 5.2 (affine maps), Table 5.3 (logit maps) and
@@ -23,6 +29,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +140,12 @@ def _families(results: dict) -> list[str]:
     return [*FAMILIES, *extra]
 
 
+def _agreement_only(results: dict) -> list[str]:
+    """Map families scored for agreement only (e.g. native_affine: ImageNet heads on another label set)."""
+    return [k for k, v in results.items() if isinstance(v, dict) and "agreement" in v and "accuracy" not in v
+            and k not in FAMILIES]
+
+
 def _relative_from_accuracy(acc: list[list[float]]) -> list[list[float | None]]:
     return [[(acc[i][j] / acc[i][i] - 1.0) if acc[i][i] > 0 else None for j in range(len(acc))]
             for i in range(len(acc))]
@@ -202,6 +215,11 @@ def validate(results: Mapping) -> dict:
                             f"matrix '{family}.relative_change', cell [{i}][{j}] (source '{models[i]}', target "
                             f"'{models[j]}') is {got}, but accuracy / diagonal - 1 = {want}; relative changes "
                             "are fractions against the row's diagonal (None where that is 0)")
+    for family in _agreement_only(out):
+        for key in ("agreement", "r2"):
+            if key in out[family]:
+                _check_matrix(out[family][key], f"{family}.{key}", models, fraction=key == "agreement",
+                              allow_none=key == "r2")
     thesis_names = (out.get("reference") or {}).get("thesis_names")
     if thesis_names is not None:
         known = thesis_table(2)["models"]
@@ -494,46 +512,30 @@ def _report_md(r: dict, tables: dict[str, Table], extra: list[str]) -> str:
     return "\n".join(out)
 
 
-def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
-    """Writes the run's report into run_dir (which must not exist); returns {what: path} of every file.
+def plain(results: Mapping) -> dict:
+    """JSON-ready copy of any study's results (NumPy converted); ReportError on a non-finite number."""
+    if not isinstance(results, Mapping):
+        raise ReportError(f"results must be a dict, got {type(results).__name__}")
+    return _plain(results, "")
 
-    `results` (accuracies as fractions, matrices as lists of rows, row = source, column = target):
-    {"models", "feature_dims", "dataset", "eval_split", "num_eval", "num_fit",
-     "unmapped": {"accuracy", "top5"}, "affine"|"logit"|"naive": {"accuracy", "top5", "agreement", "r2",
-     "relative_change"}, "reference": {"thesis_names"} (optional), "config", "meta"}; other keys are kept.
-    Non-finite numbers are refused (ReportError naming the matrix and cell) before anything is written,
-    except the relative changes of a source whose unmapped accuracy is 0: undefined, they are stored as null.
+
+def write_run(run_dir: str | os.PathLike, results: Mapping, *, tables: Mapping[str, Table] = {},
+              figures: Mapping[str, Any] = {}, markdown: str = "") -> dict[str, str]:
+    """Write any study's run directory atomically; returns {what: path} of every file.
+
+    Every table as `<key>.md` and `<key>.csv`, every figure by calling `figures[filename](path)`,
+    `report.md` (`markdown`) and `results.json` (`results`, which must be JSON-able with finite numbers:
+    None for undefined values). Everything is written into `<run_dir>.partial`, renamed to `run_dir`, and
+    only then does results.json get its final name: a directory is complete exactly when it holds
+    results.json. A failure leaves no run directory behind.
     """
-    r = validate(results)
+    r = plain(results)
     final = Path(run_dir)
     if final.exists():
         raise FileExistsError(f"run directory {final} already exists; pick a new one (report.new_run_dir)")
     partial = final.with_name(final.name + ".partial")
     if partial.exists():  # left by a write of this very directory that crashed; it never counts as a run
         shutil.rmtree(partial)
-
-    tables: dict[str, Table] = {"table_5_1": table_5_1(r)}
-    for family in _families(r):
-        key = {"affine": "table_5_2_affine", "logit": "table_5_3_logit", "naive": "table_naive"}.get(
-            family, f"table_{family}")
-        tables[key] = family_table(r, family)
-        side = thesis_side_by_side(r, family)
-        if side is not None:
-            tables[f"{key}_vs_thesis"] = side
-    for family in _families(r):
-        for key in ("agreement", "r2", "top5"):
-            if key in r[family]:
-                tables[f"{family}_{key}"] = matrix_table(r, family, key)
-    fit_stats = r.get("fit_statistics")
-    if isinstance(fit_stats, dict):
-        for key, m in fit_stats.items():
-            try:
-                _check_matrix(m, f"fit_statistics.{key}", r["models"], fraction=False, allow_none=True)
-            except ReportError:
-                continue  # not a model x model matrix: it stays in results.json only
-            tables[f"fit_statistics_{key}"] = matrix_table({"models": r["models"], "fit": {key: m}}, "fit", key)
-            tables[f"fit_statistics_{key}"].title = f"fit split statistics: {key}"
-
     written: dict[str, str] = {}
     partial.mkdir(parents=True)
     try:
@@ -543,9 +545,10 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
                                                f"{table.markdown()}\n")
             written[f"{key}_csv"] = str(final / f"{key}.csv")
             written[f"{key}_md"] = str(final / f"{key}.md")
-        heatmap(r, "affine", partial / "table_5_2_heatmap.png")
-        written["heatmap"] = str(final / "table_5_2_heatmap.png")
-        (partial / "report.md").write_text(_report_md(r, tables, []))
+        for filename, draw in figures.items():
+            draw(partial / filename)
+            written[filename] = str(final / filename)
+        (partial / "report.md").write_text(markdown)
         written["report_md"] = str(final / "report.md")
         # results.json keeps a temporary name until the directory has its final one (see the docstring).
         with open(partial / "results.json.tmp", "w") as f:
@@ -559,3 +562,69 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
     os.rename(final / "results.json.tmp", final / "results.json")
     written["results_json"] = str(final / "results.json")
     return written
+
+
+def heatmap_matrix(matrix, labels: list[str], title: str, path: str | os.PathLike, *, fmt: str = "{:.2f}",
+                   cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                   xlabel: str = "target", ylabel: str = "source") -> None:
+    """A labelled heatmap of any square model x model matrix (None / NaN cells left grey), every cell
+    annotated."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix])
+    n = len(labels)
+    fig = Figure(figsize=(2.2 + 0.95 * n, 1.6 + 0.8 * n), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_facecolor("0.85")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(values.shape[1]), labels[:values.shape[1]], rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]), labels[:values.shape[0]], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
+    """Writes the run's report into run_dir (which must not exist); returns {what: path} of every file.
+
+    `results` (accuracies as fractions, matrices as lists of rows, row = source, column = target):
+    {"models", "feature_dims", "dataset", "eval_split", "num_eval", "num_fit",
+     "unmapped": {"accuracy", "top5"}, "affine"|"logit"|"naive": {"accuracy", "top5", "agreement", "r2",
+     "relative_change"}, "reference": {"thesis_names"} (optional), "config", "meta"}; other keys are kept.
+    Non-finite numbers are refused (ReportError naming the matrix and cell) before anything is written,
+    except the relative changes of a source whose unmapped accuracy is 0: undefined, they are stored as null.
+    """
+    r = validate(results)
+    tables: dict[str, Table] = {"table_5_1": table_5_1(r)}
+    for family in _families(r):
+        key = {"affine": "table_5_2_affine", "logit": "table_5_3_logit", "naive": "table_naive"}.get(
+            family, f"table_{family}")
+        tables[key] = family_table(r, family)
+        side = thesis_side_by_side(r, family)
+        if side is not None:
+            tables[f"{key}_vs_thesis"] = side
+    for family in _families(r) + _agreement_only(r):
+        for key in ("agreement", "r2", "top5"):
+            if key in r[family]:
+                tables[f"{family}_{key}"] = matrix_table(r, family, key)
+    fit_stats = r.get("fit_statistics")
+    if isinstance(fit_stats, dict):
+        for key, m in fit_stats.items():
+            try:
+                _check_matrix(m, f"fit_statistics.{key}", r["models"], fraction=False, allow_none=True)
+            except ReportError:
+                continue  # not a model x model matrix: it stays in results.json only
+            tables[f"fit_statistics_{key}"] = matrix_table({"models": r["models"], "fit": {key: m}}, "fit", key)
+            tables[f"fit_statistics_{key}"].title = f"fit split statistics: {key}"
+
+    figures = {"table_5_2_heatmap.png": lambda path: heatmap(r, "affine", path)}
+    return write_run(run_dir, r, tables=tables, figures=figures, markdown=_report_md(r, tables, []))

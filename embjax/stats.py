@@ -35,6 +35,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from embjax import moments
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -67,11 +69,7 @@ def offsets(state: Stats) -> tuple[int, ...]:
     return _offsets(state.dims)
 
 
-def _offsets(dims: Sequence[int]) -> tuple[int, ...]:
-    out = [0]
-    for d in dims:
-        out.append(out[-1] + d)
-    return tuple(out)
+_offsets = moments.offsets
 
 
 def _check_block(state: Stats, i: int, what: str = "block") -> None:
@@ -130,32 +128,12 @@ def _upper_block_cross(xc: jax.Array, dims: Sequence[int]) -> jax.Array:
 
 def _batch_stats(x: jax.Array, mask: jax.Array | None, dims: Sequence[int]):
     """(n_b, μ_b, C_b) of one batch, centred on its own masked mean; padded rows contribute nothing."""
-    if mask is None:
-        n_b = jnp.asarray(x.shape[0], jnp.int32)
-        mu_b = jnp.mean(x, axis=0)
-        xc = x - mu_b
-    else:
-        # `where` rather than multiplication, so garbage (even NaN) in padded rows cannot leak in.
-        keep = mask[:, None]
-        n_b = jnp.sum(mask, dtype=jnp.int32)
-        total = jnp.sum(jnp.where(keep, x, 0), axis=0)
-        mu_b = total / jnp.maximum(n_b, 1).astype(x.dtype)
-        xc = jnp.where(keep, x - mu_b, 0)
+    n_b, mu_b, xc = moments.masked_batch_moments(x, mask)
     return n_b, mu_b, _upper_block_cross(xc, dims)
 
 
-def _combine(n_a, mu_a, c_a, n_b, mu_b, c_b):
-    """Chan et al.'s pairwise update; exact no-op when either side is empty (no 0/0)."""
-    n = n_a + n_b
-    dtype = mu_a.dtype
-    n_f = jnp.maximum(n, 1).astype(dtype)
-    frac_b = n_b.astype(dtype) / n_f
-    delta = mu_b - mu_a
-    mu = mu_a + delta * frac_b
-    # n_a n_b / n written as n_a · (n_b / n): no int32 overflow and no float32 range issue.
-    weight = n_a.astype(dtype) * frac_b
-    c = c_a + c_b + (delta[:, None] * delta[None, :]) * weight
-    return n, mu, c
+def _outer(delta: jax.Array) -> jax.Array:
+    return delta[:, None] * delta[None, :]
 
 
 def _concat(state: Stats, feats) -> jax.Array:
@@ -193,7 +171,7 @@ def update(state: Stats, feats, mask: jax.Array | None = None) -> Stats:
             raise ValueError(f"stats.update: mask has shape {mask.shape}, expected ({x.shape[0]},)")
         mask = mask.astype(bool)
     n_b, mu_b, c_b = _batch_stats(x, mask, state.dims)
-    n, mu, c = _combine(state.count, state.mean, state.cross, n_b, mu_b, c_b)
+    n, mu, c = moments.chan_combine(state.count, state.mean, state.cross, n_b, mu_b, c_b, _outer)
     return state.replace(count=n, mean=mu, cross=c)
 
 
@@ -202,8 +180,15 @@ def merge(a: Stats, b: Stats) -> Stats:
     rounding): for batches, devices and hosts."""
     if a.dims != b.dims:
         raise ValueError(f"stats.merge: block widths differ: {a.dims} vs {b.dims}")
-    n, mu, c = _combine(a.count, a.mean, a.cross, b.count, b.mean, b.cross)
+    n, mu, c = moments.chan_combine(a.count, a.mean, a.cross, b.count, b.mean, b.cross, _outer)
     return a.replace(count=n, mean=mu, cross=c)
+
+
+def compute(state: Stats) -> dict:
+    """The statistics as plain numbers: {"count", "mean" (D,), "covariance" (D, D), 1/n}. Maps, R² and
+    CKA are solved from the state itself (embjax.maps, `r2`, `cka`)."""
+    n = jnp.maximum(state.count, 1).astype(state.cross.dtype)
+    return {"count": state.count, "mean": state.mean, "covariance": state.cross / n}
 
 
 def allreduce(state: Stats, axis_name) -> Stats:

@@ -5,87 +5,148 @@ r"""The affine-equivalence study (McNeely-White 2020, Tables 5.1-5.3 and the sec
   python -m experiments.affine_equivalence --config=experiments/configs/affine_equivalence.py:imagenet \
       --config.manual_dir=/data/imagenet --config.weight_files.resnet152_v1=/w/resnet152.h5 ...
 
-Resume state lives in WORKDIR/state (default WORKDIR = results/<config name>); the same command resumes a
-killed run. Each finished run writes its report to a new timestamped directory under WORKDIR.
-Multi-host: pass --coordinator_address, --num_processes and --process_id (or run on a TPU VM, where
-jax.distributed.initialize() finds them itself with --distributed).
+Two passes on the engine (embjax.extract):
+  1. fit:  the joint statistics (embjax.stats) of every model's pre-logit features over the fit split;
+  2. maps: affine (least squares), logit (classifier weights only) and naive (truncate / zero-pad) maps
+           for every ordered pair; with `heads="linear"`, a linear head per backbone trained on the fit
+           features the first pass kept in the feature store;
+  3. eval: every pair's mapped features through the target's head on the evaluation split (embjax.evaluate).
+See experiments/common.py for the command-line flags, resume and multi-host options.
 """
 
-import os
-import sys
+from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+import functools
 
-_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "affine_equivalence.py")
-_CONFIG = config_flags.DEFINE_config_file("config", f"{_CONFIG_FILE}:zoo", "study config (file:preset)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default results/<config.name>)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU VM pods, "
-                                 "SLURM, or with the three flags below)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process' index")
+import numpy as np
+
+from experiments import common
+
+FAMILIES = ("affine", "logit", "naive")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-    from absl import logging
+def sources(config):
+    """The fit and evaluation splits of config.dataset."""
+    from embjax import data
 
-    logging.set_verbosity(logging.WARNING)  # orbax reports every checkpoint step at INFO
-    # Compiled steps are cached on disk, so a second run of the same study skips XLA compilation.
-    if not jax.config.jax_compilation_cache_dir:
-        from embjax.zoo import default_cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        kw = {}
-        if _COORDINATOR.value:
-            kw = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                      process_id=_PROCESS_ID.value)
-        # Cross-process collectives on CPU (tests, CPU clusters) go through gloo; GPUs/TPUs ignore this.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(**kw)
-
-    config = _CONFIG.value
-    try:
-        _run(config)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
-        if os.environ.get("EMBJAX_TRACEBACK"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
-              file=sys.stderr, flush=True)
-        sys.exit(1)
+    kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
+    return (data.get_source(config.dataset, config.fit_split, **kw),
+            data.get_source(config.dataset, config.eval_split, **kw))
 
 
-def _run(config):
-    import jax
-
-    from embjax import report, study
-
-    workdir = _WORKDIR.value or os.path.join("results", config.name)
-    state_dir = os.path.join(workdir, "state")
-    results = study.run(config, state_dir)
-    results["meta"]["command"] = " ".join(["python -m experiments.affine_equivalence", *sys.argv[1:]])
-    if jax.process_index() == 0:
-        run_dir = report.new_run_dir(workdir, name=config.name)
-        report.write(run_dir, results)
-        print(report.summary_text(results), flush=True)
-        print(f"\nreport: {os.path.join(run_dir, 'report.md')}", flush=True)
-    study.finish(state_dir)
+def all_rows(source) -> tuple[np.ndarray, np.ndarray]:
+    """Every image and label of a source, in memory (zoo training and small splits only)."""
+    idx = np.arange(len(source))
+    if hasattr(source, "get_batch"):
+        return tuple(np.asarray(a) for a in source.get_batch(idx))
+    images, labels = zip(*(source[i] for i in idx))
+    return np.stack(images), np.asarray(labels)
 
 
-def run():
-    try:
-        app.run(main)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+def run(config, workdir: str):
+    """The study for `config`, resumable in `workdir`; returns (results, engine)."""
+    from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
+
+    if config.heads not in ("native", "linear"):
+        raise ValueError(f"config.heads must be 'native' or 'linear', not {config.heads!r}")
+    fit_src, eval_src = sources(config)
+    for split, src in ((config.fit_split, fit_src), (config.eval_split, eval_src)):
+        if len(src) == 0:
+            raise ValueError(f"split '{split}' of {config.dataset} is empty")
+    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
+                      dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
+                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
+                      minimum=2)
+    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
+                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
+                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+    names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
+    linear = config.heads == "linear"
+    features = {n: ("pre_logits",) for n in names}
+
+    def pre_logits(outputs):
+        return [outputs[n]["pre_logits"] for n in names]
+
+    # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
+    fit = engine.run(extract.Pass(
+        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
+        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]),
+        store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
+    if int(fit.count) == 0:
+        raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
+
+    # 2. Maps for every ordered pair, and the heads that score them.
+    affine = maps.affine_all(fit, ridge=config.ridge, names=names)
+    own_heads = [m.head for m in ms]
+    if linear:
+        def train_heads():
+            store = engine.store("fit")
+            return [heads_lib.train_linear_head(store.array(f"{n}/pre_logits"), store.labels,
+                                                config.num_classes, common.to_dict(config.linear_head), name=n)
+                    for n in names]
+        scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
+    else:
+        scoring = own_heads
+    pairs = [(i, j) for i in range(len(ms)) for j in range(len(ms)) if i != j]
+    families = {"affine": affine,
+                "logit": {(i, j): maps.logit(scoring[i], scoring[j]) for i, j in pairs},
+                "naive": {(i, j): maps.naive(dims[i], dims[j]) for i, j in pairs}}
+    head_sets = {k: scoring for k in families}
+    if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy
+        families["native_affine"], head_sets["native_affine"] = affine, own_heads
+
+    # 3. Every pair on the evaluation split.
+    def fold_eval(state, out, batch, aux):
+        feats = pre_logits(out)
+        return {k: evaluate.update(state[k], feats, aux["heads"][k], aux["maps"][k], batch["label"], batch["mask"])
+                for k in state}
+
+    ev = engine.run(extract.Pass(
+        "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
+        fold=fold_eval, dataset=config.dataset,
+        aux={"heads": head_sets, "maps": {k: evaluate.stack_maps(m, dims) for k, m in families.items()}}))
+    return results(config, names, dims, fit, affine, ev, engine.seconds), engine
+
+
+def results(config, names, dims, fit, affine, ev, seconds) -> dict:
+    """The results dict (embjax.report.write's layout) from the passes' final states."""
+    from embjax import evaluate, stats
+
+    n = len(names)
+    out = {"models": names, "feature_dims": dims, "dataset": config.dataset, "fit_split": config.fit_split,
+           "eval_split": config.eval_split, "num_fit": int(fit.count), "num_eval": int(ev["affine"].count),
+           "heads": config.heads}
+    for k, e in ev.items():
+        m = {key: np.asarray(v).tolist() for key, v in evaluate.compute(e).items()}
+        if k == "native_affine":  # ImageNet heads against another dataset's labels mean nothing: agreement only
+            m = {"agreement": m["agreement"], "r2": m["r2"]}
+        out[k] = m
+    out["unmapped"] = {"accuracy": np.diag(np.asarray(out["affine"]["accuracy"])).tolist(),
+                       "top5": np.diag(np.asarray(out["affine"]["top5"])).tolist()}
+    out["fit_statistics"] = {
+        "r2": [[float(stats.r2(fit, i, j, *affine[(i, j)])) if i != j else 1.0 for j in range(n)]
+               for i in range(n)],
+        "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)],
+    }
+    thesis = common.to_dict(config.thesis_names)
+    if thesis:
+        out["reference"] = {"thesis_names": [thesis.get(m) for m in names]}
+    out["config"] = common.to_dict(config)
+    out["meta"] = {"seconds": dict(seconds)}
+    return out
+
+
+def write_report(run_dir: str, results: dict):
+    from embjax import report
+
+    return report.write(run_dir, results)
+
+
+def summary(results: dict) -> str:
+    from embjax import report
+
+    return report.summary_text(results)
 
 
 if __name__ == "__main__":
-    run()
+    common.main(run, write_report, "affine_equivalence.py", "zoo", "experiments.affine_equivalence", summary)

@@ -50,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.checkpoint_every = 50  # batches
     c.prefetch = 2
-    c.save_eval_features = False
+    c.progress_seconds = 10.0  # a progress line (images/s, ETA) at most this often; 0 = every batch
     c.thesis_names = ml_collections.ConfigDict()
     # Zoo training: one epoch on the first 20,000 training images keeps the first run of the default
     # study within minutes on 2 CPU cores (maps are still fit on the whole fit split).

@@ -1,0 +1,132 @@
+"""What every study's entry point shares: absl flags, jax.distributed set-up, error printing, the run directory.
+
+A study module defines `run(config, workdir) -> (results, engine_or_None)` and a `report(run_dir,
+results)` writer, and ends with `common.main(run, write_report, "configs/<study>.py", default_preset)`.
+Its command line is then
+
+    python -m experiments.<study> [--config=experiments/configs/<study>.py:PRESET] [--config.FIELD=...]
+        [--workdir=DIR] [--distributed | --coordinator_address=H:P --num_processes=N --process_id=I]
+
+Resume state lives in WORKDIR/state (default WORKDIR = results/<config.name>); running the same command
+again resumes a killed run. Each finished run writes its report into a new timestamped directory under
+WORKDIR and prints its path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Errors a user can fix (bad config, missing file, unknown model, damaged checkpoint): one line, exit 1.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError)
+
+
+def define_flags(config_file: str, default_preset: str):
+    path = os.path.join(HERE, "configs", config_file)
+    flags_ = dict(
+        config=config_flags.DEFINE_config_file("config", f"{path}:{default_preset}", "study config (file:preset)"),
+        workdir=flags.DEFINE_string("workdir", None, "run directory (default results/<config.name>)"),
+        distributed=flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU VM pods, "
+                                      "SLURM, or with the three flags below)"),
+        coordinator=flags.DEFINE_string("coordinator_address", None, "host:port of process 0"),
+        num_processes=flags.DEFINE_integer("num_processes", None, "number of processes"),
+        process_id=flags.DEFINE_integer("process_id", None, "this process' index"),
+    )
+    return flags_
+
+
+def setup_jax(f) -> None:
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax reports every checkpoint step at INFO
+    # Compiled steps are cached on disk, so a second run of the same study skips XLA compilation.
+    if not jax.config.jax_compilation_cache_dir:
+        from embjax.zoo import default_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if f["distributed"].value or f["coordinator"].value:
+        kw = {}
+        if f["coordinator"].value:
+            kw = dict(coordinator_address=f["coordinator"].value, num_processes=f["num_processes"].value,
+                      process_id=f["process_id"].value)
+        # Cross-process collectives on CPU (tests, CPU clusters) go through gloo; GPUs/TPUs ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**kw)
+
+
+def run_meta(config, seconds: dict, module: str) -> dict:
+    """results["meta"]: the command as typed, date, jax version, devices, processes, timings."""
+    import datetime
+
+    import jax
+
+    return {
+        "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": dict(seconds),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+    }
+
+
+def to_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def fingerprint(config, ignore=("checkpoint_every", "prefetch", "progress_seconds")) -> dict:
+    """The config fields that change a run's numbers (what a checkpoint must match to be resumed)."""
+    cfg = to_dict(config)
+    for k in ignore:
+        cfg.pop(k, None)
+    return cfg
+
+
+def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[str, dict], Any],
+         config_file: str, default_preset: str, module: str, summary: Callable[[dict], str] | None = None):
+    """Define the flags and run the study `run` under absl (see the module docstring)."""
+    f = define_flags(config_file, default_preset)
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        import jax
+
+        from embjax import report
+
+        setup_jax(f)
+        config = f["config"].value
+        try:
+            workdir = f["workdir"].value or os.path.join("results", config.name)
+            results, engine = run(config, os.path.join(workdir, "state"))
+            results.setdefault("meta", {}).update(run_meta(config, results.get("meta", {}).get("seconds", {}),
+                                                           module))
+            results["meta"]["workdir"] = os.path.abspath(workdir)
+            if jax.process_index() == 0:
+                run_dir = report.new_run_dir(workdir, name=config.name)
+                write_report(run_dir, results)
+                if summary is not None:
+                    print(summary(results), flush=True)
+                print(f"\nreport: {os.path.join(run_dir, 'report.md')}", flush=True)
+            if engine is not None:
+                engine.finish()
+        except USER_ERRORS as e:
+            if os.environ.get("EMBJAX_TRACEBACK"):
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    try:
+        app.run(_main)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
