@@ -112,13 +112,14 @@ def smoke() -> ml_collections.ConfigDict:
     c.models = "zoo_resnet_v1,zoo_mobilenet_v2"
     c.weights = "random"
     c.num_fit = 1600
-    c.num_eval = 200
+    c.num_eval = 120
     c.rank = 16
     c.cca_dims = 8
     c.kfold_pairs_per_fold = 20
-    c.curve_fit_sizes = (50, 400)
-    c.curve_ranks = (4, 16)
+    c.curve_fit_sizes = (50,)
+    c.curve_ranks = (4,)
     c.verification_bins = 1 << 12
+    c.query_block = 64
     c.batch_size = 16
     c.checkpoint_every = 4
     c.progress_seconds = 0.0
