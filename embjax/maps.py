@@ -159,10 +159,10 @@ def _cholesky(a: jax.Array) -> jax.Array:
 def _fit_source(cross, mean, count, ridge, rel, lo, *, d, dims, iters=30):
     """Affine maps from the source block of width `d` starting at column `lo` to every block of `dims`.
 
-    Solves s (C_AA + λI + rel·diag C_AA) s · y = s C_A· and returns, per block t of `dims`, W_t = s y_t
+    Solves s (C_AA + λI + rel·diag(C_AA + λI)) s · y = s C_A· and returns, per block t of `dims`, W_t = s y_t
     and b_t = μ_t − μ_A W_t (the source's own entry is an identity up to rounding and is discarded by
     the caller), together with (finite, λ_max, λ_min) of the scaled, regularised matrix for the
-    conditioning check. λ = ridge · tr(C_AA) / d_A; s = diag(C_AA)^-½ on kept features, 0 on dropped.
+    conditioning check. λ = ridge · tr(C_AA) / d_A; s = diag(C_AA + λI)^-½ on kept features, 0 on dropped.
     """
     dtype = cross.dtype
     rows = jax.lax.dynamic_slice_in_dim(cross, lo, d, axis=0)  # C_A· : (d, D)
@@ -172,10 +172,14 @@ def _fit_source(cross, mean, count, ridge, rel, lo, *, d, dims, iters=30):
     drop = _dropped(c_aa, mean_a, count)
     diag = jnp.diagonal(c_aa)
     lam = ridge * jnp.trace(c_aa) / d
-    s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag)))
+    # Jacobi scaling of the regularised matrix C_AA + λI itself (its diagonal becomes 1). Scaling by
+    # diag C_AA alone would put λ / var_k on the diagonal: for a nearly dead feature (variance 1e-9 of
+    # the median) that is ~1e8 and dominates the condition estimate, which no extra `rel` could then
+    # bring under the limit (seen on EfficientNet-Lite pre-logits with ridge 0.1).
+    s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag + lam)))
     a = c_aa * s[:, None] * s[None, :]
     # Dropped features get a unit diagonal (their rows and columns are zero): W's rows there are zero.
-    a_diag = jnp.where(drop, 1.0, 1.0 + lam * s * s + rel).astype(dtype)
+    a_diag = jnp.where(drop, 1.0, 1.0 + rel).astype(dtype)
     idx = jnp.arange(d)
     a = a.at[idx, idx].set(a_diag)
     chol = _cholesky(a)
@@ -418,6 +422,19 @@ def reduced_rank(state, src: int, dst: int, rank: int, ridge: float = 0.0, *, na
     if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
         raise ValueError(f"maps.reduced_rank: rank must be an integer in [1, {min(d_a, d_b)}], got {rank!r}")
     w, _ = affine(state, src, dst, ridge, names=names, cond_limit=cond_limit)
+    return truncate_rank(state, src, dst, w, rank)
+
+
+def truncate_rank(state, src: int, dst: int, w, rank: int):
+    """The rank-`rank` map W P_k from an already fitted full map W (see `reduced_rank`), so that a
+    sweep over ranks factors C_AA once."""
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
+        raise ValueError(f"maps.truncate_rank: rank must be an integer in [1, {min(d_a, d_b)}], got {rank!r}")
+    w = jnp.asarray(w, state.cross.dtype)
+    if w.shape != (d_a, d_b):
+        raise ValueError(f"maps.truncate_rank: W has shape {w.shape}, expected {(d_a, d_b)}")
     with jax.default_matmul_precision("highest"):
         return _project_rank(w, _block(state, src, src), _mean(state, src), _mean(state, dst), int(rank))
 

@@ -167,11 +167,10 @@ def fit_maps(st, names, dims, config, families=FAMILIES) -> tuple[dict, list[str
 
 
 def project_rank(st, wb, i, j, rank):
-    """The rank-`rank` map from the full least-squares map (maps.reduced_rank without refitting)."""
-    from embjax import maps, stats
+    """The rank-`rank` map from the full least-squares map (maps.truncate_rank: no refit)."""
+    from embjax import maps
 
-    rank = max(1, min(rank, st.dims[i], st.dims[j]))
-    return maps._project_rank(wb[0], stats.block(st, i, i), stats.block_mean(st, i), stats.block_mean(st, j), rank)
+    return maps.truncate_rank(st, i, j, wb[0], max(1, min(int(rank), st.dims[i], st.dims[j])))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -155,3 +155,13 @@ def test_registry_converter_checks_depth(tmp_path):
     torch.save(model.state_dict(), path)
     with pytest.raises(h5.WeightMismatchError, match="stage_sizes"):
         registry.load_weights("iresnet50", path)
+
+
+def test_member_without_head_runs_on_uint8_images():
+    from embjax import members
+
+    (member,) = members.load(["iresnet18"], weights="random")
+    assert member.head is None and member.feature_dim == 512
+    images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    out = jax.jit(member.apply)(member.variables, images)
+    assert out["pre_logits"].shape == (2, 512) and np.all(np.isfinite(np.asarray(out["pre_logits"])))
