@@ -103,6 +103,28 @@ def test_ridge_matches_augmented_lstsq_and_is_scaled_by_trace(ridge):
     np.testing.assert_allclose(np.asarray(w_s), np.asarray(got[0]), rtol=0, atol=_tolerance(feats[0]) * np.abs(ref[0]).max())
 
 
+def test_ridge_with_nearly_dead_feature_is_well_conditioned():
+    """A feature with variance 1e-10 of the others (alive, so not dropped) and more features than
+    samples: with ridge 0.1 the regularised matrix has condition ≤ 1 + d/ridge, and the fit must neither
+    warn nor fail (scaling by diag C_AA alone once put λ/1e-10 on the diagonal and made it fail)."""
+    rng = np.random.default_rng(12)
+    n, d_a, d_b = 40, 60, 5
+    x = rng.standard_normal((n, d_a))
+    x[:, 3] = 1e-5 * rng.standard_normal(n)
+    y = x[:, :d_b] @ rng.standard_normal((d_b, d_b)) + 0.1 * rng.standard_normal((n, d_b))
+    feats = [x.astype(np.float32), y.astype(np.float32)]
+    state = _state(feats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", maps.IllConditionedWarning)
+        got = maps.affine(state, 0, 1, ridge=0.1)
+    x64 = feats[0].astype(np.float64)
+    xc = x64 - x64.mean(0)
+    lam = 0.1 * np.trace(xc.T @ xc) / d_a
+    ref = _lstsq(feats[0], feats[1], lam)
+    # κ(C + λI) ≤ 1 + d/ridge = 601: float32 solve error ≲ 601 · 1e-7 · a few; 1e-3 of the target spread.
+    assert _pred_error(feats[0], feats[1], got, ref) < 1e-3
+
+
 def test_dead_units_are_dropped_without_warning():
     rng = np.random.default_rng(2)
     feats = _relu_features(rng, 1500, (7, 5))
