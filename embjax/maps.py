@@ -439,6 +439,31 @@ def truncate_rank(state, src: int, dst: int, w, rank: int):
         return _project_rank(w, _block(state, src, src), _mean(state, src), _mean(state, dst), int(rank))
 
 
+def truncate_ranks(state, src: int, dst: int, w, ranks: Sequence[int]) -> list:
+    """`truncate_rank` for several ranks from one eigendecomposition: [(W_k, b_k) for k in ranks]."""
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    for rank in ranks:
+        if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
+            raise ValueError(f"maps.truncate_ranks: ranks must be integers in [1, {min(d_a, d_b)}], got {rank!r}")
+    w = jnp.asarray(w, state.cross.dtype)
+    with jax.default_matmul_precision("highest"):
+        vecs = _fitted_eigenvectors(w, _block(state, src, src))
+        return [_project_onto(w, vecs[:, -int(k):], _mean(state, src), _mean(state, dst)) for k in ranks]
+
+
+@jax.jit
+def _fitted_eigenvectors(w, c_aa):
+    fitted = jnp.matmul(w.T, jnp.matmul(c_aa, w, precision=_HIGHEST), precision=_HIGHEST)
+    return jnp.linalg.eigh(0.5 * (fitted + fitted.T))[1]  # ascending eigenvalues
+
+
+@jax.jit
+def _project_onto(w, top, mean_a, mean_b):
+    w_k = jnp.matmul(jnp.matmul(w, top, precision=_HIGHEST), top.T, precision=_HIGHEST)
+    return w_k, mean_b - jnp.matmul(mean_a, w_k, precision=_HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnames=("rank",))
 def _project_rank(w, c_aa, mean_a, mean_b, rank):
     fitted = jnp.matmul(w.T, jnp.matmul(c_aa, w, precision=_HIGHEST), precision=_HIGHEST)

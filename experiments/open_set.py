@@ -379,12 +379,14 @@ def run(config, workdir: str):
         mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
         sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
         for i in range(n):
-            for j in range(n):
-                mat["cka"][i, j] = float(similarity.linear_cka(fit, i, j))
-                mat["cca"][i, j] = float(similarity.mean_cca(fit, i, j, dims=cca_dims))
-                mat["procrustes"][i, j] = float(similarity.procrustes_distance(fit, i, j))
-                mat["cka_debiased"][i, j] = float(similarity.debiased_cka(native[i], native[j]))
-                mat["mutual_knn"][i, j] = float(similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j]))
+            for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
+                values = {"cka": similarity.linear_cka(fit, i, j),
+                          "cca": similarity.mean_cca(fit, i, j, dims=cca_dims),
+                          "procrustes": similarity.procrustes_distance(fit, i, j),
+                          "cka_debiased": similarity.debiased_cka(native[i], native[j]),
+                          "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
+                for k, v in values.items():
+                    mat[k][i, j] = mat[k][j, i] = float(v)
         return mat
 
     sim = engine.memo("similarity", similarity_matrices)
@@ -409,15 +411,18 @@ def run(config, workdir: str):
                     by_size[f][k].append(float(np.mean([v[k] for v in vals])))
         width = min(dims)
         ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < width} | {width})
+        from embjax import maps
+
         by_rank = {k: [] for k in CURVE_METRICS}
+        per_rank = {r: [] for r in ranks}
+        for i, j in pairs_ij:
+            sweep = maps.truncate_ranks(fit, i, j, all_maps["affine"][(i, j)][0], ranks)
+            for r, (w, b) in zip(ranks, sweep):
+                per_rank[r].append(_curve_values(*cell_metrics(native[i] @ np.asarray(w) + np.asarray(b), native[j],
+                                                               labels, index, config, pairs)))
         for r in ranks:
-            vals = []
-            for i, j in pairs_ij:
-                w, b = project_rank(fit, all_maps["affine"][(i, j)], i, j, r)
-                vals.append(_curve_values(*cell_metrics(native[i] @ np.asarray(w) + np.asarray(b), native[j], labels,
-                                                        index, config, pairs)))
             for k in CURVE_METRICS:
-                by_rank[k].append(float(np.mean([v[k] for v in vals])))
+                by_rank[k].append(float(np.mean([v[k] for v in per_rank[r]])))
         return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
                                                             for f, d in by_size.items()}},
                 "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}

@@ -279,6 +279,10 @@ def test_reduced_rank_matches_float64_reference():
         # The full map's bound; the top eigenvectors of the fitted covariance move by
         # O(‖ΔM‖/gap) under its perturbation, and the spectral gaps here are ≥ 10% of λ_1.
         assert _pred_error(feats[0], feats[1], got, (w_ref, b_ref)) < 2 * tol
+    sweep = maps.truncate_ranks(state, 0, 1, maps.affine(state, 0, 1)[0], [1, 3])
+    for (w_k, b_k), rank in zip(sweep, (1, 3)):  # one eigendecomposition, the same maps
+        w_ref, b_ref = maps.reduced_rank(state, 0, 1, rank)
+        np.testing.assert_allclose(np.asarray(w_k), np.asarray(w_ref), atol=1e-6 * np.abs(np.asarray(w_ref)).max())
     full_rank = maps.reduced_rank(state, 0, 1, 5)
     assert _pred_error(feats[0], feats[1], full_rank, (w_full, b_full)) < tol
     with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 5\]"):

@@ -33,8 +33,8 @@ def base() -> ml_collections.ConfigDict:
     # label ids. Fit and evaluation classes must be disjoint: that is what makes the study open-set.
     c.fit_classes = "0-4"
     c.eval_classes = "5-9"
-    c.num_fit = 1000  # the first num_fit images of the fit classes in dataset order (0 = all)
-    c.num_eval = 1000
+    c.num_fit = 800  # the first num_fit images of the fit classes in dataset order (0 = all)
+    c.num_eval = 800
     # Maps. affine: least squares (ridge 0; maps.affine adds the smallest ridge that makes an
     # ill-conditioned block solvable, with a warning, e.g. when num_fit < feature width); ridge: a
     # relative ridge λ = ridge · tr(C_AA)/d_A; procrustes: maps.scaled_procrustes; reduced_rank: the
@@ -53,8 +53,8 @@ def base() -> ml_collections.ConfigDict:
     c.mutual_knn_k = 10
     # Curves: maps fit on the first n fit images (the whole fit split is always the last point), and
     # reduced-rank maps of each rank (the full width is always the last point).
-    c.curve_fit_sizes = (50, 100, 200, 500)
-    c.curve_ranks = (4, 8, 16, 32, 64, 128, 256)
+    c.curve_fit_sizes = (50, 200)
+    c.curve_ranks = (8, 32, 128)
     c.batch_size = 32
     c.dtype = "float32"
     c.checkpoint_every = 10
