@@ -1,4 +1,5 @@
-"""Closed-form maps between embedding spaces: affine least squares, logit, naive, Procrustes, reduced rank.
+"""Closed-form maps between embedding spaces: affine least squares, logit, naive, Procrustes (plain and
+scaled with zero-padding), reduced rank.
 
 Every map is a pair (W, b) acting on row vectors, x_dst ≈ x_src @ W + b, with W of shape
 (d_src, d_dst). The statistics-based maps read a `Stats`-like state (fields `count`, `mean`, `cross`,
@@ -158,10 +159,10 @@ def _cholesky(a: jax.Array) -> jax.Array:
 def _fit_source(cross, mean, count, ridge, rel, lo, *, d, dims, iters=30):
     """Affine maps from the source block of width `d` starting at column `lo` to every block of `dims`.
 
-    Solves s (C_AA + λI + rel·diag C_AA) s · y = s C_A· and returns, per block t of `dims`, W_t = s y_t
+    Solves s (C_AA + λI + rel·diag(C_AA + λI)) s · y = s C_A· and returns, per block t of `dims`, W_t = s y_t
     and b_t = μ_t − μ_A W_t (the source's own entry is an identity up to rounding and is discarded by
     the caller), together with (finite, λ_max, λ_min) of the scaled, regularised matrix for the
-    conditioning check. λ = ridge · tr(C_AA) / d_A; s = diag(C_AA)^-½ on kept features, 0 on dropped.
+    conditioning check. λ = ridge · tr(C_AA) / d_A; s = diag(C_AA + λI)^-½ on kept features, 0 on dropped.
     """
     dtype = cross.dtype
     rows = jax.lax.dynamic_slice_in_dim(cross, lo, d, axis=0)  # C_A· : (d, D)
@@ -171,10 +172,14 @@ def _fit_source(cross, mean, count, ridge, rel, lo, *, d, dims, iters=30):
     drop = _dropped(c_aa, mean_a, count)
     diag = jnp.diagonal(c_aa)
     lam = ridge * jnp.trace(c_aa) / d
-    s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag)))
+    # Jacobi scaling of the regularised matrix C_AA + λI itself (its diagonal becomes 1). Scaling by
+    # diag C_AA alone would put λ / var_k on the diagonal: for a nearly dead feature (variance 1e-9 of
+    # the median) that is ~1e8 and dominates the condition estimate, which no extra `rel` could then
+    # bring under the limit (seen on EfficientNet-Lite pre-logits with ridge 0.1).
+    s = jnp.where(drop, 0.0, jax.lax.rsqrt(jnp.where(drop, 1.0, diag + lam)))
     a = c_aa * s[:, None] * s[None, :]
     # Dropped features get a unit diagonal (their rows and columns are zero): W's rows there are zero.
-    a_diag = jnp.where(drop, 1.0, 1.0 + lam * s * s + rel).astype(dtype)
+    a_diag = jnp.where(drop, 1.0, 1.0 + rel).astype(dtype)
     idx = jnp.arange(d)
     a = a.at[idx, idx].set(a_diag)
     chol = _cholesky(a)
@@ -435,8 +440,46 @@ def reduced_rank(state, src: int, dst: int, rank: int, ridge: float = 0.0, *, na
     if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
         raise ValueError(f"maps.reduced_rank: rank must be an integer in [1, {min(d_a, d_b)}], got {rank!r}")
     w, _ = affine(state, src, dst, ridge, names=names, cond_limit=cond_limit)
+    return truncate_rank(state, src, dst, w, rank)
+
+
+def truncate_rank(state, src: int, dst: int, w, rank: int):
+    """The rank-`rank` map W P_k from an already fitted full map W (see `reduced_rank`), so that a
+    sweep over ranks factors C_AA once."""
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
+        raise ValueError(f"maps.truncate_rank: rank must be an integer in [1, {min(d_a, d_b)}], got {rank!r}")
+    w = jnp.asarray(w, state.cross.dtype)
+    if w.shape != (d_a, d_b):
+        raise ValueError(f"maps.truncate_rank: W has shape {w.shape}, expected {(d_a, d_b)}")
     with jax.default_matmul_precision("highest"):
         return _project_rank(w, _block(state, src, src), _mean(state, src), _mean(state, dst), int(rank))
+
+
+def truncate_ranks(state, src: int, dst: int, w, ranks: Sequence[int]) -> list:
+    """`truncate_rank` for several ranks from one eigendecomposition: [(W_k, b_k) for k in ranks]."""
+    _check_state(state, src, dst)
+    d_a, d_b = state.dims[src], state.dims[dst]
+    for rank in ranks:
+        if not (isinstance(rank, (int, np.integer)) and 1 <= rank <= min(d_a, d_b)):
+            raise ValueError(f"maps.truncate_ranks: ranks must be integers in [1, {min(d_a, d_b)}], got {rank!r}")
+    w = jnp.asarray(w, state.cross.dtype)
+    with jax.default_matmul_precision("highest"):
+        vecs = _fitted_eigenvectors(w, _block(state, src, src))
+        return [_project_onto(w, vecs[:, -int(k):], _mean(state, src), _mean(state, dst)) for k in ranks]
+
+
+@jax.jit
+def _fitted_eigenvectors(w, c_aa):
+    fitted = jnp.matmul(w.T, jnp.matmul(c_aa, w, precision=_HIGHEST), precision=_HIGHEST)
+    return jnp.linalg.eigh(0.5 * (fitted + fitted.T))[1]  # ascending eigenvalues
+
+
+@jax.jit
+def _project_onto(w, top, mean_a, mean_b):
+    w_k = jnp.matmul(jnp.matmul(w, top, precision=_HIGHEST), top.T, precision=_HIGHEST)
+    return w_k, mean_b - jnp.matmul(mean_a, w_k, precision=_HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -448,3 +491,32 @@ def _project_rank(w, c_aa, mean_a, mean_b, rank):
     w_k = jnp.matmul(jnp.matmul(w, top, precision=_HIGHEST), top.T, precision=_HIGHEST)
     return w_k, mean_b - jnp.matmul(mean_a, w_k, precision=_HIGHEST)
 
+
+
+def scaled_procrustes(state, src: int, dst: int):
+    """Orthogonal map after centring and scaling both sides to unit total variance, the narrower side
+    zero-padded: the map of shape analysis (Williams et al. 2021) for spaces of any widths.
+
+    With σ_A = √(tr C_AA / n), σ_B likewise, the problem is min ‖(X_A − μ_A) R / σ_A − (X_B − μ_B) / σ_B‖
+    over orthogonal R of size max(d_A, d_B), the narrower features padded with zero columns. Its
+    solution restricted to the real columns (d_A > d_B) or rows (d_A < d_B) is R = U Vᵀ from the thin
+    SVD C_AB = U Σ Vᵀ: for d_A > d_B the padded target has C = [C_AB 0], and tr(Rᵀ C) only sees the
+    first d_B columns of R, whose best value over matrices with orthonormal columns is U Vᵀ; d_A < d_B
+    is the transpose. Back in B's units: W = (σ_B / σ_A) R, b = μ_B − μ_A W. Unlike `procrustes`,
+    the scale is fixed by the two spreads rather than fitted, and the source may be wider (then the
+    map is a projection followed by a rotation, not an isometry).
+    """
+    _check_state(state, src, dst)
+    with jax.default_matmul_precision("highest"):
+        return _scaled_procrustes(_block(state, src, src), _block(state, src, dst), _block(state, dst, dst),
+                                  _mean(state, src), _mean(state, dst))
+
+
+@jax.jit
+def _scaled_procrustes(c_aa, c_ab, c_bb, mean_a, mean_b):
+    u, _, vt = jnp.linalg.svd(c_ab, full_matrices=False)
+    r = jnp.matmul(u, vt, precision=_HIGHEST)
+    tr_a, tr_b = jnp.trace(c_aa), jnp.trace(c_bb)
+    s = jnp.where(tr_a > 0, jnp.sqrt(tr_b / jnp.where(tr_a > 0, tr_a, 1.0)), 0.0)
+    w = r * s
+    return w, mean_b - jnp.matmul(mean_a, w, precision=_HIGHEST)

@@ -128,6 +128,28 @@ def test_ridge_matches_augmented_lstsq_and_is_scaled_by_trace(ridge):
     np.testing.assert_allclose(np.asarray(w_s), np.asarray(got[0]), rtol=0, atol=_tolerance(feats[0]) * np.abs(ref[0]).max())
 
 
+def test_ridge_with_nearly_dead_feature_is_well_conditioned():
+    """A feature with variance 1e-10 of the others (alive, so not dropped) and more features than
+    samples: with ridge 0.1 the regularised matrix has condition ≤ 1 + d/ridge, and the fit must neither
+    warn nor fail (scaling by diag C_AA alone once put λ/1e-10 on the diagonal and made it fail)."""
+    rng = np.random.default_rng(12)
+    n, d_a, d_b = 40, 60, 5
+    x = rng.standard_normal((n, d_a))
+    x[:, 3] = 1e-5 * rng.standard_normal(n)
+    y = x[:, :d_b] @ rng.standard_normal((d_b, d_b)) + 0.1 * rng.standard_normal((n, d_b))
+    feats = [x.astype(np.float32), y.astype(np.float32)]
+    state = _state(feats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", maps.IllConditionedWarning)
+        got = maps.affine(state, 0, 1, ridge=0.1)
+    x64 = feats[0].astype(np.float64)
+    xc = x64 - x64.mean(0)
+    lam = 0.1 * np.trace(xc.T @ xc) / d_a
+    ref = _lstsq(feats[0], feats[1], lam)
+    # κ(C + λI) ≤ 1 + d/ridge = 601: float32 solve error ≲ 601 · 1e-7 · a few; 1e-3 of the target spread.
+    assert _pred_error(feats[0], feats[1], got, ref) < 1e-3
+
+
 def test_dead_units_are_dropped_without_warning():
     rng = np.random.default_rng(2)
     feats = _relu_features(rng, 1500, (7, 5))
@@ -282,6 +304,10 @@ def test_reduced_rank_matches_float64_reference():
         # The full map's bound; the top eigenvectors of the fitted covariance move by
         # O(‖ΔM‖/gap) under its perturbation, and the spectral gaps here are ≥ 10% of λ_1.
         assert _pred_error(feats[0], feats[1], got, (w_ref, b_ref)) < 2 * tol
+    sweep = maps.truncate_ranks(state, 0, 1, maps.affine(state, 0, 1)[0], [1, 3])
+    for (w_k, b_k), rank in zip(sweep, (1, 3)):  # one eigendecomposition, the same maps
+        w_ref, b_ref = maps.reduced_rank(state, 0, 1, rank)
+        np.testing.assert_allclose(np.asarray(w_k), np.asarray(w_ref), atol=1e-6 * np.abs(np.asarray(w_ref)).max())
     full_rank = maps.reduced_rank(state, 0, 1, 5)
     assert _pred_error(feats[0], feats[1], full_rank, (w_full, b_full)) < tol
     with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 5\]"):
@@ -320,3 +346,28 @@ def test_blocked_cholesky_matches_float64():
     bad = a.copy()
     bad[200, 200] = -1.0  # not positive definite, in the second block
     assert np.isnan(np.asarray(jax.jit(maps._cholesky)(bad))).any()
+
+
+@pytest.mark.parametrize("widths", [(6, 4), (4, 6), (5, 5)])
+def test_scaled_procrustes_matches_zero_padded_reference(widths):
+    d_a, d_b = widths
+    rng = np.random.default_rng(11)
+    n = 2000
+    z = rng.standard_normal((n, 5))
+    x = z @ rng.standard_normal((5, d_a)) + 0.3 * rng.standard_normal((n, d_a)) + 2.0
+    y = 3.0 * z @ rng.standard_normal((5, d_b)) + 0.3 * rng.standard_normal((n, d_b)) - 1.0
+    state = _state([x.astype(np.float32), y.astype(np.float32)])
+    w, b = maps.scaled_procrustes(state, 0, 1)
+    # Reference: centre, scale to unit Frobenius norm, pad the narrower side with zeros to a square
+    # problem, solve it by a full SVD, and read the mapped features off the first d_b columns.
+    d = max(d_a, d_b)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    xs, ys = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
+    xp = np.c_[xs, np.zeros((n, d - d_a))]
+    yp = np.c_[ys, np.zeros((n, d - d_b))]
+    u, _, vt = np.linalg.svd(xp.T @ yp)
+    pred_ref = (xp @ (u @ vt))[:, :d_b] * np.linalg.norm(yc) + y.mean(0)
+    pred = x @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    # A float32 SVD of a well-separated 6×6 cross-product: ~1e-6 relative on W, times |x| ≈ 4 of the
+    # inputs, against a target spread of ~3: 1e-4 leaves an order of magnitude.
+    assert np.max(np.abs(pred - pred_ref)) / y.std() < 1e-4

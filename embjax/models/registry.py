@@ -64,12 +64,16 @@ class ModelSpec:
     """Everything the engine needs to know about one named model."""
 
     name: str
-    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite, vgg16
+    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite, vgg16,
+    # iresnet, ...
     build: Callable[..., Any]  # build(**field_overrides) -> Flax module
     input_size: int
     in_channels: int
     feature_dim: int  # width of `pre_logits`
-    num_classes: int
+    # Classes of the model's own classifier (its `logits`), or None for an embedding model with no
+    # classifier at all (the iResNet face models: ArcFace's margin head is a training-time loss and is
+    # not part of the backbone). Code that needs a head must check for None (extract.find_head does).
+    num_classes: int | None
     # Preprocessing (see the module docstring).
     scaling: str  # the recipe's name: caffe, tf, efficientnet_lite, fashion_mnist
     pixel_scale: float
@@ -182,6 +186,8 @@ _ZOO = dict(
 # EfficientNet-Lite (TF release): (x - 127) / 128, crop size / (size + 32), bicubic without antialias.
 # Must agree with embjax.weights.efficientnet_lite.PREPROCESSING (tests/test_registry.py checks it).
 _LITE_SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
+# Must agree with embjax.models.iresnet.STAGE_SIZES (not imported: families load lazily).
+_IRESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
 
 def _specs() -> dict[str, ModelSpec]:
@@ -315,6 +321,34 @@ def _specs() -> dict[str, ModelSpec]:
                     "EfficientNet-Lite-PyTorch layout"
                 ),
                 converter=_convert_efficientnet_lite(variant),
+                weight_formats=("torch", "safetensors"),
+            )
+        )
+    for depth in (18, 34, 50, 100):
+        specs.append(
+            ModelSpec(
+                name=f"iresnet{depth}",
+                family="iresnet",
+                build=_lazy("embjax.models.iresnet", "iresnet", depth=depth),
+                input_size=112,
+                in_channels=3,
+                feature_dim=512,
+                num_classes=None,  # a face-embedding model: no classifier
+                # insightface feeds aligned 112×112 RGB crops as (x − 127.5) / 127.5.
+                scaling="arcface",
+                pixel_scale=1.0,
+                mean=(127.5, 127.5, 127.5),
+                std=(127.5, 127.5, 127.5),
+                channel_order="RGB",
+                crop_fraction=1.0,
+                resize_method="bilinear",
+                antialias=True,
+                weight_source=(
+                    f"insightface arcface_torch backbone.pth of an iresnet{depth} (not installable offline; "
+                    "pass the file)"
+                ),
+                converter=_lazy_converter("embjax.weights.insightface", "convert_iresnet",
+                                          stage_sizes=_IRESNET_STAGES[depth]),
                 weight_formats=("torch", "safetensors"),
             )
         )

@@ -1,0 +1,143 @@
+"""iResNet face-embedding backbones in Flax: the architecture of insightface's ArcFace models.
+
+Layout (Deng et al., ArcFace; Duta et al.'s "improved" residual unit as insightface implements it):
+
+* stem: 3×3 conv (stride 1, no bias) → BatchNorm → PReLU (one slope per channel), at 112×112;
+* four stages of `IBasicBlock`s, widths 64/128/256/512; the first block of every stage has stride 2
+  (on its second conv) and a projection shortcut (1×1 conv with the stride → BatchNorm);
+* a block is BN → conv3×3 → BN → PReLU → conv3×3(stride) → BN, added to the shortcut, with no
+  activation after the sum;
+* head: BN over the 7×7×512 map → flatten → (dropout, the identity at inference) → fully connected to
+  the embedding width → BatchNorm1d ("features"). That BatchNorm's output is the embedding.
+
+All convolutions pad symmetrically by 1 (PyTorch's padding=1) and carry no bias; every BatchNorm has
+epsilon 1e-5. The fully connected layer reads the flattened map in (H, W, C) order here, PyTorch's in
+(C, H, W); the converter in embjax.weights.insightface permutes its rows.
+
+There is no classifier: ArcFace's margin head is a training-only loss, so the registry lists these
+models with num_classes None. Returned features: `stem`, `stage1`..`stage4`, `pre_fc` (the flattened
+map after the final BN) and `pre_logits` (the embedding, float32). Module and parameter names mirror
+insightface's state-dict names (`conv1`, `bn1`, `prelu`, `layer1_0/bn1`, `layer1_0/downsample_conv`,
+`bn2`, `fc`, `features`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 14, 3),
+    100: (3, 13, 30, 3),
+    200: (6, 26, 60, 6),
+}
+EPSILON = 1e-5
+_PAD1 = ((1, 1), (1, 1))
+
+
+class PReLU(nn.Module):
+    """max(0, x) + a·min(0, x) with one slope a per channel (PyTorch nn.PReLU(num_parameters=C))."""
+
+    init_slope: float = 0.25
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        slope = self.param("negative_slope", nn.initializers.constant(self.init_slope), (x.shape[-1],),
+                           self.param_dtype)
+        return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+class IBasicBlock(nn.Module):
+    planes: int
+    strides: int
+    project: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def bn(name):
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=name)
+
+        def conv(features, kernel, strides, padding, name):
+            return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, use_bias=False,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        y = bn("bn1")(x)
+        y = conv(self.planes, 3, 1, _PAD1, "conv1")(y)
+        y = bn("bn2")(y)
+        y = PReLU(param_dtype=self.param_dtype, name="prelu")(y)
+        y = conv(self.planes, 3, self.strides, _PAD1, "conv2")(y)
+        y = bn("bn3")(y)
+        shortcut = x
+        if self.project:
+            shortcut = conv(self.planes, 1, self.strides, "VALID", "downsample_conv")(x)
+            shortcut = bn("downsample_bn")(shortcut)
+        return y + shortcut
+
+
+class IResNet(nn.Module):
+    """iResNet backbone returning {"stem", "stage1".., "pre_fc", "pre_logits"}; see the module docstring.
+
+    `__call__(x, train=False)` takes NHWC images whose side is 16 × `fc_grid` (112 for the ArcFace
+    models), already scaled as (x − 127.5) / 127.5.
+    """
+
+    stage_sizes: Sequence[int] = STAGE_SIZES[50]
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    num_features: int = 512
+    fc_grid: int = 7  # spatial side of the last stage's map: input 112 / 2⁴
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"IResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
+        side = 16 * self.fc_grid
+        if x.shape[1:3] != (side, side):
+            raise ValueError(f"IResNet with fc_grid {self.fc_grid} needs {side}×{side} inputs (its fully connected "
+                             f"layer reads a {self.fc_grid}×{self.fc_grid} map), got {x.shape[1]}×{x.shape[2]}")
+        if len(self.stage_sizes) != len(self.stage_widths) or min(self.stage_sizes) < 1:
+            raise ValueError(f"IResNet stage_sizes {tuple(self.stage_sizes)} must be positive and match "
+                             f"stage_widths {tuple(self.stage_widths)}")
+
+        def bn(name):
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=name)
+
+        out = {}
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.stem_width, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="conv1")(x)
+        x = PReLU(param_dtype=self.param_dtype, name="prelu")(bn("bn1")(x))
+        out["stem"] = x
+        for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+            for j in range(blocks):
+                strides = 2 if j == 0 else 1
+                project = j == 0  # stride 2 in every stage's first block, so it always projects
+                x = IBasicBlock(width, strides, project, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name=f"layer{i + 1}_{j}")(x, train=train)
+            out[f"stage{i + 1}"] = x
+        x = bn("bn2")(x)
+        # Flatten and the fully connected layer in float32: the embedding is what the studies accumulate.
+        x = x.astype(jnp.float32).reshape(x.shape[0], -1)
+        out["pre_fc"] = x
+        x = nn.Dense(self.num_features, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=jnp.float32,
+                         param_dtype=self.param_dtype, name="features")(x)
+        out["pre_logits"] = x
+        return out
+
+
+def iresnet(depth: int, **overrides) -> IResNet:
+    """The insightface iResNet of `depth` (18, 34, 50, 100, 200) with a 512-d embedding."""
+    if depth not in STAGE_SIZES:
+        raise ValueError(f"iResNet depth must be one of {sorted(STAGE_SIZES)}, got {depth!r}")
+    return IResNet(**{"stage_sizes": STAGE_SIZES[depth], **overrides})

@@ -1,0 +1,134 @@
+"""Configs of the open-set verification and retrieval study: `--config=experiments/configs/open_set.py:NAME`.
+
+NAME is one of
+  effnet_lite  (default) the three ImageNet EfficientNet-Lite backbones on Fashion-MNIST: maps fit on
+               training images of classes 0-4, every metric on test images of classes 5-9 (ImageNet
+               never trained on these classes either: open-set by construction)
+  zoo          the five zoo models trained by embjax on training images of classes 0-5 only; maps fit
+               on those classes, metrics on test images of classes 6-9
+  lfw          tfds `lfw` (prepared where the data exists; pass --config.data_dir): identities with an
+               even label id fit the maps, odd ones are evaluated; any registry models, e.g.
+               --config.models=iresnet50,iresnet100 --config.weights=files
+               --config.weight_files.iresnet50=/w/r50/backbone.pth --config.weight_files.iresnet100=...
+  smoke        two random-weight zoo models on a few hundred images: the resume test's configuration
+Fields can be overridden on the command line, e.g. `--config.num_eval=2000 --config.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""
+    c.models = ""  # comma-separated registry names
+    c.weights = "pretrained"  # zoo | pretrained | files | random (embjax.members)
+    c.weight_files = ml_collections.ConfigDict()
+    c.dataset = "fashion_mnist"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    c.image_size = ml_collections.config_dict.placeholder(int)  # host-side square size (tfds sets)
+    c.fit_split = "train"
+    c.eval_split = "test"
+    # Classes (identities) of each side: "a-b" ranges joined by commas ("0-4", "0-2,7"), or "even" / "odd"
+    # label ids. Fit and evaluation classes must be disjoint: that is what makes the study open-set.
+    c.fit_classes = "0-4"
+    c.eval_classes = "5-9"
+    c.num_fit = 800  # the first num_fit images of the fit classes in dataset order (0 = all)
+    c.num_eval = 800
+    # Maps. affine: least squares (ridge 0; maps.affine adds the smallest ridge that makes an
+    # ill-conditioned block solvable, with a warning, e.g. when num_fit < feature width); ridge: a
+    # relative ridge λ = ridge · tr(C_AA)/d_A; procrustes: maps.scaled_procrustes; reduced_rank: the
+    # rank-`rank` least-squares map.
+    c.ridge = 0.1
+    c.rank = 64
+    # Metrics. Cosine similarity everywhere (face-verification practice); label-defined pairs.
+    c.fars = (1e-1, 1e-2, 1e-3, 1e-4)
+    c.verification_bins = 1 << 16
+    c.recall_ks = (1, 5)
+    c.kfold_pairs_per_fold = 300  # LFW style: 10 folds of 300 genuine + 300 impostor pairs
+    c.kfold_seed = 0
+    c.query_block = 256
+    # Similarity.
+    c.cca_dims = 32  # SVCCA: leading principal directions of each side kept before CCA (0 = all)
+    c.mutual_knn_k = 10
+    # Curves: maps fit on the first n fit images (the whole fit split is always the last point), and
+    # reduced-rank maps of each rank (the full width is always the last point).
+    c.curve_fit_sizes = (50, 200)
+    c.curve_ranks = (8, 32, 128)
+    c.batch_size = 32
+    c.dtype = "float32"
+    c.checkpoint_every = 10
+    c.prefetch = 2
+    c.progress_seconds = 10.0
+    c.zoo = ml_collections.ConfigDict(dict(epochs=1, batch_size=128, learning_rate=3e-3, weight_decay=1e-4,
+                                           seed=0, limit=20000))
+    c.zoo_classes = ""  # classes the zoo trains on (zoo weights only); default: the fit classes
+    return c
+
+
+def effnet_lite() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "open_set_effnet_lite"
+    c.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+    return c
+
+
+def zoo() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "open_set_zoo"
+    c.models = "zoo_resnet_v1,zoo_resnet_v2,zoo_inception,zoo_mobilenet_v2,zoo_efficientnet_lite"
+    c.weights = "zoo"
+    c.fit_classes = "0-5"
+    c.eval_classes = "6-9"
+    c.zoo_classes = "0-5"
+    c.num_fit = 10000
+    c.num_eval = 2000
+    c.curve_fit_sizes = (50, 100, 200, 500, 1000, 2000, 5000)
+    c.curve_ranks = (2, 4, 8, 16, 32, 64)
+    c.batch_size = 128
+    c.checkpoint_every = 20
+    return c
+
+
+def lfw() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "open_set_lfw"
+    c.models = "efficientnet_lite0,efficientnet_lite1"
+    c.dataset = "lfw"
+    c.fit_split = "train"
+    c.eval_split = "train"  # tfds lfw has one split; the identities split it
+    c.fit_classes = "even"
+    c.eval_classes = "odd"
+    c.num_fit = 4000
+    c.num_eval = 4000
+    c.curve_fit_sizes = (50, 100, 200, 500, 1000, 2000)
+    c.batch_size = 64
+    return c
+
+
+def smoke() -> ml_collections.ConfigDict:
+    c = base()
+    c.name = "open_set_smoke"
+    c.models = "zoo_resnet_v1,zoo_mobilenet_v2"
+    c.weights = "random"
+    c.num_fit = 1600
+    c.num_eval = 120
+    c.rank = 16
+    c.cca_dims = 8
+    c.kfold_pairs_per_fold = 20
+    c.curve_fit_sizes = (50,)
+    c.curve_ranks = (4,)
+    c.verification_bins = 1 << 12
+    c.query_block = 64
+    c.batch_size = 16
+    c.checkpoint_every = 4
+    c.progress_seconds = 0.0
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = {"effnet_lite": effnet_lite, "zoo": zoo, "lfw": lfw, "smoke": smoke}
+    name = arg or "effnet_lite"
+    if name not in presets:
+        raise ValueError(f"unknown config '{name}'; choose one of {sorted(presets)}")
+    return presets[name]()
