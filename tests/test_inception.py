@@ -26,7 +26,7 @@ keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.highest_precision
 
 from embjax.models import inception  # noqa: E402
-from embjax.weights import keras_inception  # noqa: E402
+from embjax.models.convert import keras_inception  # noqa: E402
 from keras_helpers import fast_keras_init  # noqa: E402
 
 # Tolerance of the parity checks: max |flax - keras| <= RTOL * max |keras| per output. float32 rounds

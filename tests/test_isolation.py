@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from embjax import zoo
-from embjax.weights import efficientnet_lite
+from embjax.models.convert import efficientnet_lite
 
 
 def _inside(path, root):

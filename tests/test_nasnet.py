@@ -20,7 +20,8 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from embjax.models import nasnet  # noqa: E402
-from embjax.weights import h5, keras_nasnet  # noqa: E402
+from embjax.weights import h5  # noqa: E402
+from embjax.models.convert import keras_nasnet  # noqa: E402
 from keras_helpers import fast_keras_init, randomize  # noqa: E402
 
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).

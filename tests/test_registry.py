@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from embjax.models import registry
-from embjax.weights import h5, keras_resnet
+from embjax.weights import h5
+from embjax.models.convert import keras_resnet
 
 REQUIRED = (
     [f"resnet{d}_v1" for d in (18, 34, 50, 101, 152)]
@@ -103,7 +104,7 @@ def test_channels_are_matched():
 
 
 def test_efficientnet_lite_preprocessing_agrees_with_its_weights_module():
-    from embjax.weights import efficientnet_lite
+    from embjax.models.convert import efficientnet_lite
 
     images = _pixels((2, 300, 260, 3), seed=3)
     for variant in range(5):

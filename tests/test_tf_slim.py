@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from embjax.models import inception, mobilenet, registry, resnet
-from embjax.weights import tf_checkpoint, tf_slim
+from embjax.weights import tf_checkpoint
+from embjax.models.convert import tf_slim
 from embjax.weights.h5 import WeightMismatchError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf")

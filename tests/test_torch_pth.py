@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from embjax.weights import safetensors_io, torch_pth
-from embjax.weights.efficientnet_lite import pretrained_path
+from embjax.models.convert.efficientnet_lite import pretrained_path
 from embjax.weights.torch_pth import CheckpointFormatError, UnsafePickleError
 from torch_pickle_writer import (  # noqa: E402  (shared test writer)
     Call, FakeStorage, Global, TorchPickler, tensor, write_zip_checkpoint)

@@ -9,7 +9,8 @@ keras = pytest.importorskip("keras")
 
 from embjax import fne  # noqa: E402
 from embjax.models import registry, vgg as vgg_lib  # noqa: E402
-from embjax.weights import h5, keras_vgg  # noqa: E402
+from embjax.weights import h5  # noqa: E402
+from embjax.models.convert import keras_vgg  # noqa: E402
 from keras_helpers import fast_keras_init, randomize, rel_err  # noqa: E402
 
 # max|flax - keras| / max|keras| in float32 with "highest" matmul precision: the two differ only in

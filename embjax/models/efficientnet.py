@@ -1,6 +1,6 @@
 """EfficientNet-Lite0–4 (Tan & Le 2019, the "lite" edge variants) and a small Fashion-MNIST configuration.
 
-Owns the architecture only; pretrained weights come from `embjax.weights.efficientnet_lite`.
+Owns the architecture only; pretrained weights come from `embjax.models.convert.efficientnet_lite`.
 
 Lite differs from EfficientNet-B: no squeeze-and-excitation, ReLU6 instead of swish, and the stem (32
 channels) and head (1280 channels) are not scaled by the width multiplier, nor are the repeats of the

@@ -1,6 +1,6 @@
 """Inception family as Flax linen modules: Inception-v3, Inception-ResNet-v2 and a small Inception.
 
-This module owns the architectures only; `embjax.weights.keras_inception` owns the mapping of
+This module owns the architectures only; `embjax.models.convert.keras_inception` owns the mapping of
 keras.applications weights onto them. The layer structure, widths, strides, paddings, the residual
 scales of Inception-ResNet-v2 and the BatchNorm constants (epsilon 1e-3, no BatchNorm scale after a
 convolution) follow `keras.applications.InceptionV3` / `InceptionResNetV2`, so converted Keras weights

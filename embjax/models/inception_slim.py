@@ -1,6 +1,6 @@
 """TF-Slim's Inception-v1 (GoogLeNet with BatchNorm), Inception-v2 (BN-Inception) and Inception-v4 as Flax modules.
 
-This module owns the architectures only; `embjax.weights.timm_models` maps timm's `inception_v4` state dict
+This module owns the architectures only; `embjax.models.convert.timm_models` maps timm's `inception_v4` state dict
 onto `InceptionV4`. Layer structure, widths, strides and paddings follow TF-Slim's `nets/inception_v1.py`,
 `inception_v2.py` and `inception_v4.py`, and Flax modules carry TF-Slim's scope names
 (`Mixed_4b/Branch_1/Conv2d_0b_3x3`, with `conv` and `bn` inside), so a TF-Slim checkpoint maps by name.

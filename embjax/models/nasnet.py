@@ -1,7 +1,7 @@
 """NASNet-A and PNASNet-5 as Flax linen modules: the architecture-search family of TF-Slim's `nets/nasnet`.
 
-This module owns the architectures only; `embjax.weights.keras_nasnet` maps keras.applications NASNetLarge
-weights onto `NASNet`, `embjax.weights.timm_models` maps timm's `pnasnet5large` onto `PNASNet`.
+This module owns the architectures only; `embjax.models.convert.keras_nasnet` maps keras.applications NASNetLarge
+weights onto `NASNet`, `embjax.models.convert.timm_models` maps timm's `pnasnet5large` onto `PNASNet`.
 
 Both networks are stacks of cells described the way TF-Slim describes them: a cell starts from two hidden
 states, `h` (the previous cell's output after ReLU, a 1×1 convolution and BatchNorm) and `prev` (the output

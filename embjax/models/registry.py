@@ -152,7 +152,7 @@ def _lazy_converter(module_path: str, attr: str, **fixed) -> Callable[[Any], dic
 
 def _convert_efficientnet_lite(variant: int) -> Callable[[Any], dict]:
     def convert(state_dict):
-        from embjax.weights import efficientnet_lite
+        from embjax.models.convert import efficientnet_lite
 
         head = state_dict.get("_fc.weight")
         num_classes = int(head.shape[0]) if head is not None else 1000  # torch Linear weight: (out, in)
@@ -184,7 +184,7 @@ _ZOO = dict(
     weight_source="zoo: trained by embjax on Fashion-MNIST",
 )
 # EfficientNet-Lite (TF release): (x - 127) / 128, crop size / (size + 32), bicubic without antialias.
-# Must agree with embjax.weights.efficientnet_lite.PREPROCESSING (tests/test_registry.py checks it).
+# Must agree with embjax.models.convert.efficientnet_lite.PREPROCESSING (tests/test_registry.py checks it).
 _LITE_SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
 # Must agree with embjax.models.iresnet.STAGE_SIZES (not imported: families load lazily).
 _IRESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
@@ -211,7 +211,7 @@ def _specs() -> dict[str, ModelSpec]:
                     else "none published in a format embjax converts (keras.applications has no ResNet"
                     f"{depth}); pass an orbax directory of converted variables"
                 ),
-                converter=_lazy_converter("embjax.weights.keras_resnet", "convert_resnet", depth=depth, version=1)
+                converter=_lazy_converter("embjax.models.convert.keras_resnet", "convert_resnet", depth=depth, version=1)
                 if keras_file
                 else None,
                 weight_formats=("keras_h5",) if keras_file else (),
@@ -232,7 +232,7 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications ResNet{depth}V2 ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_resnet", "convert_resnet", depth=depth, version=2),
+                converter=_lazy_converter("embjax.models.convert.keras_resnet", "convert_resnet", depth=depth, version=2),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
@@ -254,7 +254,7 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications {cls} ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_inception", f"convert_{name}"),
+                converter=_lazy_converter("embjax.models.convert.keras_inception", f"convert_{name}"),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
@@ -273,7 +273,7 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications MobileNetV2 alpha {alpha} ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_mobilenet", "convert_mobilenet_v2", alpha=alpha),
+                converter=_lazy_converter("embjax.models.convert.keras_mobilenet", "convert_mobilenet_v2", alpha=alpha),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
@@ -290,7 +290,7 @@ def _specs() -> dict[str, ModelSpec]:
             **_KERAS_CAFFE,
             **_IMAGENET_CROP,
             weight_source="keras.applications VGG16 (vgg16_weights_tf_dim_ordering_tf_kernels.h5)",
-            converter=_lazy_converter("embjax.weights.keras_vgg", "convert_vgg16"),
+            converter=_lazy_converter("embjax.models.convert.keras_vgg", "convert_vgg16"),
             weight_formats=("keras_h5",),
             keras_file="vgg16_weights_tf_dim_ordering_tf_kernels.h5",
         )
@@ -347,7 +347,7 @@ def _specs() -> dict[str, ModelSpec]:
                     f"insightface arcface_torch backbone.pth of an iresnet{depth} (not installable offline; "
                     "pass the file)"
                 ),
-                converter=_lazy_converter("embjax.weights.insightface", "convert_iresnet",
+                converter=_lazy_converter("embjax.models.convert.insightface", "convert_iresnet",
                                           stage_sizes=_IRESNET_STAGES[depth]),
                 weight_formats=("torch", "safetensors"),
             )
@@ -419,7 +419,7 @@ def _thesis_specs() -> list[ModelSpec]:
             **_KERAS_TF,
             **_IMAGENET_CROP,
             weight_source="timm inception_v4 (.pth / .safetensors state dict, e.g. inception_v4.tf_in1k)",
-            converter=_lazy_converter("embjax.weights.timm_models", "convert_timm_inception_v4"),
+            converter=_lazy_converter("embjax.models.convert.timm_models", "convert_timm_inception_v4"),
             weight_formats=timm_formats,
         ),
         # 1000 classes: keras.applications NASNetLarge's head (TF-Slim's nasnet-a_large checkpoint has 1001).
@@ -434,7 +434,7 @@ def _thesis_specs() -> list[ModelSpec]:
             **_KERAS_TF,
             **_IMAGENET_CROP,
             weight_source="keras.applications NASNetLarge (NASNet-large.h5, under keras-applications/nasnet/)",
-            converter=_lazy_converter("embjax.weights.keras_nasnet", "convert_nasnet"),
+            converter=_lazy_converter("embjax.models.convert.keras_nasnet", "convert_nasnet"),
             weight_formats=("keras_h5",),
             keras_file="nasnet/NASNet-large.h5",  # under the keras-applications bucket
         ),
@@ -450,7 +450,7 @@ def _thesis_specs() -> list[ModelSpec]:
             **_KERAS_TF,
             **_IMAGENET_CROP,
             weight_source="timm pnasnet5large (.pth / .safetensors state dict, e.g. pnasnet5large.tf_in1k)",
-            converter=_lazy_converter("embjax.weights.timm_models", "convert_timm_pnasnet"),
+            converter=_lazy_converter("embjax.models.convert.timm_models", "convert_timm_pnasnet"),
             weight_formats=timm_formats,
         ),
     ]
@@ -483,7 +483,7 @@ def _tf_slim_specs() -> dict[str, ModelSpec]:
                 **scaling,
                 **_IMAGENET_CROP,
                 weight_source=f"TF-Slim resnet_v{version}_152 checkpoint ({_SLIM_ZOO})",
-                converter=_lazy_converter("embjax.weights.tf_slim", "convert_resnet", depth=152, version=version),
+                converter=_lazy_converter("embjax.models.convert.tf_slim", "convert_resnet", depth=152, version=version),
                 weight_formats=_TF_FORMATS,
                 # TF-Slim's resnet_v1 weights were converted from Caffe with 1000 classes, no background.
                 background_class=classes == 1001,
@@ -498,9 +498,9 @@ def _tf_slim_specs() -> dict[str, ModelSpec]:
     ):
         family = name[: -len("_slim")].replace("_140", "")
         converter = (
-            _lazy_converter("embjax.weights.tf_slim", "convert_mobilenet_v2", alpha=1.4)
+            _lazy_converter("embjax.models.convert.tf_slim", "convert_mobilenet_v2", alpha=1.4)
             if family == "mobilenet_v2"
-            else _lazy_converter("embjax.weights.tf_slim", f"convert_{family}")
+            else _lazy_converter("embjax.models.convert.tf_slim", f"convert_{family}")
         )
         slim.append(
             ModelSpec(
@@ -637,7 +637,7 @@ def load_pretrained(name: str, cache_dir: str | os.PathLike | None = None) -> di
     """
     spec = get(name)
     if name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        from embjax.weights import efficientnet_lite
+        from embjax.models.convert import efficientnet_lite
 
         return check_variables(name, efficientnet_lite.load_pretrained(int(name[-1]), cache_dir=cache_dir))
     if spec.keras_file:

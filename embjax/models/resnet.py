@@ -20,7 +20,7 @@ the *last* unit of stages 1-3 carries the stride, on its 3x3 conv, and a unit wh
 not change keeps an identity shortcut, subsampled when strided (v1 included, where Keras projects);
 strided convs pad explicitly and symmetrically (slim's `conv2d_same`, as Keras); the stem max-pool is TF
 "SAME" (pads -inf, and only at the end of an even-sized side). With slim's other constants (BatchNorm
-epsilon 1e-5; v1 convs without biases) set by the caller, see `embjax.weights.tf_slim`.
+epsilon 1e-5; v1 convs without biases) set by the caller, see `embjax.models.convert.tf_slim`.
 
 `fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables): a
 conv that a BatchNorm follows carries the folded scale in its kernel and the shift in its bias; v2's
