@@ -51,6 +51,8 @@ def input_sizes(config) -> dict:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
+    import jax
+
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
 
     if config.heads not in ("native", "linear"):
@@ -84,6 +86,7 @@ def run(config, workdir: str):
 
     # 2. Maps for every ordered pair, and the heads that score them.
     affine = maps.affine_all(fit, ridge=config.ridge, names=names)
+    fit_statistics = fit_summary(fit, affine)
     own_heads = [m.head for m in ms]
     if linear:
         def train_heads():
@@ -96,7 +99,8 @@ def run(config, workdir: str):
         scoring = own_heads
     # Affine maps as padded dense stacks; logit maps factored through each head's pseudo-inverse and
     # naive maps as truncation / zero-padding, so neither keeps N² matrices on the devices.
-    affine_stacks = evaluate.stack_maps(affine, dims)
+    affine_stacks = jax.device_get(evaluate.stack_maps(affine, dims))
+    del affine  # at the thesis' widths the maps and their padded stacks are 1.6 + 3.7 GB: keep one
     families = {"affine": affine_stacks,
                 "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
                 "naive": evaluate.NaiveMaps()}
@@ -114,7 +118,7 @@ def run(config, workdir: str):
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": families}))
-    out = results(config, names, dims, fit, affine, ev, engine.seconds)
+    out = results(config, names, dims, fit, fit_statistics, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
     if config.dtype != "float32" and config.precision_check_images:
         out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
@@ -157,11 +161,20 @@ def precision_check(config, ms, eval_src, engine) -> dict:
     return {"images": len(source), "top1_agreement": agreement, "feature_rel_error": error}
 
 
-def results(config, names, dims, fit, affine, ev, seconds) -> dict:
-    """The results dict (embjax.report.write's layout) from the passes' final states."""
-    from embjax import evaluate, stats
+def fit_summary(fit, affine) -> dict:
+    """R² of every affine map and linear CKA of every pair on the fit split, from the statistics alone."""
+    from embjax import stats
 
-    n = len(names)
+    n = len(fit.dims)
+    return {"r2": [[float(stats.r2(fit, i, j, *affine[(i, j)])) if i != j else 1.0 for j in range(n)]
+                   for i in range(n)],
+            "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)]}
+
+
+def results(config, names, dims, fit, fit_statistics, ev, seconds) -> dict:
+    """The results dict (embjax.report.write's layout) from the passes' final states."""
+    from embjax import evaluate
+
     out = {"models": names, "feature_dims": dims, "dataset": config.dataset, "fit_split": config.fit_split,
            "eval_split": config.eval_split, "num_fit": int(fit.count), "num_eval": int(ev["affine"].count),
            "heads": config.heads}
@@ -172,11 +185,7 @@ def results(config, names, dims, fit, affine, ev, seconds) -> dict:
         out[k] = m
     out["unmapped"] = {"accuracy": np.diag(np.asarray(out["affine"]["accuracy"])).tolist(),
                        "top5": np.diag(np.asarray(out["affine"]["top5"])).tolist()}
-    out["fit_statistics"] = {
-        "r2": [[float(stats.r2(fit, i, j, *affine[(i, j)])) if i != j else 1.0 for j in range(n)]
-               for i in range(n)],
-        "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)],
-    }
+    out["fit_statistics"] = fit_statistics
     thesis = common.to_dict(config.thesis_names)
     if thesis:
         out["reference"] = {"thesis_names": [thesis.get(m) for m in names]}
