@@ -153,7 +153,7 @@ def report_case(title: str, per_step: dict, ranges: dict, read_s: float, put_s: 
 # ImageNet-like host path: JPEG decode + resize.
 
 
-def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
+def make_jpegs(count: int, seed: int = 0, quality: int = 90, shorter: tuple[int, int] = (224, 331)) -> list[bytes]:
     """JPEG files of random 224..331 px crops of skimage's bundled photos (no download)."""
     from PIL import Image
 
@@ -170,8 +170,8 @@ def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
     for i in range(count):
         img = photos[i % len(photos)]
         h, w = img.shape[:2]
-        # ImageNet-like: not square, shorter side 224..331, aspect up to 4:3.
-        short = int(rng.integers(224, 332))
+        # ImageNet-like: not square, shorter side in `shorter` (inclusive), aspect up to 4:3.
+        short = int(rng.integers(shorter[0], shorter[1] + 1))
         long_ = int(short * rng.uniform(1.0, 4 / 3))
         side_h, side_w = (short, long_) if rng.random() < 0.5 else (long_, short)
         scale = min(h / side_h, w / side_w)
@@ -247,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--imagenet-steps", type=int, default=3)
     parser.add_argument("--jpegs", type=int, default=128, help="distinct JPEGs made for the decode measurement")
     parser.add_argument("--decode-threads", type=int, default=max(2, os.cpu_count() or 1))
+    parser.add_argument("--thesis-decode", action="store_true",
+                        help="only the thesis' host path: JPEGs of shorter side 331-500 px (ImageNet's typical "
+                             "sizes) decoded and centre-cropped to 331 px, images/s per core")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.steps, args.rounds, args.imagenet_batch_size, args.imagenet_steps, args.jpegs) < 1:
         parser.error("sizes, steps and rounds must be positive")
@@ -260,6 +263,21 @@ def main(argv=None) -> int:
     log(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
         f"load average {common.load_average()}")
     lines = []
+    if args.thesis_decode:
+        jpegs = make_jpegs(args.jpegs, shorter=(331, 500))
+        mean_kb = np.mean([len(j) for j in jpegs]) / 1024
+        rates = decode_rates(jpegs, 331, args.decode_threads, args.rounds)
+        block = [f"### Thesis host path: {len(jpegs)} JPEGs, 331-500 px shorter side, mean {mean_kb:.0f} KiB, "
+                 "decode + resize_shorter_and_center_crop(331)", "",
+                 "| decode threads | img/s | per thread |", "|---|---|---|"]
+        block += [f"| {t} | {r:.0f} | {r / t:.0f} |" for t, r in rates.items()]
+        per_core = rates[1]
+        block += ["", f"host cores needed for the thesis' 1,500 img/s (one H200 at 40% MFU): "
+                  f"{math.ceil(1500 / per_core)} at {per_core:.0f} img/s per core"]
+        log("\n".join(block))
+        log(f"load average at the end: {common.load_average()}")
+        log(f"decoded images/s per core at 331 px: {per_core:.1f}")
+        return 0
     if not args.skip_zoo:
         from embjax import data
 

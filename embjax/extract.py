@@ -74,6 +74,7 @@ class Member:
     feature_dim: int
     head: tuple[Any, Any] | None = None
     spec: Any = None
+    num_params: int = 0  # trainable parameters of the model as published (before any BatchNorm folding)
 
 
 def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +290,9 @@ class Progress:
         self._last = -float("inf")
 
     def due(self) -> bool:
-        """Whether the next `update` would print (the engine checks its flags then)."""
+        """Whether the next `update` would print (the engine checks its flags then): on process 0 only."""
+        if jax.process_index() != 0:
+            return False
         return self._first is None or time.perf_counter() - self._last >= self.every_seconds
 
     def update(self, batches_done: int, force: bool = False) -> None:
@@ -450,7 +453,7 @@ def merge_partials(states: Sequence[Any], merge: Callable[[Any, Any], Any]) -> A
         return jax.tree.map(np.asarray, states[0])
     wide = [jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
                          else np.asarray(x), s) for s in states]
-    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
         merge64 = jax.jit(merge)
         while len(wide) > 1:
             nxt = [merge64(wide[i], wide[i + 1]) for i in range(0, len(wide) - 1, 2)]
@@ -657,9 +660,15 @@ class Engine:
         batches = data.batches(p.source, self.local_batch, process_index=self.process_index,
                                process_count=self.process_count, start_batch=start, prefetch=self.prefetch)
 
-        def check(upto: int) -> None:
+        def check(upto: int, everywhere: bool) -> None:
+            # At checkpoints and at the end every process checks every device's flags (a collective, so
+            # all processes raise together); at progress lines, whose timing differs per process, each
+            # checks only its own devices' flags, with no collective.
             nonlocal checked
-            bad = self._any_flags(flags) if per_device else np.asarray(jax.device_get(flags))
+            if per_device:
+                bad = self._any_flags(flags, everywhere)
+            else:
+                bad = np.asarray(jax.device_get(flags))
             if bad.any():
                 names = [m.name for m, b in zip(needed, bad) if b]
                 raise NonFiniteFeatures(
@@ -688,7 +697,7 @@ class Engine:
                 done_b = b + 1
                 save = self.checkpoint_every and done_b % self.checkpoint_every == 0 and done_b < total
                 if save or progress.due():
-                    check(done_b)
+                    check(done_b, everywhere=bool(save))
                 if save:
                     if writer is not None:
                         write(pending)
@@ -702,7 +711,7 @@ class Engine:
                 progress.update(done_b)
             if writer is not None and pending is not None:
                 write(pending)
-            check(total)
+            check(total, everywhere=True)
         finally:
             batches.close()
             ckpt.close()
@@ -749,9 +758,9 @@ class Engine:
                                      for k in range(self.process_count)], merge)
         return replicate(merged, self.mesh)
 
-    def _any_flags(self, flags) -> np.ndarray:
+    def _any_flags(self, flags, everywhere: bool) -> np.ndarray:
         local = _local_rows(flags).any(axis=0)
-        if self.process_count > 1:
+        if everywhere and self.process_count > 1:
             from jax.experimental import multihost_utils
 
             local = np.asarray(multihost_utils.process_allgather(local)).any(axis=0)

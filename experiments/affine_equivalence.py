@@ -43,6 +43,12 @@ def all_rows(source) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels)
 
 
+def input_sizes(config) -> dict:
+    """members.load's input_sizes from config.input_size and config.native_size_models."""
+    native = [m.strip() for m in config.native_size_models.split(",") if m.strip()]
+    return {"*": config.input_size, **{m: 0 for m in native}}
+
+
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
@@ -56,7 +62,7 @@ def run(config, workdir: str):
     ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
                       dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2)
+                      minimum=2, input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm)
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
                             progress_seconds=config.progress_seconds, config=common.to_dict(config),
@@ -108,7 +114,9 @@ def run(config, workdir: str):
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": families}))
-    return results(config, names, dims, fit, affine, ev, engine.seconds), engine
+    out = results(config, names, dims, fit, affine, ev, engine.seconds)
+    out["params"] = [m.num_params for m in ms]
+    return out, engine
 
 
 def results(config, names, dims, fit, affine, ev, seconds) -> dict:

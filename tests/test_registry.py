@@ -17,6 +17,9 @@ REQUIRED = (
     + [f"efficientnet_lite{v}" for v in range(5)]
     + ["zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite"]
     + ["inception_v1", "inception_v2", "inception_v4", "nasnet_large", "pnasnet_large"]
+    # TF-Slim checkpoints of the thesis' CNNs (tests/test_tf_slim.py checks these specs).
+    + ["resnet_v1_152_slim", "resnet_v2_152_slim", "inception_v3_slim", "inception_resnet_v2_slim",
+       "mobilenet_v2_140_slim"]
 )
 
 
