@@ -22,7 +22,7 @@ covers (old classes first, in the order given, then synthesized new classes), an
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax

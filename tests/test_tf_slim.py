@@ -25,6 +25,9 @@ from embjax.weights import tf_checkpoint
 from embjax.models.convert import tf_slim
 from embjax.weights.h5 import WeightMismatchError
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf")
 RELATIVE_TOLERANCE = 3e-5  # of max |TensorFlow activation|; see the module docstring
 
