@@ -8,7 +8,9 @@ Tolerance: both sides compute in float32 with the same weights, so they differ b
 only. One conv output of fan-in K carries a relative rounding error of about sqrt(K) * 2^-24 (at most
 K * 2^-24); the largest fan-in here is 9 * 48 = 432 (about 21 * 6e-8 = 1.2e-6 typical), and through at
 most ~25 layers, with BatchNorm gains up to 1.5 / sqrt(0.5) = 2.1, that stays below 3e-5 of the end
-point's largest magnitude even when added linearly. Measured: at most 1e-6 of it. A port that is wrong
+point's largest magnitude even when added linearly. Inception-v1/v2 (depth multiplier 0.05) are deeper,
+v2 34 layers on its longest path, but narrower: fan-in at most 9 * 19 = 171 (about 13 * 6e-8 = 7.8e-7
+per layer), and 34 * 7.8e-7 = 2.7e-5 is still below. Measured: at most 1e-6 of it (v1/v2: 6e-7). A port that is wrong
 anywhere (a padding, a stride, a swapped branch) is off by O(1) of that magnitude, 4 orders above.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax.models import inception, mobilenet, registry, resnet
+from embjax.models import inception, inception_slim, mobilenet, registry, resnet
 from embjax.weights import tf_checkpoint
 from embjax.models.convert import tf_slim
 from embjax.weights.h5 import WeightMismatchError
@@ -35,6 +37,9 @@ _V3_ENDS = ["MaxPool_5a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "M
 _RESNET_ENDS = [("stem", "pool1")] + [(f"stage{i}", f"block{i}") for i in range(1, 5)]
 _HEAD = [("pre_logits", "pre_logits"), ("logits", "logits")]
 _MOBILENET_ENDS = [(k, k) for k in ("stem", "stage1", "stage2", "stage3", "last_conv")]
+# SlimInception's outputs carry TF-Slim's end point names.
+_V1_ENDS = ["MaxPool_3a_3x3", "Mixed_3c", "MaxPool_4a_3x3", "Mixed_4f", "MaxPool_5a_2x2", "Mixed_5c"]
+_V2_ENDS = ["MaxPool_3a_3x3", "Mixed_3c", "Mixed_4a", "Mixed_4e", "Mixed_5a", "Mixed_5c"]
 
 
 def _small(network):
@@ -56,6 +61,11 @@ def _small(network):
         ends = [(k, k) for k in ("stem", "mixed_5b", "block35", "mixed_6a", "block17", "mixed_7a", "block8",
                                  "conv_7b")]
         return module, lambda a, m: tf_slim.convert_inception_resnet_v2(a, module=m), ends + _HEAD
+    if network in ("inception_v1", "inception_v2"):
+        module = inception_slim.SlimInception(network, num_classes=11, depth_multiplier=0.05, min_depth=8)
+        convert = getattr(tf_slim, f"convert_{network}")
+        ends = _V1_ENDS if network == "inception_v1" else _V2_ENDS
+        return module, lambda a, m: convert(a, module=m), [(k, k) for k in ends] + _HEAD
     raise ValueError(network)
 
 
@@ -71,7 +81,8 @@ def _max_relative_error(ours, theirs):
 
 
 @pytest.mark.parametrize(
-    "network", ["resnet_v1_152", "resnet_v2_152", "inception_v3", "inception_resnet_v2", "mobilenet_v2"]
+    "network", ["resnet_v1_152", "resnet_v2_152", "inception_v1", "inception_v2", "inception_v3",
+                "inception_resnet_v2", "mobilenet_v2"]
 )
 def test_converted_weights_reproduce_tensorflow_layer_by_layer(network):
     module, convert, ends = _small(network)
@@ -129,6 +140,7 @@ def test_names_behind_a_module_prefix_convert_and_training_copies_are_ignored():
 
 def test_registry_has_the_tf_slim_thesis_models():
     for name, classes in (("resnet_v1_152_slim", 1000), ("resnet_v2_152_slim", 1001),
+                          ("inception_v1", 1001), ("inception_v2", 1001),
                           ("inception_v3_slim", 1001), ("inception_resnet_v2_slim", 1001),
                           ("mobilenet_v2_140_slim", 1001)):
         spec = registry.get(name)
@@ -186,6 +198,8 @@ def test_load_weights_reads_and_converts_a_saved_model_directory():
         ("inception_v3_slim", tf_slim.inception_v3_name_map()),
         ("inception_resnet_v2_slim", tf_slim.inception_resnet_v2_name_map()),
         ("mobilenet_v2_140_slim", tf_slim.mobilenet_v2_name_map()),
+        ("inception_v1", tf_slim.slim_inception_name_map("inception_v1")),
+        ("inception_v2", tf_slim.slim_inception_name_map("inception_v2")),
     ],
 )
 def test_full_size_name_maps_cover_every_variable_once(name, name_map):
@@ -196,7 +210,7 @@ def test_full_size_name_maps_cover_every_variable_once(name, name_map):
     leaves = flatten_tree(registry.get(name).init_shapes())
     slim_names = {}
     for path in leaves:
-        scope_kind = name_map(path[1:-1])
-        assert scope_kind is not None, path
-        slim_names.setdefault((scope_kind[0], path[0], path[-1]), []).append(path)
-    assert len(slim_names) == len(leaves)
+        slim_name = tf_slim.variable_name(name_map, path)
+        assert slim_name is not None, path
+        slim_names.setdefault(slim_name, []).append(path)
+    assert len(slim_names) == len(leaves), [paths for paths in slim_names.values() if len(paths) > 1]

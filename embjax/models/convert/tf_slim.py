@@ -8,14 +8,17 @@ Input: {variable name: array} as `embjax.weights.tf_checkpoint.load` returns it 
   where the width is kept, TF "SAME" stem pool; BatchNorm epsilon 1e-5; v1 convs without biases);
 * `convert_inception_v3(arrays)`: `InceptionV3/...` -> `embjax.models.inception.InceptionV3`;
 * `convert_inception_resnet_v2(arrays)`: `InceptionResnetV2/...` -> `InceptionResNetV2`;
-* `convert_mobilenet_v2(arrays, alpha)`: `MobilenetV2/...` -> `embjax.models.mobilenet.MobileNetV2`.
+* `convert_mobilenet_v2(arrays, alpha)`: `MobilenetV2/...` -> `embjax.models.mobilenet.MobileNetV2`;
+* `convert_inception_v1(arrays)`, `convert_inception_v2(arrays)`: `InceptionV1/...`, `InceptionV2/...` ->
+  `embjax.models.inception_slim.SlimInception`, whose module paths are TF-Slim's scopes already.
 
 The map is explicit and driven by the Flax module: every module path of the port's variable tree has one
 TF-Slim scope (`name map` functions below), and each leaf one variable in it: conv `weights` (and
 `biases`) -> `kernel` (`bias`); BatchNorm `gamma`/`beta` -> params `scale`/`bias`,
 `moving_mean`/`moving_variance` -> batch_stats `mean`/`var`; the classifier, a 1x1 conv `weights`
-(1, 1, C, K) in TF-Slim, -> Dense `kernel` (C, K); depthwise `depthwise_weights` (3, 3, C, 1) ->
-(3, 3, 1, C). All problems are collected (missing variables, unexpected ones under the network's
+(1, 1, C, K) in TF-Slim, -> Dense `kernel` (C, K); depthwise `depthwise_weights` (h, w, C, M) ->
+(h, w, 1, C * M) (channel c * M + m, as Flax's grouped convolution orders them); separable convolutions'
+`pointwise_weights` -> the pointwise conv's `kernel`. All problems are collected (missing variables, unexpected ones under the network's
 scope, mis-shaped ones through `embjax.weights.h5.shape_problems`, the project's one shape check) and
 raised together as one `WeightMismatchError`.
 
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import inception as inception_lib
+from embjax.models import inception_slim as inception_slim_lib
 from embjax.models import mobilenet as mobilenet_lib
 from embjax.models import resnet as resnet_lib
 from embjax.weights.h5 import WeightMismatchError, flatten_tree, shape_problems
@@ -45,12 +49,16 @@ __all__ = [
     "convert_inception_v3",
     "convert_inception_resnet_v2",
     "convert_mobilenet_v2",
+    "convert_inception_v1",
+    "convert_inception_v2",
     "convert_slim",
     "resnet_name_map",
     "inception_v3_name_map",
     "inception_resnet_v2_name_map",
     "mobilenet_v2_name_map",
+    "slim_inception_name_map",
     "logits_classes",
+    "variable_name",
 ]
 
 # Module kinds and, per (collection, leaf), the TF-Slim variable in the module's scope.
@@ -64,6 +72,7 @@ _LEAVES = {
     },
     "dense": {("params", "kernel"): "weights", ("params", "bias"): "biases"},
     "depthwise": {("params", "kernel"): "depthwise_weights"},
+    "pointwise": {("params", "kernel"): "pointwise_weights", ("params", "bias"): "biases"},
 }
 _IGNORED_PARTS = ("AuxLogits", "ExponentialMovingAverage", "Momentum", "RMSProp", "RMSProp_1", "Adam",
                   "Adam_1")
@@ -92,6 +101,17 @@ def logits_classes(arrays: Mapping[str, np.ndarray], logits_scope: str) -> int |
         if name.endswith(logits_scope + "/weights") and not _ignored(name):
             return int(np.shape(array)[-1])
     return None
+
+
+def variable_name(name_map: NameMap, path: Path) -> str | None:
+    """The TF-Slim variable name of the Flax leaf at `path` ((collection, *module path, leaf), as
+    `flatten_tree` gives it), or None where the map knows none."""
+    mapped = name_map(path[1:-1])
+    if mapped is None:
+        return None
+    scope, kind = mapped
+    slim_leaf = _LEAVES[kind].get((path[0], path[-1]))
+    return None if slim_leaf is None else f"{scope}/{slim_leaf}"
 
 
 def convert_slim(
@@ -134,8 +154,8 @@ def convert_slim(
         value = np.asarray(found[slim_name])
         if kind == "dense" and name == "kernel" and value.ndim == 4 and value.shape[:2] == (1, 1):
             value = value.reshape(value.shape[2:])  # the 1x1 logits conv is a dense layer
-        elif kind == "depthwise" and value.ndim == 4 and value.shape[3] == 1:
-            value = value.reshape(value.shape[0], value.shape[1], 1, value.shape[2])
+        elif kind == "depthwise" and value.ndim == 4:
+            value = value.reshape(value.shape[0], value.shape[1], 1, value.shape[2] * value.shape[3])
         if not np.issubdtype(value.dtype, np.floating):
             problems.append(f"TF-Slim variable {slim_name!r} has dtype {value.dtype}, not floating point")
             continue
@@ -382,3 +402,57 @@ def convert_mobilenet_v2(arrays: Mapping[str, np.ndarray], alpha: float = 1.4, m
     module = (module or mobilenet_lib.MobileNetV2(alpha=alpha)).clone(num_classes=classes or 1001)
     return convert_slim(arrays, "MobilenetV2", mobilenet_v2_name_map(), _expected(module, 32),
                         f"TF-Slim mobilenet_v2 (depth multiplier {module.alpha}) weights")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inception-v1 / v2 (embjax.models.inception_slim): Flax module paths are TF-Slim's scopes.
+
+# TF-Slim scope of each network and of its classifier (a 1x1 conv for v1/v2, fully connected for v4).
+SLIM_INCEPTION_SCOPES = {
+    "inception_v1": ("InceptionV1", "Logits/Conv2d_0c_1x1"),
+    "inception_v2": ("InceptionV2", "Logits/Conv2d_1c_1x1"),
+}
+# A ConvBN's `conv` / `bn`, a SeparableConv's `depthwise` / `pointwise`, inside the layer's scope.
+_LAYER_PARTS = {"conv": ("", "conv"), "bn": ("/BatchNorm", "bn"), "depthwise": ("", "depthwise"),
+                "pointwise": ("", "pointwise")}
+
+
+def slim_inception_name_map(architecture: str) -> NameMap:
+    """Flax path of `SlimInception(architecture)` -> (TF-Slim scope, kind): `Mixed_4b/Branch_1/
+    Conv2d_0b_3x3/conv` is `<Net>/Mixed_4b/Branch_1/Conv2d_0b_3x3`, its `bn` that scope's `BatchNorm`;
+    v2's separable stem keeps `depthwise_weights`, `pointwise_weights` and `biases` in one scope."""
+    scope, logits = SLIM_INCEPTION_SCOPES[architecture]
+
+    def name(path: Path):
+        if path == ("logits",):
+            return f"{scope}/{logits}", "dense"
+        if len(path) < 2:
+            return None
+        layer = "/".join((scope,) + path[:-1])
+        if path[-1] in _LAYER_PARTS:
+            suffix, kind = _LAYER_PARTS[path[-1]]
+            return layer + suffix, kind
+        return None
+
+    return name
+
+
+def _convert_slim_inception(arrays: Mapping[str, np.ndarray], architecture: str, module=None) -> dict:
+    scope, logits = SLIM_INCEPTION_SCOPES[architecture]
+    classes = logits_classes(arrays, f"{scope}/{logits}")
+    module = (module or inception_slim_lib.SlimInception(architecture)).clone(num_classes=classes or 1001)
+    size = inception_slim_lib.MIN_INPUT_SIZE[architecture]
+    return convert_slim(arrays, scope, slim_inception_name_map(architecture), _expected(module, size),
+                        f"TF-Slim {architecture} weights")
+
+
+def convert_inception_v1(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `inception_slim.inception_v1()` (or the given small `module`, a
+    `SlimInception("inception_v1", depth_multiplier=...)`) from a TF-Slim inception_v1 checkpoint."""
+    return _convert_slim_inception(arrays, "inception_v1", module)
+
+
+def convert_inception_v2(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `inception_slim.inception_v2()` (or the given small `module`) from a TF-Slim
+    inception_v2 checkpoint."""
+    return _convert_slim_inception(arrays, "inception_v2", module)
