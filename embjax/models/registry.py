@@ -522,6 +522,30 @@ def _tf_slim_specs() -> dict[str, ModelSpec]:
                 background_class=True,
             )
         )
+    # Same modules as `inception_v4`, `nasnet_large` and `pnasnet_large`, with TF-Slim's 1001-class heads.
+    for name, family, module, function, dim, input_size, checkpoint in (
+        ("inception_v4_slim", "inception_v4", "embjax.models.inception_slim", "inception_v4", 1536, 299,
+         "inception_v4"),
+        ("nasnet_large_slim", "nasnet", "embjax.models.nasnet", "nasnet_large", 4032, 331, "nasnet-a_large"),
+        ("pnasnet_large_slim", "pnasnet", "embjax.models.nasnet", "pnasnet_large", 4320, 331, "pnasnet-5_large"),
+    ):
+        slim.append(
+            ModelSpec(
+                name=name,
+                family=family,
+                build=_lazy(module, function, num_classes=1001),
+                input_size=input_size,
+                in_channels=3,
+                feature_dim=dim,
+                num_classes=1001,
+                **_KERAS_TF,
+                **_IMAGENET_CROP,
+                weight_source=f"TF-Slim {checkpoint} checkpoint ({_SLIM_ZOO})",
+                converter=_lazy_converter("embjax.models.convert.tf_slim", f"convert_{function}"),
+                weight_formats=_TF_FORMATS,
+                background_class=True,
+            )
+        )
     return {spec.name: spec for spec in slim}
 
 
