@@ -364,11 +364,11 @@ def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
 
 
 def retrieve(query, gallery, labels, metric) -> dict:
-    """Leave-one-out top-1 / top-5 / mAP (embjax.bct's interim implementation until embjax.retrieval lands)."""
-    from embjax import bct
+    """Leave-one-out top-1 / top-5 (CMC) and mAP: row i of `query` against every row of `gallery` but i."""
+    from embjax import retrieval
 
-    r = bct._interim_leave_one_out_retrieval(query, gallery, labels, ks=(1, 5), metric=metric)
-    return {"top1": r["top1"], "top5": r["top5"], "map": r["map"]}
+    r = retrieval.leave_one_out(query, labels, gallery, labels, metric=metric, ks=(1, 5))
+    return {"top1": float(r["recall_at_1"]), "top5": float(r["recall_at_5"]), "map": float(r["map"])}
 
 
 def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:
