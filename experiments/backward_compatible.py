@@ -11,8 +11,10 @@ model did: M(new, old) > M(old, old) (the paper's criterion, top-1 of leave-one-
   2. pass "old_features": the old model over the new training set: per-class mean old embeddings (the
      synthesized classifier columns of classes the old model never saw) and the old embeddings themselves
      (the L2 baseline's targets), kept in the feature store;
-  3. trains the new model three times on the new training set: independently, with BCT's influence loss
-     through the old classifier, and with L2 regression onto the old embeddings;
+  3. trains the new model on the new training set: independently, with BCT's influence loss through the
+     old classifier (new classes' columns normalized as config.bct.normalize says, and, with
+     config.bct.compare_unnormalized, once more with the paper's unnormalized columns), and with L2
+     regression onto the old embeddings;
   4. pass "fit_maps": joint statistics of old and independent-new embeddings over the new training set, from
      which the post-hoc maps are solved without labels (embjax.maps): affine and orthogonal, new→old
      (queries mapped into the old gallery's space) and old→new (the gallery mapped once);
