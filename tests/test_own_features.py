@@ -307,3 +307,13 @@ def test_benchmark_runs_at_a_toy_size(tmp_path):
     assert "peak RSS: embjax, 3 x 16 dims x 6,000 rows" in proc.stdout
     assert "peak RSS: scikit-learn, 3 x 16 dims x 6,000 rows" in proc.stdout
     assert not os.path.exists(tmp_path / "data")  # generated features removed without --keep-data
+
+
+def test_readme_shows_the_tested_example_and_command():
+    """README's "Use embjax on your own features" section carries the same code the tests above run."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Use embjax on your own features"):]
+    section = section[:section.index("\n## ", 3)]
+    for lang in ("python", "bash"):
+        assert f"```{lang}\n{doc_block(lang)}```" in section, lang
