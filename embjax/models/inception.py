@@ -423,8 +423,8 @@ class InceptionResNetV2(nn.Module):
         x = out["mixed_7a"] = Reduction7a(**kw, name="mixed_7a")(x, train)
         x = residual_group(x, "block8")
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
-        x = out["conv_7b"] = ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype, name="conv_7b")(
-            x, train)
+        x = out["conv_7b"] = ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn,
+                                    name="conv_7b")(x, train)
         return _classifier(x, self.num_classes, self.dtype, out)
 
 
