@@ -3,7 +3,8 @@
 #
 #   ./launch.sh                    the main job: the affine-equivalence study on the offline default (zoo)
 #   ./launch.sh test [pytest args] the whole test suite
-#   ./launch.sh study [flags]      experiments/affine_equivalence.py with absl flags (e.g. --config=...)
+#   ./launch.sh STUDY [flags]      experiments/STUDY.py with absl flags (e.g. --config=...), for any study in
+#                                  experiments/ (affine_equivalence, extract, ...); `study` = affine_equivalence
 #   ./launch.sh bench NAME [args]  benchmarks/NAME.py (installs the benchmark extra: PyTorch CPU, psutil)
 #   ./launch.sh python [args]      the project's Python, for anything else
 #
@@ -59,12 +60,7 @@ ensure_fashion_mnist() {
 }
 
 case "$cmd" in
-  main)
-    ensure_venv "weights"
-    ensure_fashion_mnist
-    exec "$VENV/bin/python" -m experiments.affine_equivalence "$@"
-    ;;
-  study)
+  main|study)
     ensure_venv "weights"
     ensure_fashion_mnist
     exec "$VENV/bin/python" -m experiments.affine_equivalence "$@"
@@ -86,7 +82,13 @@ case "$cmd" in
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "unknown command '$cmd'; use one of: (none), test, study, bench NAME, python" >&2
+    if [[ "$cmd" =~ ^[a-z_][a-z0-9_]*$ ]] && [ "$cmd" != common ] && [ -f "experiments/$cmd.py" ]; then
+      ensure_venv "weights"
+      ensure_fashion_mnist
+      exec "$VENV/bin/python" -m "experiments.$cmd" "$@"
+    fi
+    studies=$(cd experiments && ls *.py | sed -e 's/\.py$//' | grep -v -e '^__init__$' -e '^common$' | tr '\n' ' ')
+    echo "unknown command '$cmd'; use one of: (none), test, bench NAME, python, or a study: $studies" >&2
     exit 2
     ;;
 esac

@@ -84,3 +84,35 @@ def median(xs: Sequence[float]) -> float:
 def spread(xs: Sequence[float]) -> str:
     """min..max of a list of seconds, for showing how noisy a median is."""
     return f"{min(xs):.3f}..{max(xs):.3f}s"
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MB; NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process' peak resident size so far (VmHWM), MB."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process' resident size now (VmRSS), MB."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS counter of this process (Linux clear_refs 5); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import load_average, machine_line, now  # noqa: E402
+from common import load_average, machine_line, now, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 from embjax import maps, stats  # noqa: E402
 
@@ -133,21 +133,8 @@ class MatmulProbe:
 # Memory: one subprocess per n
 
 
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the peak-RSS counter of this process
-        return True
-    except OSError:
-        return False
+_vm_hwm_mb = peak_rss_mb
+_reset_hwm = reset_peak_rss
 
 
 def memory_child(args) -> None:

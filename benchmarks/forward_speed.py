@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
     module = EfficientNetLite(variant=args.variant, dtype=jnp.dtype(args.dtype), depthwise_impl=args.depthwise)
     if args.weights == "pretrained":
-        from embjax.weights.efficientnet_lite import load_pretrained
+        from embjax.models.convert.efficientnet_lite import load_pretrained
         variables = load_pretrained(args.variant)
     else:
         rng = np.random.default_rng(0)

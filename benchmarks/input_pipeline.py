@@ -2,12 +2,12 @@
 
 Two cases, each timed in alternating rounds (medians reported):
 
-1. The zoo study on Fashion-MNIST: the fit step of `embjax.extract.make_fit_step` over the five zoo
+1. The zoo study on Fashion-MNIST: the fit step of the affine study (`embjax.extract.make_step`) over the five zoo
    backbones (random weights: throughput does not depend on them), fed
      * `staged`:     batches read, padded and placed on the device before timing; the loop only steps;
-     * `prefetch=P`: `embjax.data.batches(source, prefetch=P)` -> `extract.shard_batch` -> step, exactly
-                     the loop of `extract.run_stream` (which synchronises on the non-finite flags of
-                     every step, so the host cannot run ahead of the device by more than the prefetch);
+     * `prefetch=P`: `embjax.data.batches(source, prefetch=P)` -> `extract.shard_batch` -> step, the
+                     engine's loop (here reading the non-finite flags after every step, so the host
+                     cannot run ahead of the device by more than the prefetch);
      * `prefetch=0`: the same, reading each batch in the loop thread (what prefetching saves).
    The host cost of one batch (reading + padding, and the host->device copy) is timed on its own.
 
@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -54,33 +53,30 @@ def log(msg: str) -> None:
 
 
 def fit_step(model_names, batch_size: int):
-    """(step(state, batch_on_device), initial state, mesh, members) for the named registry models."""
-    import jax
-    import jax.numpy as jnp
+    """(step(state, batch_on_device), initial state, mesh, members) for the named registry models: the
+    jitted step of the affine study's fit pass (`extract.make_step`), random weights."""
+    import numpy as np
 
-    from embjax import extract, stats, study
+    from embjax import extract, members as members_lib, stats
 
-    if len(model_names) >= 2:  # the study's own construction (random weights)
-        config = types.SimpleNamespace(models=list(model_names), weights="random", dtype="float32")
-        members = study.build_members(config, fit_data=None)
-    else:  # the study wants >= 2 models; build the one member the same way by hand
-        from embjax.models import registry
-
-        spec = registry.get(model_names[0])
-        module = spec.build()
-        x = jnp.zeros((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
-        members = [extract.Member(name=model_names[0], variables=jax.jit(module.init)(jax.random.key(0), x),
-                                  apply=lambda v, images: module.apply(v, spec.preprocess(images)),
-                                  feature_dim=spec.feature_dim)]
+    members = members_lib.load(list(model_names), "random")
+    names = [m.name for m in members]
+    dims = [m.feature_dim for m in members]
+    p = extract.Pass("fit", None, "bench", {n: ("pre_logits",) for n in names}, init=stats.init(dims),
+                     fold=lambda s, out, b, aux: stats.update(s, [out[n]["pre_logits"] for n in names], b["mask"]))
     mesh = extract.make_mesh()
     extract.check_batch_size(batch_size, mesh)
     variables = extract.replicate([m.variables for m in members], mesh)
-    step = extract.make_fit_step(members, mesh)
-    state = extract.replicate(stats.init([m.feature_dim for m in members]), mesh)
+    step = extract.make_step(members, p, mesh)
+    state = extract.replicate(stats.init(dims), mesh)
+    flags = extract.replicate(np.zeros((len(members),), bool), mesh)
 
     def run(state, batch):
-        state, bad = step(state, variables, batch)
-        extract.raise_if_nonfinite(bad, members, "bench", 0)  # synchronises, as run_stream does
+        state, bad, _ = step(state, flags, variables, None, batch)
+        # One host read of the flags per step: stricter than the engine, which reads them only at
+        # progress lines and checkpoints; the prefetch thread still overlaps reading with the step.
+        if np.asarray(bad).any():
+            raise extract.NonFiniteFeatures("non-finite features in the benchmark step")
         return state
 
     return run, state, mesh, members
@@ -157,7 +153,7 @@ def report_case(title: str, per_step: dict, ranges: dict, read_s: float, put_s: 
 # ImageNet-like host path: JPEG decode + resize.
 
 
-def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
+def make_jpegs(count: int, seed: int = 0, quality: int = 90, shorter: tuple[int, int] = (224, 331)) -> list[bytes]:
     """JPEG files of random 224..331 px crops of skimage's bundled photos (no download)."""
     from PIL import Image
 
@@ -174,8 +170,8 @@ def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
     for i in range(count):
         img = photos[i % len(photos)]
         h, w = img.shape[:2]
-        # ImageNet-like: not square, shorter side 224..331, aspect up to 4:3.
-        short = int(rng.integers(224, 332))
+        # ImageNet-like: not square, shorter side in `shorter` (inclusive), aspect up to 4:3.
+        short = int(rng.integers(shorter[0], shorter[1] + 1))
         long_ = int(short * rng.uniform(1.0, 4 / 3))
         side_h, side_w = (short, long_) if rng.random() < 0.5 else (long_, short)
         scale = min(h / side_h, w / side_w)
@@ -251,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--imagenet-steps", type=int, default=3)
     parser.add_argument("--jpegs", type=int, default=128, help="distinct JPEGs made for the decode measurement")
     parser.add_argument("--decode-threads", type=int, default=max(2, os.cpu_count() or 1))
+    parser.add_argument("--thesis-decode", action="store_true",
+                        help="only the thesis' host path: JPEGs of shorter side 331-500 px (ImageNet's typical "
+                             "sizes) decoded and centre-cropped to 331 px, images/s per core")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.steps, args.rounds, args.imagenet_batch_size, args.imagenet_steps, args.jpegs) < 1:
         parser.error("sizes, steps and rounds must be positive")
@@ -264,6 +263,21 @@ def main(argv=None) -> int:
     log(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
         f"load average {common.load_average()}")
     lines = []
+    if args.thesis_decode:
+        jpegs = make_jpegs(args.jpegs, shorter=(331, 500))
+        mean_kb = np.mean([len(j) for j in jpegs]) / 1024
+        rates = decode_rates(jpegs, 331, args.decode_threads, args.rounds)
+        block = [f"### Thesis host path: {len(jpegs)} JPEGs, 331-500 px shorter side, mean {mean_kb:.0f} KiB, "
+                 "decode + resize_shorter_and_center_crop(331)", "",
+                 "| decode threads | img/s | per thread |", "|---|---|---|"]
+        block += [f"| {t} | {r:.0f} | {r / t:.0f} |" for t, r in rates.items()]
+        per_core = rates[1]
+        block += ["", f"host cores needed for the thesis' 1,500 img/s (one H200 at 40% MFU): "
+                  f"{math.ceil(1500 / per_core)} at {per_core:.0f} img/s per core"]
+        log("\n".join(block))
+        log(f"load average at the end: {common.load_average()}")
+        log(f"decoded images/s per core at 331 px: {per_core:.1f}")
+        return 0
     if not args.skip_zoo:
         from embjax import data
 

@@ -112,6 +112,52 @@ def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> tuple:
     return tuple(out)
 
 
+@flax.struct.dataclass
+class NaiveMaps:
+    """The naive family (thesis §5.6) without matrices: the source features truncated or zero-padded to
+    each target's width. Pass `NaiveMaps()` as `maps`."""
+
+
+@flax.struct.dataclass
+class LogitMaps:
+    """The logit family in factored form: x ↦ (x K_s + c_s − c_t) K_t⁺ costs one (d_s, classes) and one
+    (classes, d_t) product per pair instead of a (d_s, d_t) matrix; what it keeps resident is one kernel,
+    bias and pseudo-inverse per model (N·classes·(d + d_max) floats) rather than N² dense maps.
+
+    kernels: tuple of (d_i, classes) source kernels; biases: (N, classes); pinvs: (N, classes, d_max), the
+    target kernels' pseudo-inverses zero-padded to d_max columns (see `logit_maps`)."""
+
+    kernels: tuple
+    biases: jax.Array
+    pinvs: jax.Array
+
+
+def logit_maps(heads, pinvs, dims: Sequence[int], dtype=jnp.float32) -> LogitMaps:
+    """LogitMaps from each model's head (kernel (d_i, C), bias (C,)) and its kernel's pseudo-inverse
+    (C, d_i) (embjax.maps.head_pinv)."""
+    d_max = max(int(d) for d in dims)
+    return LogitMaps(kernels=tuple(jnp.asarray(k, dtype) for k, _ in heads),
+                     biases=jnp.stack([jnp.asarray(c, dtype) for _, c in heads]),
+                     pinvs=jnp.stack([jnp.pad(jnp.asarray(p, dtype), ((0, 0), (0, d_max - p.shape[1]))) for p in pinvs]))
+
+
+def _mapped(maps, s: int, x: jax.Array, dims: Sequence[int], d_max: int) -> jax.Array:
+    """(N, batch, d_max): source s's features mapped into every target's space (zero beyond its width);
+    target s is the unmapped source."""
+    n = len(dims)
+    x_pad = jnp.pad(x, ((0, 0), (0, d_max - x.shape[1])))
+    width = jnp.asarray(dims)[:, None]  # (N, 1)
+    cols = jnp.arange(d_max)[None, :]
+    if isinstance(maps, NaiveMaps):
+        return jnp.where((cols < width)[:, None, :], x_pad[None], 0)
+    if isinstance(maps, LogitMaps):
+        z = jnp.matmul(x, maps.kernels[s], precision=_HIGHEST) + maps.biases[s]  # source logits
+        y = jnp.einsum("tbc,tcd->tbd", z[None] - maps.biases[:, None, :], maps.pinvs, precision=_HIGHEST)
+        return y.at[s].set(x_pad)
+    w_s, b_s = maps[s]
+    return jnp.einsum("bd,tde->tbe", x, w_s, precision=_HIGHEST) + b_s[:, None, :]
+
+
 def _check_inputs(state: EvalState, feats, heads, labels, mask):
     n = len(state.dims)
     feats = list(feats)
@@ -141,9 +187,8 @@ def _check_inputs(state: EvalState, feats, heads, labels, mask):
     return feats, heads, batch, classes
 
 
-def _pair_stats(w, b, kernel, bias, f_dst, own_pred, mapped_src, labels, keep, k):
-    """Counts and squared error of one (src, dst) pair; vmapped over targets."""
-    y = jnp.matmul(mapped_src, w, precision=_HIGHEST) + b  # (batch, d_max)
+def _pair_stats(y, kernel, bias, f_dst, own_pred, labels, keep, k):
+    """Counts and squared error of one (src, dst) pair from the mapped features y; vmapped over targets."""
     logits = jnp.matmul(y, kernel, precision=_HIGHEST) + bias
     pred = jnp.argmax(logits, axis=-1)
     _, top = jax.lax.top_k(logits, k)
@@ -162,7 +207,8 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
       feats: list of (batch, d_i) features, one per model.
       heads: list of (kernel (d_i, classes), bias (classes,)), one per model, same classes for all.
       maps: dict {(src, dst): (W (d_src, d_dst), b (d_dst,))} for every src ≠ dst (the diagonal means the
-        unmapped model and is ignored), or the output of `stack_maps(maps, dims)`.
+        unmapped model and is ignored), the output of `stack_maps(maps, dims)`, `NaiveMaps()` (truncate /
+        zero-pad, no matrices) or `logit_maps(heads, pinvs, dims)` (the logit family, factored).
       labels: (batch,) integer class labels.
       mask: optional (batch,) bool, True for real rows of a padded batch; padded rows count nowhere,
         whatever their contents.
@@ -177,8 +223,9 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
     dtype = state.sse.dtype
     if isinstance(maps, Mapping):
         maps = stack_maps(maps, dims, dtype)
-    elif len(maps) != n:
-        raise ValueError(f"evaluate.update: `maps` must be a dict or stack_maps(...) output with {n} sources")
+    elif not isinstance(maps, (NaiveMaps, LogitMaps)) and len(maps) != n:
+        raise ValueError(f"evaluate.update: `maps` must be a dict, stack_maps(...) output with {n} sources, "
+                         "NaiveMaps() or logit_maps(...)")
     keep = jnp.ones((batch,), bool) if mask is None else mask
     feats = [jnp.asarray(f, dtype) for f in feats]
     # Padded rows may hold anything (even NaN): zero them once so no product can leak them.
@@ -191,11 +238,9 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
     own_logits = jnp.einsum("tbd,tdc->tbc", f_pad, kernels, precision=_HIGHEST) + biases[:, None, :]
     own_pred = jnp.argmax(own_logits, axis=-1)  # (N, batch)
 
-    pair = jax.vmap(_pair_stats, in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None))
-    rows = [
-        pair(w_s, b_s, kernels, biases, f_pad, own_pred, feats[s], labels, keep, k)
-        for s, (w_s, b_s) in enumerate(maps)
-    ]
+    pair = jax.vmap(_pair_stats, in_axes=(0, 0, 0, 0, 0, None, None, None))
+    rows = [pair(_mapped(maps, s, feats[s], dims, d_max), kernels, biases, f_pad, own_pred, labels, keep, k)
+            for s in range(n)]
     top1, top5, agree, sse = (jnp.stack(col) for col in zip(*rows))
 
     # Evaluation-split mean and centred total sum of squares per model (Chan et al. merge).

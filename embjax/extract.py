@@ -17,6 +17,11 @@ The engine owns everything else:
   into `workdir/passes/<pass>/`, so a rerun of the same command skips finished passes, resumes the
   interrupted one at its last checkpoint (skipping exactly the batches it holds: nothing counted twice
   or missed) and, because the fold order is the same, ends with the numbers of an uninterrupted run.
+  The fingerprint covers the config and a SHA-256 of every member's weights (changed weights in the
+  same file never resume an old run); each checkpoint records a SHA-256 of its state, and a checkpoint
+  that cannot be restored or no longer hashes the same is deleted with a warning and the previous one is
+  used. A checkpoint that cannot be written (full or read-only disk) stops the run with a
+  `CheckpointWriteError` naming the directory; the previous checkpoint stays for the rerun.
 - Non-finite outputs. A NaN or inf in a real row is replaced by 0 before the fold (so it cannot poison
   the accumulator) and flagged per member on device; the flags are read only at progress lines,
   checkpoints and the end of the pass (no host sync per batch), and a flagged pass stops with
@@ -69,6 +74,7 @@ class Member:
     feature_dim: int
     head: tuple[Any, Any] | None = None
     spec: Any = None
+    num_params: int = 0  # trainable parameters of the model as published (before any BatchNorm folding)
 
 
 def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +170,42 @@ def config_fingerprint(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint that cannot be restored as it was written (damaged files, or bytes that no longer hash
+    to what was saved); the engine falls back to the previous one."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full or read-only disk, ...); the previous one is kept."""
+
+
+def _host_copy(x) -> np.ndarray:
+    """A leaf on this host; a replicated array spanning several processes is read from a local replica."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(f"cannot hash a state leaf sharded over several processes ({x.sharding})")
+        x = x.addressable_shards[0].data
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def state_hash(state) -> str:
+    """SHA-256 over an accumulator's leaf paths, shapes, dtypes and bytes (on the host; every process
+    computes the same one from its own replica)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        leaf = _host_copy(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
+        digest.update(leaf.view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()
+
+
 class Checkpoints:
-    """Orbax checkpoints of the accumulators of one run, in `directory`, tagged by a fingerprint."""
+    """Orbax checkpoints of the accumulators of one run, in `directory`, tagged by a fingerprint.
+
+    Each checkpoint's meta records a SHA-256 of the state it holds, checked on restore: orbax's files
+    carry checksums of their own only in part, and a resumed run must never continue from silently
+    changed sums.
+    """
 
     def __init__(self, directory: str, fingerprint: str, keep: int = 2):
         import orbax.checkpoint as ocp
@@ -181,6 +221,10 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every step with a (final-named) checkpoint, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
         return restored["meta"]
@@ -192,23 +236,40 @@ class Checkpoints:
             restored = self.manager.restore(step, args=self._ocp.args.Composite(
                 state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises several types for a damaged checkpoint
-            raise RuntimeError(
-                f"could not restore checkpoint {step} in {self.directory}: {e}. Delete that step's "
-                f"directory to resume from the previous checkpoint, or the whole directory to start "
-                f"over") from e
+            raise CheckpointUnreadable(
+                f"could not restore checkpoint {step} in {self.directory} ({type(e).__name__}: "
+                f"{str(e)[:300]})") from e
         meta = restored["meta"]
         if meta.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
                 f"checkpoint {step} in {self.directory} was written by a run with a different config "
                 f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); use another workdir or "
                 f"delete this one")
+        if "state_sha256" in meta and state_hash(restored["state"]) != meta["state_sha256"]:
+            raise CheckpointUnreadable(
+                f"checkpoint {step} in {self.directory} restored to a state whose SHA-256 differs from the "
+                "one recorded when it was written: its files were changed or damaged")
         return restored["state"], meta
 
     def save(self, step: int, state, meta: dict) -> None:
-        meta = dict(meta, fingerprint=self.fingerprint)
-        self.manager.save(step, args=self._ocp.args.Composite(
-            state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        meta = dict(meta, fingerprint=self.fingerprint, state_sha256=state_hash(state))
+        previous = self.latest()
+        try:
+            self.manager.save(step, args=self._ocp.args.Composite(
+                state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # a full or read-only disk, a vanished mount ...
+            kept = (f"the previous checkpoint ({previous}) is kept" if previous is not None
+                    else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {step} into {self.directory} ({type(e).__name__}: "
+                f"{str(e)[:300]}); {kept}. Free space on that disk or make it writable, then rerun the "
+                "same command to resume") from e
+
+    def delete(self, step: int) -> None:
+        """Removes checkpoint `step`. Every process calls it (orbax deletes on the primary process and
+        synchronizes all of them), as every process finds the same checkpoint unreadable."""
+        self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()
@@ -229,7 +290,9 @@ class Progress:
         self._last = -float("inf")
 
     def due(self) -> bool:
-        """Whether the next `update` would print (the engine checks its flags then)."""
+        """Whether the next `update` would print (the engine checks its flags then): on process 0 only."""
+        if jax.process_index() != 0:
+            return False
         return self._first is None or time.perf_counter() - self._last >= self.every_seconds
 
     def update(self, batches_done: int, force: bool = False) -> None:
@@ -274,6 +337,10 @@ class Pass:
       "member/key" is that output flattened to (batch, -1) unless `emit` computes it.
     emit: optional `(outputs, batch, aux) -> {entry: (batch, ...) array}` for derived entries.
     dataset: the dataset's name, for the store's manifest.
+    merge: optional `(a, b) -> state`, the accumulator's associative merge. With it, every device folds
+      its own shard of each batch into its own partial state (no cross-device reduction per batch), and
+      the partials are merged on the host in float64 only at checkpoints and at the end of the pass.
+      Without it, the state is replicated and XLA reduces each batch across devices.
     """
 
     name: str
@@ -286,6 +353,7 @@ class Pass:
     store: Mapping[str, str] = dataclasses.field(default_factory=dict)
     emit: Callable[[dict, dict, Any], dict] | None = None
     dataset: str = ""
+    merge: Callable[[Any, Any], Any] | None = None
 
 
 class NonFiniteFeatures(ValueError):
@@ -316,18 +384,22 @@ def _emit_default(p: Pass) -> Callable[[dict, dict, Any], dict]:
     return emit
 
 
-def make_step(members: Sequence[Member], p: Pass, mesh: Mesh):
+def make_step(members: Sequence[Member], p: Pass, mesh: Mesh, precision: str | None = "float32"):
     """The jitted `(state, flags, variables, aux, batch) -> (state, flags, emitted)` of pass `p`.
 
-    `variables` are those of the members the pass needs, in member order; `flags` (one bool per such
-    member) accumulate whether any real row had a non-finite output.
+    `variables` are those of the members the pass needs, in member order; `flags` accumulate whether any
+    real row had a non-finite output (per member; per device and member when `p.merge` is set, where
+    `state` and `flags` carry a leading device axis sharded over the mesh and each device folds only its
+    own rows). `precision` is the matmul and convolution precision every dot of the step is traced with:
+    "float32" means float32 arithmetic on every backend (not TF32 on NVIDIA GPUs, nor one-pass bfloat16
+    on TPUs); None leaves XLA's default (bfloat16 runs).
     """
     needed = _needed(members, p)
     emit = p.emit or (_emit_default(p) if p.store else None)
     replicated = NamedSharding(mesh, P())
     sharded = NamedSharding(mesh, P(DATA_AXIS))
 
-    def step(state, flags, variables, aux, batch):
+    def body(state, flags, variables, aux, batch):
         mask = batch["mask"]
         outputs, bad = {}, []
         for member, v in zip(needed, variables):
@@ -348,8 +420,48 @@ def make_step(members: Sequence[Member], p: Pass, mesh: Mesh):
         emitted = emit(outputs, batch, aux) if emit is not None else {}
         return state, flags | jnp.stack(bad), emitted
 
-    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
+    def traced(state, flags, variables, aux, batch):
+        if precision is None:
+            return body(state, flags, variables, aux, batch)
+        with jax.default_matmul_precision(precision):
+            return body(state, flags, variables, aux, batch)
+
+    if p.merge is None:
+        return jax.jit(traced, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
+                       compiler_options=compiler_options(mesh))
+
+    def local(state, flags, variables, aux, batch):  # one device: its partial state and its rows
+        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+        state, flag, emitted = traced(squeeze(state), flags[0], variables, aux, batch)
+        return jax.tree.map(lambda x: x[None], state), flag[None], emitted
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(), P(DATA_AXIS)),
+                           out_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
+    return jax.jit(mapped, donate_argnums=0, out_shardings=(sharded, sharded, sharded),
                    compiler_options=compiler_options(mesh))
+
+
+def merge_partials(states: Sequence[Any], merge: Callable[[Any, Any], Any]) -> Any:
+    """Merge partial accumulators pairwise (a balanced tree: log2(k) merges deep) in float64 on the
+    host CPU, returned in the dtypes of the first state. Floating leaves are merged in float64 whatever
+    their dtype, so thousands of merges of float32 partials lose no more than one float32 rounding."""
+    states = list(states)
+    if not states:
+        raise ValueError("merge_partials needs at least one state")
+    dtypes = jax.tree.map(lambda x: np.asarray(x).dtype, states[0])
+    if len(states) == 1:
+        return jax.tree.map(np.asarray, states[0])
+    wide = [jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                         else np.asarray(x), s) for s in states]
+    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
+        merge64 = jax.jit(merge)
+        while len(wide) > 1:
+            nxt = [merge64(wide[i], wide[i + 1]) for i in range(0, len(wide) - 1, 2)]
+            if len(wide) % 2:
+                nxt.append(wide[-1])
+            wide = nxt
+        merged = jax.device_get(wide[0])
+    return jax.tree.map(lambda x, dt: np.asarray(x).astype(dt), merged, dtypes)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -393,17 +505,25 @@ def _from_skeleton(skel, leaves):
 # The engine.
 
 
+def _saved(state, batches_done: int) -> dict:
+    """What a checkpoint holds: the accumulator and its batch count (never an empty tree, which orbax
+    refuses: a pass that only fills the feature store has an empty accumulator)."""
+    return {"accumulator": state, "batches_done": np.int32(batches_done)}
+
+
 class Engine:
     """Runs a study's passes over `members` with checkpoints, resume, progress and a feature store.
 
     `fingerprint` is the JSON-able config of the run: checkpoints only resume a run whose config hashes
     the same (fields that do not change the numbers, like checkpoint_every or prefetch, should be left
-    out by the caller).
+    out by the caller). `precision` is the dot/convolution precision of every step (see `make_step`):
+    "float32" for float32 runs, None for bfloat16 runs.
     """
 
     def __init__(self, members: Sequence[Member], workdir: str, *, batch_size: int, fingerprint: Any,
                  checkpoint_every: int = 50, prefetch: int = 2, progress_seconds: float = 10.0,
-                 mesh: Mesh | None = None, log: Callable[[str], None] | None = None, config: Any = None):
+                 mesh: Mesh | None = None, log: Callable[[str], None] | None = None, config: Any = None,
+                 precision: str | None = "float32"):
         self.members = list(members)
         self.workdir = os.path.abspath(workdir)
         self.mesh = mesh or make_mesh()
@@ -413,11 +533,16 @@ class Engine:
         if self.batch_size % self.process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by the {self.process_count} processes")
         self.local_batch = self.batch_size // self.process_count
-        self.fingerprint = config_fingerprint({"config": fingerprint, "processes": self.process_count})
+        # The weights by content, not by the file they came from: changed weights never resume an old run.
+        from embjax.weights.store import variables_hash
+
+        self.fingerprint = config_fingerprint({"config": fingerprint, "processes": self.process_count,
+                                               "weights": {m.name: variables_hash(m.variables) for m in self.members}})
         self.checkpoint_every = int(checkpoint_every)
         self.prefetch = int(prefetch)
         self.progress_seconds = float(progress_seconds)
         self.config = config
+        self.precision = precision
         self.seconds: dict[str, float] = {}
         self._log = log or (lambda msg: print(msg, flush=True) if self.process_index == 0 else None)
         self._variables = replicate([m.variables for m in self.members], self.mesh)
@@ -482,35 +607,52 @@ class Engine:
         offset, self._step_offset = self._step_offset, self._step_offset + total
         like = replicate(p.init, self.mesh)
 
-        done = self._checkpoints("passes", p.name, keep=1)
-        try:
-            if done.latest() == total:
-                state, _ = done.restore(total, like)
-                self._log(f"[resume] pass '{p.name}' finished earlier: restored")
-                return jax.device_get(state)
-        finally:
-            done.close()
+        if os.path.isdir(self._dir("passes", p.name)):
+            done = self._checkpoints("passes", p.name, keep=1)
+            try:
+                if done.latest() == total:
+                    state = done.restore(total, _saved(like, total))[0]["accumulator"]
+                    self._log(f"[resume] pass '{p.name}' finished earlier: restored")
+                    return jax.device_get(state)
+            except CheckpointUnreadable as e:
+                self._log(f"[warning] {e}; running pass '{p.name}' again")
+                done.delete(total)
+            finally:
+                done.close()
 
         t0 = time.perf_counter()
         ckpt = self._checkpoints("checkpoints", p.name, keep=2)
-        start = ckpt.latest() or 0
-        state = like
-        if start:
-            if start >= total:
-                raise RuntimeError(f"checkpoint {start} in {ckpt.directory} is past the {total} batches of "
+        start, state = 0, like
+        for step in ckpt.steps():  # newest first; a damaged one falls back to the one before
+            if step >= total:
+                raise RuntimeError(f"checkpoint {step} in {ckpt.directory} is past the {total} batches of "
                                    f"pass '{p.name}'; delete that directory to start the pass over")
-            state, _ = ckpt.restore(start, like)
+            try:
+                state = ckpt.restore(step, _saved(like, step))[0]["accumulator"]
+            except CheckpointUnreadable as e:
+                self._log(f"[warning] {e}; deleting it and falling back to the previous checkpoint")
+                ckpt.delete(step)
+                continue
+            start = step
             self._log(f"[resume] pass '{p.name}': {start}/{total} batches already done")
+            break
 
         writer = None
         if p.store:
             writer = self._writer(p, needed, n, resume=start > 0)
         share = data.pipeline.process_share(np.arange(n), self.process_index, self.process_count).shape[0]
 
-        step = make_step(self.members, p, self.mesh)
+        step = make_step(self.members, p, self.mesh, self.precision)
         variables = [v for m, v in zip(self.members, self._variables) if any(m is k for k in needed)]
         aux = replicate(p.aux, self.mesh) if p.aux is not None else None
-        flags = replicate(np.zeros((len(needed),), bool), self.mesh)
+        per_device = p.merge is not None
+        if per_device:  # device 0 starts from the (restored) state, the others from empty partials
+            init = like
+            state = self._spread(state, init)
+            flags = jax.device_put(np.zeros((self.mesh.devices.size, len(needed)), bool),
+                                   NamedSharding(self.mesh, P(DATA_AXIS)))
+        else:
+            flags = replicate(np.zeros((len(needed),), bool), self.mesh)
         progress = Progress(f"{p.name} {p.split}", total, self.batch_size, self.progress_seconds)
         checked = start  # batches [start, checked) were verified finite
         pending = None  # (emitted, host batch, batch index): written one step late, so transfers overlap
@@ -518,9 +660,15 @@ class Engine:
         batches = data.batches(p.source, self.local_batch, process_index=self.process_index,
                                process_count=self.process_count, start_batch=start, prefetch=self.prefetch)
 
-        def check(upto: int) -> None:
+        def check(upto: int, everywhere: bool) -> None:
+            # At checkpoints and at the end every process checks every device's flags (a collective, so
+            # all processes raise together); at progress lines, whose timing differs per process, each
+            # checks only its own devices' flags, with no collective.
             nonlocal checked
-            bad = np.asarray(jax.device_get(flags))
+            if per_device:
+                bad = self._any_flags(flags, everywhere)
+            else:
+                bad = np.asarray(jax.device_get(flags))
             if bad.any():
                 names = [m.name for m, b in zip(needed, bad) if b]
                 raise NonFiniteFeatures(
@@ -549,18 +697,21 @@ class Engine:
                 done_b = b + 1
                 save = self.checkpoint_every and done_b % self.checkpoint_every == 0 and done_b < total
                 if save or progress.due():
-                    check(done_b)
+                    check(done_b, everywhere=bool(save))
                 if save:
                     if writer is not None:
                         write(pending)
                         pending = None
                         writer.flush()
-                    ckpt.save(done_b, state, {"pass": p.name, "batches_done": done_b,
-                                              "step": offset + done_b})
+                    merged = self._merged(state, p.merge) if per_device else state
+                    ckpt.save(done_b, _saved(merged, done_b), {"pass": p.name, "batches_done": done_b,
+                                                               "step": offset + done_b})
+                    if per_device:  # go on from the merged state, exactly as a resumed run would
+                        state = self._spread(merged, init)
                 progress.update(done_b)
             if writer is not None and pending is not None:
                 write(pending)
-            check(total)
+            check(total, everywhere=True)
         finally:
             batches.close()
             ckpt.close()
@@ -570,13 +721,50 @@ class Engine:
         if writer is not None:
             writer.close()
             self._finish_store(p, needed, n)
+        if per_device:
+            state = self._merged(state, p.merge)
         done = self._checkpoints("passes", p.name, keep=1)
-        done.save(total, state, {"pass": p.name, "batches_done": total, "step": offset + total})
+        done.save(total, _saved(state, total), {"pass": p.name, "batches_done": total, "step": offset + total})
         done.close()
         if self.process_index == 0:
             shutil.rmtree(self._dir("checkpoints", p.name), ignore_errors=True)
         self.seconds[p.name] = time.perf_counter() - t0
         return jax.device_get(state)
+
+    def _spread(self, state, init):
+        """Per-device partial states: `state` on device 0, `init` (empty) on every other device."""
+        n_dev = self.mesh.devices.size
+
+        def spread(s, e):
+            return jax.tree.map(lambda a, b: jnp.concatenate([a[None], jnp.broadcast_to(b, (n_dev - 1, *b.shape))]),
+                                s, e)
+
+        return jax.jit(spread, out_shardings=NamedSharding(self.mesh, P(DATA_AXIS)))(state, init)
+
+    def _local_partials(self, state) -> list:
+        leaves, treedef = jax.tree.flatten(state)
+        per_leaf = [_local_rows(x) for x in leaves]
+        return [jax.tree.unflatten(treedef, [leaf[k] for leaf in per_leaf]) for k in range(per_leaf[0].shape[0])]
+
+    def _merged(self, state, merge):
+        """The merge of every device's partial state (float64 on the host), replicated on the mesh."""
+        merged = merge_partials(self._local_partials(state), merge)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = multihost_utils.process_allgather(merged)  # a leading process axis on every leaf
+            leaves, treedef = jax.tree.flatten(gathered)
+            merged = merge_partials([jax.tree.unflatten(treedef, [np.asarray(x)[k] for x in leaves])
+                                     for k in range(self.process_count)], merge)
+        return replicate(merged, self.mesh)
+
+    def _any_flags(self, flags, everywhere: bool) -> np.ndarray:
+        local = _local_rows(flags).any(axis=0)
+        if everywhere and self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            local = np.asarray(multihost_utils.process_allgather(local)).any(axis=0)
+        return local
 
     def _writer(self, p: Pass, needed, n: int, resume: bool) -> feature_store.Writer:
         from embjax import data
@@ -593,7 +781,7 @@ class Engine:
         batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool),
                  "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
-        step = make_step(self.members, p, self.mesh)
+        step = make_step(self.members, dataclasses.replace(p, merge=None), self.mesh, self.precision)
         variables = [m.variables for m in needed]
         flags = np.zeros((len(needed),), bool)
         out = jax.eval_shape(step, p.init, flags, variables, p.aux, batch)

@@ -357,16 +357,34 @@ def logit(head_src, head_dst):
     return w, b
 
 
-@jax.jit
-def _logit(k_a, c_a, k_b, c_b):
-    u, sv, vt = jnp.linalg.svd(k_b, full_matrices=False)  # k_b = u diag(sv) vt, u (d_b, r)
-    cutoff = jnp.finfo(k_b.dtype).eps * max(k_b.shape) * sv[0]
+def _pinv(k):
+    u, sv, vt = jnp.linalg.svd(k, full_matrices=False)  # k = u diag(sv) vt, u (d, r)
+    cutoff = jnp.finfo(k.dtype).eps * max(k.shape) * sv[0]
     keep = sv > cutoff
     inv = jnp.where(keep, 1.0 / jnp.where(keep, sv, 1.0), 0.0)
-    pinv = jnp.matmul(vt.T * inv[None, :], u.T, precision=_HIGHEST)  # (classes, d_b)
+    return jnp.matmul(vt.T * inv[None, :], u.T, precision=_HIGHEST), jnp.sum(keep)  # (classes, d)
+
+
+@jax.jit
+def _logit(k_a, c_a, k_b, c_b):
+    pinv, rank = _pinv(k_b)
     w = jnp.matmul(k_a, pinv, precision=_HIGHEST)
     b = jnp.matmul(c_a - c_b, pinv, precision=_HIGHEST)
-    return w, b, jnp.sum(keep)
+    return w, b, rank
+
+
+def head_pinv(head):
+    """The pseudo-inverse K⁺ (classes, d) of a head's kernel K (d, classes), the factor every logit map
+    into this head shares: logit(src, dst) = (K_src K_dst⁺, (c_src − c_dst) K_dst⁺). Warns as `logit`
+    does when K is rank-deficient."""
+    k, _ = _check_head(head, "head")
+    with jax.default_matmul_precision("highest"):
+        pinv, rank = jax.jit(_pinv)(k.astype(jnp.result_type(k.dtype, jnp.float32)))
+    if int(rank) < k.shape[1]:
+        warnings.warn(f"maps.head_pinv: the kernel {k.shape} has rank {int(rank)} < {k.shape[1]} classes, so "
+                      "logit maps into this head reproduce the source logits only in the least-squares sense",
+                      IllConditionedWarning, stacklevel=2)
+    return pinv
 
 
 def naive(d_src: int, d_dst: int, dtype=jnp.float32):

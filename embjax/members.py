@@ -14,6 +14,7 @@ and wraps the module so that preprocessing (resize, crop, scaling) runs on devic
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -77,25 +78,50 @@ def variables_for(name: str, spec, weights: str, *, weight_files: Mapping[str, s
     raise ValueError(f"config.weights must be one of {', '.join(WEIGHT_SOURCES)}, not {weights!r}")
 
 
-def make_member(name: str, spec, variables, dtype=jnp.float32, num_classes: int | None = None) -> extract.Member:
-    """Wrap one registry model: `apply(variables, uint8 images)` -> its whole output dict."""
+def make_member(name: str, spec, variables, dtype=jnp.float32, input_size: int | None = None,
+                fold_batchnorm: bool = True) -> extract.Member:
+    """Wrap one registry model: `apply(variables, uint8 images)` -> its whole output dict.
+
+    `input_size` runs the model at another square size than its registry default (the thesis ran every
+    CNN on 331-px crops); the module is convolutional up to a global pooling, so its variables fit any
+    size. A TF-Slim head with a "background" logit 0 (`spec.background_class`) is scored on the other
+    1000 logits, so every model is scored on the same ImageNet classes.
+
+    With `fold_batchnorm` (the default), a family that implements it runs in inference mode: every
+    BatchNorm folded into the convolution before it (embjax.models.folding), the same outputs within
+    float32 rounding at less cost; other families run as they are.
+    """
+    import jax
+
+    from embjax.models import folding
+
+    if input_size:
+        spec = dataclasses.replace(spec, input_size=int(input_size))
     module = spec.build(dtype=dtype) if dtype != jnp.float32 else spec.build()
+    num_params = int(sum(np.size(x) for x in jax.tree.leaves(dict(variables).get("params", {}))))
+    if fold_batchnorm and "fold_bn" in {f.name for f in dataclasses.fields(module)}:
+        sample = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
+        variables = folding.fold_variables(module, variables, sample)
+        module = folding.fold_module(module)
 
     def apply(v, images, module=module, spec=spec):
         return module.apply(v, spec.preprocess(images).astype(dtype))
 
     head = None
-    classes = spec.num_classes if num_classes is None else num_classes
-    if classes:
-        head = extract.find_head(variables, spec.feature_dim, classes)
+    if spec.num_classes:
+        kernel, bias = extract.find_head(variables, spec.feature_dim, spec.num_classes)
+        head = (kernel[:, 1:], bias[1:]) if getattr(spec, "background_class", False) else (kernel, bias)
     return extract.Member(name=name, apply=apply, variables=variables, feature_dim=spec.feature_dim,
-                          head=head, spec=spec)
+                          head=head, spec=spec, num_params=num_params)
 
 
 def load(names: str | Sequence[str], weights: str = "pretrained", *, weight_files=None, dtype: str = "float32",
          zoo_data=None, zoo_config=None, dataset_tag: str = "", minimum: int = 1,
+         input_sizes: Mapping[str, int] | None = None, fold_batchnorm: bool = True,
          log: Callable[[str], None] = print) -> list[extract.Member]:
-    """Members for registry `names` (see the module docstring for `weights`)."""
+    """Members for registry `names` (see the module docstring for `weights`). `input_sizes` maps a
+    model name (or "*" for every model not named) to the square size it runs at (absent or 0: the
+    registry's own)."""
     from embjax.models import registry
 
     names = parse_names(names, minimum)
@@ -107,5 +133,6 @@ def load(names: str | Sequence[str], weights: str = "pretrained", *, weight_file
     for name, spec in zip(names, specs):
         variables = variables_for(name, spec, weights, weight_files=weight_files, zoo_data=zoo_data,
                                   zoo_config=zoo_config, dataset_tag=dataset_tag, log=log)
-        out.append(make_member(name, spec, variables, dt))
+        sizes = dict(input_sizes or {})
+        out.append(make_member(name, spec, variables, dt, sizes.get(name, sizes.get("*", 0)), fold_batchnorm))
     return out

@@ -289,23 +289,30 @@ def table_5_1(results: dict) -> Table:
     has_top5 = "top5" in unmapped
     if has_top5:
         header.append("top-5 (%)")
+    params = results.get("params")
+    if params is not None:
+        header.append("params (M)")
     thesis = _thesis_by_model(results)
     if thesis:
-        header += ["thesis model", "thesis feature dims", "thesis top-1 (%)"]
+        header += ["thesis model", "thesis feature dims", "thesis top-1 (%)"] + (
+            ["thesis params (M)"] if params is not None else [])
         t1, t2 = thesis_table(1), thesis_table(2)
     rows = []
     for i in range(n):
         row = [models[i], str(results["feature_dims"][i]), pct(unmapped["accuracy"][i])]
         if has_top5:
             row.append(pct(unmapped["top5"][i]))
+        if params is not None:
+            row.append(f"{params[i] / 1e6:.1f}")
         if thesis:
             if i in thesis:
                 k1, k2 = t1["models"].index(thesis[i]), t2["models"].index(thesis[i])
                 # The thesis' Table 5.2 diagonal is its own measurement at its evaluation crop: the number
                 # our unmapped accuracy should reproduce.
-                row += [thesis[i], str(t1["feature_dims"][k1]), pct(t2["accuracy"][k2][k2])]
+                row += [thesis[i], str(t1["feature_dims"][k1]), pct(t2["accuracy"][k2][k2])] + (
+                    [f"{t1['params_millions'][k1]:g}"] if params is not None else [])
             else:
-                row += ["", "", ""]
+                row += ["", "", ""] + ([""] if params is not None else [])
         rows.append(row)
     where = f"{results.get('dataset', '?')} {results.get('eval_split', '?')}, {results.get('num_eval', '?')} images"
     return Table(f"Table 5.1: unmapped models ({where})", header, rows)
@@ -616,6 +623,13 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
         for key in ("agreement", "r2", "top5"):
             if key in r[family]:
                 tables[f"{family}_{key}"] = matrix_table(r, family, key)
+    check = r.get("bfloat16_vs_float32")
+    if isinstance(check, dict):
+        tables["bfloat16_vs_float32"] = Table(
+            f"bfloat16 against float32 on {check['images']} evaluation images",
+            ["model", "top-1 agreement of its own head (%)", "feature error ‖f_bf16 − f_32‖ / ‖f_32‖"],
+            [[m, pct(a), f"{e:.2e}"] for m, a, e in zip(r["models"], check["top1_agreement"],
+                                                         check["feature_rel_error"])])
     fit_stats = r.get("fit_statistics")
     if isinstance(fit_stats, dict):
         for key, m in fit_stats.items():

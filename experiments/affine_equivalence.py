@@ -8,7 +8,7 @@ r"""The affine-equivalence study (McNeely-White 2020, Tables 5.1-5.3 and the sec
 Two passes on the engine (embjax.extract):
   1. fit:  the joint statistics (embjax.stats) of every model's pre-logit features over the fit split;
   2. maps: affine (least squares), logit (classifier weights only) and naive (truncate / zero-pad) maps
-           for every ordered pair; with `heads="linear"`, a linear head per backbone trained on the fit
+           for every ordered pair (logit and naive in factored form: no N² matrices on the devices); with `heads="linear"`, a linear head per backbone trained on the fit
            features the first pass kept in the feature store;
   3. eval: every pair's mapped features through the target's head on the evaluation split (embjax.evaluate).
 See experiments/common.py for the command-line flags, resume and multi-host options.
@@ -43,8 +43,16 @@ def all_rows(source) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels)
 
 
+def input_sizes(config) -> dict:
+    """members.load's input_sizes from config.input_size and config.native_size_models."""
+    native = [m.strip() for m in config.native_size_models.split(",") if m.strip()]
+    return {"*": config.input_size, **{m: 0 for m in native}}
+
+
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
+    import jax
+
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
 
     if config.heads not in ("native", "linear"):
@@ -56,10 +64,11 @@ def run(config, workdir: str):
     ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
                       dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2)
+                      minimum=2, input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm)
     engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
                             checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+                            progress_seconds=config.progress_seconds, config=common.to_dict(config),
+                            precision="float32" if config.dtype == "float32" else None)
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     linear = config.heads == "linear"
     features = {n: ("pre_logits",) for n in names}
@@ -70,13 +79,14 @@ def run(config, workdir: str):
     # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
     fit = engine.run(extract.Pass(
         "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]),
+        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]), merge=stats.merge,
         store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
 
     # 2. Maps for every ordered pair, and the heads that score them.
     affine = maps.affine_all(fit, ridge=config.ridge, names=names)
+    fit_statistics = fit_summary(fit, affine)
     own_heads = [m.head for m in ms]
     if linear:
         def train_heads():
@@ -87,13 +97,16 @@ def run(config, workdir: str):
         scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
     else:
         scoring = own_heads
-    pairs = [(i, j) for i in range(len(ms)) for j in range(len(ms)) if i != j]
-    families = {"affine": affine,
-                "logit": {(i, j): maps.logit(scoring[i], scoring[j]) for i, j in pairs},
-                "naive": {(i, j): maps.naive(dims[i], dims[j]) for i, j in pairs}}
+    # Affine maps as padded dense stacks; logit maps factored through each head's pseudo-inverse and
+    # naive maps as truncation / zero-padding, so neither keeps N² matrices on the devices.
+    affine_stacks = jax.device_get(evaluate.stack_maps(affine, dims))
+    del affine  # at the thesis' widths the maps and their padded stacks are 1.6 + 3.7 GB: keep one
+    families = {"affine": affine_stacks,
+                "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
+                "naive": evaluate.NaiveMaps()}
     head_sets = {k: scoring for k in families}
     if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy
-        families["native_affine"], head_sets["native_affine"] = affine, own_heads
+        families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
 
     # 3. Every pair on the evaluation split.
     def fold_eval(state, out, batch, aux):
@@ -103,16 +116,65 @@ def run(config, workdir: str):
 
     ev = engine.run(extract.Pass(
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
-        fold=fold_eval, dataset=config.dataset,
-        aux={"heads": head_sets, "maps": {k: evaluate.stack_maps(m, dims) for k, m in families.items()}}))
-    return results(config, names, dims, fit, affine, ev, engine.seconds), engine
+        fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
+        aux={"heads": head_sets, "maps": families}))
+    out = results(config, names, dims, fit, fit_statistics, ev, engine.seconds)
+    out["params"] = [m.num_params for m in ms]
+    if config.dtype != "float32" and config.precision_check_images:
+        out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
+    return out, engine
 
 
-def results(config, names, dims, fit, affine, ev, seconds) -> dict:
+def precision_check(config, ms, eval_src, engine) -> dict:
+    """A bfloat16 run against float32 on the first `precision_check_images` evaluation images: per model,
+    the top-1 agreement of its own head and the relative error of its features (‖f_bf16 − f_32‖_F /
+    ‖f_32‖_F). The float32 members are loaded again from the same weights."""
+    import os
+
+    from embjax import data, extract, members
+
+    source = data.Prefix(eval_src, config.precision_check_images)
+    f32 = members.load([m.name for m in ms], config.weights, weight_files=common.to_dict(config.weight_files),
+                       dtype="float32", input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm,
+                       zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
+                       zoo_data=lambda: all_rows(sources(config)[0]))
+    outputs = {m.name: ("pre_logits", "logits") for m in ms}
+    store = {f"{m.name}/{k}": "float32" for m in ms for k in ("pre_logits", "logits")}
+    stores = []
+    for tag, group, precision in (("bfloat16", ms, None), ("float32", f32, "float32")):
+        e = extract.Engine(group, os.path.join(engine.workdir, f"precision_{tag}"), batch_size=config.batch_size,
+                           fingerprint=common.fingerprint(config), checkpoint_every=0, prefetch=config.prefetch,
+                           progress_seconds=config.progress_seconds, precision=precision)
+        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, init={},
+                           fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+        stores.append(e.store("precision"))
+    low, high = stores
+    agreement, error = [], []
+    import shutil
+    for m in ms:
+        a, b = low.array(f"{m.name}/logits"), high.array(f"{m.name}/logits")
+        agreement.append(float(np.mean(a.argmax(1) == b.argmax(1))))
+        fa, fb = (s.array(f"{m.name}/pre_logits").astype(np.float64) for s in (low, high))
+        error.append(float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-30)))
+    for tag in ("bfloat16", "float32"):  # the numbers are in the results; the features are not kept
+        shutil.rmtree(os.path.join(engine.workdir, f"precision_{tag}"), ignore_errors=True)
+    return {"images": len(source), "top1_agreement": agreement, "feature_rel_error": error}
+
+
+def fit_summary(fit, affine) -> dict:
+    """R² of every affine map and linear CKA of every pair on the fit split, from the statistics alone."""
+    from embjax import stats
+
+    n = len(fit.dims)
+    return {"r2": [[float(stats.r2(fit, i, j, *affine[(i, j)])) if i != j else 1.0 for j in range(n)]
+                   for i in range(n)],
+            "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)]}
+
+
+def results(config, names, dims, fit, fit_statistics, ev, seconds) -> dict:
     """The results dict (embjax.report.write's layout) from the passes' final states."""
-    from embjax import evaluate, stats
+    from embjax import evaluate
 
-    n = len(names)
     out = {"models": names, "feature_dims": dims, "dataset": config.dataset, "fit_split": config.fit_split,
            "eval_split": config.eval_split, "num_fit": int(fit.count), "num_eval": int(ev["affine"].count),
            "heads": config.heads}
@@ -123,11 +185,7 @@ def results(config, names, dims, fit, affine, ev, seconds) -> dict:
         out[k] = m
     out["unmapped"] = {"accuracy": np.diag(np.asarray(out["affine"]["accuracy"])).tolist(),
                        "top5": np.diag(np.asarray(out["affine"]["top5"])).tolist()}
-    out["fit_statistics"] = {
-        "r2": [[float(stats.r2(fit, i, j, *affine[(i, j)])) if i != j else 1.0 for j in range(n)]
-               for i in range(n)],
-        "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)],
-    }
+    out["fit_statistics"] = fit_statistics
     thesis = common.to_dict(config.thesis_names)
     if thesis:
         out["reference"] = {"thesis_names": [thesis.get(m) for m in names]}

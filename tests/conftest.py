@@ -1,8 +1,68 @@
-"""Shared pytest set-up: exact float32 matmuls on every backend, so tolerances mean what they say."""
-import os
+"""Shared pytest set-up: a private cache and home for the whole run, and "highest" matmul precision only
+where a test asks for it.
 
+Precision: the library's pure math requests float32 precision on its own dots (checked in
+test_precision.py), so the suite runs at JAX's default precision. The parity tests of converted models
+compare float32 forward passes with independent references (Keras, PyTorch) at tolerances derived for
+exact float32 matmuls; on GPU (TF32) or TPU (bfloat16) the default would blow those tolerances, so they
+carry `pytest.mark.highest_precision`, which runs the test under `jax.default_matmul_precision("highest")`.
+
+Writes: every place the suite (or a library it drives) would write outside pytest's own temporary
+directories is pointed into one temporary directory for the session, through the environment, so
+subprocess-based tests inherit it: embjax's cache (zoo models, converted weights), HOME and XDG_CACHE_HOME
+(whatever falls back to ~), Keras' home, tfds' data dir, Matplotlib's config dir and, where the user's
+environment enables one, JAX's persistent compilation cache.
+"""
+import os
+import shutil
+import tempfile
+
+_PRIVATE = tempfile.mkdtemp(prefix="embjax-tests-")
+_REDIRECTS = {
+    "EMBJAX_CACHE": "embjax-cache",
+    "HOME": "home",
+    "XDG_CACHE_HOME": "home/.cache",
+    "KERAS_HOME": "keras",
+    "TFDS_DATA_DIR": "tensorflow_datasets",
+    "MPLCONFIGDIR": "matplotlib",
+}
+# JAX writes a persistent compilation cache only when asked to; if the user's environment asks, the
+# suite's compilations go to the private directory instead (the experiments put theirs under
+# $EMBJAX_CACHE/xla, which is redirected above).
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _REDIRECTS["JAX_COMPILATION_CACHE_DIR"] = "jax-compilation-cache"
+# Before anything imports JAX, Keras or tfds: they read these at import time.
+for _var, _sub in _REDIRECTS.items():
+    os.environ[_var] = os.path.join(_PRIVATE, _sub)
+    os.makedirs(os.environ[_var], exist_ok=True)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "highest_precision: run under jax.default_matmul_precision('highest') (parity tests whose "
+        "tolerances assume exact float32 matmuls)")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_PRIVATE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _matmul_precision(request):
+    if request.node.get_closest_marker("highest_precision") is None:
+        yield
+        return
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_write_locations():
+    """The directory every redirected location lives in; fails the run if something reset them."""
+    yield _PRIVATE
+    for var, sub in _REDIRECTS.items():
+        assert os.environ.get(var) == os.path.join(_PRIVATE, sub), f"${var} was changed during the test run"

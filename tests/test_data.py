@@ -438,3 +438,154 @@ def test_real_array_record_dataset_without_tensorflow(prepared_tfds):
         tfds_source.load("embjax_test_images", "validation", data_dir=data_dir, image_size=12)
     with pytest.raises(KeyError, match="features are image, label"):
         tfds_source.load("embjax_test_images", "train", data_dir=data_dir, image_size=12, label_key="fine_label")
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken data files: each ends in a clear error naming the file (listed in tests/README.md)
+
+
+def test_idx_truncated_at_every_offset_and_flipped(tmp_path):
+    rng = np.random.default_rng(7)
+    array = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    raw = idx_bytes(array)
+    for gz in (False, True):
+        blob = gzip.compress(raw) if gz else raw
+        path = tmp_path / ("cut.idx.gz" if gz else "cut.idx")
+        for keep in range(len(blob)):
+            path.write_bytes(blob[:keep])
+            with pytest.raises(data.CorruptDataError, match=path.name.replace(".", r"\.")):
+                fashion_mnist.read_idx(path)
+    # A gzip stream carries a CRC: every flipped bit of it is an error or (in the gzip header's
+    # timestamp/flags, which do not touch the data) the original array, never a different one.
+    blob = gzip.compress(raw)
+    path = tmp_path / "flip.idx.gz"
+    for offset in range(len(blob)):
+        flipped = bytearray(blob)
+        flipped[offset] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(flipped))
+        try:
+            got = fashion_mnist.read_idx(path)
+        except data.CorruptDataError as e:
+            assert "flip.idx.gz" in str(e)
+        else:
+            np.testing.assert_array_equal(got, array, err_msg=f"flip at byte {offset}")
+
+
+def test_idx_sizes_that_lie(tmp_path):
+    import tracemalloc
+    # Four dimensions of 2**16: 2**64 elements, which wraps to 0 in int64 arithmetic.
+    path = tmp_path / "wrap.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + struct.pack(">4I", *(1 << 16,) * 4))
+    with pytest.raises(data.CorruptDataError, match=r"wrap\.idx.*\(65536, 65536, 65536, 65536\)"):
+        fashion_mnist.read_idx(path)
+    # A gzip file declaring more than deflate could ever produce from its size.
+    path = tmp_path / "claims.idx.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 1 << 30) + b"\0" * 64))
+    with pytest.raises(data.CorruptDataError, match=r"claims\.idx\.gz.*compressed"):
+        fashion_mnist.read_idx(path)
+    # A decompression bomb: the header declares 10 bytes, the stream inflates to 64 MiB of zeros.
+    path = tmp_path / "bomb.idx.gz"
+    bomb = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 10) + bytes(64 << 20)
+    path.write_bytes(gzip.compress(bomb, compresslevel=9))
+    del bomb
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(data.CorruptDataError, match=r"bomb\.idx\.gz.*holds more"):
+        fashion_mnist.read_idx(path)
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 1.0 and peak < (1 << 20), (elapsed, peak)  # 11 bytes read, never 64 MiB
+
+
+def test_fashion_mnist_images_of_unexpected_shape_or_dtype(tmp_path):
+    make_fmnist_dir(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((20, 32, 32), np.uint8))
+    with pytest.raises(data.CorruptDataError, match=r"t10k-images-idx3-ubyte\.gz.*\(20, 32, 32\)"):
+        fashion_mnist.load("test", tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((20, 28, 28), np.float32), dtype=">f4")
+    with pytest.raises(data.CorruptDataError, match=r"t10k-images-idx3-ubyte\.gz.*float32"):
+        fashion_mnist.load("test", tmp_path)
+
+
+def _damaged_copy(prepared_tfds, tmp_path):
+    import shutil
+
+    data_dir, _ = prepared_tfds
+    copy = tmp_path / "tfds"
+    shutil.copytree(data_dir, copy)
+    (shard,) = list(copy.glob("embjax_test_images/1.0.0/*.array_record-*"))
+    return str(copy), shard
+
+
+def test_tfds_missing_or_empty_shard_names_the_file(prepared_tfds, tmp_path):
+    from embjax.data import tfds_source
+
+    copy, shard = _damaged_copy(prepared_tfds, tmp_path)
+    shard.unlink()
+    with pytest.raises(data.CorruptDataError, match=rf"{shard.name} \(missing\).*prepare the set again"):
+        tfds_source.load("embjax_test_images", "train", data_dir=copy, image_size=12)
+    shard.write_bytes(b"")
+    with pytest.raises(data.CorruptDataError, match=rf"{shard.name} \(empty\)"):
+        tfds_source.load("embjax_test_images", "train[2:5]", data_dir=copy, image_size=12)
+
+
+def test_tfds_truncated_shard_names_the_example_and_directory(prepared_tfds, tmp_path):
+    from embjax.data import tfds_source
+
+    copy, shard = _damaged_copy(prepared_tfds, tmp_path)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    src = tfds_source.load("embjax_test_images", "train", data_dir=copy, image_size=12, num_threads=1)
+    with pytest.raises(data.CorruptDataError, match=rf"embjax_test_images.*example \d+ \(in {copy}"):
+        src.get_batch(np.arange(len(src)))
+
+
+@pytest.mark.parametrize("image,match", [
+    (np.zeros((5, 5, 3), np.float32), "float32"),
+    (np.zeros((5, 5, 4), np.uint8), r"\(5, 5, 4\)"),
+    (np.zeros((2, 5, 5, 3), np.uint8), r"\(2, 5, 5, 3\)"),
+])
+def test_tfds_images_of_unexpected_shape_or_dtype(image, match):
+    from embjax.data import tfds_source
+
+    src = tfds_source.TfdsSource([{"image": image, "label": 1}], name="fake", split="train", image_key="image",
+                                 label_key="label", image_size=None, feature_shape=(5, 5, 3), num_classes=2,
+                                 location="/data/fake")
+    with pytest.raises(data.CorruptDataError, match=rf"tfds 'fake' split 'train' example 0 \(in /data/fake\).*{match}"):
+        src[0]
+
+
+class OddSource:
+    """A plain source whose sample `odd` differs from the others (shape or label)."""
+
+    def __init__(self, n, odd, image=None, label=None, image_shape=None):
+        self.n, self.odd, self.odd_image, self.odd_label = n, odd, image, label
+        if image_shape is not None:
+            self.image_shape = image_shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image, label = np.zeros((4, 4, 3), np.uint8), 1
+        if i == self.odd:
+            image = self.odd_image if self.odd_image is not None else image
+            label = self.odd_label if self.odd_label is not None else label
+        return image, label
+
+    def __repr__(self):
+        return "OddSource"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"image": np.zeros((5, 4, 3), np.uint8)}, r"sample 6 has an image of shape \(5, 4, 3\)"),
+    ({"image": np.zeros((4, 4, 3), np.float32)}, "expected uint8 images.*float32"),
+    ({"label": 1.5}, "expected 4 integer labels, got float64"),
+    ({"image_shape": (8, 8, 3)}, r"images of shape \(4, 4, 3\), the source declares \(8, 8, 3\)"),
+])
+def test_batches_with_unexpected_images_or_labels_name_the_source_and_batch(kwargs, match):
+    it = data.batches(OddSource(10, odd=6, **kwargs), 4, prefetch=0)
+    with pytest.raises(data.CorruptDataError, match=rf"OddSource.*{match}" if "sample 6" in match else
+                       rf"OddSource, batch starting at sample \d+: {match}"):
+        list(it)

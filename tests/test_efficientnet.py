@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from embjax.models.efficientnet import EfficientNetLite, lite_stages, small_efficientnet_lite
-from embjax.weights import efficientnet_lite as el
+from embjax.models.convert import efficientnet_lite as el
 from embjax.weights import store, torch_pth
+
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
 
 PUBLISHED_PARAMS = {0: 4_652_008, 1: 5_416_680, 2: 6_092_072, 3: 8_197_096, 4: 13_006_568}
 # ImageNet classes: 281 tabby, 282 tiger cat, 283 Persian, 284 Siamese, 285 Egyptian cat; 967 espresso,
@@ -56,6 +59,12 @@ def test_output_shapes_any_size():
               "stage3": (2, 8, 9, 40), "stage4": (2, 4, 5, 80), "stage5": (2, 4, 5, 112),
               "stage6": (2, 2, 3, 192), "stage7": (2, 2, 3, 320), "head": (2, 2, 3, 1280),
               "pre_logits": (2, 1280), "logits": (2, 7)}
+    expect.update(stem_preact=expect["stem"], head_preact=expect["head"])
+    # Every block's output; the last block of each group is that group's stage output.
+    block_sizes = [(29, 36)] * 1 + [(15, 18)] * 2 + [(8, 9)] * 2 + [(4, 5)] * 6 + [(2, 3)] * 5
+    block_channels = [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320]
+    for i, ((h, w), c) in enumerate(zip(block_sizes, block_channels)):
+        expect[f"block_{i}"] = (2, h, w, c)
     assert {k: v.shape for k, v in out.items()} == expect
 
 
@@ -114,8 +123,8 @@ def numpy_reference(sd, x):
     sd = {k: v.astype(np.float64) for k, v in sd.items()}
     relu6 = lambda v: np.clip(v, 0.0, 6.0)
     out = {}
-    x = relu6(_np_bn(_np_conv(x, sd["_conv_stem.weight"], 2), sd, "_bn0"))
-    out["stem"] = x
+    out["stem_preact"] = _np_bn(_np_conv(x, sd["_conv_stem.weight"], 2), sd, "_bn0")
+    x = out["stem"] = relu6(out["stem_preact"])
     for i, (s, group) in enumerate(_block_groups(sd)):
         p = f"_blocks.{i}."
         h = x
@@ -123,10 +132,10 @@ def numpy_reference(sd, x):
             h = relu6(_np_bn(_np_conv(h, sd[p + "_expand_conv.weight"]), sd, p + "_bn0"))
         h = relu6(_np_bn(_np_conv(h, sd[p + "_depthwise_conv.weight"], s, depthwise=True), sd, p + "_bn1"))
         h = _np_bn(_np_conv(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
-        x = h + x if (s == 1 and h.shape == x.shape) else h
+        x = out[f"block_{i}"] = h + x if (s == 1 and h.shape == x.shape) else h
         out[f"stage{group + 1}"] = x  # the last block of the group writes last
-    x = relu6(_np_bn(_np_conv(x, sd["_conv_head.weight"]), sd, "_bn1"))
-    out["head"] = x
+    out["head_preact"] = _np_bn(_np_conv(x, sd["_conv_head.weight"]), sd, "_bn1")
+    x = out["head"] = relu6(out["head_preact"])
     out["pre_logits"] = x.mean(axis=(1, 2))
     out["logits"] = out["pre_logits"] @ sd["_fc.weight"].T + sd["_fc.bias"]
     return out

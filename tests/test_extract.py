@@ -1,59 +1,181 @@
-"""The engine's building blocks on toy members: sharded steps, NaN detection, head lookup, checkpoints."""
+"""The engine on toy members: passes, padding, non-finite outputs, finished-pass restore, resume after a
+crash, the feature store, memos, head lookup, checkpoints and compiler options."""
 
-import numpy as np
-import pytest
+import json
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from embjax import extract, stats
+from embjax import data, extract, feature_store, moments, stats
 
 
 def _member(name, scale, d=4):
     def apply(v, images):
         x = images.reshape(images.shape[0], -1).astype(jnp.float32)[:, :d] * v["s"]
-        return {"pre_logits": x, "logits": x[:, :2]}
+        return {"pre_logits": x, "logits": x[:, :2], "grid": x.reshape(x.shape[0], 2, d // 2)}
 
     return extract.Member(name=name, apply=apply, variables={"s": jnp.float32(scale)}, feature_dim=d)
 
 
-def _batches(images, bs):
-    for i in range(0, len(images), bs):
-        chunk = images[i:i + bs]
-        pad = bs - len(chunk)
-        yield {"image": np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]),
-               "mask": np.arange(bs) < len(chunk)}
+def _source(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return data.ArraySource(rng.integers(0, 255, (n, 2, 2, 1), dtype=np.uint8), rng.integers(0, 10, n))
 
 
-def test_fit_step_matches_numpy_statistics():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (37, 2, 2, 1), dtype=np.uint8)
+def _stats_pass(names, source, **kw):
+    return extract.Pass("fit", source, "toy", {n: ("pre_logits",) for n in names}, init=stats.init([4] * len(names)),
+                        fold=lambda s, out, b, aux: stats.update(s, [out[n]["pre_logits"] for n in names], b["mask"]),
+                        **kw)
+
+
+def _engine(members, workdir, **kw):
+    kw = dict(batch_size=8, fingerprint={"toy": 1}, checkpoint_every=2, progress_seconds=1e9) | kw
+    return extract.Engine(members, str(workdir), **kw)
+
+
+def test_fit_pass_matches_numpy_statistics(tmp_path):
+    source = _source(37)
     members = [_member("a", 1.0), _member("b", 0.5)]
-    mesh = extract.make_mesh()
-    step = extract.make_fit_step(members, mesh)
-    variables = extract.replicate([m.variables for m in members], mesh)
-    state = extract.replicate(stats.init([4, 4]), mesh)
-    state = extract.run_stream(lambda s, b: step(s, variables, b), state, _batches(images, 8), mesh=mesh,
-                               total_batches=5, start_batch=0, label="t", batch_size=8, members=members)
-    x = images.reshape(37, -1)[:, :4].astype(np.float64)
+    state = _engine(members, tmp_path).run(_stats_pass(["a", "b"], source))
+    x = source.images.reshape(37, -1)[:, :4].astype(np.float64)
     joint = np.concatenate([x, 0.5 * x], axis=1)
-    assert float(state.count) == 37  # the 3 padded rows of the last batch count nowhere
+    assert int(state.count) == 37  # the 3 padded rows of the last batch count nowhere
     # float32 accumulation of 37 rows of values < 255: relative error ~1e-6.
     np.testing.assert_allclose(np.asarray(state.mean), joint.mean(0), rtol=1e-5)
     centred = joint - joint.mean(0)
     np.testing.assert_allclose(np.asarray(state.cross), centred.T @ centred, rtol=1e-4, atol=1e-2)
 
 
-def test_nan_features_are_an_error_naming_the_model():
-    images = np.ones((8, 2, 2, 1), np.uint8)
-    members = [_member("good", 1.0), _member("broken", np.nan)]
-    mesh = extract.make_mesh()
-    step = extract.make_fit_step(members, mesh)
-    variables = extract.replicate([m.variables for m in members], mesh)
-    state = extract.replicate(stats.init([4, 4]), mesh)
-    with pytest.raises(extract.NonFiniteFeatures, match="broken"):
-        extract.run_stream(lambda s, b: step(s, variables, b), state, _batches(images, 8), mesh=mesh,
-                           total_batches=1, start_batch=0, label="t", batch_size=8, members=members,
-                           split="test")
+def test_nan_outputs_stop_the_pass_naming_the_model_and_batches(tmp_path):
+    source = _source(40)
+    source.images[source.images == 255] = 254
+    source.images[25, 0, 0, 0] = 255  # row 25: batch 3 of 5
+
+    def apply(v, images):
+        x = images.reshape(images.shape[0], -1).astype(jnp.float32)[:, :4]
+        return {"pre_logits": x / (x != 255)}  # inf on the marked pixel only
+
+    broken = extract.Member(name="broken", apply=apply, variables={}, feature_dim=4)
+    # Flags are read after the first batch and at the end of the pass (no checkpoints here): the error
+    # names the model and the batches since the last check.
+    with pytest.raises(extract.NonFiniteFeatures, match=r"from broken on split 'toy'.*batches 1\.\.4"):
+        _engine([_member("good", 1.0), broken], tmp_path, checkpoint_every=0).run(
+            _stats_pass(["good", "broken"], source))
+    # Nothing was saved as finished, so a fixed run starts over rather than reusing poisoned sums.
+    assert not os.path.exists(tmp_path / "passes" / "fit")
+
+
+def test_only_the_members_a_pass_names_run(tmp_path):
+    calls = []
+
+    def apply(v, images):
+        calls.append("broken")  # traced once if it runs at all
+        return {"pre_logits": images.reshape(images.shape[0], -1).astype(jnp.float32)[:, :4] * np.nan}
+
+    broken = extract.Member(name="broken", apply=apply, variables={}, feature_dim=4)
+    state = _engine([_member("a", 1.0), broken], tmp_path).run(_stats_pass(["a"], _source(16)))
+    assert int(state.count) == 16 and calls == []
+    with pytest.raises(ValueError, match="nope"):
+        _engine([_member("a", 1.0)], tmp_path / "x").run(_stats_pass(["nope"], _source(16)))
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingSource:
+    """A source whose reads fail from sample `after` on: a run dying mid-pass, injected from the test."""
+
+    def __init__(self, source, after):
+        self.source, self.after = source, after
+
+    def __len__(self):
+        return len(self.source)
+
+    def get_batch(self, idx):
+        if np.max(idx) >= self.after:
+            raise _Crash(f"injected failure reading {idx.min()}..{idx.max()}")
+        return self.source.get_batch(idx)
+
+    @property
+    def image_shape(self):
+        return self.source.image_shape
+
+
+def _moments_pass(source, store=None):
+    """A second kind of pass: per-model feature means (diagonal moments) plus two stored outputs."""
+    def fold(s, out, b, aux):
+        return {n: moments.update(s[n], out[n]["pre_logits"], b["mask"]) for n in ("a", "b")}
+
+    return extract.Pass("means", source, "toy", {"a": ("pre_logits", "grid"), "b": ("pre_logits",)},
+                        init={n: moments.init(4) for n in ("a", "b")}, fold=fold,
+                        store=store if store is not None else {"a/grid": "float16", "b/pre_logits": "float32"})
+
+
+def test_resume_after_a_crash_mid_pass_gives_identical_state_and_store(tmp_path):
+    source = _source(53, seed=4)
+    members = [_member("a", 1.0), _member("b", -0.25)]
+    whole = _engine(members, tmp_path / "whole").run(_moments_pass(source))
+
+    workdir = tmp_path / "crashed"
+    with pytest.raises(_Crash):  # dies while reading batch 5 (checkpoints after batches 2 and 4)
+        _engine(members, workdir).run(_moments_pass(_CrashingSource(source, after=41)))
+    assert not os.path.exists(workdir / "store" / "means" / "manifest.json")  # incomplete, and says so
+    with pytest.raises(feature_store.FeatureStoreError, match="did not finish"):
+        feature_store.open(workdir / "store" / "means")
+    resumed = _engine(members, workdir).run(_moments_pass(source))
+    for n in ("a", "b"):  # same fold order from the checkpoint on: bit-identical
+        for field in ("count", "mean", "sumsq"):
+            np.testing.assert_array_equal(getattr(resumed[n], field), getattr(whole[n], field))
+    a = feature_store.open(tmp_path / "whole" / "store" / "means")
+    b = feature_store.open(workdir / "store" / "means")
+    for name in a.names:
+        np.testing.assert_array_equal(a.array(name), b.array(name))
+    np.testing.assert_array_equal(b.index, np.arange(53))
+    np.testing.assert_array_equal(b.labels, source.labels)
+
+    # A finished pass is restored, not recomputed: reading the source again would crash.
+    again = _engine(members, workdir).run(_moments_pass(_CrashingSource(source, after=0)))
+    np.testing.assert_array_equal(again["a"].mean, whole["a"].mean)
+
+
+def test_feature_store_holds_each_output_in_dataset_order(tmp_path):
+    source = _source(21, seed=2)
+    members = [_member("a", 1.0), _member("b", -0.25)]
+    engine = _engine(members, tmp_path, config={"what": "toy"})
+    engine.run(_moments_pass(source, store={"a/grid": "float16", "b/pre_logits": "float32", "a/pre_logits": "int8"}))
+    store = engine.store("means")
+    x = source.images.reshape(21, -1)[:, :4].astype(np.float32)
+    np.testing.assert_array_equal(store.array("b/pre_logits"), -0.25 * x)
+    np.testing.assert_array_equal(store.array("a/grid"), x.astype(np.float16))  # (21, 2, 2) flattened
+    assert store.array("a/grid").dtype == np.float16
+    np.testing.assert_array_equal(store.array("a/pre_logits"), np.clip(x, -128, 127).astype(np.int8))
+    manifest = json.load(open(tmp_path / "store" / "means" / "manifest.json"))
+    assert manifest["num_rows"] == 21 and manifest["split"] == "toy"
+    assert manifest["entries"]["a/grid"] == {"dtype": "float16", "shape": [4], "file_stem": "a__grid"}
+    assert manifest["config"] == {"what": "toy"}
+    # Readable with plain NumPy.
+    raw = np.load(tmp_path / "store" / "means" / "b__pre_logits.p0.npy")
+    np.testing.assert_array_equal(raw, -0.25 * x)
+
+
+def test_memo_is_computed_once_per_fingerprint(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"w": [np.arange(3.0), (np.ones((2, 2)), 4)], "name": np.asarray("x")}
+
+    first = _engine([_member("a", 1.0)], tmp_path).memo("heads", compute)
+    second = _engine([_member("a", 1.0)], tmp_path).memo("heads", compute)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(second["w"][0], first["w"][0])
+    assert isinstance(second["w"][1], tuple) and int(second["w"][1][1]) == 4
+    _engine([_member("a", 1.0)], tmp_path, fingerprint={"toy": 2}).memo("heads", compute)
+    assert len(calls) == 2  # another config never reuses it
 
 
 def test_find_head_is_unique_and_checked():
@@ -103,20 +225,87 @@ def test_cpu_compiler_options_switch_and_agree(monkeypatch):
         x = jax.lax.conv_general_dilated(images.astype(jnp.float32) / 255.0, v["k"], (1, 1), "SAME",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                          precision=jax.lax.Precision.HIGHEST)
-        x = jnp.maximum(x, 0.0).mean(axis=(1, 2))
-        return {"pre_logits": x, "logits": x[:, :2]}
+        return {"pre_logits": jnp.maximum(x, 0.0).mean(axis=(1, 2))}
 
     member = extract.Member(name="conv", apply=apply, variables={"k": kernel}, feature_dim=6)
-    batch = {"image": rng.integers(0, 255, (8, 9, 9, 3), dtype=np.uint8), "mask": np.ones(8, bool)}
+    p = extract.Pass("fit", None, "toy", {"conv": ("pre_logits",)}, init=stats.init([6]),
+                     fold=lambda s, out, b, aux: stats.update(s, [out["conv"]["pre_logits"]], b["mask"]))
+    batch = {"image": rng.integers(0, 255, (8, 9, 9, 3), dtype=np.uint8), "mask": np.ones(8, bool),
+             "label": np.zeros(8, np.int32), "index": np.arange(8)}
     results = []
     for defaults in ("0", "1"):
         monkeypatch.setenv("EMBJAX_XLA_CPU_DEFAULTS", defaults)
-        step = extract.make_fit_step([member], mesh)
-        variables = extract.replicate([member.variables], mesh)
-        state, bad = step(extract.replicate(stats.init([6]), mesh), variables, extract.shard_batch(batch, mesh))
+        step = extract.make_step([member], p, mesh)
+        state, bad, _ = step(extract.replicate(stats.init([6]), mesh), extract.replicate(np.zeros(1, bool), mesh),
+                             extract.replicate([member.variables], mesh), None, extract.shard_batch(batch, mesh))
         assert not bool(np.any(bad))
         results.append(np.asarray(state.cross, np.float64))
     assert extract.compiler_options(mesh) is None  # EMBJAX_XLA_CPU_DEFAULTS=1
     # Same float32 arithmetic in another summation order: a 27-term conv sum and 8x8 row products
     # round at ~1e-6 relative of the largest entry.
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5 * np.abs(results[1]).max())
+
+
+def test_two_thousand_partial_merges_match_float64():
+    """The host merge of per-device partials (float64, pairwise) at ImageNet scale: 2,048 partial
+    statistics of features whose mean is 1e4 times their spread, against float64 NumPy on all rows."""
+    rng = np.random.default_rng(7)
+    dims, k, rows = (3, 2), 2048, 16
+    mean = 1e4 * rng.uniform(0.5, 1.5, sum(dims))
+    x = (mean + rng.normal(size=(k * rows, sum(dims))) @ rng.normal(size=(sum(dims), sum(dims)))).astype(np.float32)
+    partials = [stats.update(stats.init(dims), [x[i * rows:(i + 1) * rows, :3], x[i * rows:(i + 1) * rows, 3:]])
+                for i in range(k)]
+    merged = extract.merge_partials(jax.device_get(partials), stats.merge)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(0)
+    assert int(merged.count) == k * rows and merged.cross.dtype == np.float32
+    # Each partial's own cross-product is float32 over 16 rows centred on their own mean (relative
+    # error ~1e-6 of the spread); the merges add nothing beyond one final rounding to float32. A float32
+    # merge of raw sums would lose every digit here (mean² / spread² = 1e8 > 1 / eps32).
+    np.testing.assert_allclose(merged.mean, x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(merged.cross, centred.T @ centred, rtol=1e-4,
+                               atol=1e-5 * np.abs(centred.T @ centred).max())
+
+
+def test_per_device_partials_equal_the_replicated_pass(tmp_path):
+    """With `merge`, each device folds its own rows and partials meet only at checkpoints and the end:
+    same statistics as the replicated pass (here on this process' devices), and a checkpointed resume
+    gives the same numbers."""
+    source = _source(45, seed=9)
+    members = [_member("a", 1.0), _member("b", 0.5)]
+    replicated = _engine(members, tmp_path / "r").run(_stats_pass(["a", "b"], source))
+    partial = _engine(members, tmp_path / "p").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+    assert int(partial.count) == 45
+    np.testing.assert_allclose(partial.mean, replicated.mean, rtol=1e-6)
+    np.testing.assert_allclose(partial.cross, replicated.cross, rtol=1e-5, atol=1e-3)
+    with pytest.raises(_Crash):
+        _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], _CrashingSource(source, after=40),
+                                                         merge=stats.merge))
+    resumed = _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+    np.testing.assert_array_equal(resumed.cross, partial.cross)
+
+
+def test_float32_steps_trace_every_dot_at_highest_precision():
+    """A float32 run asks for float32 arithmetic in every matmul and convolution of the step (TF32 on
+    GPUs and one-pass bfloat16 on TPUs are XLA's defaults otherwise), with no global setting."""
+    rng = np.random.default_rng(0)
+
+    def apply(v, images):
+        x = jax.lax.conv_general_dilated(images.astype(jnp.float32), v["k"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return {"pre_logits": x.mean(axis=(1, 2)) @ v["w"]}
+
+    member = extract.Member(name="m", apply=apply, variables={"k": rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
+                                                              "w": np.eye(4, dtype=np.float32)}, feature_dim=4)
+    p = _stats_pass(["m"], None)
+    mesh = extract.make_mesh()
+    batch = {"image": np.zeros((8, 5, 5, 1), np.uint8), "mask": np.ones(8, bool), "label": np.zeros(8, np.int32),
+             "index": np.arange(8, dtype=np.int32)}
+    args = (stats.init([4]), np.zeros(1, bool), [member.variables], None, batch)
+    with jax.default_matmul_precision(None):  # whatever the test suite sets globally
+        high = str(extract.make_step([member], p, mesh, "float32").trace(*args).jaxpr)
+        low = str(extract.make_step([member], p, mesh, None).trace(*args).jaxpr)
+    for text in (high, low):
+        assert "conv_general_dilated" in text and "dot_general" in text
+    assert "precision=None" not in high and "DEFAULT" not in high and "HIGHEST" in high
+    assert "precision=None" in low  # the backbone's own dots, left to XLA in bfloat16 runs

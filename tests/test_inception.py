@@ -22,8 +22,11 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 from embjax.models import inception  # noqa: E402
-from embjax.weights import keras_inception  # noqa: E402
+from embjax.models.convert import keras_inception  # noqa: E402
 from keras_helpers import fast_keras_init  # noqa: E402
 
 # Tolerance of the parity checks: max |flax - keras| <= RTOL * max |keras| per output. float32 rounds

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from embjax.models import iresnet, registry
-from embjax.weights import h5, insightface, torch_pth
+from embjax.weights import h5, torch_pth
+from embjax.models.convert import insightface
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -79,10 +79,35 @@ def test_affine_matches_lstsq_all_pairs():
         tol = _tolerance(feats[s])  # κ = 16–43 here: tol ≈ 1e-3 spreads; measured ≤ 1.3e-4
         assert _pred_error(feats[s], feats[t], (w, b), ref) < tol
         np.testing.assert_allclose(np.asarray(w), ref[0], rtol=0, atol=tol * np.abs(ref[0]).max())
-    # affine() is documented to be the same computation as affine_all, sliced.
-    single = maps.affine(state, 2, 0)
-    np.testing.assert_array_equal(np.asarray(single[0]), np.asarray(fitted[(2, 0)][0]))
-    np.testing.assert_array_equal(np.asarray(single[1]), np.asarray(fitted[(2, 0)][1]))
+
+
+def test_affine_single_pair_matches_lstsq_and_recovers_a_planted_map():
+    """maps.affine on its own against float64 least squares (never against affine_all, which it calls)."""
+    rng = np.random.default_rng(11)
+    dims = (12, 7, 9)
+    feats = _relu_features(rng, 4000, dims)
+    # Block 2 is an exact affine image of block 0 plus small noise: the true map is known in advance.
+    w_true = rng.standard_normal((dims[0], dims[2])) / np.sqrt(dims[0])
+    b_true = rng.uniform(-2, 2, dims[2])
+    noise = 1e-3 * rng.standard_normal((4000, dims[2]))
+    feats[2] = (feats[0].astype(np.float64) @ w_true + b_true + noise).astype(np.float32)
+    state = _state(feats)
+    for s, t in [(0, 1), (1, 0), (2, 0), (0, 2)]:
+        w, b = maps.affine(state, s, t)
+        assert w.shape == (dims[s], dims[t]) and b.shape == (dims[t],)
+        ref = _lstsq(feats[s], feats[t])
+        tol = _tolerance(feats[s])  # κ = 16–43 for these blocks: tol ≈ 1e-3 target spreads
+        assert _pred_error(feats[s], feats[t], (w, b), ref) < tol, (s, t)
+        np.testing.assert_allclose(np.asarray(w), ref[0], rtol=0, atol=tol * np.abs(ref[0]).max())
+    # The planted map. Statistically, least squares with noise 1e-3 on sources of spread ~0.5 misses W
+    # by ~1e-3/(0.5·√4000) ≈ 3e-5; float32 adds at most `tol` relative to |W| ≲ 1. So W must be within
+    # tol + 1e-3 (measured 5e-5), and b = μ_B − μ_A W within ‖μ_A‖₁ times that (measured 1e-4 against a
+    # bound of ~0.05). A swapped pair, a transposed W or a dropped μ_A W term misses by O(1).
+    w, b = maps.affine(state, 0, 2)
+    w_atol = _tolerance(feats[0]) + 1e-3
+    np.testing.assert_allclose(np.asarray(w, np.float64), w_true, rtol=0, atol=w_atol)
+    mu_l1 = float(np.abs(feats[0].astype(np.float64).mean(0)).sum())
+    np.testing.assert_allclose(np.asarray(b, np.float64), b_true, rtol=0, atol=mu_l1 * w_atol)
 
 
 @pytest.mark.parametrize("ridge", [1e-3, 0.1])

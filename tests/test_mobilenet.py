@@ -13,8 +13,12 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 from embjax.models import mobilenet as mobilenet_lib  # noqa: E402
-from embjax.weights import h5, keras_mobilenet  # noqa: E402
+from embjax.weights import h5  # noqa: E402
+from embjax.models.convert import keras_mobilenet  # noqa: E402
 # Keras test helpers shared with the ResNet tests (fast Keras init, weight randomization, error metric).
 from keras_helpers import fast_keras_init, numpy_variables, randomize, rel_err  # noqa: E402
 

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 
 from embjax.models import registry
-from embjax.weights import h5, keras_resnet
+from embjax.weights import h5
+from embjax.models.convert import keras_resnet
 
 REQUIRED = (
     [f"resnet{d}_v1" for d in (18, 34, 50, 101, 152)]
     + [f"resnet{d}_v2" for d in (50, 101, 152)]
     + ["inception_v3", "inception_resnet_v2", "mobilenet_v2_100", "mobilenet_v2_140"]
     + [f"efficientnet_lite{v}" for v in range(5)]
+    + ["vgg16"]
     + ["zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite"]
+    + ["inception_v1", "inception_v2", "inception_v4", "nasnet_large", "pnasnet_large"]
+    # TF-Slim checkpoints of the thesis' CNNs (tests/test_tf_slim.py checks these specs).
+    + ["resnet_v1_152_slim", "resnet_v2_152_slim", "inception_v3_slim", "inception_resnet_v2_slim",
+       "mobilenet_v2_140_slim"]
     + [f"iresnet{d}" for d in (18, 34, 50, 100)]
 )
 
@@ -39,7 +45,7 @@ def test_unknown_name_lists_the_known_ones():
 # other depths/variants share the code and differ in block counts (their feature widths are the same).
 @pytest.mark.parametrize(
     "name",
-    ["resnet18_v1", "resnet50_v2", "mobilenet_v2_140", "inception_v3", "efficientnet_lite0",
+    ["resnet18_v1", "resnet50_v2", "mobilenet_v2_140", "inception_v3", "efficientnet_lite0", "vgg16",
      "zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite"],
 )
 def test_spec_matches_its_module(name):
@@ -48,7 +54,7 @@ def test_spec_matches_its_module(name):
     out = jax.eval_shape(spec.build().apply, spec.init_shapes(), x)
     assert out["pre_logits"].shape == (2, spec.feature_dim)
     assert out["logits"].shape == (2, spec.num_classes)
-    assert "stem" in out
+    assert "stem" in out or "block1_conv1" in out
     assert spec.build(num_classes=3).num_classes == 3  # overrides reach the constructor
 
 
@@ -62,6 +68,8 @@ def test_caffe_and_tf_scaling_match_keras_preprocess_input():
     # float32 arithmetic on values <= 255: error <= a few ulp of 255 (~3e-5); 1e-4 absolute covers it.
     caffe = keras.applications.resnet.preprocess_input(images.astype(np.float64))
     np.testing.assert_allclose(registry.get("resnet50_v1").preprocess(images), caffe, atol=1e-4)
+    vgg = keras.applications.vgg16.preprocess_input(images.astype(np.float64))
+    np.testing.assert_allclose(registry.get("vgg16").preprocess(images), vgg, atol=1e-4)
     tf_mode = keras.applications.mobilenet_v2.preprocess_input(images.astype(np.float64))
     np.testing.assert_allclose(registry.get("mobilenet_v2_100").preprocess(images), tf_mode, atol=1e-6 * 255)
     np.testing.assert_allclose(registry.get("resnet101_v2").preprocess(images), tf_mode, atol=1e-6 * 255)
@@ -96,7 +104,7 @@ def test_channels_are_matched():
 
 
 def test_efficientnet_lite_preprocessing_agrees_with_its_weights_module():
-    from embjax.weights import efficientnet_lite
+    from embjax.models.convert import efficientnet_lite
 
     images = _pixels((2, 300, 260, 3), seed=3)
     for variant in range(5):
@@ -179,7 +187,7 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(registry.WeightFormatError, match="weights.npz"):
         registry.load_weights("resnet50_v1", odd)
     with pytest.raises(registry.UnknownModelError):
-        registry.load_weights("vgg16", odd)
+        registry.load_weights("vgg19", odd)
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # an HDF5 signature and nothing behind it
     with pytest.raises(h5.KerasWeightsError, match="bad.h5"):

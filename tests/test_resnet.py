@@ -13,8 +13,12 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 from embjax.models import resnet as resnet_lib  # noqa: E402
-from embjax.weights import h5, keras_resnet  # noqa: E402
+from embjax.weights import h5  # noqa: E402
+from embjax.models.convert import keras_resnet  # noqa: E402
 from keras_helpers import fast_keras_init, keras_outputs, numpy_variables, randomize, rel_err  # noqa: E402
 
 SIZE = 64  # smallest size at which stage 4 is still 2x2 after the 32x downsampling

@@ -3,11 +3,14 @@
 Each run is a subprocess of `python -m experiments.affine_equivalence`, exactly as a user starts it. The
 models have random weights (`--config.weights=random`): these tests check the engine's arithmetic and
 bookkeeping, not accuracy, and zoo training has its own test (tests/test_zoo.py). Runs share a
-persistent XLA compilation cache, so only the first run of each configuration compiles.
+persistent XLA compilation cache, so only the first run of each configuration compiles. Kills come from
+outside, as a user's kill -9 would: the test reads the run's progress lines (one per batch with
+`--config.progress_seconds=0`) and sends SIGKILL once the run is past a given batch.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,25 +95,66 @@ def test_report_contents(baseline):
     assert not os.path.exists(os.path.join(os.path.dirname(run_dir), "state", "checkpoints"))
 
 
+def kill_when(workdir, cache, pattern, *args):
+    """Start the study and SIGKILL it as soon as a stdout line matches `pattern`; returns the output."""
+    cmd = [sys.executable, "-m", "experiments.affine_equivalence", f"--workdir={workdir}", *TINY,
+           "--config.progress_seconds=0", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    return "".join(seen)
+
+
 def test_resume_after_kill_gives_identical_results(baseline, tmp_path, cache):
     results, _, _ = baseline
     workdir = tmp_path / "killed"
-    # Killed (SIGKILL, like kill -9) after 5 fit batches: checkpoints exist after batches 2 and 4.
-    proc = run_study(workdir, cache, check=False, EMBJAX_TEST_KILL_AFTER_BATCHES=5)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    # Killed in the fit pass once batch 5 of 8 is done (checkpoints after batches 2 and 4 exist).
+    kill_when(workdir, cache, r"\[fit .*\] batch 5/8")
     assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir))
-    # Killed again in the evaluation pass of the resumed run: it folds fit batches 4-7, then evaluation
-    # batches 0-1 (checkpoint after 2), and dies before evaluation batch 2.
-    proc = run_study(workdir, cache, check=False, EMBJAX_TEST_KILL_AFTER_BATCHES=6)
-    assert proc.returncode == -signal.SIGKILL
+    # Killed again in the evaluation pass of the resumed run, after its batch 3 of 4.
+    out = kill_when(workdir, cache, r"\[eval .*\] batch 3/4")
+    assert "[resume] pass 'fit': 4/8 batches already done" in out
     proc = run_study(workdir, cache)
-    assert "[resume]" in proc.stdout
+    assert "[resume] pass 'fit' finished earlier" in proc.stdout
+    assert "[resume] pass 'eval': 2/4 batches already done" in proc.stdout
     resumed, _ = load_results(workdir)
     # Same fold order, same jitted steps on the same device: bit-identical numbers.
     for family in ("affine", "logit", "naive"):
         for key in ("accuracy", "top5", "agreement", "r2"):
             assert resumed[family][key] == results[family][key], (family, key)
+    assert resumed["fit_statistics"] == results["fit_statistics"]
     assert resumed["num_fit"] == 512 and resumed["num_eval"] == 200
+
+
+def test_linear_heads_resume_mid_fit(tmp_path, cache):
+    """heads="linear" (the effnet_lite path): fit features go to the feature store, heads are trained on
+    them between the passes; a kill in the middle of the fit pass resumes to the same numbers."""
+    args = ["--config.heads=linear", "--config.linear_head.epochs=3"]
+    whole_dir = tmp_path / "whole"
+    run_study(whole_dir, cache, *args)
+    whole, _ = load_results(whole_dir)
+    killed_dir = tmp_path / "killed"
+    kill_when(killed_dir, cache, r"\[fit .*\] batch 3/8", *args)
+    proc = run_study(killed_dir, cache, *args)
+    assert "[resume] pass 'fit': 2/8 batches already done" in proc.stdout
+    resumed, _ = load_results(killed_dir)
+    for family in ("affine", "logit", "naive"):
+        for key in ("accuracy", "top5", "agreement", "r2"):
+            assert resumed[family][key] == whole[family][key], (family, key)
+    # The backbones' own heads are scored for agreement only (they do not predict this run's labels
+    # in general); the linear heads give the labelled accuracies.
+    assert set(whole["native_affine"]) == {"agreement", "r2"}
+    assert whole["heads"] == "linear"
+    # Trained linear heads predict the labels of their own backbone far better than chance (10%): 512
+    # random-feature rows, 3 epochs. A head that ignored its inputs would sit near 10%.
+    assert min(whole["unmapped"]["accuracy"]) > 0.2, whole["unmapped"]["accuracy"]
 
 
 def test_four_devices_give_the_same_tables(baseline, tmp_path, cache):
@@ -149,7 +193,7 @@ def _tiny_config(**overrides):
     (dict(eval_split="test[:0]"), "empty"),
 ])
 def test_bad_input_raises_a_clear_error(tmp_path, overrides, needle):
-    from embjax import study
+    from experiments import affine_equivalence as study
 
     workdir = tmp_path / "bad"
     with pytest.raises((ValueError, KeyError, FileNotFoundError)) as err:
@@ -198,3 +242,18 @@ def test_two_processes_give_the_same_maps_and_tables(baseline, tmp_path, cache):
         # Same integer counts (see the 4-device test for why float32 reordering cannot change them here).
         assert multi[family]["accuracy"] == results[family]["accuracy"], family
         np.testing.assert_allclose(multi[family]["r2"], results[family]["r2"], atol=1e-4)
+
+
+def test_bfloat16_run_reports_agreement_with_float32(tmp_path, cache):
+    workdir = tmp_path / "bf16"
+    run_study(workdir, cache, "--config.dtype=bfloat16", "--config.precision_check_images=64")
+    results, run_dir = load_results(workdir)
+    check = results["bfloat16_vs_float32"]
+    assert check["images"] == 64
+    # Random-weight zoo models in bfloat16 (8-bit mantissa: 2^-9 relative rounding per operation, a few
+    # hundred operations deep): features within a few percent of float32, and most own-head predictions
+    # unchanged. A check that compared float32 with itself would give exactly 0 and 1.
+    for agreement, error in zip(check["top1_agreement"], check["feature_rel_error"]):
+        assert 0.5 < agreement <= 1.0
+        assert 0 < error < 0.1
+    assert os.path.isfile(os.path.join(run_dir, "bfloat16_vs_float32.md"))

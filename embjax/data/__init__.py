@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from embjax.data import fashion_mnist
 from embjax.data.pipeline import BatchIterator, batches, num_batches
-from embjax.data.sources import (ArraySource, CorruptDataError, DataNotFoundError, EmptySplitError, Source,
-                                 UnknownDatasetError)
+from embjax.data.sources import (ArraySource, CorruptDataError, DataNotFoundError, EmptySplitError, Prefix,
+                                 Source, UnknownDatasetError)
 
 __all__ = [
-    "ArraySource", "BatchIterator", "CorruptDataError", "DataNotFoundError", "EmptySplitError", "Source",
+    "ArraySource", "BatchIterator", "Prefix", "CorruptDataError", "DataNotFoundError", "EmptySplitError", "Source",
     "UnknownDatasetError", "batches", "fashion_mnist", "get_source", "num_batches", "tfds_source",
 ]
 

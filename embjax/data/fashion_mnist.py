@@ -39,37 +39,58 @@ _INSTALL_HINT = (
     "(tfds build fashion_mnist --file_format=array_record; needs TensorFlow and internet once)")
 
 
+# Deflate cannot compress better than about 1032:1, so a gzip member that claims to inflate to more than
+# this many times its own size is lying (or is a decompression bomb): refused before inflating it.
+_MAX_DEFLATE_RATIO = 1032
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads one idx file (optionally gzipped) into an array of its native shape and dtype."""
+    """Reads one idx file (optionally gzipped) into an array of its native shape and dtype.
+
+    The header is read and checked first; then exactly the bytes it declares (and one more, to catch
+    trailing data) are read, so a gzip stream that inflates past what the header promises is never
+    inflated whole. Every failure is a CorruptDataError (or DataNotFoundError) naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"idx file {path} does not exist")
+    gz = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+                raise CorruptDataError(
+                    f"idx file {path} does not start with an idx magic number (00 00 <type> <ndim>), got "
+                    f"{head.hex(' ') or 'an empty file'}; it is not an idx file or it is corrupt")
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            ndim = head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise CorruptDataError(f"idx file {path} is truncated inside its header ({4 + len(dims)} bytes)")
+            shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+            header = 4 + 4 * ndim
+            nbytes = 1
+            for d in shape:  # Python ints: four dimensions of 2**16 must not wrap around to 0
+                nbytes *= d
+            nbytes *= dtype.itemsize
+            stored = path.stat().st_size
+            limit = stored * _MAX_DEFLATE_RATIO if gz else stored - header
+            if nbytes > limit:
+                raise CorruptDataError(
+                    f"idx file {path}: header says shape {shape} of {dtype.name} ({header + nbytes:,} bytes in all) "
+                    f"but the file holds {stored:,} bytes{' compressed' if gz else ''}; it is truncated or corrupt: "
+                    "delete it and reinstall / re-download it")
+            raw = f.read(nbytes + 1)
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise CorruptDataError(
-            f"idx file {path} is not a readable gzip stream ({e}); the file is truncated or corrupt: "
-            "delete it and reinstall / re-download it") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+            f"idx file {path} is not a readable {'gzip stream' if gz else 'file'} ({e}); the file is truncated "
+            "or corrupt: delete it and reinstall / re-download it") from e
+    if len(raw) != nbytes:
         raise CorruptDataError(
-            f"idx file {path} does not start with an idx magic number (00 00 <type> <ndim>), got "
-            f"{raw[:4].hex(' ') or 'an empty file'}; it is not an idx file or it is corrupt")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise CorruptDataError(f"idx file {path} is truncated inside its header ({len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise CorruptDataError(
-            f"idx file {path}: header says shape {shape} of {dtype.name} ({expected} bytes in all) but the file "
-            f"holds {len(raw)} bytes; it is truncated or corrupt: delete it and reinstall / re-download it")
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+            f"idx file {path}: header says shape {shape} of {dtype.name} ({header + nbytes:,} bytes in all) but "
+            f"the file holds {'more' if len(raw) > nbytes else header + len(raw)} bytes; it is truncated or "
+            "corrupt: delete it and reinstall / re-download it")
+    return np.frombuffer(raw, dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 def _find(directory: Path, stem: str) -> Path | None:

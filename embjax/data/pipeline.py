@@ -19,6 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
+from embjax.data.sources import CorruptDataError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -57,19 +59,35 @@ def _read(source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images, labels = source.get_batch(indices)
         return np.asarray(images), np.asarray(labels)
     samples = [source[int(i)] for i in indices]
-    shapes = {np.shape(s[0]) for s in samples}
-    if len(shapes) > 1:
-        raise ValueError(f"{source!r}: samples of different shapes {sorted(shapes)[:4]} cannot form one batch")
+    shapes = [np.shape(s[0]) for s in samples]
+    odd = [int(i) for i, shape in zip(indices, shapes) if shape != shapes[0]]
+    if odd:
+        raise CorruptDataError(f"{source!r}: sample {odd[0]} has an image of shape "
+                               f"{shapes[list(indices).index(odd[0])]}, sample {int(indices[0])} one of "
+                               f"{shapes[0]}; samples of different shapes cannot form one batch")
     return np.stack([np.asarray(s[0]) for s in samples]), np.asarray([s[1] for s in samples])
 
 
 def make_batch(source, indices: np.ndarray, batch_size: int) -> Batch:
-    """Reads `indices` (at most batch_size of them) and pads the batch to batch_size rows."""
+    """Reads `indices` (at most batch_size of them) and pads the batch to batch_size rows.
+
+    Images must be uint8 (k, H, W, C), of the source's declared `image_shape` where it has one (so every
+    batch of a run has one shape), and labels integers of shape (k,); anything else is a CorruptDataError
+    naming the source and the first sample of the batch.
+    """
     k = indices.shape[0]
     if k:
         images, labels = _read(source, indices)
+        where = f"{source!r}, batch starting at sample {int(indices[0])}"
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != k:
-            raise ValueError(f"{source!r}: expected uint8 images (k={k}, H, W, C), got {images.dtype} {images.shape}")
+            raise CorruptDataError(f"{where}: expected uint8 images (k={k}, H, W, C), got {images.dtype} "
+                                   f"{images.shape}")
+        declared = getattr(source, "image_shape", None)
+        if declared is not None and tuple(images.shape[1:]) != tuple(declared):
+            raise CorruptDataError(f"{where}: images of shape {images.shape[1:]}, the source declares "
+                                   f"{tuple(declared)}")
+        if labels.shape != (k,) or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+            raise CorruptDataError(f"{where}: expected {k} integer labels, got {labels.dtype} {labels.shape}")
     else:
         images, labels = np.zeros((0, *_example_shape(source)), np.uint8), np.zeros((0,), np.int32)
     image = np.zeros((batch_size, *images.shape[1:]), np.uint8)

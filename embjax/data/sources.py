@@ -83,6 +83,34 @@ class ArraySource:
 _SLICE = re.compile(r"^(?P<base>[A-Za-z0-9_]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
 
+class Prefix:
+    """The first `n` samples of another source (a subset for a check pass)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for the first {self.n} samples of {self.source!r}")
+        return self.source[index]
+
+    def get_batch(self, indices):
+        if hasattr(self.source, "get_batch"):
+            return self.source.get_batch(indices)
+        images, labels = zip(*(self.source[int(i)] for i in indices))
+        return np.stack(images), np.asarray(labels)
+
+    @property
+    def image_shape(self):
+        return getattr(self.source, "image_shape", None)
+
+    def __repr__(self) -> str:
+        return f"Prefix({self.source!r}, {self.n})"
+
+
 def parse_split(split: str, sizes: dict[str, int]) -> tuple[str, int, int]:
     """Resolves a split expression against the split sizes: returns (base split, start, stop).
 

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from embjax.data.sources import DataNotFoundError, EmptySplitError, UnknownDatasetError
+from embjax.data.sources import CorruptDataError, DataNotFoundError, EmptySplitError, UnknownDatasetError
 
 
 class MissingFeatureError(KeyError):
@@ -52,8 +52,9 @@ class TfdsSource:
 
     def __init__(self, data_source, *, name: str, split: str, image_key: str, label_key: str,
                  image_size: int | None, feature_shape: tuple, num_classes: int | None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, location: str | None = None):
         self._ds = data_source
+        self.location = location  # the prepared directory, named in errors
         self.name = name
         self.split = split
         self.image_key = image_key
@@ -69,10 +70,23 @@ class TfdsSource:
         return len(self._ds)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        example = self._ds[int(index)]
+        where = f"tfds '{self.name}' split '{self.split}' example {int(index)}" + (
+            f" (in {self.location})" if self.location else "")
+        try:
+            example = self._ds[int(index)]
+        except IndexError:
+            raise
+        except Exception as e:  # a damaged shard surfaces here as whatever array_record or PIL raise
+            raise CorruptDataError(f"{where}: cannot be read or decoded ({type(e).__name__}: {str(e)[:300]}); "
+                                   f"the prepared files are damaged: prepare the set again") from e
         image = np.asarray(example[self.image_key])
         if image.ndim == 2:  # some builders declare grayscale images without a channel axis
             image = image[..., None]
+        channels = self._feature_shape[-1] if len(self._feature_shape) == 3 else 1
+        if image.dtype != np.uint8 or image.ndim != 3 or (channels is not None and image.shape[-1] != channels):
+            raise CorruptDataError(
+                f"{where}: image of {image.dtype} {image.shape}; the dataset declares uint8 (H, W, {channels}) "
+                "images. Pass image_key= if another feature holds the pixels")
         if self.image_size is not None:
             image = resize_shorter_and_center_crop(image, self.image_size)
         return image, int(example[self.label_key])
@@ -122,6 +136,28 @@ class TfdsSource:
                 f"image_size={self.image_size})")
 
 
+def _check_shards(name: str, split: str, builder) -> None:
+    """Every shard file the split's metadata lists exists and is not empty, before anything is read."""
+    from etils import epath
+
+    try:
+        instructions = builder.info.splits[split].file_instructions
+    except Exception:  # metadata too old or odd to list its files: reading will tell
+        return
+    bad = []
+    for instruction in instructions:
+        path = epath.Path(instruction.filename)
+        if not path.exists():
+            bad.append(f"{path} (missing)")
+        elif path.stat().length == 0:
+            bad.append(f"{path} (empty)")
+    if bad:
+        raise CorruptDataError(
+            f"tfds '{name}' split {split!r} in {builder.data_dir}: {len(bad)} of its {len(instructions)} shard "
+            f"file(s) unusable: {', '.join(bad[:5])}; the preparation was interrupted or files were removed: "
+            "delete the directory and prepare the set again")
+
+
 def load(name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None,
          image_size: int | None = None, *, download: bool = False, image_key: str | None = None,
          label_key: str | None = None, num_threads: int | None = None) -> TfdsSource:
@@ -163,6 +199,7 @@ def load(name: str, split: str, data_dir: str | None = None, manual_dir: str | N
             raise ValueError(f"tfds '{name}': cannot open split {split!r} ({e}); its splits are {known}") from e
         if num_examples == 0:
             raise EmptySplitError(f"tfds '{name}' split {split!r} is empty (no examples); pick another split or slice")
+        _check_shards(name, split, builder)
     try:
         data_source = builder.as_data_source(split=split)
     except Exception as e:
@@ -199,4 +236,4 @@ def load(name: str, split: str, data_dir: str | None = None, manual_dir: str | N
         raise EmptySplitError(f"tfds '{name}' split {split!r} is empty (no examples); pick another split or slice")
     return TfdsSource(data_source, name=name, split=split, image_key=image_key, label_key=label_key,
                       image_size=image_size, feature_shape=feature_shape, num_classes=num_classes,
-                      num_threads=num_threads)
+                      num_threads=num_threads, location=str(builder.data_dir) if prepared else None)

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0–4 (Tan & Le 2019, the "lite" edge variants) and a small Fashion-MNIST configuration.
 
-Owns the architecture only; pretrained weights come from `embjax.weights.efficientnet_lite`.
+Owns the architecture only; pretrained weights come from `embjax.models.convert.efficientnet_lite`.
 
 Lite differs from EfficientNet-B: no squeeze-and-excitation, ReLU6 instead of swish, and the stem (32
 channels) and head (1280 channels) are not scaled by the width multiplier, nor are the repeats of the
@@ -12,10 +12,12 @@ zero-padding, so `padding="tf_same"` (the default) is the one that matches the w
 
 `__call__(x, train=False)` takes NHWC images (any size; stride-2 layers round up) and returns a dict:
 
-    stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6
+    stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6 (stem_preact: before the ReLU6)
+    block_<i>  output of every block, i counting over all blocks (16 for Lite0; the full-network
+               embedding reads them)
     stage1..7  output of each block group (16, 24, 40, 80, 112, 192, 320 channels for Lite0; strides
-               2, 4, 8, 16, 16, 32, 32 relative to the input)
-    head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6
+               2, 4, 8, 16, 16, 32, 32 relative to the input): the group's last block_<i>
+    head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6 (head_preact: before the ReLU6)
     pre_logits (B, 1280)               global average pool of `head`
     logits     (B, num_classes)
 
@@ -23,6 +25,10 @@ Parameters are float32 (`param_dtype`); `dtype` sets the computation dtype (bflo
 BatchNorm uses the running statistics unless `train=True` (then pass `mutable=["batch_stats"]`, and an
 rng named "dropout" when `dropout_rate > 0`). Drop-connect (stochastic depth) is not implemented: it is
 an identity at inference, and the small configuration trains without it.
+
+`fold_bn=True` is the inference mode without BatchNorm ops: every conv (depthwise included) carries its
+BatchNorm folded into kernel and bias (embjax.models.folding makes the variables). Every named output is
+after a BatchNorm (and ReLU6, or the residual add), so each keeps its meaning.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from embjax.models import folding
 
 __all__ = [
     "StageConfig",
@@ -151,6 +159,9 @@ class DepthwiseConv(nn.Module):
     impl: str = "shifts"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    use_bias: bool = False  # True in the folded inference mode: the BatchNorm's shift
+
+    bn_foldable = True  # output = input ∗ kernel (+ bias), channel on the kernel's last axis
 
     @nn.compact
     def __call__(self, x):
@@ -159,11 +170,22 @@ class DepthwiseConv(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         pads = tuple(_pad_amounts(n, k, s, self.padding) for n in x.shape[1:3])
         if self.impl == "xla":
-            return lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=c)
-        if self.impl != "shifts":
+            y = lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=c)
+        elif self.impl == "shifts":
+            y = _depthwise_by_shifts(x, kernel, s, tuple(pads))
+        else:
             raise ValueError(f"depthwise impl must be 'shifts' or 'xla', got {self.impl!r}")
-        return _depthwise_by_shifts(x, kernel, s, tuple(pads))
+        return _add_bias(self, y)
+
+
+def _add_bias(layer: nn.Module, y):
+    """y + the layer's per-channel "bias" parameter, when it has one (`use_bias`); y unchanged otherwise."""
+    if not layer.use_bias:
+        return y
+    bias = layer.param("bias", nn.initializers.zeros, (y.shape[-1],), layer.param_dtype)
+    y, bias = nn.dtypes.promote_dtype(y, bias, dtype=layer.dtype)
+    return y + bias
 
 
 @functools.partial(jax.jit, static_argnames=("stride", "pads"))
@@ -196,13 +218,15 @@ class MBConv(nn.Module):
     depthwise_impl: str = "shifts"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fold_bn: bool = False  # inference: each BatchNorm folded into the conv before it
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, **k)
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                                       epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       name=name)
+        conv = lambda *a, **k: nn.Conv(*a, use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype,
+                                       **k)
+        bn = lambda name: folding.identity if self.fold_bn else nn.BatchNorm(
+            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name)
         in_channels = x.shape[-1]
         hidden = in_channels * self.expand_ratio
         h = x
@@ -210,7 +234,7 @@ class MBConv(nn.Module):
             h = conv(hidden, (1, 1), name="expand_conv")(h)
             h = nn.relu6(bn("expand_bn")(h))
         h = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.depthwise_impl, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="depthwise_conv")(h)
+                          param_dtype=self.param_dtype, use_bias=self.fold_bn, name="depthwise_conv")(h)
         h = nn.relu6(bn("depthwise_bn")(h))
         h = conv(self.out_channels, (1, 1), name="project_conv")(h)
         h = bn("project_bn")(h)
@@ -239,6 +263,7 @@ class EfficientNetLite(nn.Module):
     depthwise_impl: str = "shifts"  # see DepthwiseConv
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fold_bn: bool = False  # inference mode without BatchNorm ops (see the module docstring)
 
     def block_configs(self) -> list[StageConfig]:
         """One StageConfig per block (repeats=1), with the stage's stride only on its first block."""
@@ -253,18 +278,21 @@ class EfficientNetLite(nn.Module):
     def __call__(self, x, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"EfficientNetLite expects NHWC images, got shape {x.shape}")
+        folding.check_inference("EfficientNetLite", self.fold_bn, train)
         stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
         dropout = LITE_VARIANTS.get(self.variant, (0, 0, 0, 0.0))[3] if self.dropout_rate is None \
             else self.dropout_rate
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                                       epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       name=name)
+        bn = lambda name: folding.identity if self.fold_bn else nn.BatchNorm(
+            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name)
         out = {}
         x = x.astype(self.dtype)
         stem_pads = [_pad_amounts(n, 3, self.stem_stride, self.padding) for n in x.shape[1:3]]
-        x = nn.Conv(self.stem_channels, (3, 3), strides=(self.stem_stride,) * 2, padding=stem_pads, use_bias=False,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
-        x = nn.relu6(bn("stem_bn")(x))
+        x = nn.Conv(self.stem_channels, (3, 3), strides=(self.stem_stride,) * 2, padding=stem_pads,
+                    use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
+        x = bn("stem_bn")(x)
+        out["stem_preact"] = x
+        x = nn.relu6(x)
         out["stem"] = x
         index = 0
         for stage_number, s in enumerate(stages, start=1):
@@ -272,12 +300,15 @@ class EfficientNetLite(nn.Module):
                 x = MBConv(s.out_channels, s.kernel_size, s.stride if r == 0 else 1, s.expand_ratio,
                            epsilon=self.epsilon, momentum=self.momentum, padding=self.padding,
                            depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name=f"block_{index}")(x, train)
+                           fold_bn=self.fold_bn, name=f"block_{index}")(x, train)
+                out[f"block_{index}"] = x
                 index += 1
             out[f"stage{stage_number}"] = x
-        x = nn.Conv(self.head_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="head_conv")(x)
-        x = nn.relu6(bn("head_bn")(x))
+        x = nn.Conv(self.head_channels, (1, 1), use_bias=self.fold_bn, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="head_conv")(x)
+        x = bn("head_bn")(x)
+        out["head_preact"] = x
+        x = nn.relu6(x)
         out["head"] = x
         # Pool with float32 accumulation: a bfloat16 sum over 49+ positions would lose ~2 digits.
         pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

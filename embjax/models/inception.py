@@ -1,6 +1,6 @@
 """Inception family as Flax linen modules: Inception-v3, Inception-ResNet-v2 and a small Inception.
 
-This module owns the architectures only; `embjax.weights.keras_inception` owns the mapping of
+This module owns the architectures only; `embjax.models.convert.keras_inception` owns the mapping of
 keras.applications weights onto them. The layer structure, widths, strides, paddings, the residual
 scales of Inception-ResNet-v2 and the BatchNorm constants (epsilon 1e-3, no BatchNorm scale after a
 convolution) follow `keras.applications.InceptionV3` / `InceptionResNetV2`, so converted Keras weights
@@ -21,7 +21,9 @@ needed when True) and returns a dict of named outputs:
 float32 whatever the computation dtype, since it is the embedding the studies measure.
 Both ImageNet models accept any spatial size of at least 75×75 (Keras' minimum: smaller inputs shrink a
 feature map to nothing) and expect inputs scaled to [-1, 1]. `dtype` is the computation dtype; parameters
-stay float32.
+stay float32. `fold_bn=True` (every module here) is the inference mode without BatchNorm ops: each
+`ConvBN`'s convolution gets a bias holding the folded BatchNorm (embjax.models.folding makes the
+variables); every named output is after its block's last BatchNorm + ReLU, so none changes meaning.
 """
 from __future__ import annotations
 
@@ -31,12 +33,20 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from embjax.models import folding
+
 Dtype = Any
 
 # keras.applications' Inception conv2d_bn uses BatchNormalization's default epsilon.
 KERAS_INCEPTION_BN_EPSILON = 1e-3
 # Below this size a stride-2 "valid" convolution in the reduction blocks gets an empty input.
 MIN_INPUT_SIZE = 75
+
+
+def slim_depth(width: int, multiplier: float = 1.0, min_depth: int = 16) -> int:
+    """TF-Slim's width rule for Inception networks: max(int(width * multiplier), min_depth). The identity
+    at multiplier 1 for every width these networks use (all >= 16)."""
+    return max(int(width * multiplier), min_depth)
 
 
 def _check_input(x, min_size: int, model: str):
@@ -61,6 +71,7 @@ class ConvBN(nn.Module):
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False  # inference: the BatchNorm folded into the conv's kernel and a bias
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -69,10 +80,12 @@ class ConvBN(nn.Module):
             tuple(self.kernel_size),
             strides=self.strides,
             padding=self.padding,
-            use_bias=False,
+            use_bias=self.fold_bn,
             dtype=self.dtype,
             name="conv",
         )(x)
+        if self.fold_bn:
+            return nn.relu(x) if self.relu else x
         # The ReLU follows directly, so a BatchNorm scale would be redundant with the next conv.
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -99,16 +112,20 @@ class InceptionStem(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        x = conv(32, (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
-        x = conv(32, (3, 3), padding="VALID", name="conv2")(x, train)
-        x = conv(64, (3, 3), name="conv3")(x, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        x = conv(d(32), (3, 3), strides=2, padding="VALID", name="conv1")(x, train)
+        x = conv(d(32), (3, 3), padding="VALID", name="conv2")(x, train)
+        x = conv(d(64), (3, 3), name="conv3")(x, train)
         x = _max_pool_valid(x)
-        x = conv(80, (1, 1), padding="VALID", name="conv4")(x, train)
-        x = conv(192, (3, 3), padding="VALID", name="conv5")(x, train)
+        x = conv(d(80), (1, 1), padding="VALID", name="conv4")(x, train)
+        x = conv(d(192), (3, 3), padding="VALID", name="conv5")(x, train)
         return _max_pool_valid(x)
 
 
@@ -119,17 +136,21 @@ class InceptionA(nn.Module):
     pool_features: int = 32
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b1 = conv(self.branch1x1, (1, 1), name="branch1x1")(x, train)
-        b5 = conv(48, (1, 1), name="branch5x5_1")(x, train)
-        b5 = conv(64, (5, 5), name="branch5x5_2")(b5, train)
-        b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x, train)
-        b3 = conv(96, (3, 3), name="branch3x3dbl_2")(b3, train)
-        b3 = conv(96, (3, 3), name="branch3x3dbl_3")(b3, train)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_same(x), train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b1 = conv(d(self.branch1x1), (1, 1), name="branch1x1")(x, train)
+        b5 = conv(d(48), (1, 1), name="branch5x5_1")(x, train)
+        b5 = conv(d(64), (5, 5), name="branch5x5_2")(b5, train)
+        b3 = conv(d(64), (1, 1), name="branch3x3dbl_1")(x, train)
+        b3 = conv(d(96), (3, 3), name="branch3x3dbl_2")(b3, train)
+        b3 = conv(d(96), (3, 3), name="branch3x3dbl_3")(b3, train)
+        bp = conv(d(self.pool_features), (1, 1), name="branch_pool")(_avg_pool_same(x), train)
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -140,14 +161,18 @@ class ReductionA(nn.Module):
     dbl: Sequence[int] = (64, 96, 96)
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b3 = conv(self.branch3x3, (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
-        bd = conv(self.dbl[0], (1, 1), name="branch3x3dbl_1")(x, train)
-        bd = conv(self.dbl[1], (3, 3), name="branch3x3dbl_2")(bd, train)
-        bd = conv(self.dbl[2], (3, 3), strides=2, padding="VALID", name="branch3x3dbl_3")(bd, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b3 = conv(d(self.branch3x3), (3, 3), strides=2, padding="VALID", name="branch3x3")(x, train)
+        bd = conv(d(self.dbl[0]), (1, 1), name="branch3x3dbl_1")(x, train)
+        bd = conv(d(self.dbl[1]), (3, 3), name="branch3x3dbl_2")(bd, train)
+        bd = conv(d(self.dbl[2]), (3, 3), strides=2, padding="VALID", name="branch3x3dbl_3")(bd, train)
         return jnp.concatenate([b3, bd, _max_pool_valid(x)], axis=-1)
 
 
@@ -157,21 +182,25 @@ class InceptionC(nn.Module):
     channels_7x7: int
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         c7 = self.channels_7x7
-        b1 = conv(192, (1, 1), name="branch1x1")(x, train)
-        b7 = conv(c7, (1, 1), name="branch7x7_1")(x, train)
-        b7 = conv(c7, (1, 7), name="branch7x7_2")(b7, train)
-        b7 = conv(192, (7, 1), name="branch7x7_3")(b7, train)
-        bd = conv(c7, (1, 1), name="branch7x7dbl_1")(x, train)
-        bd = conv(c7, (7, 1), name="branch7x7dbl_2")(bd, train)
-        bd = conv(c7, (1, 7), name="branch7x7dbl_3")(bd, train)
-        bd = conv(c7, (7, 1), name="branch7x7dbl_4")(bd, train)
-        bd = conv(192, (1, 7), name="branch7x7dbl_5")(bd, train)
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_same(x), train)
+        b1 = conv(d(192), (1, 1), name="branch1x1")(x, train)
+        b7 = conv(d(c7), (1, 1), name="branch7x7_1")(x, train)
+        b7 = conv(d(c7), (1, 7), name="branch7x7_2")(b7, train)
+        b7 = conv(d(192), (7, 1), name="branch7x7_3")(b7, train)
+        bd = conv(d(c7), (1, 1), name="branch7x7dbl_1")(x, train)
+        bd = conv(d(c7), (7, 1), name="branch7x7dbl_2")(bd, train)
+        bd = conv(d(c7), (1, 7), name="branch7x7dbl_3")(bd, train)
+        bd = conv(d(c7), (7, 1), name="branch7x7dbl_4")(bd, train)
+        bd = conv(d(192), (1, 7), name="branch7x7dbl_5")(bd, train)
+        bp = conv(d(192), (1, 1), name="branch_pool")(_avg_pool_same(x), train)
         return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
@@ -180,16 +209,20 @@ class ReductionB(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b3 = conv(192, (1, 1), name="branch3x3_1")(x, train)
-        b3 = conv(320, (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
-        b7 = conv(192, (1, 1), name="branch7x7x3_1")(x, train)
-        b7 = conv(192, (1, 7), name="branch7x7x3_2")(b7, train)
-        b7 = conv(192, (7, 1), name="branch7x7x3_3")(b7, train)
-        b7 = conv(192, (3, 3), strides=2, padding="VALID", name="branch7x7x3_4")(b7, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b3 = conv(d(192), (1, 1), name="branch3x3_1")(x, train)
+        b3 = conv(d(320), (3, 3), strides=2, padding="VALID", name="branch3x3_2")(b3, train)
+        b7 = conv(d(192), (1, 1), name="branch7x7x3_1")(x, train)
+        b7 = conv(d(192), (1, 7), name="branch7x7x3_2")(b7, train)
+        b7 = conv(d(192), (7, 1), name="branch7x7x3_3")(b7, train)
+        b7 = conv(d(192), (3, 3), strides=2, padding="VALID", name="branch7x7x3_4")(b7, train)
         return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
 
 
@@ -198,29 +231,33 @@ class InceptionE(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's: every width w becomes max(int(w * m), min_depth)
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b1 = conv(320, (1, 1), name="branch1x1")(x, train)
-        b3 = conv(384, (1, 1), name="branch3x3_1")(x, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b1 = conv(d(320), (1, 1), name="branch1x1")(x, train)
+        b3 = conv(d(384), (1, 1), name="branch3x3_1")(x, train)
         b3 = jnp.concatenate(
             [
-                conv(384, (1, 3), name="branch3x3_2a")(b3, train),
-                conv(384, (3, 1), name="branch3x3_2b")(b3, train),
+                conv(d(384), (1, 3), name="branch3x3_2a")(b3, train),
+                conv(d(384), (3, 1), name="branch3x3_2b")(b3, train),
             ],
             axis=-1,
         )
-        bd = conv(448, (1, 1), name="branch3x3dbl_1")(x, train)
-        bd = conv(384, (3, 3), name="branch3x3dbl_2")(bd, train)
+        bd = conv(d(448), (1, 1), name="branch3x3dbl_1")(x, train)
+        bd = conv(d(384), (3, 3), name="branch3x3dbl_2")(bd, train)
         bd = jnp.concatenate(
             [
-                conv(384, (1, 3), name="branch3x3dbl_3a")(bd, train),
-                conv(384, (3, 1), name="branch3x3dbl_3b")(bd, train),
+                conv(d(384), (1, 3), name="branch3x3dbl_3a")(bd, train),
+                conv(d(384), (3, 1), name="branch3x3dbl_3b")(bd, train),
             ],
             axis=-1,
         )
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_same(x), train)
+        bp = conv(d(192), (1, 1), name="branch_pool")(_avg_pool_same(x), train)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -232,16 +269,25 @@ def _classifier(x, num_classes: int, dtype: Dtype, out: dict) -> dict:
 
 
 class InceptionV3(nn.Module):
-    """Inception-v3 (Szegedy et al., 2016) as built by keras.applications.InceptionV3."""
+    """Inception-v3 (Szegedy et al., 2016) as built by keras.applications.InceptionV3.
+
+    `depth_multiplier` / `min_depth` scale every width as TF-Slim's inception_v3 does (small test
+    configurations; the defaults change nothing).
+    """
 
     num_classes: int = 1000
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionV3")
-        kw = dict(epsilon=self.epsilon, dtype=self.dtype)
+        folding.check_inference("InceptionV3", self.fold_bn, train)
+        kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
+                  min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
         x = out["stem"] = InceptionStem(**kw, name="stem")(x, train)
         for i, pool_features in enumerate((32, 64, 64)):
@@ -278,6 +324,9 @@ class InceptionResNetBlock(nn.Module):
     relu: bool = True
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0  # TF-Slim's width rule (slim_depth); 1.0 changes nothing
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -290,7 +339,9 @@ class InceptionResNetBlock(nn.Module):
         for b, convs in enumerate(_RESIDUAL_BRANCHES[self.block_type]):
             h = x
             for k, (features, kernel) in enumerate(convs):
-                h = ConvBN(features, kernel, epsilon=self.epsilon, dtype=self.dtype, name=f"branch{b}_{k}")(
+                width = slim_depth(features, self.depth_multiplier, self.min_depth)
+                h = ConvBN(width, kernel, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn,
+                           name=f"branch{b}_{k}")(
                     h, train
                 )
             branches.append(h)
@@ -306,17 +357,21 @@ class Reduction7a(nn.Module):
 
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype)
-        b0 = conv(256, (1, 1), name="branch0_0")(x, train)
-        b0 = conv(384, (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
-        b1 = conv(256, (1, 1), name="branch1_0")(x, train)
-        b1 = conv(288, (3, 3), strides=2, padding="VALID", name="branch1_1")(b1, train)
-        b2 = conv(256, (1, 1), name="branch2_0")(x, train)
-        b2 = conv(288, (3, 3), name="branch2_1")(b2, train)
-        b2 = conv(320, (3, 3), strides=2, padding="VALID", name="branch2_2")(b2, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        b0 = conv(d(256), (1, 1), name="branch0_0")(x, train)
+        b0 = conv(d(384), (3, 3), strides=2, padding="VALID", name="branch0_1")(b0, train)
+        b1 = conv(d(256), (1, 1), name="branch1_0")(x, train)
+        b1 = conv(d(288), (3, 3), strides=2, padding="VALID", name="branch1_1")(b1, train)
+        b2 = conv(d(256), (1, 1), name="branch2_0")(x, train)
+        b2 = conv(d(288), (3, 3), name="branch2_1")(b2, train)
+        b2 = conv(d(320), (3, 3), strides=2, padding="VALID", name="branch2_2")(b2, train)
         return jnp.concatenate([b0, b1, b2, _max_pool_valid(x)], axis=-1)
 
 
@@ -325,20 +380,29 @@ class InceptionResNetV2(nn.Module):
 
     Residual blocks are top-level submodules named like Keras' layers: `block35_1` … `block35_10`,
     `block17_1` … `block17_20`, `block8_1` … `block8_10` (the last one with scale 1 and no ReLU).
+    `depth_multiplier` / `min_depth` (TF-Slim's width rule, `slim_depth`) and `repeats` (blocks of each
+    type) give small test configurations; the defaults are the real network.
     """
 
     num_classes: int = 1000
     epsilon: float = KERAS_INCEPTION_BN_EPSILON
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
+    fold_bn: bool = False
+    repeats: Sequence[int] = (10, 20, 10)  # block35, block17, block8 (the last block8 included)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-        kw = dict(epsilon=self.epsilon, dtype=self.dtype)
+        folding.check_inference("InceptionResNetV2", self.fold_bn, train)
+        kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
+                  min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
+        repeats = dict(zip(("block35", "block17", "block8"), self.repeats))
 
         def residual_group(x, block_type):
-            n = RESIDUAL_REPEATS[block_type]
+            n = repeats[block_type]
             for i in range(1, n + 1):
                 last_block8 = block_type == "block8" and i == n
                 x = InceptionResNetBlock(
@@ -358,7 +422,9 @@ class InceptionResNetV2(nn.Module):
         x = residual_group(x, "block17")
         x = out["mixed_7a"] = Reduction7a(**kw, name="mixed_7a")(x, train)
         x = residual_group(x, "block8")
-        x = out["conv_7b"] = ConvBN(1536, (1, 1), **kw, name="conv_7b")(x, train)
+        d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
+        x = out["conv_7b"] = ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype, name="conv_7b")(
+            x, train)
         return _classifier(x, self.num_classes, self.dtype, out)
 
 
@@ -377,11 +443,14 @@ class SmallInception(nn.Module):
     # their initial values (0.99^150 = 0.22), and the model would be scored with the wrong BatchNorm.
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype)
+        folding.check_inference("SmallInception", self.fold_bn, train)
+        conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+                                 fold_bn=self.fold_bn)
         out = {}
         x = conv(24, (3, 3), name="stem_conv")(x, train)
         x = out["stem"] = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")

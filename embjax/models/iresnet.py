@@ -12,7 +12,7 @@ Layout (Deng et al., ArcFace; Duta et al.'s "improved" residual unit as insightf
 
 All convolutions pad symmetrically by 1 (PyTorch's padding=1) and carry no bias; every BatchNorm has
 epsilon 1e-5. The fully connected layer reads the flattened map in (H, W, C) order here, PyTorch's in
-(C, H, W); the converter in embjax.weights.insightface permutes its rows.
+(C, H, W); the converter in embjax.models.convert.insightface permutes its rows.
 
 There is no classifier: ArcFace's margin head is a training-only loss, so the registry lists these
 models with num_classes None. Returned features: `stem`, `stage1`..`stage4`, `pre_fc` (the flattened

@@ -18,6 +18,10 @@ Parameter names mirror Keras layer names (`Conv1`, `bn_Conv1`, `expanded_conv` /
 `block_3` / `expand_BN`, `Conv_1`, `Conv_1_bn`, `predictions`). Returned features: `stem`, `stage1`..
 `stage7` (the outputs of the seven bottleneck groups of the paper's Table 2), `last_conv` (after
 `Conv_1` + BN + ReLU6), `pre_logits` (global average pool, float32) and `logits`.
+
+`fold_bn=True` is the inference mode without BatchNorm ops: every conv (depthwise included) carries its
+BatchNorm folded into kernel and bias (embjax.models.folding makes the variables). Every named output is
+after a BatchNorm (and ReLU6, or the residual add), so each keeps its meaning.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
+
+from embjax.models import folding
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2 (Sandler et al., Table 2).
 IMAGENET_BLOCKS = (
@@ -72,21 +78,26 @@ class Depthwise(nn.Module):
     impl: str = "shifts"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    use_bias: bool = False  # True in the folded inference mode: the BatchNorm's shift
+
+    bn_foldable = True  # output = input ∗ kernel (+ bias), channel on the kernel's last axis
 
     @nn.compact
     def __call__(self, x):
-        from embjax.models.efficientnet import _depthwise_by_shifts
+        from embjax.models.efficientnet import _depthwise_by_shifts, _add_bias
 
         c = x.shape[-1]
         kernel = self.param("kernel", _KERNEL_INIT, (3, 3, 1, c), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         pads = tuple(tuple(int(p) for p in pad) for pad in self.padding)
         if self.impl == "xla":
-            return lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pads,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-        if self.impl != "shifts":
+            y = lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pads,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        elif self.impl == "shifts":
+            y = _depthwise_by_shifts(x, kernel, self.strides, pads)
+        else:
             raise ValueError(f"depthwise impl must be 'shifts' or 'xla', got {self.impl!r}")
-        return _depthwise_by_shifts(x, kernel, self.strides, pads)
+        return _add_bias(self, y)
 
 
 class InvertedResidual(nn.Module):
@@ -101,8 +112,11 @@ class InvertedResidual(nn.Module):
     dtype: Any
     param_dtype: Any
     depthwise_impl: str = "shifts"
+    fold_bn: bool = False  # inference: each BatchNorm folded into the conv before it
 
     def bn(self, train, name):
+        if self.fold_bn:
+            return folding.identity
         return nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -115,7 +129,8 @@ class InvertedResidual(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_channels = x.shape[-1]
-        conv = dict(use_bias=False, kernel_init=_KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(use_bias=self.fold_bn, kernel_init=_KERNEL_INIT, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
         y = x
         if self.expand:
             y = nn.Conv(self.expansion * in_channels, (1, 1), name="expand", **conv)(y)
@@ -126,7 +141,7 @@ class InvertedResidual(nn.Module):
         else:
             padding = (same_pad(y.shape[1], 3, self.strides), same_pad(y.shape[2], 3, self.strides))
         y = Depthwise(self.strides, padding, self.depthwise_impl, self.dtype, self.param_dtype,
-                      name="depthwise")(y)
+                      use_bias=self.fold_bn, name="depthwise")(y)
         y = relu6(self.bn(train, "depthwise_BN")(y))
         y = nn.Conv(self.filters, (1, 1), name="project", **conv)(y)
         y = self.bn(train, "project_BN")(y)
@@ -152,6 +167,7 @@ class MobileNetV2(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     depthwise_impl: str = "shifts"  # "xla" (grouped convolution) for accelerators; see Depthwise
+    fold_bn: bool = False  # inference mode without BatchNorm ops (see the module docstring)
 
     @property
     def feature_dim(self) -> int:
@@ -166,10 +182,14 @@ class MobileNetV2(nn.Module):
             raise ValueError(
                 f"MobileNetV2 expects NHWC images (batch, height, width, channels), got shape {x.shape}"
             )
+        folding.check_inference("MobileNetV2", self.fold_bn, train)
         bn = dict(
             momentum=self.bn_momentum, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        conv = dict(use_bias=False, kernel_init=_KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(use_bias=self.fold_bn, kernel_init=_KERNEL_INIT, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+        bn_or_folded = (lambda name: folding.identity) if self.fold_bn else (
+            lambda name: nn.BatchNorm(use_running_average=not train, name=name, **bn))
         x = x.astype(self.dtype)
         out = {}
         x = nn.Conv(
@@ -180,7 +200,7 @@ class MobileNetV2(nn.Module):
             name="Conv1",
             **conv,
         )(x)
-        x = relu6(nn.BatchNorm(use_running_average=not train, name="bn_Conv1", **bn)(x))
+        x = relu6(bn_or_folded("bn_Conv1")(x))
         out["stem"] = x
 
         block_id = 0
@@ -197,13 +217,14 @@ class MobileNetV2(nn.Module):
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     depthwise_impl=self.depthwise_impl,
+                    fold_bn=self.fold_bn,
                     name="expanded_conv" if block_id == 0 else f"block_{block_id}",
                 )(x, train=train)
                 block_id += 1
             out[f"stage{group + 1}"] = x
 
         x = nn.Conv(self.feature_dim, (1, 1), name="Conv_1", **conv)(x)
-        x = relu6(nn.BatchNorm(use_running_average=not train, name="Conv_1_bn", **bn)(x))
+        x = relu6(bn_or_folded("Conv_1_bn")(x))
         out["last_conv"] = x
         # Pool in float32: the embedding statistics need the digits a bfloat16 mean would lose.
         pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -51,6 +51,7 @@ _SUFFIX_KINDS = {
     ".pt": "torch",
     ".bin": "torch",
     ".safetensors": "safetensors",
+    ".ckpt": "tf_checkpoint",  # a TensorFlow V1 checkpoint file (TF-Slim's 2016 zoo files)
 }
 
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras imagenet_utils 'caffe' mode, in BGR order
@@ -63,7 +64,8 @@ class ModelSpec:
     """Everything the engine needs to know about one named model."""
 
     name: str
-    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite, iresnet
+    family: str  # resnet_v1, resnet_v2, inception_v3, inception_resnet_v2, mobilenet_v2, efficientnet_lite, vgg16,
+    # iresnet, ...
     build: Callable[..., Any]  # build(**field_overrides) -> Flax module
     input_size: int
     in_channels: int
@@ -86,6 +88,9 @@ class ModelSpec:
     converter: Callable[[Any], dict] | None = None  # raw file contents -> {"params", "batch_stats"}
     weight_formats: tuple[str, ...] = ()  # file kinds the converter reads: keras_h5, torch, safetensors
     keras_file: str | None = None  # the keras.applications file name, when that is the source
+    # TF-Slim heads: logit 0 is "background" and logits 1..1000 are the ImageNet classes (1001 in all);
+    # `imagenet_logits` drops it so every head is scored on the same 1000 classes.
+    background_class: bool = False
 
     def preprocess(self, images) -> jax.Array:
         """uint8 (B, H, W, 1 or 3) pixels -> float32 (B, input_size, input_size, in_channels) for the module."""
@@ -147,7 +152,7 @@ def _lazy_converter(module_path: str, attr: str, **fixed) -> Callable[[Any], dic
 
 def _convert_efficientnet_lite(variant: int) -> Callable[[Any], dict]:
     def convert(state_dict):
-        from embjax.weights import efficientnet_lite
+        from embjax.models.convert import efficientnet_lite
 
         head = state_dict.get("_fc.weight")
         num_classes = int(head.shape[0]) if head is not None else 1000  # torch Linear weight: (out, in)
@@ -179,7 +184,7 @@ _ZOO = dict(
     weight_source="zoo: trained by embjax on Fashion-MNIST",
 )
 # EfficientNet-Lite (TF release): (x - 127) / 128, crop size / (size + 32), bicubic without antialias.
-# Must agree with embjax.weights.efficientnet_lite.PREPROCESSING (tests/test_registry.py checks it).
+# Must agree with embjax.models.convert.efficientnet_lite.PREPROCESSING (tests/test_registry.py checks it).
 _LITE_SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
 # Must agree with embjax.models.iresnet.STAGE_SIZES (not imported: families load lazily).
 _IRESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
@@ -206,7 +211,7 @@ def _specs() -> dict[str, ModelSpec]:
                     else "none published in a format embjax converts (keras.applications has no ResNet"
                     f"{depth}); pass an orbax directory of converted variables"
                 ),
-                converter=_lazy_converter("embjax.weights.keras_resnet", "convert_resnet", depth=depth, version=1)
+                converter=_lazy_converter("embjax.models.convert.keras_resnet", "convert_resnet", depth=depth, version=1)
                 if keras_file
                 else None,
                 weight_formats=("keras_h5",) if keras_file else (),
@@ -227,7 +232,7 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications ResNet{depth}V2 ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_resnet", "convert_resnet", depth=depth, version=2),
+                converter=_lazy_converter("embjax.models.convert.keras_resnet", "convert_resnet", depth=depth, version=2),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
@@ -249,7 +254,7 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications {cls} ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_inception", f"convert_{name}"),
+                converter=_lazy_converter("embjax.models.convert.keras_inception", f"convert_{name}"),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
@@ -268,11 +273,28 @@ def _specs() -> dict[str, ModelSpec]:
                 **_KERAS_TF,
                 **_IMAGENET_CROP,
                 weight_source=f"keras.applications MobileNetV2 alpha {alpha} ({keras_file})",
-                converter=_lazy_converter("embjax.weights.keras_mobilenet", "convert_mobilenet_v2", alpha=alpha),
+                converter=_lazy_converter("embjax.models.convert.keras_mobilenet", "convert_mobilenet_v2", alpha=alpha),
                 weight_formats=("keras_h5",),
                 keras_file=keras_file,
             )
         )
+    specs.append(
+        ModelSpec(
+            name="vgg16",
+            family="vgg16",
+            build=_lazy("embjax.models.vgg", "VGG16"),
+            input_size=224,  # fixed: fc1's kernel is sized for the 7x7x512 flatten of a 224-px input
+            in_channels=3,
+            feature_dim=4096,
+            num_classes=1000,
+            **_KERAS_CAFFE,
+            **_IMAGENET_CROP,
+            weight_source="keras.applications VGG16 (vgg16_weights_tf_dim_ordering_tf_kernels.h5)",
+            converter=_lazy_converter("embjax.models.convert.keras_vgg", "convert_vgg16"),
+            weight_formats=("keras_h5",),
+            keras_file="vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+        )
+    )
     for variant, size in _LITE_SIZES.items():
         packaged = variant <= 2
         specs.append(
@@ -325,7 +347,7 @@ def _specs() -> dict[str, ModelSpec]:
                     f"insightface arcface_torch backbone.pth of an iresnet{depth} (not installable offline; "
                     "pass the file)"
                 ),
-                converter=_lazy_converter("embjax.weights.insightface", "convert_iresnet",
+                converter=_lazy_converter("embjax.models.convert.insightface", "convert_iresnet",
                                           stage_sizes=_IRESNET_STAGES[depth]),
                 weight_formats=("torch", "safetensors"),
             )
@@ -346,10 +368,162 @@ def _specs() -> dict[str, ModelSpec]:
                 **_ZOO,
             )
         )
+    specs += _thesis_specs()
     return {spec.name: spec for spec in specs}
 
 
-_SPECS: Mapping[str, ModelSpec] = _specs()
+def _thesis_specs() -> list[ModelSpec]:
+    """The thesis' TF-Slim / TF-Hub CNNs not covered by keras.applications (inception_v1, inception_v2,
+    inception_v4, nasnet_large, pnasnet_large): Inception [-1, 1] scaling and the 0.875 central crop."""
+    timm_formats = ("torch", "safetensors")
+    return [
+        # TF-Slim heads: 1001 classes (0 = background). No converter reads their TF-Slim checkpoints yet.
+        ModelSpec(
+            name="inception_v1",
+            family="inception_v1",
+            build=_lazy("embjax.models.inception_slim", "inception_v1", num_classes=1001),
+            input_size=224,
+            in_channels=3,
+            feature_dim=1024,
+            num_classes=1001,
+            background_class=True,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="TF-Slim inception_v1_2016_08_28.tar.gz (inception_v1.ckpt); pass an orbax directory "
+            "of converted variables",
+        ),
+        ModelSpec(
+            name="inception_v2",
+            family="inception_v2",
+            build=_lazy("embjax.models.inception_slim", "inception_v2", num_classes=1001),
+            input_size=224,
+            in_channels=3,
+            feature_dim=1024,
+            num_classes=1001,
+            background_class=True,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="TF-Slim inception_v2_2016_08_28.tar.gz (inception_v2.ckpt); pass an orbax directory "
+            "of converted variables",
+        ),
+        # 1000 classes: the head of timm's inception_v4 (timm dropped TF-Slim's background class), the
+        # reference this port is checked against; TF-Slim's own checkpoint has 1001.
+        ModelSpec(
+            name="inception_v4",
+            family="inception_v4",
+            build=_lazy("embjax.models.inception_slim", "inception_v4", num_classes=1000),
+            input_size=299,
+            in_channels=3,
+            feature_dim=1536,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="timm inception_v4 (.pth / .safetensors state dict, e.g. inception_v4.tf_in1k)",
+            converter=_lazy_converter("embjax.models.convert.timm_models", "convert_timm_inception_v4"),
+            weight_formats=timm_formats,
+        ),
+        # 1000 classes: keras.applications NASNetLarge's head (TF-Slim's nasnet-a_large checkpoint has 1001).
+        ModelSpec(
+            name="nasnet_large",
+            family="nasnet",
+            build=_lazy("embjax.models.nasnet", "nasnet_large", num_classes=1000),
+            input_size=331,
+            in_channels=3,
+            feature_dim=4032,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="keras.applications NASNetLarge (NASNet-large.h5, under keras-applications/nasnet/)",
+            converter=_lazy_converter("embjax.models.convert.keras_nasnet", "convert_nasnet"),
+            weight_formats=("keras_h5",),
+            keras_file="nasnet/NASNet-large.h5",  # under the keras-applications bucket
+        ),
+        # 1000 classes: timm pnasnet5large's head (TF-Slim's pnasnet-5_large checkpoint has 1001).
+        ModelSpec(
+            name="pnasnet_large",
+            family="pnasnet",
+            build=_lazy("embjax.models.nasnet", "pnasnet_large", num_classes=1000),
+            input_size=331,
+            in_channels=3,
+            feature_dim=4320,
+            num_classes=1000,
+            **_KERAS_TF,
+            **_IMAGENET_CROP,
+            weight_source="timm pnasnet5large (.pth / .safetensors state dict, e.g. pnasnet5large.tf_in1k)",
+            converter=_lazy_converter("embjax.models.convert.timm_models", "convert_timm_pnasnet"),
+            weight_formats=timm_formats,
+        ),
+    ]
+
+
+_VGG_RGB = dict(  # TF-Slim's vgg_preprocessing (its resnet_v1 weights): RGB mean subtraction, no scaling
+    scaling="vgg", pixel_scale=1.0, mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), channel_order="RGB"
+)
+_TF_FORMATS = ("tf_checkpoint", "tf_saved_model")
+_SLIM_ZOO = "TF-Slim model zoo / TF-Hub (docs/thesis_weights.md)"
+
+
+def _tf_slim_specs() -> dict[str, ModelSpec]:
+    """The thesis' TensorFlow weights: TF-Slim checkpoints or TF-Hub SavedModels of its CNNs.
+
+    Preprocessing follows TF-Slim's preprocessing_factory: vgg (RGB mean subtraction) for resnet_v1,
+    inception ([-1, 1]) for the others; central crop 0.875 in both (vgg's 224 of 256).
+    """
+    slim = []
+    for version, classes, scaling in ((1, 1000, _VGG_RGB), (2, 1001, _KERAS_TF)):
+        slim.append(
+            ModelSpec(
+                name=f"resnet_v{version}_152_slim",
+                family=f"resnet_v{version}",
+                build=_lazy("embjax.models.resnet", "slim_resnet", depth=152, version=version, num_classes=classes),
+                input_size=224,
+                in_channels=3,
+                feature_dim=2048,
+                num_classes=classes,
+                **scaling,
+                **_IMAGENET_CROP,
+                weight_source=f"TF-Slim resnet_v{version}_152 checkpoint ({_SLIM_ZOO})",
+                converter=_lazy_converter("embjax.models.convert.tf_slim", "convert_resnet", depth=152, version=version),
+                weight_formats=_TF_FORMATS,
+                # TF-Slim's resnet_v1 weights were converted from Caffe with 1000 classes, no background.
+                background_class=classes == 1001,
+            )
+        )
+    for name, dim, input_size, builder in (
+        ("inception_v3_slim", 2048, 299, _lazy("embjax.models.inception", "InceptionV3", num_classes=1001)),
+        ("inception_resnet_v2_slim", 1536, 299,
+         _lazy("embjax.models.inception", "InceptionResNetV2", num_classes=1001)),
+        ("mobilenet_v2_140_slim", 1792, 224,
+         _lazy("embjax.models.mobilenet", "MobileNetV2", alpha=1.4, num_classes=1001)),
+    ):
+        family = name[: -len("_slim")].replace("_140", "")
+        converter = (
+            _lazy_converter("embjax.models.convert.tf_slim", "convert_mobilenet_v2", alpha=1.4)
+            if family == "mobilenet_v2"
+            else _lazy_converter("embjax.models.convert.tf_slim", f"convert_{family}")
+        )
+        slim.append(
+            ModelSpec(
+                name=name,
+                family=family,
+                build=builder,
+                input_size=input_size,
+                in_channels=3,
+                feature_dim=dim,
+                num_classes=1001,
+                **_KERAS_TF,
+                **_IMAGENET_CROP,
+                weight_source=f"TF-Slim {family}{'_1.4_224' if family == 'mobilenet_v2' else ''} checkpoint "
+                f"({_SLIM_ZOO})",
+                converter=converter,
+                weight_formats=_TF_FORMATS,
+                background_class=True,
+            )
+        )
+    return {spec.name: spec for spec in slim}
+
+
+_SPECS: Mapping[str, ModelSpec] = {**_specs(), **_tf_slim_specs()}
 
 
 def names() -> list[str]:
@@ -378,10 +552,24 @@ def check_variables(name: str, variables: Mapping) -> dict:
 
 
 def file_kind(path: str | os.PathLike) -> str:
-    """'orbax' for a directory, else the kind its suffix names (keras_h5, torch, safetensors)."""
+    """The kind of weights at `path`, by content for directories and TensorFlow checkpoints:
+
+    'tf_saved_model' for a directory with variables/variables.index (a TF-Hub SavedModel), 'orbax' for
+    any other directory (converted variables, embjax.weights.store), 'tf_checkpoint' for a checkpoint
+    prefix with `<path>.index` beside it (or the .index file itself) and for a V1 checkpoint file
+    (`.ckpt`, or any file ending with the table magic number), else the kind the suffix names
+    (keras_h5, torch, safetensors).
+    """
     path = os.fspath(path)
+    from embjax.weights import tf_checkpoint
+
     if os.path.isdir(path):
-        return "orbax"
+        return "tf_saved_model" if tf_checkpoint.is_saved_model(path) else "orbax"
+    shard_prefix, shard, _ = path.rpartition(".data-")
+    if tf_checkpoint.is_checkpoint_prefix(path) or (shard and os.path.isfile(shard_prefix + ".index")):
+        return "tf_checkpoint"
+    if os.path.splitext(path)[1].lower() not in _SUFFIX_KINDS and tf_checkpoint.has_table_magic(path):
+        return "tf_checkpoint"  # a V1 checkpoint file under another name
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _SUFFIX_KINDS:
         raise WeightFormatError(
@@ -392,6 +580,10 @@ def file_kind(path: str | os.PathLike) -> str:
 
 
 def _read(kind: str, path: str):
+    if kind in ("tf_checkpoint", "tf_saved_model"):
+        from embjax.weights import tf_checkpoint
+
+        return tf_checkpoint.load(path)
     if kind == "keras_h5":
         from embjax.weights import h5
 
@@ -408,15 +600,18 @@ def _read(kind: str, path: str):
 def load_weights(name: str, path: str | os.PathLike) -> dict:
     """Variables for model `name` from a file the user has, checked against the module's shapes.
 
-    A keras.applications .h5 (legacy or Keras 3 .weights.h5), a PyTorch .pth/.pt/.bin or a .safetensors
-    state dict goes through the spec's converter; a directory is read as converted variables saved
-    with `embjax.weights.store.save_variables`. Raises FileNotFoundError naming a missing file,
-    WeightFormatError for a file kind the model has no converter for, and WeightMismatchError
-    (embjax.weights.h5) naming every parameter that does not fit.
+    A keras.applications .h5 (legacy or Keras 3 .weights.h5), a PyTorch .pth/.pt/.bin, a .safetensors
+    state dict, a TensorFlow checkpoint prefix (`model.ckpt` with `model.ckpt.index` beside it) or a
+    TF-Hub SavedModel directory goes through the spec's converter; any other directory is read as
+    converted variables saved with `embjax.weights.store.save_variables` (a TensorFlow V1 `.ckpt` file
+    is read too). Raises FileNotFoundError naming a missing file, WeightFormatError for a file kind
+    the model has no converter for, embjax.weights.tf_checkpoint.TFCheckpointError for a corrupt
+    TensorFlow file, and WeightMismatchError (embjax.weights.h5) naming every parameter that does not
+    fit.
     """
     spec = get(name)
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a checkpoint prefix is no file
         raise FileNotFoundError(f"weights for {name}: {path!r} does not exist")
     kind = file_kind(path)
     if kind == "orbax":
@@ -442,7 +637,7 @@ def load_pretrained(name: str, cache_dir: str | os.PathLike | None = None) -> di
     """
     spec = get(name)
     if name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        from embjax.weights import efficientnet_lite
+        from embjax.models.convert import efficientnet_lite
 
         return check_variables(name, efficientnet_lite.load_pretrained(int(name[-1]), cache_dir=cache_dir))
     if spec.keras_file:
@@ -461,8 +656,23 @@ def load_pretrained(name: str, cache_dir: str | os.PathLike | None = None) -> di
     raise WeightsUnavailableError(f"no offline weights for {name}; {hint}")
 
 
+def imagenet_logits(spec: ModelSpec, logits):
+    """The 1000 ImageNet-class logits of `spec`'s head output (..., num_classes): TF-Slim heads with a
+    background class (`spec.background_class`, 1001 logits) lose logit 0, so class i of the result is
+    ImageNet class i for every model; other heads are returned as they are."""
+    if spec.background_class:
+        if logits.shape[-1] != spec.num_classes:
+            raise ValueError(
+                f"{spec.name}: logits with {logits.shape[-1]} classes, expected {spec.num_classes} "
+                "(background first)"
+            )
+        return logits[..., 1:]
+    return logits
+
+
 __all__ = [
     "ModelSpec",
+    "imagenet_logits",
     "UnknownModelError",
     "WeightsUnavailableError",
     "WeightFormatError",

@@ -15,6 +15,18 @@ Layout choices follow keras.applications (the pretrained files we convert are Ke
 * Padding is explicit and symmetric (Keras: ZeroPadding2D then 'valid'); the stem max-pool pads with
   *zeros*, which matters for v2, whose stem output is not rectified.
 
+`layout="slim"` gives TF-Slim's resnet_v1 / resnet_v2 instead (the thesis' checkpoints): in both versions
+the *last* unit of stages 1-3 carries the stride, on its 3x3 conv, and a unit whose channel count does
+not change keeps an identity shortcut, subsampled when strided (v1 included, where Keras projects);
+strided convs pad explicitly and symmetrically (slim's `conv2d_same`, as Keras); the stem max-pool is TF
+"SAME" (pads -inf, and only at the end of an even-sized side). With slim's other constants (BatchNorm
+epsilon 1e-5; v1 convs without biases) set by the caller, see `embjax.models.convert.tf_slim`.
+
+`fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables): a
+conv that a BatchNorm follows carries the folded scale in its kernel and the shift in its bias; v2's
+pre-activation `preact_bn` / `post_bn` act on the residual stream, which no conv produces alone, and
+become precomputed per-channel `ScaleShift`s under the same names.
+
 Parameter names mirror Keras layer names (`conv1_conv`, `conv2_block1` / `1_conv`, `post_bn`,
 `predictions`) so the converter's name map reads as the identity it is. Returned features: `stem` (after
 the max-pool), `stage1`..`stageN` (Keras' conv2..conv{N+1} outputs), `pre_logits` (global average pool,
@@ -26,6 +38,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 # Blocks per stage of the standard depths (He et al. 2016, Table 1) and whether they use bottlenecks.
 STAGE_SIZES = {
@@ -58,6 +72,7 @@ class _Block(nn.Module):
     bn_momentum: float
     dtype: Any
     param_dtype: Any
+    fold_bn: bool = False  # inference: BatchNorm folded into the conv before it (embjax.models.folding)
 
     def conv(self, features, kernel, strides, name, bias):
         pad = kernel // 2
@@ -74,6 +89,8 @@ class _Block(nn.Module):
         )
 
     def bn(self, train, name):
+        if self.fold_bn:
+            return folding.identity
         return nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -83,6 +100,17 @@ class _Block(nn.Module):
             name=name,
         )
 
+    def preactivation_bn(self, train):
+        """v2's BatchNorm on the residual stream: no conv to fold into, a precomputed ScaleShift instead."""
+        if self.fold_bn:
+            return folding.ScaleShift(self.dtype, self.param_dtype, name="preact_bn")
+        return self.bn(train, "preact_bn")
+
+    @property
+    def bn_conv_bias(self):
+        """Whether a conv that a BatchNorm follows has a bias: folding puts BatchNorm's shift there."""
+        return self.conv_bias or self.fold_bn
+
 
 class BottleneckV1(_Block):
     """1x1 -> 3x3 -> 1x1 (x4 channels), BatchNorm after every conv, ReLU after the sum (Keras block_v1)."""
@@ -90,8 +118,8 @@ class BottleneckV1(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        b = self.conv_bias
-        shortcut = x
+        b = self.bn_conv_bias
+        shortcut = x[:, :: self.strides, :: self.strides, :]  # TF-Slim's strided identity (subsample)
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(x)
             shortcut = self.bn(train, "0_bn")(shortcut)
@@ -106,7 +134,7 @@ class BasicV1(_Block):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        b = self.conv_bias
+        b = self.bn_conv_bias
         shortcut = x
         if self.project:
             shortcut = self.bn(train, "0_bn")(self.conv(self.filters, 1, self.strides, "0_conv", b)(x))
@@ -125,13 +153,13 @@ class BottleneckV2(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         b = self.conv_bias
-        preact = nn.relu(self.bn(train, "preact_bn")(x))
+        preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(preact)
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv", False)(preact)))
-        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv", False)(y)))
+        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv", self.fold_bn)(preact)))
+        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv", self.fold_bn)(y)))
         y = self.conv(4 * self.filters, 1, 1, "3_conv", b)(y)
         return shortcut + y
 
@@ -142,12 +170,13 @@ class BasicV2(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         b = self.conv_bias
-        preact = nn.relu(self.bn(train, "preact_bn")(x))
+        preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
             shortcut = self.conv(self.filters, 1, self.strides, "0_conv", b)(preact)
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 3, self.strides, "1_conv", False)(preact)))
+        y = self.conv(self.filters, 3, self.strides, "1_conv", self.fold_bn)(preact)
+        y = nn.relu(self.bn(train, "1_bn")(y))
         y = self.conv(self.filters, 3, 1, "2_conv", b)(y)
         return shortcut + y
 
@@ -169,12 +198,16 @@ class ResNet(nn.Module):
     stem_stride: int = 2
     stem_pool: bool = True  # 3x3 stride-2 max-pool after the stem conv
     stride_in_1x1: bool = True  # v1 bottleneck only: Keras (True) or torchvision (False) stride placement
+    layout: str = "keras"  # "slim": TF-Slim's stride placement, shortcuts and stem pool (module docstring)
     conv_bias: bool = True  # Keras convs carry biases (v2: only those not followed by BatchNorm)
     num_classes: int = 1000
     epsilon: float = 1.001e-5  # keras.applications ResNet's BatchNorm epsilon
     bn_momentum: float = 0.99  # Keras' default; only matters when training
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Inference mode without BatchNorm ops: each BatchNorm folded into the conv before it, v2's
+    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold makes the variables).
+    fold_bn: bool = False
 
     def _check(self):
         if self.version not in (1, 2):
@@ -188,6 +221,10 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet stage_sizes must be positive block counts, got {tuple(self.stage_sizes)}")
         if self.width <= 0:
             raise ValueError(f"ResNet width multiplier must be positive, got {self.width}")
+        if self.layout not in ("keras", "slim"):
+            raise ValueError(f"ResNet layout must be 'keras' or 'slim', got {self.layout!r}")
+        if self.layout == "slim" and not self.bottleneck:
+            raise ValueError("ResNet layout 'slim' exists for bottleneck blocks only (TF-Slim has no basic blocks)")
 
     def _scaled(self, channels):
         return max(1, int(round(channels * self.width)))
@@ -195,17 +232,20 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         self._check()
+        folding.check_inference("ResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         v2 = self.version == 2
+        slim = self.layout == "slim"
         x = x.astype(self.dtype)
         common = dict(
-            stride_in_1x1=self.stride_in_1x1,
+            stride_in_1x1=self.stride_in_1x1 and not slim,
             conv_bias=self.conv_bias,
             epsilon=self.epsilon,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            fold_bn=self.fold_bn,
         )
         out = {}
 
@@ -215,13 +255,13 @@ class ResNet(nn.Module):
             (self.stem_kernel, self.stem_kernel),
             strides=(self.stem_stride, self.stem_stride),
             padding=((pad, pad), (pad, pad)),
-            use_bias=self.conv_bias,
+            use_bias=self.conv_bias or (self.fold_bn and not v2),
             kernel_init=_KERNEL_INIT,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv1_conv",
         )(x)
-        if not v2:
+        if not v2 and not self.fold_bn:
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
@@ -230,8 +270,11 @@ class ResNet(nn.Module):
                 param_dtype=self.param_dtype,
                 name="conv1_bn",
             )(x)
+        if not v2:
             x = nn.relu(x)
-        if self.stem_pool:
+        if self.stem_pool and slim:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")  # TF "SAME": -inf, at the end
+        elif self.stem_pool:
             # Keras pads with zeros, not -inf: identical after a ReLU (v1), not for v2's raw stem output.
             x = nn.max_pool(_pad(x, (1, 1)), (3, 3), strides=(2, 2), padding="VALID")
         out["stem"] = x
@@ -247,15 +290,16 @@ class ResNet(nn.Module):
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             filters = self._scaled(width)
             for j in range(blocks):
-                if v2:
-                    # Keras v2 strides the last block of every stage but the last one.
+                if v2 or slim:
+                    # Keras v2 and TF-Slim stride the last block of every stage but the last one.
                     strides = 2 if (j == blocks - 1 and i != last) else 1
                 else:
                     strides = 2 if (j == 0 and i > 0) else 1
                 in_channels = x.shape[-1]
                 # A projection wherever the shortcut changes shape; for Keras v1/v2 bottlenecks this is
                 # exactly "the first block of each stage" (conv_shortcut=True there, False elsewhere).
-                project = in_channels != expansion * filters or (strides != 1 and not v2)
+                # TF-Slim projects only when the channel count changes.
+                project = in_channels != expansion * filters or (strides != 1 and not (v2 or slim))
                 x = block_cls(
                     filters=filters,
                     strides=strides,
@@ -265,7 +309,9 @@ class ResNet(nn.Module):
                 )(x, train=train)
             out[f"stage{i + 1}"] = x
 
-        if v2:
+        if v2 and self.fold_bn:
+            x = nn.relu(folding.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
+        elif v2:
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
@@ -297,6 +343,14 @@ def resnet(depth: int, version: int = 1, num_classes: int = 1000, **overrides) -
     )
     fields.update(overrides)
     return ResNet(**fields)
+
+
+def slim_resnet(depth: int = 152, version: int = 1, num_classes: int = 1001, **overrides) -> ResNet:
+    """TF-Slim's resnet_v{version}_{depth}: `layout="slim"` with the constants of slim's resnet_arg_scope
+    (BatchNorm epsilon 1e-5; v1 convs carry no biases, v2's unnormalized ones do)."""
+    fields = dict(layout="slim", epsilon=1e-5, conv_bias=version == 2, num_classes=num_classes)
+    fields.update(overrides)
+    return resnet(depth, version, **fields)
 
 
 def small_resnet_v1(num_classes: int = 10, **overrides) -> ResNet:
@@ -351,6 +405,7 @@ __all__ = [
     "BasicV2",
     "STAGE_SIZES",
     "resnet",
+    "slim_resnet",
     "small_resnet_v1",
     "small_resnet_v2",
 ]

@@ -9,15 +9,20 @@ Reading: `read_keras_weights(path)` returns {layer name: [that layer's arrays in
   class-based auto names (`conv2d_3`); recent Keras also records the real layer name as a `name`
   attribute on `vars`, which is used when present. The dict follows the natural order of the keys.
 
-Layers without weights are left out. An unreadable, truncated or non-Keras file raises
-`KerasWeightsError` naming the file; a missing one `FileNotFoundError`.
+Layers without weights are left out. An unreadable, truncated, oversized or non-Keras file raises
+`KerasWeightsError` naming the file (and the layer, where one is at fault); a missing one
+`FileNotFoundError`. Reading is bounded: the arrays' logical sizes are charged to a per-call byte budget
+(`embjax.weights.limits`) before they are read, a dataset linked from several layers is read once,
+links to other files and datasets stored outside the file are refused, and nested models are followed
+only to `limits.MAX_NESTING` levels, never around a cycle.
 
-Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`) describe a model as a list of
-`LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
+Converting: the Keras converters (`keras_resnet`, `keras_mobilenet`, `keras_nasnet`) describe a model as a
+list of `LayerMap(keras_name, flax_path, kind)`; `convert_layers` turns the weights into
 {"params", "batch_stats"} and compares the result with the shapes the Flax module expects;
 it collects every problem before raising one `WeightMismatchError`. Keras' layouts need no transposition:
 Conv2D kernels are HWIO and Dense kernels (in, out) as in Flax; a DepthwiseConv2D kernel
-(h, w, C, multiplier) becomes Flax's grouped (h, w, 1, C * multiplier).
+(h, w, C, multiplier) becomes Flax's grouped (h, w, 1, C * multiplier); a SeparableConv2D fills the
+`depthwise` and `pointwise` convolutions of one Flax module.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
+
+from embjax.weights.limits import MAX_NESTING, ByteBudget
 
 
 class KerasWeightsError(ValueError):
@@ -58,46 +65,121 @@ def natural_key(name: str):
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
-def _read_legacy(root: h5py.Group) -> dict[str, list[np.ndarray]]:
+_MAX_NDIM = 32
+_MAX_NAMES = 1_000_000
+
+
+class _Reader:
+    """One read of one file: its byte budget and the datasets already read (hard links share one)."""
+
+    def __init__(self, path: str, max_bytes: int | None):
+        self.path = path
+        self.budget = ByteBudget(path, max_bytes, KerasWeightsError)
+        self._arrays: dict = {}  # h5py ObjectID (equal for two links to one object) -> array
+
+    def node(self, group: h5py.Group, name: str, what: str):
+        """`group[name]` following only links inside the file (an external link could open any file)."""
+        node = group.file if name.startswith("/") else group
+        for part in (p for p in name.split("/") if p):
+            if not isinstance(node, h5py.Group):
+                raise KerasWeightsError(f"{self.path}: {what}: {part!r} is looked up in a dataset")
+            link = node.get(part, getlink=True)
+            if link is None:
+                raise KerasWeightsError(f"{self.path}: {what}: no {name!r} in {node.name!r}")
+            if isinstance(link, h5py.ExternalLink):
+                raise KerasWeightsError(f"{self.path}: {what}: {name!r} is a link to another file "
+                                        f"({link.filename!r}); weight files are read on their own")
+            node = node[part]
+        return node
+
+    def array(self, group: h5py.Group, name: str, what: str) -> np.ndarray:
+        ds = self.node(group, name, what)
+        if not isinstance(ds, h5py.Dataset):
+            raise KerasWeightsError(f"{self.path}: {what}: {name!r} is not a dataset")
+        if ds.id in self._arrays:
+            return self._arrays[ds.id]
+        if ds.external or ds.is_virtual:  # raw bytes or datasets of other files, named by this one
+            raise KerasWeightsError(f"{self.path}: {what}: {name!r} stores its data outside the file; weight "
+                                    "files are read on their own")
+        if ds.dtype.kind not in "fiub" or ds.ndim > _MAX_NDIM:
+            raise KerasWeightsError(f"{self.path}: {what}: {name!r} is not a numeric array (dtype {ds.dtype}, "
+                                    f"{ds.ndim} dimensions)")
+        itemsize = ds.dtype.itemsize
+        # The logical size (a chunked, compressed or never-written dataset can be huge in a tiny file),
+        # plus the one chunk HDF5 decompresses at a time, which may exceed the dataset's extent.
+        nbytes = int(np.prod(ds.shape, dtype=object)) * itemsize
+        chunk = int(np.prod(ds.chunks, dtype=object)) * itemsize if ds.chunks else 0
+        self.budget.charge(nbytes + chunk, f"{what}: dataset {ds.name!r} (shape {ds.shape}, {ds.dtype})")
+        try:
+            out = np.asarray(ds[()])
+        except Exception as e:  # HDF5 reports damaged chunks and filters as OSError, RuntimeError ...
+            raise KerasWeightsError(f"{self.path}: {what}: cannot read dataset {ds.name!r} ({type(e).__name__}: "
+                                    f"{str(e)[:200]}); the file is corrupt") from e
+        self._arrays[ds.id] = out
+        return out
+
+    def names(self, obj, attr: str, what: str) -> list[str]:
+        value = obj.attrs.get(attr, [])
+        if np.ndim(value) > 1 or np.size(value) > _MAX_NAMES:
+            raise KerasWeightsError(f"{self.path}: {what}: attribute {attr!r} of shape {np.shape(value)} is not "
+                                    "a list of names")
+        return [_text(n) for n in np.atleast_1d(value)] if np.size(value) else []
+
+
+def _read_legacy(reader: _Reader, root: h5py.Group) -> dict[str, list[np.ndarray]]:
     layers = {}
-    for layer in (_text(n) for n in root.attrs["layer_names"]):
-        group = root[layer]
-        names = [_text(n) for n in group.attrs.get("weight_names", [])]
+    for layer in reader.names(root, "layer_names", "the layer list"):
+        what = f"layer {layer!r}"
+        group = reader.node(root, layer, what)
+        if not isinstance(group, h5py.Group):
+            raise KerasWeightsError(f"{reader.path}: {what} is not a group")
+        names = reader.names(group, "weight_names", what)
         if names:
-            layers[layer] = [np.asarray(group[n]) for n in names]
+            layers[layer] = [reader.array(group, n, f"{what}, weight {n!r}") for n in names]
     return layers
 
 
-def _read_keras3(group: h5py.Group, prefix: str, layers: dict) -> None:
+def _read_keras3(reader: _Reader, group: h5py.Group, prefix: str, layers: dict, open_groups: tuple = ()) -> None:
+    if len(open_groups) > MAX_NESTING or group.id in open_groups:
+        raise KerasWeightsError(f"{reader.path}: models nested in models deeper than {MAX_NESTING} levels or "
+                                f"in a cycle at {group.name!r}")
+    open_groups = open_groups + (group.id,)
     for key in sorted(group.keys(), key=natural_key):
-        child = group[key]
+        child = reader.node(group, key, f"layer {prefix}{key!r}")
         if not isinstance(child, h5py.Group):
             continue
         name = key
         if "vars" in child:
-            variables = child["vars"]
+            variables = reader.node(child, "vars", f"layer {prefix}{key!r}")
             name = _text(variables.attrs.get("name", key))
+            what = f"layer {prefix + name!r}"
             indices = sorted((k for k in variables.keys() if k.isdigit()), key=int)
             if indices:
-                layers[prefix + name] = [np.asarray(variables[k]) for k in indices]
+                layers[prefix + name] = [reader.array(variables, k, f"{what}, variable {k}") for k in indices]
         if "layers" in child:  # a model nested in the model: its layers are named under it
-            _read_keras3(child["layers"], f"{prefix}{name}/", layers)
+            _read_keras3(reader, reader.node(child, "layers", f"layer {prefix}{key!r}"), f"{prefix}{name}/",
+                         layers, open_groups)
 
 
-def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+def read_keras_weights(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, list[np.ndarray]]:
     """{layer name: [arrays in Keras' weight order]} from a legacy Keras .h5 or a Keras 3 .weights.h5.
 
     Keras' order: Conv2D [kernel, bias?], BatchNormalization [gamma, beta, moving_mean,
     moving_variance], Dense [kernel, bias], DepthwiseConv2D [depthwise_kernel, bias?].
+
+    `max_bytes` caps the total size of the arrays read (default $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB; see
+    `embjax.weights.limits`); links and dataset storage outside the file are refused; every failure is a
+    KerasWeightsError naming the file and the layer.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Keras weights file {path!r} does not exist")
     if os.path.isdir(path):
         raise KerasWeightsError(f"{path!r} is a directory, not a Keras .h5 weights file")
+    reader = _Reader(path, max_bytes)
     try:
         handle = h5py.File(path, "r")
-    except OSError as err:
+    except Exception as err:  # OSError for most damage; h5py lets a few others through
         raise KerasWeightsError(
             f"cannot read {path!r} as HDF5 ({err}); the file is truncated, corrupt or not a Keras .h5 "
             "weights file; download it again"
@@ -105,21 +187,22 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     with handle:
         try:
             if "model_weights" in handle and "layer_names" in handle["model_weights"].attrs:
-                layers = _read_legacy(handle["model_weights"])
+                layers = _read_legacy(reader, reader.node(handle, "model_weights", "the model weights"))
             elif "layer_names" in handle.attrs:
-                layers = _read_legacy(handle)
+                layers = _read_legacy(reader, handle)
             elif "layers" in handle:
                 layers = {}
-                _read_keras3(handle["layers"], "", layers)
+                _read_keras3(reader, reader.node(handle, "layers", "the layers"), "", layers)
             else:
                 raise KerasWeightsError(
                     f"{path!r} is HDF5 but not a Keras weights file: it has neither a 'layer_names' "
                     "attribute (legacy Keras .h5) nor a 'layers' group (Keras 3 .weights.h5)"
                 )
-        except (OSError, KeyError, RuntimeError, ValueError) as err:
-            if isinstance(err, KerasWeightsError):
-                raise
-            raise KerasWeightsError(f"cannot read the weights in {path!r} ({err}); the file is corrupt") from err
+        except KerasWeightsError:
+            raise
+        except Exception as err:  # OSError, KeyError, RuntimeError, ValueError, UnicodeDecodeError ...
+            raise KerasWeightsError(f"cannot read the weights in {path!r} ({type(err).__name__}: "
+                                    f"{str(err)[:200]}); the file is corrupt") from err
     if not layers:
         raise KerasWeightsError(f"{path!r} holds no layer weights")
     return layers
@@ -141,6 +224,7 @@ _KINDS = {
     "conv": (2, "Conv2D [kernel, bias]"),
     "conv_nobias": (1, "Conv2D [kernel] (use_bias=False)"),
     "depthwise": (1, "DepthwiseConv2D [depthwise_kernel] (use_bias=False)"),
+    "separable": (2, "SeparableConv2D [depthwise_kernel, pointwise_kernel] (use_bias=False)"),
     "bn": (4, "BatchNormalization [gamma, beta, moving_mean, moving_variance]"),
     "dense": (2, "Dense [kernel, bias]"),
 }
@@ -212,7 +296,7 @@ def convert_layers(
             )
             reported.append(m.flax_path)
             continue
-        if m.kind in ("conv", "conv_nobias", "depthwise") and arrays[0].ndim != 4:
+        if m.kind in ("conv", "conv_nobias", "depthwise", "separable") and arrays[0].ndim != 4:
             problems.append(f"Keras layer {m.keras_name!r}: kernel of shape {arrays[0].shape} is not 4-D")
             reported.append(m.flax_path)
             continue
@@ -231,6 +315,12 @@ def convert_layers(
             h, w, c, mult = arrays[0].shape
             # Keras output channel c*mult + k is Flax's group c, member k: a reshape keeps that order.
             _set(params, m.flax_path, {"kernel": arrays[0].reshape(h, w, 1, c * mult)})
+        elif m.kind == "separable":
+            # A Flax module with a grouped `depthwise` and a 1x1 `pointwise` conv (embjax.models.nasnet).
+            depthwise, pointwise = arrays
+            h, w, c, mult = depthwise.shape
+            _set(params, m.flax_path + ("depthwise",), {"kernel": depthwise.reshape(h, w, 1, c * mult)})
+            _set(params, m.flax_path + ("pointwise",), {"kernel": pointwise})
         elif m.kind == "conv_nobias":
             _set(params, m.flax_path, {"kernel": arrays[0]})
         else:  # conv, dense: (kernel, bias)

@@ -4,8 +4,8 @@ NAME is one of
   zoo          (default) five small models of different families trained by embjax on Fashion-MNIST
   effnet_lite  the three real ImageNet EfficientNet-Lite backbones on Fashion-MNIST: linear heads trained on
                fit features give labelled accuracies, the original ImageNet heads give agreement
-  imagenet     the thesis setting: registry models on imagenet2012 through tfds with a manual_dir, maps fit on
-               the training split and evaluated on validation
+  imagenet     the thesis setting: its ten CNNs on imagenet2012 through tfds with a manual_dir, 331-px crops
+               (MobileNet-v2 224), maps fit on the training split and evaluated on validation
 Fields can be overridden on the command line, e.g. `--config.batch_size=512 --config.fit_split=train[:10%]`.
 """
 
@@ -14,13 +14,28 @@ import ml_collections
 ZOO_MODELS = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2",
               "zoo_efficientnet_lite")
 
-# Registry name -> the thesis' name, for printing the thesis' cells beside ours.
+# Registry name -> the thesis' name, for printing the thesis' cells beside ours: the thesis' ten CNNs, in
+# the order of its tables (TF-Slim / TF-Hub weights; docs/thesis_weights.md says where each file is).
 THESIS_NAMES = {
+    "inception_v1": "Inception-v1",
+    "inception_v2": "Inception-v2",
+    "mobilenet_v2_140_slim": "MobileNet-v2-1.4-224",
+    "resnet_v1_152_slim": "ResNet-v1-152",
+    "resnet_v2_152_slim": "ResNet-v2-152",
+    "inception_v3_slim": "Inception-v3",
+    "inception_v4": "Inception-v4",
+    "inception_resnet_v2_slim": "Inception-ResNet-v2",
+    "nasnet_large": "NASNet-Large",
+    "pnasnet_large": "PNASNet-Large",
+}
+# The same models from keras.applications .h5 files, where a user has those instead.
+KERAS_THESIS_NAMES = {
     "inception_v3": "Inception-v3",
     "inception_resnet_v2": "Inception-ResNet-v2",
     "mobilenet_v2_140": "MobileNet-v2-1.4-224",
     "resnet152_v1": "ResNet-v1-152",
     "resnet152_v2": "ResNet-v2-152",
+    "nasnet_large": "NASNet-Large",
 }
 
 
@@ -39,6 +54,10 @@ def base() -> ml_collections.ConfigDict:
     c.manual_dir = ml_collections.config_dict.placeholder(str)
     # Host-side square size for datasets of variable-size images (each model then resizes on device).
     c.image_size = ml_collections.config_dict.placeholder(int)
+    # The square size every model runs at (0: each model's registry size), except the models named in
+    # native_size_models, which keep their own (the thesis ran every CNN at 331 px but MobileNet-v2 at 224).
+    c.input_size = 0
+    c.native_size_models = ""
     c.num_classes = 10
     # Heads scored against labels: "native" (each model's own classifier) or "linear" (a linear head per
     # backbone trained with optax on fit features; the native heads are then scored for agreement).
@@ -48,6 +67,12 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 256  # global, over all devices and processes
     c.ridge = 0.0  # relative ridge, lambda = ridge * tr(C_AA) / d_A (see embjax.maps.affine)
     c.dtype = "float32"
+    # Extraction with every BatchNorm folded into its convolution (families that implement it): same
+    # features within float32 rounding, less work. False runs the modules as trained.
+    c.fold_batchnorm = True
+    # A bfloat16 run (dtype="bfloat16") also extracts this many evaluation images in float32 and reports
+    # each model's top-1 agreement and feature error against float32 (0: no check).
+    c.precision_check_images = 256
     c.checkpoint_every = 50  # batches
     c.prefetch = 2
     c.progress_seconds = 10.0  # a progress line (images/s, ETA) at most this often; 0 = every batch
@@ -81,6 +106,9 @@ def effnet_lite() -> ml_collections.ConfigDict:
 
 
 def imagenet() -> ml_collections.ConfigDict:
+    """The thesis' protocol: its ten CNNs on 331x331 central crops (MobileNet-v2 at its own 224), each with
+    its own scaling; maps fit on the 1.28M training images, evaluated on the 50,000 validation images.
+    TF-Slim heads with a background logit are scored on the 1000 ImageNet classes."""
     c = base()
     c.name = "imagenet"
     c.models = ",".join(THESIS_NAMES)
@@ -89,10 +117,12 @@ def imagenet() -> ml_collections.ConfigDict:
     c.fit_split = "train"
     c.eval_split = "validation"
     c.image_size = 331
+    c.input_size = 331
+    c.native_size_models = "mobilenet_v2_140_slim,mobilenet_v2_140"
     c.num_classes = 1000
     c.batch_size = 512
     c.checkpoint_every = 200
-    c.thesis_names = ml_collections.ConfigDict(THESIS_NAMES)
+    c.thesis_names = ml_collections.ConfigDict({**KERAS_THESIS_NAMES, **THESIS_NAMES})
     return c
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embjax.weights.h5 import WeightMismatchError
 from embjax.models.efficientnet import LITE_VARIANTS, EfficientNetLite
 
 __all__ = [
@@ -58,8 +59,13 @@ PREPROCESSING: dict[int, dict[str, Any]] = {
 }
 
 
-class StateDictMismatchError(ValueError):
-    """The state dict does not fit the architecture: lists every missing, extra and mis-shaped entry."""
+class StateDictMismatchError(WeightMismatchError):
+    """The state dict does not fit the architecture: lists every missing, extra and mis-shaped entry. A
+    WeightMismatchError, the one mismatch type every converter raises."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        ValueError.__init__(self, message)
+        self.problems = list(problems) or [message]
 
 
 class PretrainedWeightsUnavailable(FileNotFoundError):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import inception
+from embjax.weights.h5 import WeightMismatchError
 
 _AUTO_CONV = re.compile(r"^conv2d(?:_(\d+))?$")
 _AUTO_BN = re.compile(r"^batch_normalization(?:_(\d+))?$")
@@ -35,11 +36,12 @@ _SHOWN = 60  # problems spelled out in an error message
 Path = tuple[str, ...]
 
 
-class KerasConversionError(ValueError):
-    """Keras weights that do not fit the Flax port; `problems` (and the message) list every one."""
+class KerasConversionError(WeightMismatchError):
+    """Keras weights that do not fit the Flax port; `problems` (and the message) list every one. A
+    WeightMismatchError, the one mismatch type every converter raises."""
 
     def __init__(self, message: str, problems: Sequence[str]):
-        super().__init__(message)
+        ValueError.__init__(self, message)
         self.problems = list(problems)
 
 

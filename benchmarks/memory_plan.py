@@ -1,0 +1,184 @@
+"""Per-device memory of the thesis-scale steps, from XLA's own memory analysis, on fake CPU devices.
+
+The thesis' run folds the features of ten ImageNet CNNs (joint width D = 21,408) into one accumulator.
+This compiles, for `--devices` fake CPU devices and a global batch of `--batch` 331-px images, the
+affine study's two jitted steps exactly as the engine builds them (`embjax.extract.make_step`), with
+stand-in members of the thesis' feature widths (1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032,
+4320) whose own work is a pooled projection: their activations are negligible, so the figures are the
+engine's (statistics, maps, heads, temporaries) and backbone activations are excluded (reported
+separately by `--backbone NAME`, which compiles that registry model's forward at the per-device batch).
+
+For each step it prints argument, output, aliased (donated) and temporary bytes per device, their peak
+(arguments + outputs − aliased + temporaries) and the bytes all-reduced per call, read from the compiled
+HLO (`all-reduce` results). The fit step is compiled twice: with per-device partial statistics (what the
+engine does: `Pass.merge`) and with the replicated state XLA reduces every batch (the design it
+replaced). Nothing is executed: shapes only.
+
+    ./launch.sh bench memory_plan                      # 8 devices, batch 512
+    ./launch.sh bench memory_plan --devices 4 --batch 256 --backbone resnet152_v1
+
+The last line ends with the larger per-device peak of the two engine steps, in GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+WIDTHS = (1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320)
+CLASSES = 1000
+GIB = 2.0 ** 30
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=512, help="global batch")
+    ap.add_argument("--image", type=int, default=331)
+    ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
+    ap.add_argument("--backbone", default=None, help="a registry model whose forward is compiled alone")
+    return ap.parse_args(argv)
+
+
+_DTYPE_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "u8": 1, "s8": 1}
+
+
+def allreduce_bytes(hlo: str) -> int:
+    """Bytes produced by every all-reduce in a compiled HLO module (its result shapes)."""
+    total = 0
+    for line in hlo.splitlines():
+        if " all-reduce(" not in line and " all-reduce-start(" not in line:
+            continue
+        lhs = line.split("=", 1)[1] if "=" in line else line
+        head = lhs.split("all-reduce", 1)[0]
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", head):
+            if dtype in _DTYPE_BYTES:
+                n = 1
+                for d in filter(None, dims.split(",")):
+                    n *= int(d)
+                total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def analyse(compiled) -> dict:
+    m = compiled.memory_analysis()
+    args, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                              m.temp_size_in_bytes)
+    return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp,
+            "peak": args + out - alias + temp, "allreduce": allreduce_bytes(compiled.as_text())}
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={a.devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import common
+    from embjax import evaluate, extract, stats
+
+    widths = [int(w) for w in a.widths.split(",")]
+    n_dev, n = a.devices, len(widths)
+    if a.batch % n_dev:
+        raise SystemExit(f"--batch {a.batch} must be a multiple of --devices {n_dev}")
+    print(f"memory_plan: {common.machine_line()}; {common.now()}", flush=True)
+    print(f"{n} members of widths {widths} (D = {sum(widths)}), {CLASSES} classes, {n_dev} devices, "
+          f"global batch {a.batch} of {a.image}x{a.image} px", flush=True)
+    mesh = extract.make_mesh(jax.devices()[:n_dev])
+    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(extract.DATA_AXIS))
+
+    def member(i, d):
+        def apply(v, images):
+            x = images.astype(jnp.float32).mean(axis=(1, 2))  # (B, 3): a stand-in with no activations
+            feats = jax.nn.relu(x @ v["proj"])
+            return {"pre_logits": feats, "logits": feats @ v["head"]["kernel"] + v["head"]["bias"]}
+        variables = {"proj": jax.ShapeDtypeStruct((3, d), jnp.float32),
+                     "head": {"kernel": jax.ShapeDtypeStruct((d, CLASSES), jnp.float32),
+                              "bias": jax.ShapeDtypeStruct((CLASSES,), jnp.float32)}}
+        return extract.Member(name=f"m{i}", apply=apply, variables=variables, feature_dim=d)
+
+    members = [member(i, d) for i, d in enumerate(widths)]
+    names = [m.name for m in members]
+
+    def abstract(tree, sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+    def stacked(tree):  # per-device partial states: a leading device axis, sharded
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n_dev, *x.shape), x.dtype, sharding=shard), tree)
+
+    batch = {"image": jax.ShapeDtypeStruct((a.batch, a.image, a.image, 3), jnp.uint8, sharding=shard),
+             "label": jax.ShapeDtypeStruct((a.batch,), jnp.int32, sharding=shard),
+             "mask": jax.ShapeDtypeStruct((a.batch,), jnp.bool_, sharding=shard),
+             "index": jax.ShapeDtypeStruct((a.batch,), jnp.int32, sharding=shard)}
+    variables = abstract([m.variables for m in members], rep)
+    feats = {nm: ("pre_logits",) for nm in names}
+    init = jax.eval_shape(lambda: stats.init(widths))
+    fold = lambda s, out, b, aux: stats.update(s, [out[nm]["pre_logits"] for nm in names], b["mask"])  # noqa: E731
+
+    results = {}
+    fit = extract.Pass("fit", None, "train", feats, init=init, fold=fold, merge=stats.merge)
+    step = extract.make_step(members, fit, mesh)
+    results["fit (per-device partials)"] = analyse(step.lower(
+        stacked(init), jax.ShapeDtypeStruct((n_dev, n), jnp.bool_, sharding=shard), variables, None, batch).compile())
+    replicated = extract.make_step(members, extract.Pass("fit", None, "train", feats, init=init, fold=fold), mesh)
+    results["fit (replicated, reduced per batch)"] = analyse(replicated.lower(
+        abstract(init, rep), jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=rep), variables, None, batch).compile())
+
+    # Evaluation: the three thesis families as the affine study holds them (affine dense and padded,
+    # logit factored, naive as slices) and every model's head.
+    d_max = max(widths)
+    heads = [(jax.ShapeDtypeStruct((d, CLASSES), jnp.float32), jax.ShapeDtypeStruct((CLASSES,), jnp.float32))
+             for d in widths]
+    affine = tuple((jax.ShapeDtypeStruct((n, d, d_max), jnp.float32), jax.ShapeDtypeStruct((n, d_max), jnp.float32))
+                   for d in widths)
+    logit = evaluate.LogitMaps(kernels=tuple(h[0] for h in heads),
+                               biases=jax.ShapeDtypeStruct((n, CLASSES), jnp.float32),
+                               pinvs=jax.ShapeDtypeStruct((n, CLASSES, d_max), jnp.float32))
+    families = {"affine": affine, "logit": logit, "naive": evaluate.NaiveMaps()}
+    aux = abstract({"heads": {k: heads for k in families}, "maps": families}, rep)
+    ev_init = jax.eval_shape(lambda: {k: evaluate.init(widths) for k in families})
+
+    def fold_eval(s, out, b, aux):
+        f = [out[nm]["pre_logits"] for nm in names]
+        return {k: evaluate.update(s[k], f, aux["heads"][k], aux["maps"][k], b["label"], b["mask"]) for k in s}
+
+    ev = extract.Pass("eval", None, "validation", feats, init=ev_init, fold=fold_eval,
+                      merge=lambda x, y: {k: evaluate.merge(x[k], y[k]) for k in x})
+    results["eval (3 families)"] = analyse(extract.make_step(members, ev, mesh).lower(
+        stacked(ev_init), jax.ShapeDtypeStruct((n_dev, n), jnp.bool_, sharding=shard), variables, aux,
+        batch).compile())
+
+    print(f"\n| step | arguments | outputs | aliased | temporaries | peak per device | all-reduced per call |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r[k] / GIB:.2f} GiB" for k in
+                                          ("arguments", "outputs", "aliased", "temporaries", "peak"))
+              + f" | {r['allreduce'] / 2**20:.1f} MiB |", flush=True)
+
+    if a.backbone:
+        from embjax.models import registry
+
+        spec = registry.get(a.backbone)
+        module = spec.build()
+        local = a.batch // n_dev
+        x = jax.ShapeDtypeStruct((local, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
+        shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+        fwd = jax.jit(lambda v, x: module.apply(v, x)["pre_logits"]).lower(shapes, x).compile()
+        r = analyse(fwd)
+        print(f"\nbackbone {a.backbone}, forward of {local} images at {spec.input_size} px on one device: "
+              f"parameters {r['arguments'] / GIB:.2f} GiB (with the images), activations (temporaries) "
+              f"{r['temporaries'] / GIB:.2f} GiB", flush=True)
+
+    engine_peak = max(results["fit (per-device partials)"]["peak"], results["eval (3 families)"]["peak"])
+    print(f"\nlarger per-device peak of the engine's fit and eval steps (GiB): {engine_peak / GIB:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

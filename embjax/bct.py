@@ -1,0 +1,343 @@
+"""Backward-compatible training (Shen et al., "Towards Backward-Compatible Representation Learning", CVPR
+2020) and the baselines it is compared with.
+
+This module owns the pieces specific to the backward-compatibility study:
+
+- the influence loss: the new model's embedding, cut or zero-padded to the old width, scored by the old
+  model's frozen classifier and trained with cross-entropy against each sample's label;
+- the paper's handling of classes the old model never saw: their old-classifier columns are synthesized
+  as the mean old embedding of each such class over the new training set (a streaming accumulator of
+  per-class sums, `class_sums_*`), concatenated to the old classifier's columns of the old classes;
+- the L2 baseline (new embeddings regressed onto old ones during training);
+- an orthogonal post-hoc map for either direction of a pair (embjax.maps.procrustes needs d_src ≤ d_dst);
+- the loss functions that plug these into `embjax.train.fit`.
+
+The math is plain jax.numpy on arrays and imports only pure modules (`maps`, `stats`); the loss builders
+additionally call a Flax module's `apply`, and nothing here knows about devices or files.
+
+Label convention: datasets label samples 0 … L−1. The influence classifier has one column per class it
+covers (old classes first, in the order given, then synthesized new classes), and `label_to_column`
+(length L, −1 for classes it does not cover) turns dataset labels into its column indices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from embjax import maps, stats
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+NORMALIZE_CHOICES = (None, "unit", "old_norm")
+
+
+# --------------------------------------------------------------------------------------------------
+# The influence loss
+
+
+def fit_width(x: jax.Array, width: int) -> jax.Array:
+    """(B, d) -> (B, width): the first `width` features when d > width, zero-padded when d < width (the
+    paper's rule for feeding a new embedding of another width to the old classifier)."""
+    d = x.shape[-1]
+    if width <= 0:
+        raise ValueError(f"bct.fit_width: width must be positive, got {width}")
+    if d >= width:
+        return x[..., :width]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - d)])
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.mean(values)
+    weight = mask.astype(values.dtype)
+    return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def influence_logits(embedding: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Logits of the (frozen) old classifier on the new embedding fitted to the old width."""
+    z = fit_width(embedding.astype(jnp.float32), kernel.shape[0])
+    return jnp.matmul(z, kernel, precision=_HIGHEST) + bias
+
+
+def influence_loss(embedding: jax.Array, columns: jax.Array, kernel: jax.Array, bias: jax.Array,
+                   mask: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of the old classifier (kernel (d_old, K), bias (K,)) on the new embedding
+    (B, d_new) against `columns` (B,) int, the influence-classifier column of each sample's label.
+    Rows with mask False get no weight. The classifier receives no gradient: it is the old model's."""
+    kernel = jax.lax.stop_gradient(kernel)
+    bias = jax.lax.stop_gradient(bias)
+    ce = optax.softmax_cross_entropy_with_integer_labels(influence_logits(embedding, kernel, bias), columns)
+    return _masked_mean(ce, mask)
+
+
+def l2_compatibility_loss(embedding: jax.Array, old_embedding: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """Mean over samples of ‖fit_width(φ_new) − φ_old‖²: the L2-regression baseline of the paper."""
+    diff = fit_width(embedding.astype(jnp.float32), old_embedding.shape[-1]) - old_embedding
+    return _masked_mean(jnp.sum(diff * diff, axis=-1), mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthesized classifier columns for new classes
+
+
+@flax.struct.dataclass
+class ClassSums:
+    """Per-class counts and sums of embeddings: the streaming state behind class means."""
+
+    count: jax.Array  # (L,) float32: real rows seen per label
+    total: jax.Array  # (L, d) Σ embeddings per label
+
+
+def class_sums_init(num_labels: int, dim: int, dtype=jnp.float32) -> ClassSums:
+    if num_labels <= 0 or dim <= 0:
+        raise ValueError(f"bct.class_sums_init: num_labels and dim must be positive, got {num_labels}, {dim}")
+    return ClassSums(count=jnp.zeros((num_labels,), dtype), total=jnp.zeros((num_labels, dim), dtype))
+
+
+def class_sums_update(state: ClassSums, x: jax.Array, labels: jax.Array,
+                      mask: jax.Array | None = None) -> ClassSums:
+    """Adds a batch of embeddings (B, d) with labels (B,); rows with mask False are ignored."""
+    weight = jnp.ones(labels.shape, state.total.dtype) if mask is None else mask.astype(state.total.dtype)
+    # Padded rows may carry any label, and out-of-range labels must not wrap around: zero their weight.
+    num_labels = state.count.shape[0]
+    weight = jnp.where((labels >= 0) & (labels < num_labels), weight, 0.0)
+    onehot = jax.nn.one_hot(labels, num_labels, dtype=state.total.dtype) * weight[:, None]
+    x = jnp.where(weight[:, None] > 0, x.astype(state.total.dtype), 0.0)  # NaNs in padding stay out
+    return ClassSums(count=state.count + jnp.sum(onehot, axis=0),
+                     total=state.total + jnp.matmul(onehot.T, x, precision=_HIGHEST))
+
+
+def class_sums_merge(a: ClassSums, b: ClassSums) -> ClassSums:
+    return ClassSums(count=a.count + b.count, total=a.total + b.total)
+
+
+def class_sums_compute(state: ClassSums) -> jax.Array:
+    """(L, d) mean embedding per label (rows of labels never seen are zero)."""
+    return state.total / jnp.maximum(state.count, 1.0)[:, None]
+
+
+def synthesized_columns(class_means: jax.Array, *, normalize: str | None = None,
+                        old_kernel: jax.Array | None = None) -> jax.Array:
+    """Old-classifier columns (d, k) for k new classes from their mean old embeddings (k, d).
+
+    normalize: None (the paper: the mean embedding itself), "unit" (each column scaled to norm 1), or
+    "old_norm" (each column scaled to the mean column norm of `old_kernel`, so the new classes' logits
+    have the scale of the old ones).
+    """
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"bct: normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
+    cols = jnp.asarray(class_means, jnp.float32).T
+    if normalize is None:
+        return cols
+    norms = jnp.linalg.norm(cols, axis=0, keepdims=True)
+    unit = cols / jnp.where(norms > 0, norms, 1.0)
+    if normalize == "unit":
+        return unit
+    if old_kernel is None:
+        raise ValueError("bct: normalize='old_norm' needs the old classifier's kernel (old_kernel=)")
+    return unit * jnp.mean(jnp.linalg.norm(jnp.asarray(old_kernel, jnp.float32), axis=0))
+
+
+def influence_classifier(kernel, bias, old_classes: Sequence[int], *, num_labels: int,
+                         new_classes: Sequence[int] = (), new_class_means=None,
+                         normalize: str | None = None):
+    """The classifier the influence loss scores new embeddings with.
+
+    kernel (d_old, C) and bias (C,) are the old model's head, whose column c belongs to dataset label c;
+    the columns of `old_classes` (the labels the old model was trained on) are kept. For `new_classes`,
+    `new_class_means` (len(new_classes), d_old) are their mean old embeddings over the new training set;
+    their synthesized columns are appended with bias 0 (the paper's classifier has no bias term to copy).
+    Returns (kernel (d_old, K), bias (K,), label_to_column (num_labels,) int32, −1 for labels not covered).
+    """
+    kernel = jnp.asarray(kernel, jnp.float32)
+    bias = jnp.asarray(bias, jnp.float32)
+    if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
+        raise ValueError(f"bct.influence_classifier: expected kernel (d, C) and bias (C,), got {kernel.shape} "
+                         f"and {bias.shape}")
+    old_classes = [int(c) for c in old_classes]
+    new_classes = [int(c) for c in new_classes]
+    if not old_classes:
+        raise ValueError("bct.influence_classifier: old_classes is empty; name the labels the old model was "
+                         "trained on")
+    if set(old_classes) & set(new_classes) or len(set(old_classes + new_classes)) != len(old_classes + new_classes):
+        raise ValueError(f"bct.influence_classifier: old classes {old_classes} and new classes {new_classes} "
+                         "must be distinct")
+    bad = [c for c in old_classes if not 0 <= c < kernel.shape[1]]
+    if bad:
+        raise ValueError(f"bct.influence_classifier: old classes {bad} have no column in the old head "
+                         f"({kernel.shape[1]} columns)")
+    bad = [c for c in old_classes + new_classes if not 0 <= c < num_labels]
+    if bad:
+        raise ValueError(f"bct.influence_classifier: labels {bad} are outside 0..{num_labels - 1}")
+    k = kernel[:, jnp.asarray(old_classes)]
+    b = bias[jnp.asarray(old_classes)]
+    if new_classes:
+        if new_class_means is None:
+            raise ValueError("bct.influence_classifier: new classes need new_class_means (their mean old "
+                             "embeddings over the new training set)")
+        means = jnp.asarray(new_class_means, jnp.float32)
+        if means.shape != (len(new_classes), kernel.shape[0]):
+            raise ValueError(f"bct.influence_classifier: new_class_means has shape {means.shape}, expected "
+                             f"{(len(new_classes), kernel.shape[0])}")
+        k = jnp.concatenate([k, synthesized_columns(means, normalize=normalize, old_kernel=k)], axis=1)
+        b = jnp.concatenate([b, jnp.zeros((len(new_classes),), jnp.float32)])
+    table = np.full((num_labels,), -1, np.int32)
+    for col, label in enumerate(old_classes + new_classes):
+        table[label] = col
+    return k, b, jnp.asarray(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-hoc orthogonal maps in either direction
+
+
+def orthogonal_map(state: stats.Stats, src: int, dst: int, *, scale: bool = True):
+    """The orthogonal (Procrustes) map src → dst from joint statistics, for either order of widths.
+
+    With C = C_src,dst = U Σ Vᵀ, W = U Vᵀ maximizes tr(Wᵀ C) over partial isometries: W Wᵀ = I when
+    d_src ≤ d_dst (embjax.maps.procrustes), WᵀW = I when d_src > d_dst, obtained here as the transpose of
+    maps.procrustes(dst → src), whose SVD is the same one transposed. With `scale`, W is multiplied by
+    the least-squares factor s = tr(Wᵀ C) / tr(Wᵀ C_src,src W). b = μ_dst − μ_src W.
+    """
+    d_src, d_dst = state.dims[src], state.dims[dst]
+    if d_src <= d_dst:
+        w, _ = maps.procrustes(state, src, dst)
+    else:
+        w, _ = maps.procrustes(state, dst, src)
+        w = w.T
+    with jax.default_matmul_precision("highest"):
+        if scale:
+            c_aa = stats.block(state, src, src)
+            c_ab = stats.block(state, src, dst)
+            num = jnp.sum(w * c_ab)
+            den = jnp.sum(w * jnp.matmul(c_aa, w, precision=_HIGHEST))
+            w = w * jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+        b = stats.block_mean(state, dst) - jnp.matmul(stats.block_mean(state, src), w, precision=_HIGHEST)
+    return w, b
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss functions for embjax.train.fit
+
+
+def _cross_entropy(logits, labels, mask):
+    return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
+
+
+def make_loss(module, preprocess: Callable[[jax.Array], jax.Array], kind: str, *, influence=None,
+              weight: float = 1.0, embedding_key: str = "pre_logits") -> Callable:
+    """The training loss of one model for `embjax.train.fit`:
+    (params, model_state, batch, rng) -> (loss, (model_state, metrics)).
+
+    kind: "independent" (cross-entropy of the model's own head), "bct" (plus `weight` × the influence
+    loss through `influence` = (kernel, bias, label_to_column) from `influence_classifier`) or "l2" (plus
+    `weight` × `l2_compatibility_loss` against batch["old_embedding"]). Samples whose label has no
+    influence column get no influence term. batch: "image" uint8, "label" int32, optional "mask" bool.
+    """
+    if kind not in ("independent", "bct", "l2"):
+        raise ValueError(f"bct.make_loss: kind must be 'independent', 'bct' or 'l2', got {kind!r}")
+    if kind == "bct" and influence is None:
+        raise ValueError("bct.make_loss: kind='bct' needs influence=(kernel, bias, label_to_column)")
+
+    def loss_fn(params, model_state, batch, rng):
+        variables = {"params": params, **({"batch_stats": model_state} if model_state else {})}
+        out, updates = module.apply(variables, preprocess(batch["image"]), train=True,
+                                    mutable=["batch_stats"], rngs={"dropout": rng})
+        labels = batch["label"]
+        mask = batch.get("mask")
+        logits = out["logits"].astype(jnp.float32)
+        own = _cross_entropy(logits, labels, mask)
+        metrics = {"ce": own, "accuracy": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)}
+        loss = own
+        if kind == "bct":
+            kernel, bias, table = influence
+            columns = jnp.asarray(table)[labels]
+            covered = columns >= 0
+            keep = covered if mask is None else covered & mask
+            term = influence_loss(out[embedding_key], jnp.maximum(columns, 0), kernel, bias, keep)
+            metrics["influence"] = term
+            loss = loss + weight * term
+        elif kind == "l2":
+            term = l2_compatibility_loss(out[embedding_key], batch["old_embedding"], mask)
+            metrics["l2"] = term
+            loss = loss + weight * term
+        return loss, (updates.get("batch_stats", model_state), metrics)
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval (interim)
+
+
+def _interim_leave_one_out_retrieval(query, gallery, labels, *, ks: Sequence[int] = (1, 5),
+                                     metric: str = "cosine", block: int = 512) -> dict:
+    """INTERIM, to be replaced by the open-set study's `embjax.retrieval` once it is on main.
+
+    Leave-one-out retrieval: row i of `query` (N, d) searches all rows of `gallery` (N, d) except row i
+    (the same sample, removed by index), ranked by cosine similarity or by negative L2 distance (ties:
+    lower gallery index first). Returns {"top1", "top5" (one per k in `ks`: the fraction of queries with
+    a same-label item among their k nearest), "map" (mean over queries of average precision over the
+    whole ranking), "queries" (queries with at least one relevant item; the others are left out of every
+    metric)}. Query and gallery must have the same width (map them first).
+
+    Scores are computed on device in blocks of queries; each block is ranked on the host with one NumPy
+    sort of int64 keys (score order, then gallery index), several times faster than an argsort.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    query = jnp.asarray(query, jnp.float32)
+    gallery = jnp.asarray(gallery, jnp.float32)
+    if query.shape[0] != n or gallery.shape[0] != n or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"retrieval: query {query.shape}, gallery {gallery.shape} and labels {labels.shape} "
+                         "must have N rows and query/gallery equal widths")
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"retrieval: metric must be 'cosine' or 'l2', got {metric!r}")
+    if max(ks) > n - 1:
+        raise ValueError(f"retrieval: top-{max(ks)} needs at least {max(ks) + 1} samples, got {n}")
+    if metric == "cosine":
+        query = query / jnp.maximum(jnp.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+        gallery = gallery / jnp.maximum(jnp.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    g_sq = jnp.sum(gallery * gallery, axis=1)
+
+    @jax.jit
+    def scores(q, gallery, g_sq):
+        s = jnp.matmul(q, gallery.T, precision=_HIGHEST)
+        if metric == "l2":  # −‖q − g‖² up to −‖q‖², which does not change a row's ranking
+            s = 2.0 * s - g_sq[None, :]
+        return s
+
+    gidx = np.arange(n, dtype=np.int64)
+    ranks = np.arange(1, n, dtype=np.float64)
+    aps, tops, valid = [], [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        pad = block - (stop - start)
+        q = query[start:stop] if not pad else jnp.pad(query[start:stop], ((0, pad), (0, 0)))
+        s = np.asarray(scores(q, gallery, g_sq))[: stop - start]
+        rows = np.arange(stop - start)
+        # Order-preserving int32 image of each float32 score, negated so an ascending sort puts the best
+        # first, shifted above the gallery index that breaks ties.
+        bits = s.view(np.int32)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+        key[rows, gidx[start:stop]] = np.iinfo(np.int32).min + 1  # the query itself: after everything (even -inf)
+        order = np.sort((-key << 32) | gidx[None, :], axis=1)[:, : n - 1] & 0xFFFFFFFF
+        rel = labels[order] == labels[start:stop, None]
+        hits = np.cumsum(rel, axis=1)
+        n_rel = hits[:, -1]
+        aps.append(np.sum(rel * hits / ranks[None, :], axis=1) / np.maximum(n_rel, 1))
+        tops.append(np.stack([hits[:, k - 1] > 0 for k in ks], axis=1))
+        valid.append(n_rel > 0)
+    ap, topk, ok = np.concatenate(aps), np.concatenate(tops), np.concatenate(valid)
+    count = int(ok.sum())
+    out = {f"top{k}": float(topk[ok, j].mean()) if count else 0.0 for j, k in enumerate(ks)}
+    out["map"] = float(ap[ok].mean()) if count else 0.0
+    out["queries"] = count
+    return out

@@ -1,0 +1,317 @@
+"""Features a user brings from elsewhere, read from disk in row batches and checked on the way.
+
+A feature source is one model's (rows, d) array, given as one of
+
+    PATH.npy              one `.npy` file, memory-mapped (np.load(mmap_mode="r")), never loaded whole
+    DIR                   a directory of `.npy` shards with the same width and dtype, concatenated in the
+                          sorted order of their file names (e.g. part-000.npy, part-001.npy, ...)
+    STORE[:ENTRY]         an embjax feature store (a directory with manifest.json, see
+                          embjax.feature_store); ENTRY picks one of its entries ("model/layer") and may be
+                          left out when the store holds exactly one
+
+and named on the command line as NAME=SPEC. `FeatureSource.read(start, stop)` returns rows start..stop
+as float32 and refuses a row holding NaN or an infinity, naming the file and the row: the check runs on
+the batch being read, so the data is read once. After a batch is copied out of a memory map, its pages
+are dropped from this process (madvise DONTNEED; the file stays in the page cache), so the resident size
+of a stream does not grow with the file: a run over 100 GB of features holds one batch at a time.
+
+This module reads files and checks them; it knows nothing about maps or statistics.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class FeatureFileError(ValueError):
+    """A feature, label or head file that cannot be used as it is; the message names the file."""
+
+
+def parse_specs(values: Sequence[str] | str | None, what: str = "--features") -> list[tuple[str, str]]:
+    """[(NAME, SPEC)] from "NAME=SPEC[,NAME=SPEC...]" (a string or a list of such strings)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    out: list[tuple[str, str]] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, spec = item.partition("=")
+            name, spec = name.strip(), spec.strip()
+            if not sep or not name or not spec:
+                raise FeatureFileError(f"{what}: '{item}' is not NAME=PATH (e.g. {what}=resnet=feats/resnet.npy)")
+            if not NAME_PATTERN.match(name) or "__to__" in name:
+                raise FeatureFileError(
+                    f"{what}: model name '{name}' must start with a letter or digit and hold only letters, digits "
+                    "and _ . + - (it names the map files, maps/<src>__to__<dst>.npz), without '__to__'")
+            out.append((name, spec))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise FeatureFileError(f"{what}: model name(s) {', '.join(dup)} given more than once")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening
+
+
+def _check_array(arr: np.ndarray, path: str) -> None:
+    if arr.ndim != 2:
+        raise FeatureFileError(
+            f"{path}: expected a 2-D (rows, features) array, got shape {arr.shape}; reshape it to "
+            "(rows, -1) before saving, one row per sample")
+    kind = arr.dtype.kind
+    if kind not in "fiu" or arr.dtype.fields is not None:
+        raise FeatureFileError(
+            f"{path}: dtype {arr.dtype} is not a real number type; features must be float or integer arrays")
+    if arr.shape[1] == 0:
+        raise FeatureFileError(f"{path}: the array has shape {arr.shape}: no feature columns")
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FeatureFileError(f"{path}: no such file")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except ValueError as e:  # object arrays cannot be memory-mapped; damaged headers
+        raise FeatureFileError(f"{path}: cannot be read as a memory-mapped .npy array ({e}); features must be "
+                               "a numeric (rows, features) array saved with np.save") from None
+    except OSError as e:
+        raise FeatureFileError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise FeatureFileError(f"{path}: is an .npz archive, not an .npy array; save each model's features "
+                               "with np.save")
+    _check_array(arr, path)
+    return arr
+
+
+class FeatureSource:
+    """One model's features: one or more 2-D arrays (memory-mapped) read as consecutive rows."""
+
+    def __init__(self, name: str, spec: str, parts: list[tuple[str, np.ndarray]], index: np.ndarray | None = None):
+        self.name, self.spec = name, spec
+        self.parts = parts
+        widths = {a.shape[1] for _, a in parts}
+        if len(widths) != 1:
+            listing = ", ".join(f"{os.path.basename(p)} {a.shape}" for p, a in parts)
+            raise FeatureFileError(f"{spec}: the shards have different widths: {listing}")
+        dtypes = {a.dtype for _, a in parts}
+        if len(dtypes) != 1:
+            listing = ", ".join(f"{os.path.basename(p)} {a.dtype}" for p, a in parts)
+            raise FeatureFileError(f"{spec}: the shards have different dtypes: {listing}")
+        self.dim = widths.pop()
+        self.dtype = dtypes.pop()
+        self.starts = np.cumsum([0] + [a.shape[0] for _, a in parts])
+        self.rows = int(self.starts[-1])
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"FeatureSource({self.name}={self.spec}: {self.rows} x {self.dim} {self.dtype})"
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(file, row within that file) of global row `row`."""
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.parts[k][0], int(row - self.starts[k])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop as a float32 (stop − start, d) array; FeatureFileError on a non-finite row."""
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"{self.name}: rows {start}..{stop} out of range 0..{self.rows}")
+        out = np.empty((stop - start, self.dim), np.float32)
+        pos = start
+        while pos < stop:
+            k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            path, arr = self.parts[k]
+            lo = pos - int(self.starts[k])
+            hi = min(stop, int(self.starts[k + 1])) - int(self.starts[k])
+            out[pos - start: pos - start + hi - lo] = arr[lo:hi]
+            _drop_pages(arr, lo, hi)
+            pos += hi - lo
+        if out.dtype.kind == "f":
+            finite = np.isfinite(out).all(axis=1)
+            if not finite.all():
+                bad = int(np.argmin(finite))
+                path, local = self.locate(start + bad)
+                cols = np.flatnonzero(~np.isfinite(out[bad]))
+                raise FeatureFileError(
+                    f"{path}: row {local} (row {start + bad} of model '{self.name}') holds "
+                    f"{'NaN' if np.isnan(out[bad, cols[0]]) else 'an infinity'} in column {int(cols[0])}"
+                    f"{f' and {len(cols) - 1} more' if len(cols) > 1 else ''}; fix or drop that row in every "
+                    "model's features (rows must stay aligned)")
+        # Integer features overflowing float32 cannot be non-finite; float64 ones beyond float32's range can.
+        return out
+
+
+def _drop_pages(arr: np.ndarray, lo: int, hi: int) -> None:
+    """Release the pages of rows lo..hi of a memory-mapped array from this process (best effort).
+
+    They stay in the page cache; only this process' mapping lets go, so its resident size stays at one
+    batch whatever the file size. Uses np.memmap's mapping object (`_mmap`, mapped from the file offset
+    rounded down to ALLOCATIONGRANULARITY, the array starting `offset % ALLOCATIONGRANULARITY` into it).
+    """
+    mapping = getattr(arr, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not arr.flags.c_contiguous:
+        return
+    row_bytes = arr.strides[0] if arr.ndim else arr.itemsize
+    base = int(getattr(arr, "offset", 0)) % mmap.ALLOCATIONGRANULARITY
+    first = base + lo * row_bytes
+    last = base + hi * row_bytes
+    first -= first % mmap.PAGESIZE
+    last -= last % mmap.PAGESIZE  # the partial last page may hold the next batch's first rows
+    if last > first:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):
+            pass
+
+
+def _split_store_spec(spec: str) -> tuple[str, str | None] | None:
+    """(store dir, entry or None) if `spec` is STORE or STORE:ENTRY for a feature store, else None."""
+    if os.path.isfile(os.path.join(spec, "manifest.json")):
+        return spec, None
+    for pos in (m.start() for m in re.finditer(":", spec)):
+        if os.path.isfile(os.path.join(spec[:pos], "manifest.json")):
+            return spec[:pos], spec[pos + 1:]
+    return None
+
+
+def open_source(name: str, spec: str) -> FeatureSource:
+    """The features behind NAME=SPEC (see the module docstring for the forms of SPEC)."""
+    from embjax import feature_store
+
+    store_spec = _split_store_spec(spec)
+    if store_spec is not None:
+        directory, entry = store_spec
+        try:
+            store = feature_store.open(directory)
+        except feature_store.FeatureStoreError as e:
+            raise FeatureFileError(str(e)) from None
+        if entry is None:
+            if len(store.names) != 1:
+                raise FeatureFileError(
+                    f"{directory}: the feature store holds {len(store.names)} entries ({', '.join(store.names)}); "
+                    f"pick one as {name}={directory}:ENTRY")
+            entry = store.names[0]
+        if entry not in store.names:
+            raise FeatureFileError(f"{directory}: the feature store has no entry '{entry}'; it holds "
+                                   f"{', '.join(store.names)}")
+        try:
+            arr = store.array(entry)
+        except (feature_store.FeatureStoreError, OSError, ValueError) as e:
+            raise FeatureFileError(f"{directory}:{entry}: {e}") from None
+        where = f"{directory}:{entry}"
+        _check_array(arr, where)
+        return FeatureSource(name, spec, [(where, arr)], index=np.asarray(store.index))
+    if os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.endswith(".npy"))
+        if not files:
+            raise FeatureFileError(f"{spec}: a directory without .npy shards (and without a feature-store "
+                                   "manifest.json)")
+        return FeatureSource(name, spec, [(os.path.join(spec, f), _load_npy(os.path.join(spec, f))) for f in files])
+    if not os.path.exists(spec):
+        store_like = spec.partition(":")[0]
+        hint = (f" ({store_like} exists but has no manifest.json: not a finished feature store)"
+                if ":" in spec and os.path.isdir(store_like) else "")
+        raise FeatureFileError(f"{spec}: no such file or directory{hint}")
+    if not spec.endswith(".npy"):
+        raise FeatureFileError(f"{spec}: expected a .npy file, a directory of .npy shards or a feature store")
+    return FeatureSource(name, spec, [(spec, _load_npy(spec))])
+
+
+def open_sources(specs: Sequence[tuple[str, str]], what: str = "--features") -> list[FeatureSource]:
+    """Every NAME=SPEC opened, and checked to be row-aligned: the same number of rows and, for those
+    from feature stores, the same dataset index (sample order)."""
+    sources = [open_source(name, spec) for name, spec in specs]
+    check_aligned(sources, what)
+    return sources
+
+
+def check_aligned(sources: Sequence[FeatureSource], what: str = "--features") -> int:
+    """The common row count; FeatureFileError naming every file when they differ."""
+    if not sources:
+        raise FeatureFileError(f"{what}: no features given")
+    rows = {s.rows for s in sources}
+    if len(rows) != 1:
+        listing = "; ".join(f"{s.name}={s.spec}: {s.rows} rows" for s in sources)
+        raise FeatureFileError(f"{what}: the models' features have different numbers of rows ({listing}); row k "
+                               "of every file must be the same sample")
+    if not min(rows):
+        raise FeatureFileError(f"{what}: the features have no rows ({sources[0].spec})")
+    indexed = [s for s in sources if s.index is not None]
+    for s in indexed[1:]:
+        if not np.array_equal(s.index, indexed[0].index):
+            k = int(np.argmax(s.index != indexed[0].index))
+            raise FeatureFileError(
+                f"{what}: the feature stores behind {indexed[0].spec} and {s.spec} hold different samples: their "
+                f"row {k} is dataset index {int(indexed[0].index[k])} vs {int(s.index[k])}")
+    return rows.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels and heads
+
+
+def load_labels(spec: str, rows: int, what: str = "--labels") -> np.ndarray:
+    """(rows,) int32 labels from a 1-D integer .npy file or a feature store's labels."""
+    if os.path.isfile(os.path.join(spec, "manifest.json")):
+        from embjax import feature_store
+
+        try:
+            labels = np.asarray(feature_store.open(spec).labels)
+        except feature_store.FeatureStoreError as e:
+            raise FeatureFileError(str(e)) from None
+    else:
+        if not os.path.isfile(spec):
+            raise FeatureFileError(f"{what}: {spec}: no such file")
+        try:
+            labels = np.load(spec, mmap_mode="r")
+        except ValueError as e:
+            raise FeatureFileError(f"{what}: {spec}: cannot be read as an .npy array ({e})") from None
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise FeatureFileError(f"{what}: {spec}: expected a 1-D integer array of class indices, got "
+                               f"{labels.dtype} {labels.shape}")
+    if labels.shape[0] != rows:
+        raise FeatureFileError(f"{what}: {spec} has {labels.shape[0]} labels for {rows} feature rows")
+    labels = np.asarray(labels, np.int64)
+    if labels.size and labels.min() < 0:
+        k = int(np.argmin(labels))
+        raise FeatureFileError(f"{what}: {spec}: row {k} has the negative label {int(labels[k])}")
+    return labels.astype(np.int32)
+
+
+def load_head(spec: str, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A linear classifier z = x W + b from an .npz file with W (dim, classes) and b (classes,)."""
+    if not os.path.isfile(spec):
+        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): no such file")
+    try:
+        with np.load(spec) as f:
+            if not {"W", "b"} <= set(f.files):
+                raise FeatureFileError(f"--heads: {spec} (head of '{name}') holds {sorted(f.files)}; expected arrays "
+                                       "'W' (features, classes) and 'b' (classes,)")
+            w, b = np.asarray(f["W"]), np.asarray(f["b"])
+    except (ValueError, OSError) as e:
+        if isinstance(e, FeatureFileError):
+            raise
+        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): cannot be read as an .npz archive ({e})") from None
+    if w.ndim != 2 or b.shape != (w.shape[1],) or w.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
+        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): W is {w.dtype} {w.shape} and b {b.dtype} "
+                               f"{b.shape}; expected real W (features, classes) and b (classes,)")
+    if w.shape[0] != dim:
+        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): W has {w.shape[0]} rows but the features of "
+                               f"'{name}' have {dim} columns")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): W or b holds NaN or an infinity")
+    return w.astype(np.float32), b.astype(np.float32)

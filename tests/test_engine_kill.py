@@ -1,0 +1,113 @@
+"""A second study on the same engine, killed with SIGKILL from outside mid-pass, resumes to identical output.
+
+The toy study (written to a file and run as a subprocess, like any study) has two passes over
+Fashion-MNIST test[:300] with two zoo backbones (random weights): per-model means and variances of the
+pre-logit features (embjax.moments), and a feature-store dump of two intermediates of different shapes
+(float16 and float32). It prints one progress line per batch; the test kills it once a chosen batch is
+done, runs it again, and compares everything with an uninterrupted run.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOY = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from embjax import data, extract, members, moments
+
+    workdir, out = sys.argv[1], sys.argv[2]
+    ms = members.load("zoo_resnet_v1,zoo_mobilenet_v2", "random")
+    names = [m.name for m in ms]
+    source = data.get_source("fashion_mnist", "test[:300]")
+    engine = extract.Engine(ms, workdir, batch_size=32, fingerprint={"toy": 1}, checkpoint_every=3,
+                            progress_seconds=0)
+
+    def fold(state, outputs, batch, aux):
+        return {n: moments.update(state[n], outputs[n]["pre_logits"], batch["mask"]) for n in names}
+
+    means = engine.run(extract.Pass(
+        "means", source, "test[:300]", {"zoo_resnet_v1": ("pre_logits", "stem"), "zoo_mobilenet_v2": ("pre_logits", "stage1")},
+        init={m.name: moments.init(m.feature_dim) for m in ms}, fold=fold, dataset="fashion_mnist",
+        store={"zoo_resnet_v1/stem": "float16", "zoo_mobilenet_v2/stage1": "float32"}))
+    # A second pass that needs the first one's result (like maps between fit and eval).
+    mu = {n: np.asarray(means[n].mean) for n in names}
+    centred = engine.run(extract.Pass(
+        "centred", source, "test[:300]", {n: ("pre_logits",) for n in names},
+        init={n: moments.init(m.feature_dim) for n, m in zip(names, ms)}, aux=mu,
+        fold=lambda s, o, b, aux: {n: moments.update(s[n], o[n]["pre_logits"] - aux[n], b["mask"]) for n in names}))
+    store = engine.store("means")
+    arrays = {}
+    for tag, st in (("means", means), ("centred", centred)):
+        for n in names:
+            for f in ("count", "mean", "sumsq"):
+                arrays[f"{tag}/{n}/{f}"] = np.asarray(getattr(st[n], f))
+    for name in store.names:
+        arrays[f"store/{name}"] = store.array(name)
+    arrays["store/index"] = store.index
+    np.savez(out, **arrays)
+    print("toy done", flush=True)
+''')
+
+
+def _env(cache):
+    env = dict(os.environ, EMBJAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(script, workdir, out, cache, kill_at=None):
+    proc = subprocess.Popen([sys.executable, str(script), str(workdir), str(out)], cwd=ROOT, env=_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if kill_at and re.search(kill_at, line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=600)
+    text = "".join(lines)
+    if kill_at:
+        assert proc.returncode == -signal.SIGKILL, text[-3000:]
+    else:
+        assert proc.returncode == 0 and "toy done" in text, text[-3000:]
+    return text
+
+
+def test_toy_study_killed_mid_pass_resumes_to_identical_output(tmp_path):
+    script = tmp_path / "toy_study.py"
+    script.write_text(TOY)
+    cache = tmp_path / "cache"
+    _run(script, tmp_path / "whole", tmp_path / "whole.npz", cache)
+
+    killed = tmp_path / "killed"
+    # 10 batches per pass; checkpoints after 3, 6 and 9. Kill in the first pass after batch 5 (the
+    # checkpoint of batch 3 holds), then in the second pass after batch 8 (checkpoint 6 holds).
+    _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[means .*\] batch 5/10")
+    assert not os.path.exists(killed / "store" / "means" / "manifest.json")
+    text = _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[centred .*\] batch 8/10")
+    assert "[resume] pass 'means': 3/10 batches already done" in text
+    text = _run(script, killed, tmp_path / "killed.npz", cache)
+    assert "[resume] pass 'means' finished earlier" in text
+    assert "[resume] pass 'centred': 6/10 batches already done" in text
+
+    whole, resumed = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
+    assert sorted(whole.files) == sorted(resumed.files)
+    for key in whole.files:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+    assert int(whole["means/zoo_resnet_v1/count"]) == 300
+    assert whole["store/zoo_resnet_v1/stem"].shape == (300, 14 * 14 * 16)
+    assert whole["store/zoo_resnet_v1/stem"].dtype == np.float16
+    np.testing.assert_array_equal(whole["store/index"], np.arange(300))
+    # The second pass saw the first pass' means: its own means are ~0 (float32 rounding of values of
+    # order |mean|, 300 rows).
+    scale = np.abs(whole["means/zoo_mobilenet_v2/mean"]).max() + 1
+    assert np.abs(whole["centred/zoo_mobilenet_v2/mean"]).max() < 1e-5 * scale

@@ -1,0 +1,150 @@
+"""The full-network-embedding study end to end (tiny preset: a random-weight zoo model on a few hundred
+Fashion-MNIST images), and its resume after SIGKILL in the middle of a pass.
+
+Each run is a subprocess of `python -m experiments.full_network_embedding`, as a user starts it; runs share
+a persistent XLA compilation cache. Random weights: these tests check the bookkeeping and arithmetic of the
+study (the stored int8 embedding, the statistics, the report), not the accuracy of pretrained features.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=experiments/configs/full_network_embedding.py:tiny"
+MODEL = "zoo_efficientnet_lite"
+
+
+def _env(cache):
+    env = dict(os.environ, EMBJAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("EMBJAX_TRACEBACK", None)
+    return env
+
+
+def _cmd(workdir, *args):
+    return [sys.executable, "-m", "experiments.full_network_embedding", CONFIG, f"--workdir={workdir}", *args]
+
+
+def run_study(workdir, cache, *args):
+    proc = subprocess.run(_cmd(workdir, *args), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"study failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_results(workdir):
+    runs = sorted(d for d in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, d, "results.json")))
+    assert runs, f"no finished report under {workdir}: {os.listdir(workdir)}"
+    with open(os.path.join(workdir, runs[-1], "results.json")) as f:
+        return json.load(f), os.path.join(workdir, runs[-1])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("baseline")
+    # keep the feature stores after the report (the default run keeps them too; this checks their content)
+    proc = run_study(workdir, cache)
+    results, run_dir = load_results(workdir)
+    return results, run_dir, workdir, proc
+
+
+def test_report_and_stored_embedding(baseline):
+    from embjax import feature_store, fne
+
+    results, run_dir, workdir, proc = baseline
+    assert results["backbones"] == [MODEL] and results["train_sizes"] == [60, 240]
+    assert results["embeddings"] == ["fne", "fne_standardized", "last_layer", "last_layer_l2"]
+    acc = results["accuracy"][MODEL]
+    for e in results["embeddings"]:
+        for n in ("60", "240"):
+            assert 0.0 <= acc[e][n] <= 1.0
+    # The small EfficientNet-Lite returns stem, 7 blocks and head: 16 + 16+24+24+40+40+64+64 + 192 widths.
+    assert results["dims"][MODEL] == {"fne": 480, "fne_standardized": 480, "last_layer": 192, "last_layer_l2": 192}
+    assert list(results["layers"][MODEL]) == ["stem", *(f"block_{i}" for i in range(7)), "head"]
+    assert results["num_train"] == 240 and results["num_test"] == 120
+    for f in ("report.md", "results.json", "accuracy.md", "embedding.md"):
+        assert os.path.isfile(os.path.join(run_dir, f))
+
+    # The int8 embedding the embed pass stored equals fne's arithmetic on the stored pooled features with
+    # statistics recomputed in float64 from the stored training features of each subset.
+    train = feature_store.open(os.path.join(workdir, "state", "store", f"stats_{MODEL}"))
+    test = feature_store.open(os.path.join(workdir, "state", "store", f"embed_{MODEL}"))
+    assert np.array_equal(train.index, np.arange(240)) and np.array_equal(test.index, np.arange(120))
+    for n in (60, 240):
+        stored = test.array(f"{MODEL}/fne_n{n}")
+        assert stored.dtype == np.int8 and stored.shape == (120, 480)
+        x = train.array(f"{MODEL}/pooled")[:n].astype(np.float64)
+        mu, sd = x.mean(0), x.std(0)
+        dead = sd <= 1e-4 * np.abs(mu)
+        z = np.where(dead, 0.0, (test.array(f"{MODEL}/pooled") - mu) / np.where(dead, 1.0, sd))
+        ref = np.where(z > fne.HIGH, 1, np.where(z < fne.LOW, -1, 0))
+        # float32 statistics vs float64: z agrees to ~1e-5 (see tests/test_fne.py); only values that close
+        # to a threshold may differ.
+        near = np.minimum(np.abs(z - fne.HIGH), np.abs(z - fne.LOW)) < 1e-4
+        assert np.array_equal(stored[~near], ref[~near])
+        assert results["degenerate_features"][MODEL][str(n)]["count"] == int(dead.sum())
+        np.testing.assert_allclose(results["sparsity"][MODEL][str(n)], np.mean(stored == 0), atol=1e-6)
+
+
+def test_resume_after_sigkill_mid_pass_gives_identical_results(baseline, tmp_path, cache):
+    results, _, _, _ = baseline
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "state" / "checkpoints" / f"stats_{MODEL}"
+    finished = workdir / "state" / "passes" / f"stats_{MODEL}"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        # Kill -9 as soon as the first mid-pass checkpoint of the statistics pass is on disk.
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # (the engine creates the finished-pass directory up front; a finished pass has a step in it)
+    assert not (finished.is_dir() and any(p.name.isdigit() for p in finished.iterdir())), \
+        "the pass finished before the kill: nothing was resumed mid-pass"
+    out = run_study(workdir, cache)
+    assert f"[resume] pass 'stats_{MODEL}'" in out.stdout
+    resumed, _ = load_results(workdir)
+    # Same batches folded in the same order by the same compiled steps: bit-identical numbers.
+    for key in ("accuracy", "sparsity", "degenerate_features", "dims"):
+        assert resumed[key] == results[key], key
+
+
+def test_configs_and_errors(tmp_path):
+    from experiments import full_network_embedding as study
+    from experiments.configs import full_network_embedding as configs
+
+    default = configs.get_config(None)
+    assert default.models.split(",") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert study.parse_sizes(default.train_sizes, 1200) == [100, 1000, 1200]
+    for dataset, (train, test, classes) in configs.TFDS_DATASETS.items():
+        c = configs.get_config(f"vgg16_{dataset}")
+        assert (c.models, c.dataset, c.train_split, c.test_split, c.num_classes) == ("vgg16", dataset, train, test,
+                                                                                     classes)
+    assert configs.get_config("vgg16").dataset == "caltech101"
+    with pytest.raises(ValueError, match="unknown config"):
+        configs.get_config("vgg19")
+    with pytest.raises(ValueError, match="1..50"):
+        study.parse_sizes("100", 50)
+    assert study.parse_sizes("-1,10", 50) == [10, 50]
+    # The paper's preset without the weight file names the flag to set, before any data is downloaded.
+    with pytest.raises(FileNotFoundError, match="weight_files.vgg16"):
+        study.run(configs.get_config("vgg16_dtd"), str(tmp_path))

@@ -1,0 +1,60 @@
+"""The imagenet preset as the thesis ran it: all ten CNNs, 331-px crops (MobileNet-v2 at 224), on tfds
+mock imagenet2012 with random weights and a few images, end to end through the engine and the report.
+
+The numbers of random networks on random images mean nothing; what this checks is that the protocol
+runs: every model at its thesis size, 1001-class TF-Slim heads scored on 1000 classes, logit maps
+reproducing each source's predictions through every target head, Table 5.1 with parameter counts and the
+thesis' cells printed beside ours.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from embjax import report  # noqa: E402
+from experiments import affine_equivalence as study  # noqa: E402
+from experiments.configs import affine_equivalence as configs  # noqa: E402
+
+pytestmark = pytest.mark.slow  # ten ImageNet CNNs compiled on the CPU: a few minutes
+
+
+def test_all_ten_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path):
+    config = configs.get_config("imagenet")
+    config.weights = "random"
+    config.batch_size = 4
+    config.checkpoint_every = 1
+    names = list(configs.THESIS_NAMES)
+    with tfds.testing.mock_data(num_examples=4):
+        results, engine = study.run(config, str(tmp_path / "state"))
+    assert results["models"] == names
+    assert results["feature_dims"] == [1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320]
+    assert results["num_fit"] == 4 and results["num_eval"] == 4
+    # Parameter counts of the ports (heads included), in the thesis' Table 5.1 units; the thesis lists
+    # 5M for Inception-v1, the GoogLeNet paper's count without TF-Slim's BatchNorm and 1001-class head.
+    params = dict(zip(names, results["params"]))
+    assert 6.5e6 < params["inception_v1"] < 6.7e6 and 88e6 < params["nasnet_large"] < 90e6
+    assert 86e6 < params["pnasnet_large"] < 86.2e6
+    # Every model ran at the thesis' crop: 331 px, MobileNet-v2 at its own 224.
+    sizes = {m.name: m.spec.input_size for m in engine.members}
+    assert sizes == {n: (224 if n.startswith("mobilenet") else 331) for n in names}
+    # Every head is scored on the 1000 ImageNet classes (TF-Slim's background logit dropped).
+    assert all(m.head[0].shape[1] == 1000 for m in engine.members)
+    logit = np.asarray(results["logit"]["accuracy"])
+    np.testing.assert_array_equal(logit, np.repeat(np.diag(logit)[:, None], len(names), axis=1))
+    agreement = np.asarray(results["logit"]["agreement"])
+    # Logit maps make each target head predict what the source head predicts: the agreement of a
+    # mapped source with a target equals that of the two unmapped models, symmetric in the pair.
+    np.testing.assert_array_equal(agreement, agreement.T)
+
+    run_dir = report.new_run_dir(str(tmp_path), name="imagenet")
+    report.write(run_dir, results)
+    with open(os.path.join(run_dir, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["reference"]["thesis_names"] == [configs.THESIS_NAMES[n] for n in names]
+    table = open(os.path.join(run_dir, "table_5_1.md")).read()
+    assert "PNASNet-Large" in table and "| 82.90 |" in table  # the thesis' own PNASNet top-1 beside ours
+    assert "| 86.1 |" in table  # our PNASNet-Large parameter count, in millions
