@@ -512,6 +512,20 @@ def scaled_procrustes(state, src: int, dst: int):
                                   _mean(state, src), _mean(state, dst))
 
 
+def scaled_procrustes_both(state, a: int, b: int):
+    """`scaled_procrustes` in both directions from one SVD: ((W_ab, b_ab), (W_ba, b_ba)). The SVD of
+    C_BA = C_ABᵀ is V Σ Uᵀ, so R_BA = R_ABᵀ and only the spreads swap."""
+    _check_state(state, a, b)
+    with jax.default_matmul_precision("highest"):
+        c_aa, c_bb = _block(state, a, a), _block(state, b, b)
+        m_a, m_b = _mean(state, a), _mean(state, b)
+        w_ab, b_ab = _scaled_procrustes(c_aa, _block(state, a, b), c_bb, m_a, m_b)
+        r = w_ab * jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny))
+        s_ba = jnp.where(jnp.trace(c_bb) > 0, jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny)), 0.0)
+        w_ba = r.T * s_ba
+        return (w_ab, b_ab), (w_ba, m_a - jnp.matmul(m_b, w_ba, precision=_HIGHEST))
+
+
 @jax.jit
 def _scaled_procrustes(c_aa, c_ab, c_bb, mean_a, mean_b):
     u, _, vt = jnp.linalg.svd(c_ab, full_matrices=False)

@@ -89,6 +89,26 @@ def _cca(cross, mean, count, offsets, i, j, dims, rel_tol):
     return rho, valid
 
 
+def mean_cca_matrix(state, dims: int | None = None, rel_tol: float = 1e-6) -> jax.Array:
+    """`mean_cca` of every pair of blocks, (N, N), with one eigendecomposition per block."""
+    n = len(state.dims)
+    o = stats.offsets(state)
+    scale = 1.0 / jnp.maximum(state.count, 1).astype(state.cross.dtype)
+    with jax.default_matmul_precision("highest"):
+        whiten = [_principal_whitener(stats.block(state, k, k) * scale, dims, rel_tol) for k in range(n)]
+        out = [[None] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i, n):
+                p_i, keep_i = whiten[i]
+                p_j, keep_j = whiten[j]
+                m = p_i.T @ (state.cross[o[i]:o[i + 1], o[j]:o[j + 1]] * scale) @ p_j
+                rho = jnp.linalg.svd(m, compute_uv=False)
+                valid = jnp.minimum(jnp.sum(keep_i), jnp.sum(keep_j))
+                rho = jnp.where(jnp.arange(rho.shape[0]) < valid, jnp.clip(rho, 0.0, 1.0), 0.0)
+                out[i][j] = out[j][i] = jnp.sum(rho) / jnp.maximum(valid, 1)
+    return jnp.asarray(out)
+
+
 def mean_cca(state, i: int, j: int, dims: int | None = None, rel_tol: float = 1e-6) -> jax.Array:
     """Mean of the valid canonical correlations (see `cca_correlations`), in [0, 1].
 
@@ -99,10 +119,19 @@ def mean_cca(state, i: int, j: int, dims: int | None = None, rel_tol: float = 1e
     return jnp.sum(rho) / jnp.maximum(valid, 1)
 
 
-def procrustes_distance(state, i: int, j: int) -> jax.Array:
-    """Angular Procrustes distance arccos(‖C_ij‖_* / √(tr C_ii tr C_jj)) in radians, in [0, π/2]."""
+def procrustes_distance(state, i: int, j: int, rotation=None) -> jax.Array:
+    """Angular Procrustes distance arccos(‖C_ij‖_* / √(tr C_ii tr C_jj)) in radians, in [0, π/2].
+
+    The nuclear norm needs an SVD of C_ij unless `rotation`, the orthogonal factor U Vᵀ of C_ij = U Σ Vᵀ
+    (e.g. from maps.scaled_procrustes), is given: then ‖C_ij‖_* = tr(Rᵀ C_ij). For i = j it is tr C_ii
+    (C_ii is positive semi-definite), and the distance 0, without any decomposition."""
     c_ii, c_ij, c_jj = _blocks(state, i, j)
-    nuclear = jnp.sum(jnp.linalg.svd(c_ij, compute_uv=False))
+    if i == j:
+        nuclear = jnp.trace(c_ii)
+    elif rotation is not None:
+        nuclear = jnp.sum(jnp.asarray(rotation, c_ij.dtype) * c_ij)
+    else:
+        nuclear = jnp.sum(jnp.linalg.svd(c_ij, compute_uv=False))
     den = jnp.sqrt(jnp.trace(c_ii) * jnp.trace(c_jj))
     cos = jnp.where(den > 0, nuclear / jnp.where(den > 0, den, 1.0), 0.0)
     return jnp.arccos(jnp.clip(cos, 0.0, 1.0))

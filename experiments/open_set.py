@@ -144,13 +144,18 @@ def sources(config):
 # Maps
 
 
-def fit_maps(st, names, dims, config, families=FAMILIES) -> tuple[dict, list[str]]:
-    """{family: {(i, j): (W, b)}} for every ordered pair i ≠ j, and the warnings the fits raised."""
+def fit_maps(st, names, dims, config, families=FAMILIES, sweep_ranks=()) -> tuple[dict, list[str], dict]:
+    """({family: {(i, j): (W, b)}} for every ordered pair i ≠ j, the warnings the fits raised, and
+    {(i, j): [(W_k, b_k) for k in sweep_ranks]}).
+
+    Decompositions are the slow part on a loaded CPU (a 1280² SVD took 40 s there), so each is done
+    once: one SVD per unordered pair serves both Procrustes directions, and one eigendecomposition per
+    ordered pair serves the reduced-rank family and the whole rank sweep."""
     from embjax import maps
 
     n = len(dims)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    out = {}
+    out, sweeps = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", maps.IllConditionedWarning)
         affine = maps.affine_all(st, ridge=0.0, names=names)
@@ -159,18 +164,20 @@ def fit_maps(st, names, dims, config, families=FAMILIES) -> tuple[dict, list[str
         if "ridge" in families:
             out["ridge"] = maps.affine_all(st, ridge=float(config.ridge), names=names)
         if "procrustes" in families:
-            out["procrustes"] = {(i, j): maps.scaled_procrustes(st, i, j) for i, j in pairs}
+            out["procrustes"] = {}
+            for i, j in pairs:
+                if i < j:
+                    out["procrustes"][(i, j)], out["procrustes"][(j, i)] = maps.scaled_procrustes_both(st, i, j)
         if "reduced_rank" in families:
-            out["reduced_rank"] = {(i, j): project_rank(st, affine[(i, j)], i, j, int(config.rank)) for i, j in pairs}
+            out["reduced_rank"] = {}
+            for i, j in pairs:
+                width = min(dims[i], dims[j])
+                ranks = [max(1, min(int(config.rank), width))] + [int(r) for r in sweep_ranks]
+                maps_k = maps.truncate_ranks(st, i, j, affine[(i, j)][0], [min(r, width) for r in ranks])
+                out["reduced_rank"][(i, j)] = maps_k[0]
+                sweeps[(i, j)] = [(np.asarray(w), np.asarray(b)) for w, b in maps_k[1:]]
     messages = sorted({str(w.message) for w in caught})
-    return {f: {k: (np.asarray(w), np.asarray(b)) for k, (w, b) in m.items()} for f, m in out.items()}, messages
-
-
-def project_rank(st, wb, i, j, rank):
-    """The rank-`rank` map from the full least-squares map (maps.truncate_rank: no refit)."""
-    from embjax import maps
-
-    return maps.truncate_rank(st, i, j, wb[0], max(1, min(int(rank), st.dims[i], st.dims[j])))
+    return {f: {k: (np.asarray(w), np.asarray(b)) for k, (w, b) in m.items()} for f, m in out.items()}, messages, sweeps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,8 +308,10 @@ def run(config, workdir: str):
         fold=lambda s, out, batch, aux: stats.update(s, [out[m]["pre_logits"] for m in names], batch["mask"]),
         store={f"{m}/pre_logits": "float32" for m in names}))
 
-    # 2. Maps for every ordered pair.
-    all_maps, map_warnings = fit_maps(fit, names, dims, config)
+    # 2. Maps for every ordered pair (and the rank sweep's maps, from the same eigendecompositions).
+    width = min(dims)
+    ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < width} | {width})
+    all_maps, map_warnings, rank_sweep = fit_maps(fit, names, dims, config, sweep_ranks=ranks)
     for w in map_warnings:
         print(f"[warning] {w}", flush=True)
 
@@ -378,11 +387,15 @@ def run(config, workdir: str):
         cca_dims = int(config.cca_dims) or None
         mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
         sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
+        mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
         for i in range(n):
             for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
+                rotation = None
+                if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
+                    w = all_maps["procrustes"][(i, j)][0]
+                    rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
                 values = {"cka": similarity.linear_cka(fit, i, j),
-                          "cca": similarity.mean_cca(fit, i, j, dims=cca_dims),
-                          "procrustes": similarity.procrustes_distance(fit, i, j),
+                          "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
                           "cka_debiased": similarity.debiased_cka(native[i], native[j]),
                           "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
                 for k, v in values.items():
@@ -398,31 +411,26 @@ def run(config, workdir: str):
         total = fit_feats[0].shape[0]
         sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
         pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
-        by_size = {f: {k: [] for k in CURVE_METRICS} for f in FAMILIES}
+        families = tuple(config.curve_families)
+        by_size = {f: {k: [] for k in CURVE_METRICS} for f in families}
         for size in sizes:
             st = stats.init(dims)
             for lo in range(0, size, 512):
                 st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
-            fam_maps, _ = fit_maps(st, names, dims, config)
-            for f in FAMILIES:
+            fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
+            for f in families:
                 vals = [_curve_values(*cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
                                                     native[j], labels, index, config, pairs)) for i, j in pairs_ij]
                 for k in CURVE_METRICS:
                     by_size[f][k].append(float(np.mean([v[k] for v in vals])))
-        width = min(dims)
-        ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < width} | {width})
-        from embjax import maps
-
         by_rank = {k: [] for k in CURVE_METRICS}
-        per_rank = {r: [] for r in ranks}
-        for i, j in pairs_ij:
-            sweep = maps.truncate_ranks(fit, i, j, all_maps["affine"][(i, j)][0], ranks)
-            for r, (w, b) in zip(ranks, sweep):
-                per_rank[r].append(_curve_values(*cell_metrics(native[i] @ np.asarray(w) + np.asarray(b), native[j],
-                                                               labels, index, config, pairs)))
-        for r in ranks:
+        for r_pos, r in enumerate(ranks):
+            vals = []
+            for i, j in pairs_ij:
+                w, b = rank_sweep[(i, j)][r_pos]
+                vals.append(_curve_values(*cell_metrics(native[i] @ w + b, native[j], labels, index, config, pairs)))
             for k in CURVE_METRICS:
-                by_rank[k].append(float(np.mean([v[k] for v in per_rank[r]])))
+                by_rank[k].append(float(np.mean([v[k] for v in vals])))
         return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
                                                             for f, d in by_size.items()}},
                 "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
@@ -613,7 +621,7 @@ def _plot_fit_size(r, path):
     fig = _figure(9, 3.6)
     for k, metric in enumerate(("recall_at_1", "tar_at_far_0.01")):
         ax = fig.add_subplot(1, 2, k + 1)
-        for f in FAMILIES:
+        for f in r["config"]["curve_families"]:
             ax.plot(c["sizes"], c[f][metric], marker="o", label=f)
         ax.set_xscale("log")
         ax.set_xlabel("fitting samples")

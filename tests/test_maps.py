@@ -371,3 +371,10 @@ def test_scaled_procrustes_matches_zero_padded_reference(widths):
     # A float32 SVD of a well-separated 6×6 cross-product: ~1e-6 relative on W, times |x| ≈ 4 of the
     # inputs, against a target spread of ~3: 1e-4 leaves an order of magnitude.
     assert np.max(np.abs(pred - pred_ref)) / y.std() < 1e-4
+    if d_a != d_b:  # both directions from one SVD equal two separate fits
+        (w_ab, b_ab), (w_ba, b_ba) = maps.scaled_procrustes_both(state, 0, 1)
+        w_rev, b_rev = maps.scaled_procrustes(state, 1, 0)
+        np.testing.assert_allclose(np.asarray(w_ab), np.asarray(w), atol=1e-6 * np.abs(np.asarray(w)).max())
+        # Same SVD bound as above, on the reverse map's coefficients.
+        np.testing.assert_allclose(np.asarray(w_ba), np.asarray(w_rev), atol=1e-4 * np.abs(np.asarray(w_rev)).max())
+        np.testing.assert_allclose(np.asarray(b_ba), np.asarray(b_rev), atol=1e-4 * (1 + np.abs(np.asarray(b_rev)).max()))

@@ -108,6 +108,8 @@ def test_mean_cca_matches_qr_reference():
         return a @ vt[:k].T
     ref3 = _cca_reference(top_pcs(x, 3), top_pcs(y, 3))
     assert float(similarity.mean_cca(st, 0, 1, dims=3)) == pytest.approx(ref3.mean(), abs=1e-4)
+    matrix = np.asarray(similarity.mean_cca_matrix(st, dims=3))
+    assert matrix[0, 1] == matrix[1, 0] == pytest.approx(ref3.mean(), abs=1e-4)
 
 
 def test_procrustes_distance():
@@ -122,6 +124,11 @@ def test_procrustes_distance():
     assert 0.2 < ref < 1.4
     assert float(similarity.procrustes_distance(st, 0, 2)) == pytest.approx(ref, abs=1e-5)
     assert float(similarity.procrustes_distance(st, 2, 0)) == pytest.approx(ref, abs=1e-5)
+    from embjax import maps
+    w, _ = maps.scaled_procrustes(st, 0, 2)  # its orthogonal factor gives the same nuclear norm
+    rot = np.asarray(w) / np.sqrt(np.trace(yc.T @ yc) / np.trace(xc.T @ xc))
+    assert float(similarity.procrustes_distance(st, 0, 2, rotation=rot)) == pytest.approx(ref, abs=1e-4)
+    assert float(similarity.procrustes_distance(st, 2, 2)) == 0.0
 
 
 def test_mutual_knn_matches_bruteforce():
