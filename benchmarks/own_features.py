@@ -3,8 +3,9 @@
 The user of issue 18 has N models' features as `.npy` files, one (rows, d) array per model. What they
 would otherwise write is to load the arrays and fit scikit-learn's `LinearRegression` for every ordered
 pair (an intercept, least squares through scipy's LAPACK solver). embjax's answer is
-`experiments.features.run` (what `./launch.sh features --features=...` runs): the files are memory-mapped
-and streamed once in batches into the joint statistics, and all N(N−1) maps are solved from them.
+`experiments.features.run` (what `./launch.sh features --features=... --nosimilarity --similarity_rows=0`
+runs): the files are memory-mapped and streamed once in batches into the joint statistics, and all
+N(N−1) maps, their R² and the pairs' CKA are solved from them.
 
 Each contestant runs in its own fresh subprocess (so peaks do not mix), which reports its wall time and
 its peak resident size (VmHWM, which counts everything: NumPy, XLA buffers, mapped file pages), its
@@ -64,7 +65,9 @@ def child_embjax(args) -> None:
     base = rss_mb()
     spec = ",".join(f"m{i}={path}" for i, path in enumerate(files))
     t0 = time.perf_counter()
-    results, saved = features.run({"features": [spec], "batch_size": args.batch, "progress_seconds": 30.0},
+    results, saved = features.run({"features": [spec], "batch_size": args.batch, "progress_seconds": 30.0,
+                                   # the maps (and their R², CKA), what scikit-learn is asked for too
+                                   "similarity": False, "similarity_rows": 0},
                                   log=lambda s: print(s, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
     if args.save_maps:

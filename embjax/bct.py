@@ -22,7 +22,7 @@ covers (old classes first, in the order given, then synthesized new classes), an
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
@@ -271,73 +271,3 @@ def make_loss(module, preprocess: Callable[[jax.Array], jax.Array], kind: str, *
         return loss, (updates.get("batch_stats", model_state), metrics)
 
     return loss_fn
-
-
-# --------------------------------------------------------------------------------------------------
-# Retrieval (interim)
-
-
-def _interim_leave_one_out_retrieval(query, gallery, labels, *, ks: Sequence[int] = (1, 5),
-                                     metric: str = "cosine", block: int = 512) -> dict:
-    """INTERIM, to be replaced by the open-set study's `embjax.retrieval` once it is on main.
-
-    Leave-one-out retrieval: row i of `query` (N, d) searches all rows of `gallery` (N, d) except row i
-    (the same sample, removed by index), ranked by cosine similarity or by negative L2 distance (ties:
-    lower gallery index first). Returns {"top1", "top5" (one per k in `ks`: the fraction of queries with
-    a same-label item among their k nearest), "map" (mean over queries of average precision over the
-    whole ranking), "queries" (queries with at least one relevant item; the others are left out of every
-    metric)}. Query and gallery must have the same width (map them first).
-
-    Scores are computed on device in blocks of queries; each block is ranked on the host with one NumPy
-    sort of int64 keys (score order, then gallery index), several times faster than an argsort.
-    """
-    labels = np.asarray(labels)
-    n = labels.shape[0]
-    query = jnp.asarray(query, jnp.float32)
-    gallery = jnp.asarray(gallery, jnp.float32)
-    if query.shape[0] != n or gallery.shape[0] != n or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"retrieval: query {query.shape}, gallery {gallery.shape} and labels {labels.shape} "
-                         "must have N rows and query/gallery equal widths")
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"retrieval: metric must be 'cosine' or 'l2', got {metric!r}")
-    if max(ks) > n - 1:
-        raise ValueError(f"retrieval: top-{max(ks)} needs at least {max(ks) + 1} samples, got {n}")
-    if metric == "cosine":
-        query = query / jnp.maximum(jnp.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-        gallery = gallery / jnp.maximum(jnp.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    g_sq = jnp.sum(gallery * gallery, axis=1)
-
-    @jax.jit
-    def scores(q, gallery, g_sq):
-        s = jnp.matmul(q, gallery.T, precision=_HIGHEST)
-        if metric == "l2":  # −‖q − g‖² up to −‖q‖², which does not change a row's ranking
-            s = 2.0 * s - g_sq[None, :]
-        return s
-
-    gidx = np.arange(n, dtype=np.int64)
-    ranks = np.arange(1, n, dtype=np.float64)
-    aps, tops, valid = [], [], []
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        pad = block - (stop - start)
-        q = query[start:stop] if not pad else jnp.pad(query[start:stop], ((0, pad), (0, 0)))
-        s = np.asarray(scores(q, gallery, g_sq))[: stop - start]
-        rows = np.arange(stop - start)
-        # Order-preserving int32 image of each float32 score, negated so an ascending sort puts the best
-        # first, shifted above the gallery index that breaks ties.
-        bits = s.view(np.int32)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
-        key[rows, gidx[start:stop]] = np.iinfo(np.int32).min + 1  # the query itself: after everything (even -inf)
-        order = np.sort((-key << 32) | gidx[None, :], axis=1)[:, : n - 1] & 0xFFFFFFFF
-        rel = labels[order] == labels[start:stop, None]
-        hits = np.cumsum(rel, axis=1)
-        n_rel = hits[:, -1]
-        aps.append(np.sum(rel * hits / ranks[None, :], axis=1) / np.maximum(n_rel, 1))
-        tops.append(np.stack([hits[:, k - 1] > 0 for k in ks], axis=1))
-        valid.append(n_rel > 0)
-    ap, topk, ok = np.concatenate(aps), np.concatenate(tops), np.concatenate(valid)
-    count = int(ok.sum())
-    out = {f"top{k}": float(topk[ok, j].mean()) if count else 0.0 for j, k in enumerate(ks)}
-    out["map"] = float(ap[ok].mean()) if count else 0.0
-    out["queries"] = count
-    return out

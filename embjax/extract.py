@@ -179,11 +179,21 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full or read-only disk, ...); the previous one is kept."""
 
 
+def _host_copy(x) -> np.ndarray:
+    """A leaf on this host; a replicated array spanning several processes is read from a local replica."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(f"cannot hash a state leaf sharded over several processes ({x.sharding})")
+        x = x.addressable_shards[0].data
+    return np.ascontiguousarray(np.asarray(x))
+
+
 def state_hash(state) -> str:
-    """SHA-256 over an accumulator's leaf paths, shapes, dtypes and bytes (on the host)."""
+    """SHA-256 over an accumulator's leaf paths, shapes, dtypes and bytes (on the host; every process
+    computes the same one from its own replica)."""
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
-        leaf = np.ascontiguousarray(np.asarray(leaf))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        leaf = _host_copy(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
         digest.update(leaf.view(np.uint8).reshape(-1).data)
     return digest.hexdigest()
@@ -257,8 +267,9 @@ class Checkpoints:
                 "same command to resume") from e
 
     def delete(self, step: int) -> None:
-        if jax.process_index() == 0:
-            self.manager.delete(step)
+        """Removes checkpoint `step`. Every process calls it (orbax deletes on the primary process and
+        synchronizes all of them), as every process finds the same checkpoint unreadable."""
+        self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()

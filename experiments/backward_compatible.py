@@ -11,8 +11,10 @@ model did: M(new, old) > M(old, old) (the paper's criterion, top-1 of leave-one-
   2. pass "old_features": the old model over the new training set: per-class mean old embeddings (the
      synthesized classifier columns of classes the old model never saw) and the old embeddings themselves
      (the L2 baseline's targets), kept in the feature store;
-  3. trains the new model three times on the new training set: independently, with BCT's influence loss
-     through the old classifier, and with L2 regression onto the old embeddings;
+  3. trains the new model on the new training set: independently, with BCT's influence loss through the
+     old classifier (new classes' columns normalized as config.bct.normalize says, and, with
+     config.bct.compare_unnormalized, once more with the paper's unnormalized columns), and with L2
+     regression onto the old embeddings;
   4. pass "fit_maps": joint statistics of old and independent-new embeddings over the new training set, from
      which the post-hoc maps are solved without labels (embjax.maps): affine and orthogonal, new→old
      (queries mapped into the old gallery's space) and old→new (the gallery mapped once);
@@ -364,11 +366,11 @@ def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
 
 
 def retrieve(query, gallery, labels, metric) -> dict:
-    """Leave-one-out top-1 / top-5 / mAP (embjax.bct's interim implementation until embjax.retrieval lands)."""
-    from embjax import bct
+    """Leave-one-out top-1 / top-5 (CMC) and mAP: row i of `query` against every row of `gallery` but i."""
+    from embjax import retrieval
 
-    r = bct._interim_leave_one_out_retrieval(query, gallery, labels, ks=(1, 5), metric=metric)
-    return {"top1": r["top1"], "top5": r["top5"], "map": r["map"]}
+    r = retrieval.leave_one_out(query, labels, gallery, labels, metric=metric, ks=(1, 5))
+    return {"top1": float(r["recall_at_1"]), "top5": float(r["recall_at_5"]), "map": float(r["map"])}
 
 
 def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:

@@ -9,8 +9,10 @@ shards or a feature store (STORE:ENTRY); see embjax/feature_files.py. Row k of e
 must be the same sample; row counts (and the stores' dataset indices) are checked.
 
 1. fit: the features of --features are streamed once in batches into the joint statistics
-   (embjax.stats); every ordered pair's affine map (embjax.maps.affine_all), its R² and the pair's linear
-   CKA follow from them, without a second pass.
+   (embjax.stats); every ordered pair's affine map (embjax.maps.affine_all), its R², and the pair's linear
+   CKA, mean (SV)CCA and angular Procrustes distance (embjax.similarity) follow from them, without a
+   second pass. Debiased CKA needs the features themselves: it is computed on the first
+   --similarity_rows evaluation rows (read once more; memory bounded by those rows).
 2. eval (with --eval_features or --heads): the evaluation rows (--eval_features, else the fit rows again)
    are streamed once; they give the held-out R² and CKA (with --eval_features), and with --heads (an .npz
    per model with W (d, classes) and b) Table 5.2-style top-1 / top-5 of every source's mapped features
@@ -40,7 +42,8 @@ FAMILIES = ("affine", "logit", "naive")
 
 def default_config() -> dict:
     return {"features": [], "eval_features": [], "labels": None, "eval_labels": None, "heads": [],
-            "ridge": 0.0, "batch_size": 4096, "progress_seconds": 10.0}
+            "ridge": 0.0, "batch_size": 4096, "progress_seconds": 10.0, "similarity": True, "cca_dims": 32,
+            "similarity_rows": 5000}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,14 +116,15 @@ def _names_must_match(fit_specs, other_specs, what: str) -> None:
         raise ValueError(f"{what} must name the same models as --features ({', '.join(want)}): {'; '.join(parts)}")
 
 
-def _matrix(n, cell) -> list[list[float | None]]:
-    out = []
+def _matrix(n, cell, symmetric: bool = False) -> list[list[float | None]]:
+    """[[cell(i, j)]] as floats (None where not finite); a symmetric measure is computed once per pair."""
+    out = [[None] * n for _ in range(n)]
     for i in range(n):
-        row = []
-        for j in range(n):
+        for j in range(i if symmetric else 0, n):
             v = float(cell(i, j))
-            row.append(v if np.isfinite(v) else None)
-        out.append(row)
+            out[i][j] = v if np.isfinite(v) else None
+            if symmetric:
+                out[j][i] = out[i][j]
     return out
 
 
@@ -129,7 +133,7 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
     {relative path: (W, b)})."""
     import jax
 
-    from embjax import evaluate, feature_files, maps, stats
+    from embjax import evaluate, feature_files, maps, similarity, stats
 
     cfg = {**default_config(), **config}
     if cfg["batch_size"] < 1:
@@ -235,10 +239,35 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
         "num_fit": int(fit.count),
         "fit_statistics": {
             "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(fit, i, j, *affine[(i, j)])),
-            "cka": _matrix(n, lambda i, j: stats.cka(fit, i, j)),
+            "cka": _matrix(n, lambda i, j: stats.cka(fit, i, j), symmetric=True),
         },
         "warnings": map_warnings, "notes": notes,
     }
+
+    if cfg["similarity"]:
+        # Symmetric measures of embjax.similarity from the same statistics. Not free at large widths: each
+        # pair eigendecomposes both d × d covariances (CCA) and takes an SVD of the cross-covariance
+        # (Procrustes); --nosimilarity skips them.
+        t0 = time.perf_counter()
+        results["fit_statistics"]["cca"] = _matrix(
+            n, lambda i, j: similarity.mean_cca(fit, i, j, dims=int(cfg["cca_dims"]) or None), symmetric=True)
+        results["fit_statistics"]["procrustes"] = _matrix(
+            n, lambda i, j: 0.0 if i == j else similarity.procrustes_distance(fit, i, j), symmetric=True)
+        seconds["similarity"] = time.perf_counter() - t0
+
+    # Debiased CKA is no function of second moments (see embjax.similarity): it is computed from the
+    # features of the first `similarity_rows` evaluation rows (the fit rows without --eval_features),
+    # read once more; memory is bounded by those rows.
+    k = min(int(cfg["similarity_rows"]), (eval_src or fit_src)[0].rows)
+    if k >= 4:
+        t0 = time.perf_counter()
+        sample = [s.read(0, k) for s in (eval_src or fit_src)]
+        results["feature_similarity"] = {
+            "rows": k, "of": "--eval_features" if eval_src is not None else "--features",
+            "cka_debiased": _matrix(n, lambda i, j: similarity.debiased_cka(sample[i], sample[j]), symmetric=True),
+        }
+        del sample
+        seconds["debiased_cka"] = time.perf_counter() - t0
 
     # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
     if eval_src is not None or heads is not None:
@@ -265,7 +294,7 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
             results["num_eval"] = int(ev_stats.count)
             results["eval_statistics"] = {
                 "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
-                "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j)),
+                "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
             }
         for k, e in final["eval"].items():
             computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
@@ -326,6 +355,17 @@ def write_report(run_dir: str, results: dict, saved: dict):
     four = lambda v: f"{v:.4f}"  # noqa: E731
     tables["fit_r2"] = square("R² of the affine maps on the fit rows (from the statistics)", r["fit_statistics"]["r2"], four)
     tables["fit_cka"] = square("Linear CKA on the fit rows", r["fit_statistics"]["cka"], four)
+    if "cca" in r["fit_statistics"]:
+        cca_dims = r["config"]["cca_dims"]
+        kind = f"SVCCA, {cca_dims} leading principal dims" if cca_dims else "CCA, all dims"
+        tables["fit_cca"] = square(f"Mean canonical correlation on the fit rows ({kind})", r["fit_statistics"]["cca"],
+                                   four)
+        tables["fit_procrustes"] = square("Angular Procrustes distance on the fit rows (radians, 0 = same shape, "
+                                          "π/2 = unrelated)", r["fit_statistics"]["procrustes"], four)
+    if "feature_similarity" in r:
+        fs = r["feature_similarity"]
+        tables["cka_debiased"] = square(f"Debiased linear CKA on the first {fs['rows']:,} rows of {fs['of']}",
+                                        fs["cka_debiased"], four)
     figures = {
         "fit_r2_heatmap.png": lambda p: report.heatmap_matrix(r["fit_statistics"]["r2"], models,
                                                               "affine maps: R² on the fit rows", p, fmt="{:.3f}",
@@ -411,6 +451,11 @@ def main() -> None:
     flags.DEFINE_float("ridge", 0.0, "relative ridge of the affine maps (lambda = ridge * tr(C_AA) / d_A)")
     flags.DEFINE_integer("batch_size", 4096, "rows per streamed batch")
     flags.DEFINE_float("progress_seconds", 10.0, "a progress line at most this often (0: every batch)")
+    flags.DEFINE_bool("similarity", True, "mean SVCCA and Procrustes distance from the fit statistics "
+                      "(--nosimilarity skips them: an eigendecomposition per model and pair)")
+    flags.DEFINE_integer("cca_dims", 32, "SVCCA: leading principal directions of each side kept before CCA (0: all)")
+    flags.DEFINE_integer("similarity_rows", 5000, "rows (of the evaluation features, else the fit features) "
+                         "that debiased CKA is computed on (0: skip it)")
     flags.DEFINE_string("workdir", os.path.join("results", "features"), "where the run directory is created")
     flags.DEFINE_string("name", "features", "run directory name prefix")
     flags.mark_flag_as_required("features")

@@ -53,11 +53,17 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(autouse=True)
 def _matmul_precision(request):
-    if request.node.get_closest_marker("highest_precision") is None:
-        yield
-        return
-    with jax.default_matmul_precision("highest"):
-        yield
+    # A test that sets the global precision itself (e.g. by running a child script in-process) must not
+    # change it for the tests after it: the global value is put back after every test.
+    before = jax.config.jax_default_matmul_precision
+    try:
+        if request.node.get_closest_marker("highest_precision") is None:
+            yield
+        else:
+            with jax.default_matmul_precision("highest"):
+                yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -290,3 +290,15 @@ def test_errors_name_the_problem():
     wrong = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(other.init, jax.random.key(0), x))
     with pytest.raises(WeightMismatchError, match="variables of ResNet to fold"):
         folding.fold("zoo_resnet_v1", wrong)
+
+
+def test_fold_passes_build_overrides_and_keeps_float32_variables():
+    # The engine builds bfloat16 modules with build(dtype=...); the folded weights stay float32.
+    module = registry.get("zoo_efficientnet_lite").build()
+    x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+    variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(module.init, jax.random.key(0), x))
+    folded_module, folded = folding.fold("zoo_efficientnet_lite", variables, dtype=jnp.bfloat16)
+    assert folded_module.dtype == jnp.bfloat16 and folded_module.fold_bn
+    assert {leaf.dtype for leaf in jax.tree.leaves(folded)} == {np.dtype(np.float32)}
+    out = jax.eval_shape(folded_module.apply, folded, x)
+    assert out["stem"].dtype == jnp.bfloat16 and out["logits"].shape == (2, 10)

@@ -5,6 +5,7 @@ The files are written with h5py directly in both Keras layouts (no Keras needed)
 bit-flip loops run in a child process, because a damaged file reaches the HDF5 C library, and a crash
 there would take pytest with it instead of failing one test.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -243,7 +244,6 @@ def run_child(paths):
 
 
 def digests(layers):
-    import hashlib
     return {k: [hashlib.sha1(np.ascontiguousarray(a).view(np.uint8)).hexdigest() + str(a.dtype) + str(a.shape)
                 for a in v] for k, v in layers.items()}
 

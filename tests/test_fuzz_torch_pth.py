@@ -7,6 +7,7 @@ seeded fuzz loops truncate, flip and mis-size small files of both layouts. What 
 tests/README.md.
 """
 import collections
+import io
 import pickle
 import struct
 import time
@@ -54,7 +55,6 @@ def pickle_fragment(obj):
 
 
 def pickle_bytes(obj):
-    import io
     buf = io.BytesIO()
     TorchPickler(buf, protocol=2).dump(obj)
     return buf.getvalue()

@@ -5,7 +5,7 @@ checkpoints written by TensorFlow, belongs to the TF-Slim converter tests). Here
 ports rely on are checked against an independent float64 NumPy implementation written from TF's
 definitions (not from Flax's): "SAME" padding computed as TF does (out = ceil(n / s), the odd pixel of
 padding after), max pooling that ignores padding, average pooling that does not count it, the separable
-stem's depthwise channel order (input c, multiplier k -> channel c·m + k), and BatchNorm without scale
+stem's depthwise channel order (input c, multiplier k -> channel c·m + k) and biases, and BatchNorm without scale
 (epsilon 1e-3). Each NumPy block is fed the Flax network's own input to that block (float64), on a
 61×75 input whose maps are odd and even along the way (31×38, 16×19, 8×10, 4×5, 2×3).
 """
@@ -104,11 +104,11 @@ def _get(tree, path):
 
 
 def v2_stem(x, v):
-    p, s = v["params"]["Conv2d_1a_7x7"], v["batch_stats"]["Conv2d_1a_7x7"]
+    # TF-Slim's separable_conv2d outside the arg scope's BatchNorm: biases and ReLU.
+    p = v["params"]["Conv2d_1a_7x7"]
     dw = np.asarray(p["depthwise"]["kernel"], np.float64)  # Flax (7, 7, 1, 24) = TF (7, 7, 3, 8) flattened
     y = depthwise(x, dw.reshape(7, 7, 3, 8), 8, stride=2)
-    y = conv(y, np.asarray(p["pointwise"]["kernel"], np.float64))
-    y = (y - s["bn"]["mean"]) / np.sqrt(np.asarray(s["bn"]["var"], np.float64) + EPS) + p["bn"]["bias"]
+    y = conv(y, np.asarray(p["pointwise"]["kernel"], np.float64)) + p["pointwise"]["bias"]
     return np.maximum(y, 0.0)
 
 

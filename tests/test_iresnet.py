@@ -11,6 +11,10 @@ from embjax.weights import h5, torch_pth
 from embjax.models.convert import insightface
 
 torch = pytest.importorskip("torch")
+
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 nn = torch.nn
 
 

@@ -1,4 +1,5 @@
 """The suite writes nothing into the user's cache or home (conftest.py redirects every write location)."""
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,5 @@ def test_subprocesses_inherit_the_redirection(private_write_locations):
     code = ("import os, json; print(json.dumps({v: os.environ.get(v) for v in "
             "('EMBJAX_CACHE', 'HOME', 'KERAS_HOME', 'TFDS_DATA_DIR')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    import json
     for var, value in json.loads(out).items():
         assert value is not None and _inside(value, private_write_locations), var

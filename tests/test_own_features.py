@@ -165,6 +165,15 @@ def test_command_recovers_planted_maps(documented_run):
         # Exact maps: R² is 1 up to the ~1e-6 the statistics-based residual resolves (stats.r2).
         assert np.all(r2 > 1 - 1e-4), r2
         assert np.all(np.array(results[key]["cka"]) > 0.0)
+    # An invertible affine map keeps every canonical correlation at 1 (SVCCA's 32 dims cover all 8 here);
+    # float32 whitening of condition <= ~100 covariances leaves ~1e-5, 1e-3 is far from the <= 0.9 of
+    # any pair that is not affinely related.
+    np.testing.assert_allclose(results["fit_statistics"]["cca"], np.ones((3, 3)), atol=1e-3)
+    procrustes = np.array(results["fit_statistics"]["procrustes"])
+    assert np.all(np.diag(procrustes) == 0) and np.all((procrustes >= 0) & (procrustes <= np.pi / 2))
+    fs = results["feature_similarity"]
+    assert fs["rows"] == 300 and fs["of"] == "--eval_features"
+    np.testing.assert_allclose(np.diag(fs["cka_debiased"]), 1.0, atol=1e-5)
 
 
 def test_command_mapped_accuracy_equals_source(documented_run):
@@ -180,7 +189,8 @@ def test_command_mapped_accuracy_equals_source(documented_run):
         # Exact maps keep every prediction (the margin of every row is > 0.05, see Planted.rows).
         np.testing.assert_array_equal(counts(results[family]["accuracy"]), np.full((3, 3), correct))
         np.testing.assert_array_equal(np.array(results[family]["agreement"]), np.ones((3, 3)))
-    for name in ("report.md", "table_5_2_affine.md", "fit_r2.csv", "fit_cka.csv", "eval_r2.csv",
+    for name in ("report.md", "table_5_2_affine.md", "fit_r2.csv", "fit_cka.csv", "eval_r2.csv", "fit_cca.csv",
+                 "fit_procrustes.csv", "cka_debiased.csv",
                  "fit_r2_heatmap.png", "table_5_2_heatmap.png"):
         assert (run_dir / name).exists(), name
     assert "Table 5.2" in (run_dir / "report.md").read_text()
@@ -297,3 +307,13 @@ def test_benchmark_runs_at_a_toy_size(tmp_path):
     assert "peak RSS: embjax, 3 x 16 dims x 6,000 rows" in proc.stdout
     assert "peak RSS: scikit-learn, 3 x 16 dims x 6,000 rows" in proc.stdout
     assert not os.path.exists(tmp_path / "data")  # generated features removed without --keep-data
+
+
+def test_readme_shows_the_tested_example_and_command():
+    """README's "Use embjax on your own features" section carries the same code the tests above run."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Use embjax on your own features"):]
+    section = section[:section.index("\n## ", 3)]
+    for lang in ("python", "bash"):
+        assert f"```{lang}\n{doc_block(lang)}```" in section, lang

@@ -40,6 +40,14 @@ def dot_precisions(jaxpr):
     return found
 
 
+def make_jaxpr(fn, *args):
+    """The jaxpr of fn(*args) traced with no default precision in force, so that only the precision a
+    dot requests itself shows (a global or surrounding "highest" would otherwise be written into every
+    dot and hide a missing one)."""
+    with jax.default_matmul_precision(None):
+        return jax.make_jaxpr(fn)(*args)
+
+
 def assert_all_highest(closed, what):
     precisions = dot_precisions(closed.jaxpr)
     assert precisions, f"{what}: no dot_general found; the walk is not seeing the program"
@@ -53,7 +61,8 @@ def test_the_walk_sees_a_dot_without_precision():
     def sloppy(x):
         return jax.jit(lambda y: jax.lax.fori_loop(0, 2, lambda _, z: z @ z, y))(x)
 
-    closed = jax.make_jaxpr(sloppy)(jnp.eye(3))
+    with jax.default_matmul_precision("highest"):  # a surrounding setting must not hide it
+        closed = make_jaxpr(sloppy, jnp.eye(3))
     assert dot_precisions(closed.jaxpr) == [None]
     with pytest.raises(AssertionError, match="1 of 1 dots"):
         assert_all_highest(closed, "sloppy")
@@ -67,30 +76,30 @@ def _state():
 
 def test_stats_dots_are_highest():
     feats, state = _state()
-    assert_all_highest(jax.make_jaxpr(stats.update)(stats.init((5, 3)), feats), "stats.update")
+    assert_all_highest(make_jaxpr(stats.update, stats.init((5, 3)), feats), "stats.update")
     w, b = jnp.ones((5, 3)), jnp.zeros(3)
-    assert_all_highest(jax.make_jaxpr(lambda s: stats.r2(s, 0, 1, w, b))(state), "stats.r2")
+    assert_all_highest(make_jaxpr(lambda s: stats.r2(s, 0, 1, w, b), state), "stats.r2")
 
 
 def test_maps_dots_are_highest():
     _, state = _state()
     # The affine kernel: Cholesky (blocked and unblocked), power iterations and the solve.
-    fit = jax.make_jaxpr(lambda c, m, n: maps._fit_source(c, m, n, 0.0, 0.0, 0, d=5, dims=(5, 3)))(
-        state.cross, state.mean, state.count)
+    fit = make_jaxpr(lambda c, m, n: maps._fit_source(c, m, n, 0.0, 0.0, 0, d=5, dims=(5, 3)),
+                     state.cross, state.mean, state.count)
     assert_all_highest(fit, "maps._fit_source")
     big = jnp.eye(300, dtype=jnp.float32) * 2.0  # wide enough for the blocked Cholesky's trailing update
-    assert_all_highest(jax.make_jaxpr(maps._cholesky)(big), "maps._cholesky")
+    assert_all_highest(make_jaxpr(maps._cholesky, big), "maps._cholesky")
     rng = np.random.default_rng(1)
     k_a, k_b = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
     c = np.zeros(4, np.float32)
-    assert_all_highest(jax.make_jaxpr(maps._logit)(k_a, c, k_b, c), "maps._logit")
+    assert_all_highest(make_jaxpr(maps._logit, k_a, c, k_b, c), "maps._logit")
     c_ab = rng.standard_normal((3, 3)).astype(np.float32)
     m = np.zeros(3, np.float32)
-    assert_all_highest(jax.make_jaxpr(lambda *a: maps._procrustes(*a, False))(c_ab @ c_ab.T, c_ab, m, m),
+    assert_all_highest(make_jaxpr(lambda *a: maps._procrustes(*a, False), c_ab @ c_ab.T, c_ab, m, m),
                        "maps._procrustes")
-    assert_all_highest(jax.make_jaxpr(lambda *a: maps._project_rank(*a, 2))(
-        jnp.ones((3, 3)), c_ab @ c_ab.T, m, m), "maps._project_rank")
-    assert_all_highest(jax.make_jaxpr(maps.apply)(jnp.ones((2, 3)), (jnp.ones((3, 3)), m)), "maps.apply")
+    assert_all_highest(make_jaxpr(lambda *a: maps._project_rank(*a, 2), jnp.ones((3, 3)), c_ab @ c_ab.T, m, m),
+                       "maps._project_rank")
+    assert_all_highest(make_jaxpr(maps.apply, jnp.ones((2, 3)), (jnp.ones((3, 3)), m)), "maps.apply")
 
 
 def test_evaluate_dots_are_highest():
@@ -101,5 +110,5 @@ def test_evaluate_dots_are_highest():
     fitted = {(0, 1): (np.ones((5, 3), np.float32), np.zeros(3, np.float32)),
               (1, 0): (np.ones((3, 5), np.float32), np.zeros(5, np.float32))}
     labels = rng.integers(0, 4, 8)
-    closed = jax.make_jaxpr(lambda f: evaluate.update(evaluate.init(dims), f, heads, fitted, labels))(feats)
+    closed = make_jaxpr(lambda f: evaluate.update(evaluate.init(dims), f, heads, fitted, labels), feats)
     assert_all_highest(closed, "evaluate.update")

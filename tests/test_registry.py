@@ -21,7 +21,7 @@ REQUIRED = (
     + ["inception_v1", "inception_v2", "inception_v4", "nasnet_large", "pnasnet_large"]
     # TF-Slim checkpoints of the thesis' CNNs (tests/test_tf_slim.py checks these specs).
     + ["resnet_v1_152_slim", "resnet_v2_152_slim", "inception_v3_slim", "inception_resnet_v2_slim",
-       "mobilenet_v2_140_slim"]
+       "mobilenet_v2_140_slim", "inception_v4_slim", "nasnet_large_slim", "pnasnet_large_slim"]
     + [f"iresnet{d}" for d in (18, 34, 50, 100)]
 )
 

@@ -34,7 +34,7 @@ _SCRIPT = textwrap.dedent(
     import flax.linen as nn
     from embjax import bct, train
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py sets in-process
+    jax.config.update("jax_default_matmul_precision", "highest")  # as the in-process reference run
     workdir, out_path, devices, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     assert jax.device_count() == devices, jax.devices()
 
@@ -115,6 +115,7 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
         train.epoch_batches(10, 32, seed=0, epoch=0)
 
 
+@pytest.mark.highest_precision  # the in-process reference matches the child scripts' precision
 def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path, capsys):
     one_device_log = _run_here(tmp_path, tmp_path / "ref", tmp_path / "ref.npz", capsys)
 

@@ -13,6 +13,9 @@ from embjax.weights import h5  # noqa: E402
 from embjax.models.convert import keras_vgg  # noqa: E402
 from keras_helpers import fast_keras_init, randomize, rel_err  # noqa: E402
 
+# Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
+pytestmark = pytest.mark.highest_precision
+
 # max|flax - keras| / max|keras| in float32 with "highest" matmul precision: the two differ only in
 # summation order. The widest sums are 3·3·512 = 4,608 terms (convolutions) and the 2·2·512 = 2,048-term
 # flatten at 64 px: ≤ √4608 · 6e-8 ≈ 4e-6 relative per layer, over 16 layers ≤ ~1e-4 at worst. A wrong

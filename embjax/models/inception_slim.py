@@ -6,7 +6,8 @@ onto `InceptionV4`. Layer structure, widths, strides and paddings follow TF-Slim
 (`Mixed_4b/Branch_1/Conv2d_0b_3x3`, with `conv` and `bn` inside), so a TF-Slim checkpoint maps by name.
 
 Constants as TF-Slim's `inception_arg_scope` defines them: every convolution has no bias and is followed
-by BatchNorm with epsilon 1e-3 and *no scale* (`batch_norm_scale=False`), then ReLU. Padding is TF "SAME"
+by BatchNorm with epsilon 1e-3 and *no scale* (`batch_norm_scale=False`), then ReLU; except v2's separable
+stem, which that arg scope does not reach (biases and ReLU, no BatchNorm). Padding is TF "SAME"
 (asymmetric for stride 2 on even sizes; Flax's "SAME" is the same rule) except where TF-Slim says "VALID"
 (Inception-v4's stem and reductions). Average pools do not count padding (TF's "SAME" average pooling).
 
@@ -31,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embjax.models.inception import ConvBN
+from embjax.models.inception import ConvBN, slim_depth
 
 Dtype = Any
 
@@ -40,7 +41,9 @@ BN_MOMENTUM = 0.9997  # TF-Slim's batch_norm_decay; only matters when training
 
 # A layer: ("conv", name, features, (kh, kw), stride, padding)
 #          ("max" | "avg", name, (kh, kw), stride, padding)
-#          ("sepconv", name, features, (kh, kw), stride, depth_multiplier)     (v2's stem)
+#          ("sepconv", name, features, (kh, kw), stride, max_multiplier)       (v2's stem; the depthwise
+#                                                                               multiplier is
+#                                                                               min(features // 3, max))
 #          ("split", ((name, features, (kh, kw)), (name, features, (kh, kw))))  (v4's C blocks: two convs
 #                                                                               on one input, concatenated)
 # An end point: (name, layer) or (name, (branch, branch, ...)) with a branch a tuple of layers, each branch
@@ -105,7 +108,7 @@ def _v2_reduction(b0, b1):
 
 
 INCEPTION_V2 = (
-    # A separable 7×7 stem: depthwise with multiplier min(64 // 3, 8) = 8 (24 channels), then 1×1 to 64.
+    # A separable 7×7 stem: depthwise with multiplier min(int(64 / 3), 8) = 8 (24 channels), then 1×1 to 64.
     ("Conv2d_1a_7x7", ("sepconv", "Conv2d_1a_7x7", 64, (7, 7), 2, 8)),
     ("MaxPool_2a_3x3", _pool("max", "MaxPool_2a_3x3", 3, 2)),
     ("Conv2d_2b_1x1", _c("Conv2d_2b_1x1", 64)),
@@ -179,9 +182,11 @@ STEM_END = {"inception_v1": "MaxPool_3a_3x3", "inception_v2": "MaxPool_3a_3x3", 
 FEATURE_DIM = {"inception_v1": 1024, "inception_v2": 1024, "inception_v4": 1536}
 
 
-class SeparableConvBN(nn.Module):
-    """TF-Slim separable_conv2d with a depth multiplier and BatchNorm: depthwise k×k (no BN, no ReLU),
-    pointwise 1×1, BatchNorm without scale, ReLU."""
+class SeparableConv(nn.Module):
+    """TF-Slim separable_conv2d with a depth multiplier, as Inception-v2's stem calls it: depthwise k×k,
+    pointwise 1×1 with biases, ReLU. No BatchNorm: TF-Slim's inception arg scope gives a normalizer to
+    `conv2d` only, so the released inception_v2 checkpoint holds `Conv2d_1a_7x7/biases` and no
+    `Conv2d_1a_7x7/BatchNorm` (checked against TensorFlow in tests/test_tf_slim.py)."""
 
     features: int
     kernel_size: Sequence[int]
@@ -195,29 +200,30 @@ class SeparableConvBN(nn.Module):
         # Flax's grouped convolution orders outputs group by group: channel c*multiplier + k, as TF does.
         x = nn.Conv(c * self.depth_multiplier, tuple(self.kernel_size), strides=self.strides, padding="SAME",
                     feature_group_count=c, use_bias=False, dtype=self.dtype, name="depthwise")(x)
-        x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
-        x = nn.BatchNorm(use_running_average=not train, use_scale=False, momentum=BN_MOMENTUM,
-                         epsilon=BN_EPSILON, dtype=self.dtype, name="bn")(x)
+        x = nn.Conv(self.features, (1, 1), use_bias=True, dtype=self.dtype, name="pointwise")(x)
         return nn.relu(x)
 
 
-def _apply_layer(layer, x, train: bool, dtype, parent_name: str | None = None):
-    """Apply one layer spec; convolutions become named submodules of the calling module."""
+def _apply_layer(layer, x, train: bool, dtype, depth=lambda w: w, parent_name: str | None = None):
+    """Apply one layer spec; convolutions become named submodules of the calling module. `depth` maps a
+    spec width to the built one (TF-Slim's depth_multiplier rule; the identity at full size)."""
     kind = layer[0]
     conv = functools.partial(ConvBN, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype)
     if kind == "conv":
         _, name, features, kernel, stride, padding = layer
-        return conv(features, kernel, strides=stride, padding=padding, name=name)(x, train)
+        return conv(depth(features), kernel, strides=stride, padding=padding, name=name)(x, train)
     if kind in ("max", "avg"):
         _, _, window, stride, padding = layer
         if kind == "max":
             return nn.max_pool(x, window, strides=(stride, stride), padding=padding)
         return nn.avg_pool(x, window, strides=(stride, stride), padding=padding, count_include_pad=False)
     if kind == "sepconv":
-        _, name, features, kernel, stride, multiplier = layer
-        return SeparableConvBN(features, kernel, stride, multiplier, dtype, name=name)(x, train)
+        _, name, features, kernel, stride, max_multiplier = layer
+        # TF-Slim keeps the depthwise output (input channels x multiplier) at most the pointwise width.
+        multiplier = min(int(depth(features) / 3), max_multiplier)
+        return SeparableConv(depth(features), kernel, stride, multiplier, dtype, name=name)(x, train)
     if kind == "split":
-        return jnp.concatenate([conv(f, k, name=n)(x, train) for n, f, k in layer[1]], axis=-1)
+        return jnp.concatenate([conv(depth(f), k, name=n)(x, train) for n, f, k in layer[1]], axis=-1)
     raise ValueError(f"unknown layer kind {kind!r} in {parent_name or 'the architecture'}")
 
 
@@ -226,11 +232,14 @@ class Branch(nn.Module):
 
     layers: Sequence[Any]
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        depth = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         for layer in self.layers:
-            x = _apply_layer(layer, x, train, self.dtype, self.name)
+            x = _apply_layer(layer, x, train, self.dtype, depth, self.name)
         return x
 
 
@@ -239,22 +248,29 @@ class Block(nn.Module):
 
     branches: Sequence[Sequence[Any]]
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        outs = [Branch(b, self.dtype, name=f"Branch_{i}")(x, train) for i, b in enumerate(self.branches)]
+        outs = [Branch(b, self.dtype, self.depth_multiplier, self.min_depth, name=f"Branch_{i}")(x, train)
+                for i, b in enumerate(self.branches)]
         return jnp.concatenate(outs, axis=-1)
 
 
 class SlimInception(nn.Module):
     """An Inception network from one of `ARCHITECTURES` (`inception_v1`, `inception_v2`, `inception_v4`).
 
-    `num_classes` defaults to TF-Slim's 1001 (class 0 is "background").
+    `num_classes` defaults to TF-Slim's 1001 (class 0 is "background"). `depth_multiplier` and
+    `min_depth` are TF-Slim's width rule (every width w becomes max(int(w * m), min_depth); the identity
+    at m = 1), for the reduced networks of the tests.
     """
 
     architecture: str
     num_classes: int = 1001
     dtype: Dtype = jnp.float32
+    depth_multiplier: float = 1.0
+    min_depth: int = 16
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -268,12 +284,13 @@ class SlimInception(nn.Module):
                 f"{self.architecture} needs inputs of at least {min_size}x{min_size} pixels, got "
                 f"{x.shape[1]}x{x.shape[2]}; resize the images up."
             )
+        depth = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         out = {}
         for name, spec in ARCHITECTURES[self.architecture]:
             if isinstance(spec[0], str):  # a single layer
-                x = _apply_layer(spec, x, train, self.dtype, name)
+                x = _apply_layer(spec, x, train, self.dtype, depth, name)
             else:
-                x = Block(spec, self.dtype, name=name)(x, train)
+                x = Block(spec, self.dtype, self.depth_multiplier, self.min_depth, name=name)(x, train)
             out[name] = x
         out["stem"] = out[STEM_END[self.architecture]]
         out["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -377,7 +377,7 @@ def _thesis_specs() -> list[ModelSpec]:
     inception_v4, nasnet_large, pnasnet_large): Inception [-1, 1] scaling and the 0.875 central crop."""
     timm_formats = ("torch", "safetensors")
     return [
-        # TF-Slim heads: 1001 classes (0 = background). No converter reads their TF-Slim checkpoints yet.
+        # TF-Slim heads: 1001 classes (0 = background); embjax.models.convert.tf_slim reads the checkpoints.
         ModelSpec(
             name="inception_v1",
             family="inception_v1",
@@ -389,8 +389,9 @@ def _thesis_specs() -> list[ModelSpec]:
             background_class=True,
             **_KERAS_TF,
             **_IMAGENET_CROP,
-            weight_source="TF-Slim inception_v1_2016_08_28.tar.gz (inception_v1.ckpt); pass an orbax directory "
-            "of converted variables",
+            weight_source=f"TF-Slim inception_v1_2016_08_28.tar.gz (inception_v1.ckpt) or its TF-Hub SavedModel ({_SLIM_ZOO})",
+            converter=_lazy_converter("embjax.models.convert.tf_slim", "convert_inception_v1"),
+            weight_formats=_TF_FORMATS,
         ),
         ModelSpec(
             name="inception_v2",
@@ -403,8 +404,9 @@ def _thesis_specs() -> list[ModelSpec]:
             background_class=True,
             **_KERAS_TF,
             **_IMAGENET_CROP,
-            weight_source="TF-Slim inception_v2_2016_08_28.tar.gz (inception_v2.ckpt); pass an orbax directory "
-            "of converted variables",
+            weight_source=f"TF-Slim inception_v2_2016_08_28.tar.gz (inception_v2.ckpt) or its TF-Hub SavedModel ({_SLIM_ZOO})",
+            converter=_lazy_converter("embjax.models.convert.tf_slim", "convert_inception_v2"),
+            weight_formats=_TF_FORMATS,
         ),
         # 1000 classes: the head of timm's inception_v4 (timm dropped TF-Slim's background class), the
         # reference this port is checked against; TF-Slim's own checkpoint has 1001.
@@ -516,6 +518,30 @@ def _tf_slim_specs() -> dict[str, ModelSpec]:
                 weight_source=f"TF-Slim {family}{'_1.4_224' if family == 'mobilenet_v2' else ''} checkpoint "
                 f"({_SLIM_ZOO})",
                 converter=converter,
+                weight_formats=_TF_FORMATS,
+                background_class=True,
+            )
+        )
+    # Same modules as `inception_v4`, `nasnet_large` and `pnasnet_large`, with TF-Slim's 1001-class heads.
+    for name, family, module, function, dim, input_size, checkpoint in (
+        ("inception_v4_slim", "inception_v4", "embjax.models.inception_slim", "inception_v4", 1536, 299,
+         "inception_v4"),
+        ("nasnet_large_slim", "nasnet", "embjax.models.nasnet", "nasnet_large", 4032, 331, "nasnet-a_large"),
+        ("pnasnet_large_slim", "pnasnet", "embjax.models.nasnet", "pnasnet_large", 4320, 331, "pnasnet-5_large"),
+    ):
+        slim.append(
+            ModelSpec(
+                name=name,
+                family=family,
+                build=_lazy(module, function, num_classes=1001),
+                input_size=input_size,
+                in_channels=3,
+                feature_dim=dim,
+                num_classes=1001,
+                **_KERAS_TF,
+                **_IMAGENET_CROP,
+                weight_source=f"TF-Slim {checkpoint} checkpoint ({_SLIM_ZOO})",
+                converter=_lazy_converter("embjax.models.convert.tf_slim", f"convert_{function}"),
                 weight_formats=_TF_FORMATS,
                 background_class=True,
             )

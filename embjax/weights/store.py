@@ -30,7 +30,8 @@ import numpy as np
 
 from embjax.weights.limits import ByteBudget
 
-__all__ = ["CorruptCheckpointError", "save_variables", "load_variables", "load_metadata", "content_hash", "variables_hash"]
+__all__ = ["CorruptCheckpointError", "save_variables", "load_variables", "load_metadata", "content_hash",
+           "variables_hash"]
 
 _FORMAT = "embjax.variables/1"
 _INDEX = "embjax.json"

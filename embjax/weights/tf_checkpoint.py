@@ -41,6 +41,8 @@ import struct
 
 import numpy as np
 
+from embjax.weights import limits
+
 __all__ = [
     "TFCheckpointError",
     "DEFAULT_MAX_BYTES",
@@ -55,7 +57,9 @@ __all__ = [
     "masked_crc32c",
 ]
 
-DEFAULT_MAX_BYTES = 8 << 30  # 8 GiB: the largest thesis checkpoint (NASNet-Large) is about 0.4 GiB
+# 8 GiB (embjax.weights.limits, shared by every reader): the largest thesis checkpoint (NASNet-Large) is
+# about 0.4 GiB.
+DEFAULT_MAX_BYTES = limits.DEFAULT_MAX_BYTES
 
 _TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's (and TensorFlow's table) footer magic number
 _FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic
@@ -473,14 +477,16 @@ def _shard_path(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
-def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+def load(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """{variable name: array} of the TensorFlow checkpoint or SavedModel at `path` (see the module
     docstring for accepted paths and the naming of SavedModel variables).
 
     Raises FileNotFoundError when there is no checkpoint or a data shard is missing, and
     TFCheckpointError naming the file (and tensor) for anything truncated, corrupt, unsupported, or
-    larger in total than `max_bytes`.
+    larger in total than `max_bytes` (default: $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB, as for every reader;
+    see `embjax.weights.limits`).
     """
+    max_bytes = limits.resolve_max_bytes(max_bytes)
     if is_v1_file(path):
         return _load_v1(os.fspath(path), max_bytes)
     prefix = resolve_prefix(path)

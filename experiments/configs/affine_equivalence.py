@@ -23,10 +23,10 @@ THESIS_NAMES = {
     "resnet_v1_152_slim": "ResNet-v1-152",
     "resnet_v2_152_slim": "ResNet-v2-152",
     "inception_v3_slim": "Inception-v3",
-    "inception_v4": "Inception-v4",
+    "inception_v4_slim": "Inception-v4",
     "inception_resnet_v2_slim": "Inception-ResNet-v2",
-    "nasnet_large": "NASNet-Large",
-    "pnasnet_large": "PNASNet-Large",
+    "nasnet_large_slim": "NASNet-Large",
+    "pnasnet_large_slim": "PNASNet-Large",
 }
 # The same models from keras.applications .h5 files, where a user has those instead.
 KERAS_THESIS_NAMES = {

@@ -8,19 +8,27 @@ Input: {variable name: array} as `embjax.weights.tf_checkpoint.load` returns it 
   where the width is kept, TF "SAME" stem pool; BatchNorm epsilon 1e-5; v1 convs without biases);
 * `convert_inception_v3(arrays)`: `InceptionV3/...` -> `embjax.models.inception.InceptionV3`;
 * `convert_inception_resnet_v2(arrays)`: `InceptionResnetV2/...` -> `InceptionResNetV2`;
-* `convert_mobilenet_v2(arrays, alpha)`: `MobilenetV2/...` -> `embjax.models.mobilenet.MobileNetV2`.
+* `convert_mobilenet_v2(arrays, alpha)`: `MobilenetV2/...` -> `embjax.models.mobilenet.MobileNetV2`;
+* `convert_inception_v1(arrays)`, `convert_inception_v2(arrays)`, `convert_inception_v4(arrays)`:
+  `InceptionV1/...`, `InceptionV2/...`, `InceptionV4/...` -> `embjax.models.inception_slim.SlimInception`,
+  whose module paths are TF-Slim's scopes already;
+* `convert_nasnet_large(arrays)`, `convert_pnasnet_large(arrays)`: TF-Slim's `nets/nasnet` names
+  (`cell_stem_0/...`, `cell_5/comb_iter_0/left/separable_5x5_1/...`, `final_layer/FC`; these networks have
+  no scope of their own) -> `embjax.models.nasnet.NASNet` / `PNASNet`.
 
 The map is explicit and driven by the Flax module: every module path of the port's variable tree has one
 TF-Slim scope (`name map` functions below), and each leaf one variable in it: conv `weights` (and
 `biases`) -> `kernel` (`bias`); BatchNorm `gamma`/`beta` -> params `scale`/`bias`,
 `moving_mean`/`moving_variance` -> batch_stats `mean`/`var`; the classifier, a 1x1 conv `weights`
-(1, 1, C, K) in TF-Slim, -> Dense `kernel` (C, K); depthwise `depthwise_weights` (3, 3, C, 1) ->
-(3, 3, 1, C). All problems are collected (missing variables, unexpected ones under the network's
+(1, 1, C, K) in TF-Slim, -> Dense `kernel` (C, K); depthwise `depthwise_weights` (h, w, C, M) ->
+(h, w, 1, C * M) (channel c * M + m, as Flax's grouped convolution orders them); separable convolutions'
+`pointwise_weights` -> the pointwise conv's `kernel`. All problems are collected (missing variables, unexpected ones under the network's
 scope, mis-shaped ones through `embjax.weights.h5.shape_problems`, the project's one shape check) and
 raised together as one `WeightMismatchError`.
 
-Names are found wherever the network's scope starts (a TF-Hub module may put `module/` in front).
-Variables outside the scope (`global_step`), the auxiliary heads (`AuxLogits`) and training-only copies
+Names are found wherever the network's scope starts (a TF-Hub module may put `module/` in front); for the
+unscoped NASNet / PNASNet, wherever their stem convolution `conv0/weights` is. Variables outside the
+scope (`global_step`), the auxiliary heads (`AuxLogits`, NASNet's `aux_<n>/aux_logits`) and training-only copies
 (`ExponentialMovingAverage`, optimizer slots such as `Momentum`, `RMSProp`, `Adam`) are ignored.
 
 Heads: the classes come from the checkpoint's logits layer. TF-Slim's zoo heads have 1001 classes,
@@ -36,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import inception as inception_lib
+from embjax.models import inception_slim as inception_slim_lib
 from embjax.models import mobilenet as mobilenet_lib
+from embjax.models import nasnet as nasnet_lib
 from embjax.models import resnet as resnet_lib
 from embjax.weights.h5 import WeightMismatchError, flatten_tree, shape_problems
 
@@ -45,12 +55,22 @@ __all__ = [
     "convert_inception_v3",
     "convert_inception_resnet_v2",
     "convert_mobilenet_v2",
+    "convert_inception_v1",
+    "convert_inception_v2",
+    "convert_inception_v4",
+    "convert_nasnet_large",
+    "convert_pnasnet_large",
     "convert_slim",
     "resnet_name_map",
     "inception_v3_name_map",
     "inception_resnet_v2_name_map",
     "mobilenet_v2_name_map",
+    "slim_inception_name_map",
+    "nasnet_name_map",
+    "nasnet_large_name_map",
+    "pnasnet_large_name_map",
     "logits_classes",
+    "variable_name",
 ]
 
 # Module kinds and, per (collection, leaf), the TF-Slim variable in the module's scope.
@@ -64,16 +84,25 @@ _LEAVES = {
     },
     "dense": {("params", "kernel"): "weights", ("params", "bias"): "biases"},
     "depthwise": {("params", "kernel"): "depthwise_weights"},
+    "pointwise": {("params", "kernel"): "pointwise_weights", ("params", "bias"): "biases"},
 }
-_IGNORED_PARTS = ("AuxLogits", "ExponentialMovingAverage", "Momentum", "RMSProp", "RMSProp_1", "Adam",
+_IGNORED_PARTS = ("AuxLogits", "aux_logits", "global_step", "ExponentialMovingAverage", "Momentum", "RMSProp", "RMSProp_1", "Adam",
                   "Adam_1")
 
 Path = tuple[str, ...]
 NameMap = Callable[[Path], "tuple[str, str] | None"]  # Flax module path -> (TF-Slim scope, kind)
 
 
-def _strip_to_scope(arrays: Mapping[str, np.ndarray], scope: str) -> dict[str, np.ndarray]:
-    """{name from `scope/` on: array} for the variables under `scope`, wherever it starts."""
+def _strip_to_scope(arrays: Mapping[str, np.ndarray], scope: str, anchor: str | None = None
+                    ) -> dict[str, np.ndarray]:
+    """{name from `scope/` on: array} for the variables under `scope`, wherever it starts. With no scope
+    (""), the names after whatever prefix the variable named `anchor` has."""
+    if not scope:
+        prefixes = [name[: -len(anchor)] for name in arrays
+                    if name.endswith(anchor) and (name == anchor or name[-len(anchor) - 1] == "/")]
+        if len(prefixes) != 1:
+            return {}
+        return {name[len(prefixes[0]):]: array for name, array in arrays.items() if name.startswith(prefixes[0])}
     out = {}
     for name, array in arrays.items():
         at = name.find(scope + "/")
@@ -94,23 +123,37 @@ def logits_classes(arrays: Mapping[str, np.ndarray], logits_scope: str) -> int |
     return None
 
 
+def variable_name(name_map: NameMap, path: Path) -> str | None:
+    """The TF-Slim variable name of the Flax leaf at `path` ((collection, *module path, leaf), as
+    `flatten_tree` gives it), or None where the map knows none."""
+    mapped = name_map(path[1:-1])
+    if mapped is None:
+        return None
+    scope, kind = mapped
+    slim_leaf = _LEAVES[kind].get((path[0], path[-1]))
+    return None if slim_leaf is None else f"{scope}/{slim_leaf}"
+
+
 def convert_slim(
-    arrays: Mapping[str, np.ndarray], network_scope: str, name_map: NameMap, expected: Mapping, what: str
+    arrays: Mapping[str, np.ndarray], network_scope: str, name_map: NameMap, expected: Mapping, what: str,
+    anchor: str | None = None,
 ) -> dict:
     """{"params", "batch_stats"} shaped like `expected` (a tree of leaves with `.shape`, e.g.
     `jax.eval_shape(module.init, ...)`), each leaf taken from the TF-Slim variable `name_map` names.
+    An unscoped network (`network_scope` "") names `anchor`, a variable every checkpoint of it has.
 
     Raises one WeightMismatchError listing every problem (see the module docstring).
     """
     if not isinstance(arrays, Mapping):
         raise WeightMismatchError(what, [f"expected {{variable name: array}}, got {type(arrays).__name__}; "
                                          "read the checkpoint with embjax.weights.tf_checkpoint.load"])
-    found = _strip_to_scope(arrays, network_scope)
+    found = _strip_to_scope(arrays, network_scope, anchor)
     if not found:
         sample = ", ".join(list(arrays)[:5])
+        where = f"under the TF-Slim scope {network_scope!r}" if network_scope else f"named {anchor!r} (exactly once)"
         raise WeightMismatchError(
-            what, [f"no variable under the TF-Slim scope {network_scope!r} (the checkpoint's first names: "
-                   f"{sample or 'none'}): a checkpoint of another network?"])
+            what, [f"no variable {where} (the checkpoint's first names: {sample or 'none'}): a checkpoint of "
+                   "another network?"])
     problems: list[str] = []
     used: set[str] = set()
     variables: dict = {"params": {}, "batch_stats": {}}
@@ -134,15 +177,15 @@ def convert_slim(
         value = np.asarray(found[slim_name])
         if kind == "dense" and name == "kernel" and value.ndim == 4 and value.shape[:2] == (1, 1):
             value = value.reshape(value.shape[2:])  # the 1x1 logits conv is a dense layer
-        elif kind == "depthwise" and value.ndim == 4 and value.shape[3] == 1:
-            value = value.reshape(value.shape[0], value.shape[1], 1, value.shape[2])
+        elif kind == "depthwise" and value.ndim == 4:
+            value = value.reshape(value.shape[0], value.shape[1], 1, value.shape[2] * value.shape[3])
         if not np.issubdtype(value.dtype, np.floating):
             problems.append(f"TF-Slim variable {slim_name!r} has dtype {value.dtype}, not floating point")
             continue
         node = variables[collection]
         for key in module:
             node = node.setdefault(key, {})
-        node[name] = value.astype(np.float32)
+        node[name] = value.astype(np.float32, copy=False)
     for name in sorted(set(found) - used):
         if not _ignored(name):
             problems.append(f"unexpected TF-Slim variable {name!r} (shape {tuple(np.shape(found[name]))}): "
@@ -382,3 +425,169 @@ def convert_mobilenet_v2(arrays: Mapping[str, np.ndarray], alpha: float = 1.4, m
     module = (module or mobilenet_lib.MobileNetV2(alpha=alpha)).clone(num_classes=classes or 1001)
     return convert_slim(arrays, "MobilenetV2", mobilenet_v2_name_map(), _expected(module, 32),
                         f"TF-Slim mobilenet_v2 (depth multiplier {module.alpha}) weights")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inception-v1 / v2 / v4 (embjax.models.inception_slim): Flax module paths are TF-Slim's scopes.
+
+# TF-Slim scope of each network and of its classifier (a 1x1 conv for v1/v2, fully connected for v4).
+SLIM_INCEPTION_SCOPES = {
+    "inception_v1": ("InceptionV1", "Logits/Conv2d_0c_1x1"),
+    "inception_v2": ("InceptionV2", "Logits/Conv2d_1c_1x1"),
+    "inception_v4": ("InceptionV4", "Logits/Logits"),
+}
+# A ConvBN's `conv` / `bn`, a SeparableConv's `depthwise` / `pointwise`, inside the layer's scope.
+_LAYER_PARTS = {"conv": ("", "conv"), "bn": ("/BatchNorm", "bn"), "depthwise": ("", "depthwise"),
+                "pointwise": ("", "pointwise")}
+
+
+def slim_inception_name_map(architecture: str) -> NameMap:
+    """Flax path of `SlimInception(architecture)` -> (TF-Slim scope, kind): `Mixed_4b/Branch_1/
+    Conv2d_0b_3x3/conv` is `<Net>/Mixed_4b/Branch_1/Conv2d_0b_3x3`, its `bn` that scope's `BatchNorm`;
+    v2's separable stem keeps `depthwise_weights`, `pointwise_weights` and `biases` in one scope."""
+    scope, logits = SLIM_INCEPTION_SCOPES[architecture]
+
+    def name(path: Path):
+        if path == ("logits",):
+            return f"{scope}/{logits}", "dense"
+        if len(path) < 2:
+            return None
+        layer = "/".join((scope,) + path[:-1])
+        if path[-1] in _LAYER_PARTS:
+            suffix, kind = _LAYER_PARTS[path[-1]]
+            return layer + suffix, kind
+        return None
+
+    return name
+
+
+def _convert_slim_inception(arrays: Mapping[str, np.ndarray], architecture: str, module=None) -> dict:
+    scope, logits = SLIM_INCEPTION_SCOPES[architecture]
+    classes = logits_classes(arrays, f"{scope}/{logits}")
+    module = (module or inception_slim_lib.SlimInception(architecture)).clone(num_classes=classes or 1001)
+    size = inception_slim_lib.MIN_INPUT_SIZE[architecture]
+    return convert_slim(arrays, scope, slim_inception_name_map(architecture), _expected(module, size),
+                        f"TF-Slim {architecture} weights")
+
+
+def convert_inception_v1(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `inception_slim.inception_v1()` (or the given small `module`, a
+    `SlimInception("inception_v1", depth_multiplier=...)`) from a TF-Slim inception_v1 checkpoint."""
+    return _convert_slim_inception(arrays, "inception_v1", module)
+
+
+def convert_inception_v2(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `inception_slim.inception_v2()` (or the given small `module`) from a TF-Slim
+    inception_v2 checkpoint."""
+    return _convert_slim_inception(arrays, "inception_v2", module)
+
+
+def convert_inception_v4(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `inception_slim.inception_v4()` (or the given `module`) from a TF-Slim
+    inception_v4 checkpoint; the auxiliary head is left out."""
+    return _convert_slim_inception(arrays, "inception_v4", module)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NASNet-A and PNASNet-5 (embjax.models.nasnet): no network scope; cells named as in the Flax port.
+
+# Flax names inside a Cell -> TF-Slim's (`nets/nasnet/nasnet_utils.py`): the prev state's factorized
+# reduction and 1x1 projection sit directly in the cell's scope, its input projection is `1x1`.
+_CELL_PARTS = {
+    ("prev_reduction", "path1_conv"): ("path1_conv", "conv"),
+    ("prev_reduction", "path2_conv"): ("path2_conv", "conv"),
+    ("prev_reduction", "final_path_bn"): ("final_path_bn", "bn"),
+    ("prev_1x1",): ("prev_1x1", "conv"),
+    ("prev_bn",): ("prev_bn", "bn"),
+    ("beginning_1x1",): ("1x1", "conv"),
+    ("beginning_bn",): ("beginning_bn", "bn"),
+}
+NASNET_STEM = {("stem_conv",): ("conv0", "conv"), ("stem_bn",): ("conv0_bn", "bn"),
+               ("logits",): ("final_layer/FC", "dense")}
+
+
+def nasnet_name_map(cell_operations: Callable[[str], "tuple[str, ...] | None"]) -> NameMap:
+    """Flax path of `NASNet` / `PNASNet` -> (TF-Slim scope, kind). `cell_operations(cell name)` gives the
+    cell's operation list, whose separable kernel sizes TF-Slim writes into its scope names
+    (`comb_iter_1/right/separable_7x7_2`, `bn_sep_7x7_2`); a pooling or identity operation's 1x1
+    projection is `<side>/1x1` with BatchNorm `<side>/bn_1`."""
+
+    def name(path: Path):
+        if path in NASNET_STEM:
+            return NASNET_STEM[path]
+        if len(path) < 2:
+            return None
+        cell, rest = path[0], path[1:]
+        operations = cell_operations(cell)
+        if operations is None:
+            return None
+        if rest in _CELL_PARTS:
+            scope, kind = _CELL_PARTS[rest]
+            return f"{cell}/{scope}", kind
+        head, _, side = rest[0].rpartition("_")
+        if not head.startswith("comb_iter_") or side not in ("left", "right"):
+            return None
+        iteration = int(head[len("comb_iter_"):])
+        operation = operations[2 * iteration + (side == "right")]
+        scope = f"{cell}/comb_iter_{iteration}/{side}"
+        if rest[1:] == ("conv",):
+            return f"{scope}/1x1", "conv"
+        if rest[1:] == ("bn",):
+            return f"{scope}/bn_1", "bn"
+        if len(rest) >= 3 and rest[1] == "stack" and operation.startswith("separable"):
+            k = int(operation.split("_")[1].split("x")[0])
+            layer = rest[2]
+            if layer.startswith("separable_") and len(rest) == 4 and rest[3] in ("depthwise", "pointwise"):
+                return f"{scope}/separable_{k}x{k}_{layer[len('separable_'):]}", rest[3]
+            if layer.startswith("bn_sep_") and len(rest) == 3:
+                return f"{scope}/bn_sep_{k}x{k}_{layer[len('bn_sep_'):]}", "bn"
+        return None
+
+    return name
+
+
+def _nasnet_cells(cell: str):
+    if cell.startswith(("cell_stem_", "reduction_cell_")):
+        return nasnet_lib.NASNET_A_REDUCTION["operations"]
+    return nasnet_lib.NASNET_A_NORMAL["operations"] if cell.startswith("cell_") else None
+
+
+def _pnasnet_cells(cell: str):
+    return nasnet_lib.PNASNET_5["operations"] if cell.startswith("cell_") else None
+
+
+def nasnet_large_name_map() -> NameMap:
+    """Flax path of `NASNet` -> (TF-Slim scope, kind): stem and reduction cells NASNet-A's reduction cell,
+    `cell_<n>` its normal cell."""
+    return nasnet_name_map(_nasnet_cells)
+
+
+def pnasnet_large_name_map() -> NameMap:
+    """Flax path of `PNASNet` -> (TF-Slim scope, kind): every cell PNASNet-5's."""
+    return nasnet_name_map(_pnasnet_cells)
+
+
+# Shapes are taken at 331 px, the networks' own size: every stride-2 cell then really halves its input,
+# so a cell's `prev` is reduced exactly where TF-Slim reduces it (at 1x1 maps it would not be).
+_NAS_PROBE_SIZE = 331
+
+
+def convert_nasnet_large(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `nasnet.nasnet_large()` (or the given `module`, a `NASNet` with TF-Slim's
+    pooling) from TF-Slim's NASNet-A-Large checkpoint (nasnet-a_large); the auxiliary head is left out."""
+    classes = logits_classes(arrays, "final_layer/FC")
+    module = (module or nasnet_lib.nasnet_large()).clone(num_classes=classes or 1001)
+    if module.pool_padding != "tf":
+        raise ValueError("TF-Slim's NASNet pools 'SAME' (pool_padding='tf'); the 'keras' variant is "
+                         "keras.applications' network")
+    return convert_slim(arrays, "", nasnet_large_name_map(), _expected(module, _NAS_PROBE_SIZE),
+                        "TF-Slim nasnet_large weights", anchor="conv0/weights")
+
+
+def convert_pnasnet_large(arrays: Mapping[str, np.ndarray], module=None) -> dict:
+    """Flax variables for `nasnet.pnasnet_large()` (or the given `module`) from TF-Slim's
+    PNASNet-5-Large checkpoint (pnasnet-5_large); the auxiliary head is left out."""
+    classes = logits_classes(arrays, "final_layer/FC")
+    module = (module or nasnet_lib.pnasnet_large()).clone(num_classes=classes or 1001)
+    return convert_slim(arrays, "", pnasnet_large_name_map(), _expected(module, _NAS_PROBE_SIZE),
+                        "TF-Slim pnasnet_large weights", anchor="conv0/weights")
