@@ -15,8 +15,9 @@ Per backbone, two passes on the engine (embjax.extract):
      written to the store as int8 (`<model>/fne_n<size>`), beside the pooled features and pre-logits; the
      fold counts the zeros of the discretized embedding.
 The training side of the embedding is the same functions (fne.standardize, fne.discretize) applied to the
-stored training features: one forward pass over the training split instead of two, which is what lets
-1,200 training images fit in the CPU budget of the default run. Then a one-vs-rest squared-hinge linear
+stored training features, written as int8 into the store `train_fne_<model>`: one forward pass over the
+training split instead of two, which is what lets 1,200 training images fit in the CPU budget of the
+default run. Then a one-vs-rest squared-hinge linear
 SVM (embjax.svm, LinearSVC's objective, C = config.svm.C) per backbone × embedding × training size:
 
   fne               standardized with the subset's statistics, discretized to {-1, 0, 1}
@@ -31,6 +32,7 @@ and multi-host options.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -167,6 +169,7 @@ def run(config, workdir: str):
     accuracy, svm_info = {}, {}
     for m in ms:
         name = m.name
+        write_train_embedding(engine, name, sizes, per_model[name]["standardizations"], low, high)
         memo = engine.memo(f"svm_{name}", lambda name=name: train_svms(
             config, engine, name, sizes, per_model[name]["standardizations"], low, high))
         accuracy[name] = {e: {str(n): float(memo["accuracy"][e][_key(n)]) for n in sizes} for e in EMBEDDINGS}
@@ -184,15 +187,49 @@ def _all_rows(source):
     return np.stack(images), np.asarray(labels)
 
 
-def embeddings_for(name: str, n: int, train, test, s, low: float, high: float) -> dict:
+def write_train_embedding(engine, name: str, sizes, standardizations, low: float, high: float,
+                          chunk: int = 4096) -> None:
+    """The int8 embedding of the training split under each subset's standardization, into the feature
+    store `train_fne_<model>` (entries `<model>/fne_n<size>`, every training row; the SVM of subset n reads
+    its first n rows). Computed on the host from the stored pooled features with fne's functions, in
+    chunks; a finished store (manifest present) is kept as it is on resume."""
+    import jax
+
+    from embjax import feature_store, fne
+
+    directory = engine.store_dir(f"train_fne_{name}")
+    if jax.process_index() != 0 or os.path.isfile(os.path.join(directory, "manifest.json")):
+        return
+    train = engine.store(f"stats_{name}")
+    pooled = train.array(f"{name}/pooled")
+    rows, dim = pooled.shape
+    entries = {f"{name}/fne_{_key(n)}": ("int8", (dim,)) for n in sizes}
+    writer = feature_store.Writer(directory, entries, rows, process_index=0, resume=False)
+    for start in range(0, rows, chunk):
+        x = np.asarray(pooled[start:start + chunk])
+        values = {f"{name}/fne_{_key(n)}": np.asarray(fne.discretize(fne.standardize(x, standardizations[_key(n)]),
+                                                                     low, high)) for n in sizes}
+        writer.write(start, values, train.index[start:start + chunk], train.labels[start:start + chunk])
+    writer.close()
+    manifest = dict(train.manifest)
+    manifest.update({
+        "pass": f"train_fne_{name}", "process_count": 1, "rows_per_process": [rows],
+        "entries": {e: {"dtype": "int8", "shape": [dim], "file_stem": feature_store.file_stem(e)} for e in entries},
+        "derived_from": f"stats_{name}: fne.discretize(fne.standardize(pooled, each subset's statistics))"})
+    feature_store.write_manifest(directory, manifest)
+
+
+def embeddings_for(name: str, n: int, train, test, s, low: float, high: float, train_fne=None) -> dict:
     """{embedding: (x_train, x_test)} for the first n training rows (see the module docstring)."""
     from embjax import fne, svm
 
     pooled_train = train.array(f"{name}/pooled")[:n]
     z_train, z_test = fne.standardize(pooled_train, s), fne.standardize(test.array(f"{name}/pooled"), s)
     last_train, last_test = train.array(f"{name}/pre_logits")[:n], test.array(f"{name}/pre_logits")
+    fne_train = (fne.discretize(z_train, low, high) if train_fne is None
+                 else train_fne.array(f"{name}/fne_{_key(n)}")[:n])
     return {
-        "fne": (fne.discretize(z_train, low, high), test.array(f"{name}/fne_{_key(n)}")),
+        "fne": (fne_train, test.array(f"{name}/fne_{_key(n)}")),
         "fne_standardized": (z_train, z_test),
         "last_layer": (last_train, last_test),
         "last_layer_l2": (svm.l2_normalize(last_train), svm.l2_normalize(last_test)),
@@ -206,6 +243,7 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
     from embjax import extract, svm
 
     train, test = engine.store(f"stats_{name}"), engine.store(f"embed_{name}")
+    train_fne = engine.store(f"train_fne_{name}")
     if not np.array_equal(train.index, np.arange(len(train))):
         raise RuntimeError(f"the stored training features of {name} are not rows 0..{len(train) - 1} in order")
     out = {k: {e: {} for e in EMBEDDINGS} for k in ("accuracy", "objective", "gap", "iterations", "seconds")}
@@ -222,7 +260,7 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
         y_train[:n] = train.labels[:n]
         weight = (np.arange(rows) < n).astype(np.float32)
         for e, (x_train, x_test) in embeddings_for(name, n, train, test, standardizations[_key(n)],
-                                                    low, high).items():
+                                                    low, high, train_fne).items():
             t = time.perf_counter()
             x = np.zeros((rows, x_train.shape[1]), np.float32)
             x[:n] = np.asarray(x_train, np.float32)

@@ -82,6 +82,8 @@ def test_report_and_stored_embedding(baseline):
     # statistics recomputed in float64 from the stored training features of each subset.
     train = feature_store.open(os.path.join(workdir, "state", "store", f"stats_{MODEL}"))
     test = feature_store.open(os.path.join(workdir, "state", "store", f"embed_{MODEL}"))
+    train_fne = feature_store.open(os.path.join(workdir, "state", "store", f"train_fne_{MODEL}"))
+    assert np.array_equal(train_fne.labels, train.labels)
     assert np.array_equal(train.index, np.arange(240)) and np.array_equal(test.index, np.arange(120))
     for n in (60, 240):
         stored = test.array(f"{MODEL}/fne_n{n}")
@@ -96,6 +98,13 @@ def test_report_and_stored_embedding(baseline):
         near = np.minimum(np.abs(z - fne.HIGH), np.abs(z - fne.LOW)) < 1e-4
         assert np.array_equal(stored[~near], ref[~near])
         assert results["degenerate_features"][MODEL][str(n)]["count"] == int(dead.sum())
+        # The training side, stored as int8 too: every training row under subset n's statistics.
+        z_train = np.where(dead, 0.0, (train.array(f"{MODEL}/pooled") - mu) / np.where(dead, 1.0, sd))
+        ref_train = np.where(z_train > fne.HIGH, 1, np.where(z_train < fne.LOW, -1, 0))
+        stored_train = train_fne.array(f"{MODEL}/fne_n{n}")
+        assert stored_train.dtype == np.int8 and stored_train.shape == (240, 480)
+        near = np.minimum(np.abs(z_train - fne.HIGH), np.abs(z_train - fne.LOW)) < 1e-4
+        assert np.array_equal(stored_train[~near], ref_train[~near])
         np.testing.assert_allclose(results["sparsity"][MODEL][str(n)], np.mean(stored == 0), atol=1e-6)
 
 
