@@ -82,11 +82,12 @@ def _copy(tmp_path, name="dtypes"):
 
 
 def _load_fails(prefix, damaged_file):
-    """load(prefix) raises TFCheckpointError naming `damaged_file`, within a second."""
-    start = time.perf_counter()
+    """load(prefix) raises TFCheckpointError naming `damaged_file`, within a CPU second (not wall time: the
+    suite may share a loaded machine)."""
+    start = time.process_time()
     with pytest.raises(TFCheckpointError) as info:
         tf_checkpoint.load(prefix)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert damaged_file in str(info.value), str(info.value)
     return str(info.value)
 
