@@ -33,8 +33,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-THESIS_MODELS = ("inception_v1", "inception_v2", "mobilenet_v2_140", "resnet152_v1", "resnet152_v2",
-                 "inception_v3", "inception_v4", "inception_resnet_v2", "nasnet_large", "pnasnet_large")
+def thesis_models() -> list[str]:
+    """The imagenet preset's ten models (the thesis' CNNs, TF-Slim layouts)."""
+    from experiments.configs.affine_equivalence import THESIS_NAMES
+
+    return list(THESIS_NAMES)
 # Dense peak TFLOP/s (bfloat16, float32 without TF32) by device-name fragment.
 PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L4": (121.0, 30.3)}
 THESIS_IMAGES = 1_281_167 + 50_000
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     from embjax.models import registry
 
     names = a.models.split(",") if a.models else (["zoo_resnet_v1", "zoo_mobilenet_v2"] if a.tiny else
-                                                   [m for m in THESIS_MODELS if m in registry.names()])
+                                                   [m for m in thesis_models() if m in registry.names()])
     ms = members_lib.load(names, "random")
     dims = [m.feature_dim for m in ms]
     p = extract.Pass("fit", None, "train", {m.name: ("pre_logits",) for m in ms}, init=stats.init(dims),
