@@ -5,6 +5,7 @@ Every registered family runs through `folding.fold` with random weights and rand
 output (stem, stages / mixed blocks, head, pre_logits, logits) is compared. The transform's arithmetic
 and its epsilon are checked against float64 NumPy on a layer pair small enough to write out by hand.
 """
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,7 +249,15 @@ def test_every_registered_model_folds_to_its_modules_shapes():
     # Traced only (no computation), but two minutes for all 19 names on a loaded 2-core CPU: every
     # registry name folds, the folded tree fits the folded module leaf for leaf (fold checks it), and
     # the folded module has no BatchNorm left.
+    # Families added after folding (VGG16, iResNet, TF-Slim Inception v1/v2/v4, NASNet, PNASNet) have no
+    # fold_bn mode yet: the engine runs them unfolded. The list is pinned so a family gaining (or losing)
+    # folding shows up here.
+    unfolded = {n for n in registry.names() if "fold_bn" not in {f.name for f in dataclasses.fields(registry.get(n).build())}}
+    assert {registry.get(n).family for n in unfolded} == {"vgg16", "iresnet", "inception_v1", "inception_v2",
+                                                           "inception_v4", "nasnet", "pnasnet"}, sorted(unfolded)
     for name in registry.names():
+        if name in unfolded:
+            continue
         spec = registry.get(name)
         x = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
         shapes = jax.eval_shape(spec.build().init, jax.random.key(0), x)

@@ -19,19 +19,31 @@ from embjax import report  # noqa: E402
 from experiments import affine_equivalence as study  # noqa: E402
 from experiments.configs import affine_equivalence as configs  # noqa: E402
 
-pytestmark = pytest.mark.slow  # ten ImageNet CNNs compiled on the CPU: a few minutes
+pytestmark = pytest.mark.slow  # ImageNet CNNs at 331 px compiled on the CPU: minutes
+
+# All ten at once need more than the 24 GB of this project's machines (the run was killed by the kernel at
+# 24 GB resident: ten backbones compiled at 331 px plus the D = 21,408 statistics and padded map stacks),
+# so the suite runs the preset on three of them — the widest (NASNet-Large), the one kept at 224 px
+# (MobileNet-v2) and a 1001-class TF-Slim Inception — and the full ten only where
+# EMBJAX_FULL_SCALE_TESTS=1 says the machine has the memory.
+SUBSETS = [pytest.param(["inception_v1", "mobilenet_v2_140_slim", "nasnet_large_slim"], id="three")] + [
+    pytest.param(list(configs.THESIS_NAMES), id="all_ten", marks=pytest.mark.skipif(
+        os.environ.get("EMBJAX_FULL_SCALE_TESTS") != "1",
+        reason="all ten thesis CNNs at once need > 24 GB of RAM; set EMBJAX_FULL_SCALE_TESTS=1 to run"))]
 
 
-def test_all_ten_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path):
+@pytest.mark.parametrize("names", SUBSETS)
+def test_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path, names):
     config = configs.get_config("imagenet")
     config.weights = "random"
     config.batch_size = 4
     config.checkpoint_every = 1
-    names = list(configs.THESIS_NAMES)
+    config.models = ",".join(names)
     with tfds.testing.mock_data(num_examples=4):
         results, engine = study.run(config, str(tmp_path / "state"))
     assert results["models"] == names
-    assert results["feature_dims"] == [1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320]
+    widths = dict(zip(configs.THESIS_NAMES, [1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320]))
+    assert results["feature_dims"] == [widths[n] for n in names]
     assert results["num_fit"] == 4 and results["num_eval"] == 4
     # Parameter counts of the ports (TF-Slim's 1001-class heads included), in the thesis' Table 5.1 units;
     # the thesis lists 5M for Inception-v1, the GoogLeNet paper's count without TF-Slim's BatchNorm and
@@ -39,7 +51,9 @@ def test_all_ten_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path):
     # (4032 + 1 / 4320 + 1 parameters).
     params = dict(zip(names, results["params"]))
     assert 6.5e6 < params["inception_v1"] < 6.7e6
-    assert params["nasnet_large_slim"] == 88_753_150 + 4033 and params["pnasnet_large_slim"] == 86_057_668 + 4321
+    assert params["nasnet_large_slim"] == 88_753_150 + 4033
+    if "pnasnet_large_slim" in params:
+        assert params["pnasnet_large_slim"] == 86_057_668 + 4321
     # Every model ran at the thesis' crop: 331 px, MobileNet-v2 at its own 224.
     sizes = {m.name: m.spec.input_size for m in engine.members}
     assert sizes == {n: (224 if n.startswith("mobilenet") else 331) for n in names}
@@ -58,5 +72,5 @@ def test_all_ten_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path):
         saved = json.load(f)
     assert saved["reference"]["thesis_names"] == [configs.THESIS_NAMES[n] for n in names]
     table = open(os.path.join(run_dir, "table_5_1.md")).read()
-    assert "PNASNet-Large" in table and "| 82.90 |" in table  # the thesis' own PNASNet top-1 beside ours
-    assert "| 86.1 |" in table  # our PNASNet-Large parameter count, in millions
+    assert "NASNet-Large" in table and "| 82.70 |" in table  # the thesis' own NASNet top-1 beside ours
+    assert "| 88.8 |" in table  # our NASNet-Large parameter count, in millions
