@@ -26,6 +26,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError)
 
 
+def exit_with_user_error(e: BaseException) -> None:
+    """A user-fixable error as one line on stderr and exit status 1 (re-raised with EMBJAX_TRACEBACK=1).
+    Call it inside the `except` block."""
+    if os.environ.get("EMBJAX_TRACEBACK"):
+        raise e
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def define_flags(config_file: str, default_preset: str):
     path = os.path.join(HERE, "configs", config_file)
     flags_ = dict(
@@ -118,12 +129,7 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
             if engine is not None:
                 engine.finish()
         except USER_ERRORS as e:
-            if os.environ.get("EMBJAX_TRACEBACK"):
-                raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
-                  file=sys.stderr, flush=True)
-            sys.exit(1)
+            exit_with_user_error(e)
 
     try:
         app.run(_main)

@@ -478,12 +478,7 @@ def main() -> None:
             print(f"\nreport: {os.path.join(run_dir, 'report.md')}\nmaps:   {os.path.join(run_dir, 'maps')}",
                   flush=True)
         except (*common.USER_ERRORS, feature_files.FeatureFileError) as e:
-            if os.environ.get("EMBJAX_TRACEBACK"):
-                raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
-                  file=sys.stderr, flush=True)
-            sys.exit(1)
+            common.exit_with_user_error(e)
 
     try:
         app.run(_main)
