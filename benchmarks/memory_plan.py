@@ -77,7 +77,6 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import common
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
         stacked(ev_init), jax.ShapeDtypeStruct((n_dev, n), jnp.bool_, sharding=shard), variables, aux,
         batch).compile())
 
-    print(f"\n| step | arguments | outputs | aliased | temporaries | peak per device | all-reduced per call |")
+    print("\n| step | arguments | outputs | aliased | temporaries | peak per device | all-reduced per call |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(f"{r[k] / GIB:.2f} GiB" for k in

@@ -720,7 +720,7 @@ class Engine:
 
         if writer is not None:
             writer.close()
-            self._finish_store(p, needed, n)
+            self._finish_store(p, needed, n, {name: shape for name, (_, shape) in writer.entries.items()})
         if per_device:
             state = self._merged(state, p.merge)
         done = self._checkpoints("passes", p.name, keep=1)
@@ -787,7 +787,7 @@ class Engine:
         out = jax.eval_shape(step, p.init, flags, variables, p.aux, batch)
         return {name: tuple(x.shape[1:]) for name, x in out[2].items()}
 
-    def _finish_store(self, p: Pass, needed, n: int) -> None:
+    def _finish_store(self, p: Pass, needed, n: int, shapes: dict[str, tuple[int, ...]]) -> None:
         from embjax import data
 
         if self.process_count > 1:
@@ -798,7 +798,6 @@ class Engine:
             return
         rows = [data.pipeline.process_share(np.arange(n), k, self.process_count).shape[0]
                 for k in range(self.process_count)]
-        shapes = self._emitted_shapes(p, needed)
         models = {}
         for m in needed:
             spec = m.spec

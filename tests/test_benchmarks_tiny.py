@@ -34,5 +34,4 @@ def test_thesis_gpu_script_runs_tiny_on_cpu():
     # Same features on both sides (random weights): embjax float32 against PyTorch float32.
     row = next(line for line in out.splitlines() if line.startswith("| embjax float32"))
     assert float(row.rstrip(" |").split("|")[-1]) < 1e-3, row
-    assert "projected" not in out or "h" in out
     assert re.search(r"would take \d+\.\d+ h", out)
