@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax.models import folding, inception, registry, resnet
+from embjax.models import folding, inception, inception_slim, iresnet, nasnet, registry, resnet
 from embjax.weights.h5 import WeightMismatchError
 
 # Folded and unfolded programs differ only in float32 rounding: the folded kernel K·s is rounded once
@@ -54,11 +54,11 @@ def rel_err(got, want):
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def assert_same_outputs(module, variables, folded_module, folded, x):
+def assert_same_outputs(module, variables, folded_module, folded, x, heads=("pre_logits", "logits")):
     want = jax.jit(module.apply)(variables, x)
     got = jax.jit(folded_module.apply)(folded, x)
     assert set(got) == set(want)
-    assert {"pre_logits", "logits"} <= set(want)
+    assert set(heads) <= set(want)
     for key, ref in want.items():
         ref = np.asarray(ref)
         assert np.all(np.isfinite(ref)) and np.std(ref) > 0, f"{key}: degenerate reference output"
@@ -231,6 +231,54 @@ def test_inception_resnet_block_folds():
     assert_same_outputs(module, variables, folding.fold_module(module), folded, x)
 
 
+# The families added with the thesis' ten CNNs and the face models, in reduced widths (the full layouts
+# are the same modules repeated; their folded shapes are checked for every registry name below).
+
+
+def fold_and_compare(module, x, seed, heads=("pre_logits", "logits")):
+    """Fold `module`'s random variables, check that no BatchNorm is left, compare every output; returns
+    the paths the folded module keeps as ScaleShift."""
+    variables = random_variables(module, x, seed)
+    folded_module = folding.fold_module(module)
+    folded = folding.fold_variables(module, variables, x)
+    assert set(folded) == {"params"}
+    assert count_batchnorms(module, variables, x)[0] > 0
+    assert count_batchnorms(folded_module, folded, x) == (0, 0)
+    assert_same_outputs(module, variables, folded_module, folded, x, heads)
+    return folding.scale_shift_paths(folded_module, x)[0]
+
+
+def test_iresnet_folds_and_keeps_the_residual_stream_batchnorms():
+    # A block's bn1 reads the residual stream (also the shortcut and the named stage outputs) and the
+    # head's bn2 reads stage4: those two kinds stay as ScaleShift; conv→BN pairs and fc→features fold.
+    stages = (1, 2, 1, 1)
+    module = iresnet.IResNet(stage_sizes=stages, stage_widths=(8, 16, 16, 24), stem_width=8, num_features=32,
+                             fc_grid=2)
+    x = jnp.asarray(np.random.default_rng(14).normal(0.0, 1.0, (3, 32, 32, 3)), jnp.float32)
+    kept = fold_and_compare(module, x, seed=15, heads=("pre_logits",))
+    blocks = {f"layer{i + 1}_{j}" for i, n in enumerate(stages) for j in range(n)}
+    assert kept == {(b, "bn1") for b in blocks} | {("bn2",)}
+
+
+@pytest.mark.parametrize("architecture,size", [("inception_v1", 32), ("inception_v2", 32), ("inception_v4", 75)])
+def test_slim_inception_folds(architecture, size):
+    # Every BatchNorm of TF-Slim's Inception v1/v2/v4 follows its conv: all fold, none stays.
+    module = inception_slim.SlimInception(architecture, num_classes=11, depth_multiplier=0.05, min_depth=8)
+    x = jnp.asarray(np.random.default_rng(16).normal(0.0, 1.0, (2, size, size, 3)), jnp.float32)
+    assert fold_and_compare(module, x, seed=17) == set()
+
+
+@pytest.mark.parametrize("family,pool_padding", [("nasnet", "tf"), ("nasnet", "keras"), ("pnasnet", "tf")])
+def test_nas_cells_fold(family, pool_padding):
+    # Separable stacks (depthwise → pointwise → BN), 1×1 projections and the stem fold; a factorized
+    # reduction's final_path_bn normalizes a concatenation of two convs and stays as ScaleShift.
+    small = dict(num_classes=9, num_cells=3, num_conv_filters=8, stem_filters=12)
+    module = (nasnet.NASNet(pool_padding=pool_padding, **small) if family == "nasnet" else nasnet.PNASNet(**small))
+    x = jnp.asarray(np.random.default_rng(18).normal(0.0, 1.0, (2, 40, 40, 3)), jnp.float32)
+    kept = fold_and_compare(module, x, seed=19)
+    assert kept and all(path[-2:] == ("prev_reduction", "final_path_bn") for path in kept), sorted(kept)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("resnet50_v2", 64), ("inception_v3", 75), ("inception_resnet_v2", 75),
                                        ("mobilenet_v2_100", 32), ("efficientnet_lite0", 32)])
@@ -249,12 +297,10 @@ def test_every_registered_model_folds_to_its_modules_shapes():
     # Traced only (no computation), but two minutes for all 19 names on a loaded 2-core CPU: every
     # registry name folds, the folded tree fits the folded module leaf for leaf (fold checks it), and
     # the folded module has no BatchNorm left.
-    # Families added after folding (VGG16, iResNet, TF-Slim Inception v1/v2/v4, NASNet, PNASNet) have no
-    # fold_bn mode yet: the engine runs them unfolded. The list is pinned so a family gaining (or losing)
-    # folding shows up here.
+    # VGG16 has no BatchNorm, so no fold_bn mode: the engine runs it as it is. Every other family folds;
+    # the list is pinned so a family added without folding shows up here.
     unfolded = {n for n in registry.names() if "fold_bn" not in {f.name for f in dataclasses.fields(registry.get(n).build())}}
-    assert {registry.get(n).family for n in unfolded} == {"vgg16", "iresnet", "inception_v1", "inception_v2",
-                                                           "inception_v4", "nasnet", "pnasnet"}, sorted(unfolded)
+    assert {registry.get(n).family for n in unfolded} == {"vgg16"}, sorted(unfolded)
     for name in registry.names():
         if name in unfolded:
             continue

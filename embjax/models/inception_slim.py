@@ -21,6 +21,10 @@ Outputs (dict): every TF-Slim end point (`Conv2d_1a_7x7`, `MaxPool_2a_3x3`, …,
 Inception block: `MaxPool_3a_3x3` for v1/v2, `Mixed_5a` for v4), `pre_logits` (float32; 1024 for v1/v2,
 1536 for v4) and `logits`.
 NHWC inputs scaled to [-1, 1].
+
+`fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
+every BatchNorm here follows its convolution directly, so each folds into that convolution's kernel and a
+bias (v2's separable stem has no BatchNorm and is unchanged).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embjax.models import folding
 from embjax.models.inception import ConvBN, slim_depth
 
 Dtype = Any
@@ -204,11 +209,12 @@ class SeparableConv(nn.Module):
         return nn.relu(x)
 
 
-def _apply_layer(layer, x, train: bool, dtype, depth=lambda w: w, parent_name: str | None = None):
+def _apply_layer(layer, x, train: bool, dtype, depth=lambda w: w, parent_name: str | None = None,
+                 fold_bn: bool = False):
     """Apply one layer spec; convolutions become named submodules of the calling module. `depth` maps a
     spec width to the built one (TF-Slim's depth_multiplier rule; the identity at full size)."""
     kind = layer[0]
-    conv = functools.partial(ConvBN, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype)
+    conv = functools.partial(ConvBN, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype, fold_bn=fold_bn)
     if kind == "conv":
         _, name, features, kernel, stride, padding = layer
         return conv(depth(features), kernel, strides=stride, padding=padding, name=name)(x, train)
@@ -234,12 +240,13 @@ class Branch(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         depth = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
         for layer in self.layers:
-            x = _apply_layer(layer, x, train, self.dtype, depth, self.name)
+            x = _apply_layer(layer, x, train, self.dtype, depth, self.name, self.fold_bn)
         return x
 
 
@@ -250,10 +257,11 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        outs = [Branch(b, self.dtype, self.depth_multiplier, self.min_depth, name=f"Branch_{i}")(x, train)
+        outs = [Branch(b, self.dtype, self.depth_multiplier, self.min_depth, self.fold_bn, name=f"Branch_{i}")(x, train)
                 for i, b in enumerate(self.branches)]
         return jnp.concatenate(outs, axis=-1)
 
@@ -271,9 +279,11 @@ class SlimInception(nn.Module):
     dtype: Dtype = jnp.float32
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    fold_bn: bool = False  # inference: every BatchNorm folded into its convolution (module docstring)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        folding.check_inference("SlimInception", self.fold_bn, train)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
         min_size = MIN_INPUT_SIZE[self.architecture]
@@ -288,9 +298,9 @@ class SlimInception(nn.Module):
         out = {}
         for name, spec in ARCHITECTURES[self.architecture]:
             if isinstance(spec[0], str):  # a single layer
-                x = _apply_layer(spec, x, train, self.dtype, depth, name)
+                x = _apply_layer(spec, x, train, self.dtype, depth, name, self.fold_bn)
             else:
-                x = Block(spec, self.dtype, self.depth_multiplier, self.min_depth, name=name)(x, train)
+                x = Block(spec, self.dtype, self.depth_multiplier, self.min_depth, self.fold_bn, name=name)(x, train)
             out[name] = x
         out["stem"] = out[STEM_END[self.architecture]]
         out["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

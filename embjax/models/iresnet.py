@@ -19,6 +19,12 @@ models with num_classes None. Returned features: `stem`, `stage1`..`stage4`, `pr
 map after the final BN) and `pre_logits` (the embedding, float32). Module and parameter names mirror
 insightface's state-dict names (`conv1`, `bn1`, `prelu`, `layer1_0/bn1`, `layer1_0/downsample_conv`,
 `bn2`, `fc`, `features`).
+
+`fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
+every BatchNorm that follows a convolution (`bn2`, `bn3`, `downsample_bn` of a block, the stem's `bn1`)
+and the embedding's `features` after `fc` fold into that layer's kernel and a bias. A block's `bn1` reads
+the residual stream, which also flows on raw through the shortcut and into the named `stage*` outputs,
+and the head's `bn2` reads `stage4`: those two stay, as precomputed `ScaleShift`s under the same names.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -51,24 +59,33 @@ class PReLU(nn.Module):
         return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
+def _batchnorm(train: bool, fold_bn: bool, keep: bool, dtype, param_dtype, name: str):
+    """The BatchNorm called `name`; with fold_bn, gone (folded into the layer before it) or, where `keep`
+    (its input is not a layer's output), a ScaleShift under the same name."""
+    if fold_bn:
+        return folding.ScaleShift(dtype, param_dtype, name=name) if keep else folding.identity
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=dtype,
+                        param_dtype=param_dtype, name=name)
+
+
 class IBasicBlock(nn.Module):
     planes: int
     strides: int
     project: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        def bn(name):
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=name)
+        def bn(name, keep=False):
+            return _batchnorm(train, self.fold_bn, keep, self.dtype, self.param_dtype, name)
 
         def conv(features, kernel, strides, padding, name):
-            return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, use_bias=False,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+                           use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-        y = bn("bn1")(x)
+        y = bn("bn1", keep=True)(x)
         y = conv(self.planes, 3, 1, _PAD1, "conv1")(y)
         y = bn("bn2")(y)
         y = PReLU(param_dtype=self.param_dtype, name="prelu")(y)
@@ -95,9 +112,11 @@ class IResNet(nn.Module):
     fc_grid: int = 7  # spatial side of the last stage's map: input 112 / 2⁴
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fold_bn: bool = False  # inference: BatchNorm folded into the layer before it (see the module docstring)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        folding.check_inference("IResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"IResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         side = 16 * self.fc_grid
@@ -108,13 +127,12 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet stage_sizes {tuple(self.stage_sizes)} must be positive and match "
                              f"stage_widths {tuple(self.stage_widths)}")
 
-        def bn(name):
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=name)
+        def bn(name, keep=False, dtype=self.dtype):
+            return _batchnorm(train, self.fold_bn, keep, dtype, self.param_dtype, name)
 
         out = {}
         x = x.astype(self.dtype)
-        x = nn.Conv(self.stem_width, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+        x = nn.Conv(self.stem_width, (3, 3), padding=_PAD1, use_bias=self.fold_bn, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="conv1")(x)
         x = PReLU(param_dtype=self.param_dtype, name="prelu")(bn("bn1")(x))
         out["stem"] = x
@@ -123,15 +141,14 @@ class IResNet(nn.Module):
                 strides = 2 if j == 0 else 1
                 project = j == 0  # stride 2 in every stage's first block, so it always projects
                 x = IBasicBlock(width, strides, project, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name=f"layer{i + 1}_{j}")(x, train=train)
+                                fold_bn=self.fold_bn, name=f"layer{i + 1}_{j}")(x, train=train)
             out[f"stage{i + 1}"] = x
-        x = bn("bn2")(x)
+        x = bn("bn2", keep=True)(x)
         # Flatten and the fully connected layer in float32: the embedding is what the studies accumulate.
         x = x.astype(jnp.float32).reshape(x.shape[0], -1)
         out["pre_fc"] = x
         x = nn.Dense(self.num_features, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=jnp.float32,
-                         param_dtype=self.param_dtype, name="features")(x)
+        x = bn("features", dtype=jnp.float32)(x)
         out["pre_logits"] = x
         return out
 

@@ -24,6 +24,11 @@ Outputs (dict): `stem` (the stem convolution after BatchNorm), `cell_stem_0`, `c
 under its TF-Slim name (`cell_0` … and, for NASNet, `reduction_cell_0`, `reduction_cell_1`), `pre_logits`
 (global average of the ReLU of the last cell, float32; 4032 for NASNet-A-Large, 4320 for PNASNet-5-Large)
 and `logits`. NHWC inputs scaled to [-1, 1]; any size of at least 32×32; the ImageNet models run at 331.
+
+`fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
+every BatchNorm that follows a convolution (the stem's, each separable stack's after its pointwise
+convolution, the 1×1 projections') folds into that convolution's kernel and a bias. The one BatchNorm
+after a concatenation, `final_path_bn` of a factorized reduction, stays as a precomputed `ScaleShift`.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from embjax.models import folding
 
 Dtype = Any
 
@@ -62,13 +69,17 @@ PNASNET_5 = dict(
 )
 
 
-def _bn(train: bool, dtype, name: str):
+def _bn(train: bool, dtype, name: str, fold_bn: bool = False, keep: bool = False):
+    """The BatchNorm called `name`; with fold_bn, gone (folded into the conv before it) or, where `keep`
+    (no single conv before it), a ScaleShift under the same name."""
+    if fold_bn:
+        return folding.ScaleShift(dtype, name=name) if keep else folding.identity
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                         name=name)
 
 
-def _conv1x1(features: int, dtype, name: str, strides: int = 1):
-    return nn.Conv(features, (1, 1), strides=strides, padding="VALID", use_bias=False, dtype=dtype, name=name)
+def _conv1x1(features: int, dtype, name: str, strides: int = 1, bias: bool = False):
+    return nn.Conv(features, (1, 1), strides=strides, padding="VALID", use_bias=bias, dtype=dtype, name=name)
 
 
 class SeparableConv(nn.Module):
@@ -78,12 +89,13 @@ class SeparableConv(nn.Module):
     kernel: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    bias: bool = False  # on the pointwise conv: the folded BatchNorm's shift
 
     @nn.compact
     def __call__(self, x):
         x = nn.Conv(x.shape[-1], (self.kernel, self.kernel), strides=self.strides, padding="SAME",
                     feature_group_count=x.shape[-1], use_bias=False, dtype=self.dtype, name="depthwise")(x)
-        return nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
+        return nn.Conv(self.features, (1, 1), use_bias=self.bias, dtype=self.dtype, name="pointwise")(x)
 
 
 class StackedSeparable(nn.Module):
@@ -93,13 +105,15 @@ class StackedSeparable(nn.Module):
     kernel: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, strides in enumerate((self.strides, 1), start=1):
             x = nn.relu(x)
-            x = SeparableConv(self.features, self.kernel, strides, self.dtype, name=f"separable_{i}")(x)
-            x = _bn(train, self.dtype, f"bn_sep_{i}")(x)
+            x = SeparableConv(self.features, self.kernel, strides, self.dtype, self.fold_bn,
+                              name=f"separable_{i}")(x)
+            x = _bn(train, self.dtype, f"bn_sep_{i}", self.fold_bn)(x)
         return x
 
 
@@ -124,18 +138,19 @@ class CellOperation(nn.Module):
     strides: int = 1
     pool_padding: str = "tf"
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        op, width = self.operation, x.shape[-1]
+        op, width, fold_bn = self.operation, x.shape[-1], self.fold_bn
         if op.startswith("separable"):
             kernel = int(op.split("_")[1].split("x")[0])
-            return StackedSeparable(self.features, kernel, self.strides, self.dtype, name="stack")(x, train)
+            return StackedSeparable(self.features, kernel, self.strides, self.dtype, fold_bn, name="stack")(x, train)
         if op == "none":
             if self.strides > 1 or width != self.features:
                 x = nn.relu(x)
-                x = _conv1x1(self.features, self.dtype, "conv", self.strides)(x)
-                x = _bn(train, self.dtype, "bn")(x)
+                x = _conv1x1(self.features, self.dtype, "conv", self.strides, bias=fold_bn)(x)
+                x = _bn(train, self.dtype, "bn", fold_bn)(x)
             return x
         kind = op.split("_")[0]
         if kind not in ("max", "avg") or not op.endswith("_pool_3x3"):
@@ -147,8 +162,8 @@ class CellOperation(nn.Module):
         else:
             x = nn.avg_pool(x, (3, 3), strides=(self.strides,) * 2, padding="SAME", count_include_pad=False)
         if width != self.features:
-            x = _conv1x1(self.features, self.dtype, "conv")(x)
-            x = _bn(train, self.dtype, "bn")(x)
+            x = _conv1x1(self.features, self.dtype, "conv", bias=fold_bn)(x)
+            x = _bn(train, self.dtype, "bn", fold_bn)(x)
         return x
 
 
@@ -158,6 +173,7 @@ class FactorizedReduction(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -168,7 +184,8 @@ class FactorizedReduction(nn.Module):
         half = self.features // 2
         path1 = _conv1x1(half, self.dtype, "path1_conv")(path1)
         path2 = _conv1x1(self.features - half, self.dtype, "path2_conv")(path2)
-        return _bn(train, self.dtype, "final_path_bn")(jnp.concatenate([path1, path2], axis=-1))
+        concatenated = jnp.concatenate([path1, path2], axis=-1)
+        return _bn(train, self.dtype, "final_path_bn", self.fold_bn, keep=True)(concatenated)
 
 
 class Cell(nn.Module):
@@ -181,19 +198,21 @@ class Cell(nn.Module):
     strides: int = 1
     pool_padding: str = "tf"
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x, prev, train: bool = False):
+        fold_bn = self.fold_bn
         # prev is None for the first stem cell: it then starts from x itself, unprojected.
         if prev is None:
             prev = x
         elif prev.shape[2] != x.shape[2]:
-            prev = FactorizedReduction(self.features, self.dtype, name="prev_reduction")(prev, train)
+            prev = FactorizedReduction(self.features, self.dtype, fold_bn, name="prev_reduction")(prev, train)
         elif prev.shape[-1] != self.features:
-            prev = _conv1x1(self.features, self.dtype, "prev_1x1")(nn.relu(prev))
-            prev = _bn(train, self.dtype, "prev_bn")(prev)
-        h = _conv1x1(self.features, self.dtype, "beginning_1x1")(nn.relu(x))
-        h = _bn(train, self.dtype, "beginning_bn")(h)
+            prev = _conv1x1(self.features, self.dtype, "prev_1x1", bias=fold_bn)(nn.relu(prev))
+            prev = _bn(train, self.dtype, "prev_bn", fold_bn)(prev)
+        h = _conv1x1(self.features, self.dtype, "beginning_1x1", bias=fold_bn)(nn.relu(x))
+        h = _bn(train, self.dtype, "beginning_bn", fold_bn)(h)
 
         states = [h, prev]
         for i in range(len(self.operations) // 2):
@@ -202,7 +221,7 @@ class Cell(nn.Module):
                 index = self.hiddenstate_indices[k]
                 # Only operations on the cell's two inputs are strided; later states are already reduced.
                 op = CellOperation(self.operations[k], self.features, self.strides if index < 2 else 1,
-                                   self.pool_padding, self.dtype, name=f"comb_iter_{i}_{side}")
+                                   self.pool_padding, self.dtype, fold_bn, name=f"comb_iter_{i}_{side}")
                 pair.append(op(states[index], train))
             states.append(pair[0] + pair[1])
         out = [s for s, used in zip(states, self.used_hiddenstates) if not used]
@@ -228,9 +247,9 @@ def _check_input(x, model: str):
         )
 
 
-def _stem(x, stem_filters: int, train: bool, dtype, out: dict):
-    x = nn.Conv(stem_filters, (3, 3), strides=2, padding="VALID", use_bias=False, dtype=dtype, name="stem_conv")(x)
-    x = out["stem"] = _bn(train, dtype, "stem_bn")(x)
+def _stem(x, stem_filters: int, train: bool, dtype, out: dict, fold_bn: bool):
+    x = nn.Conv(stem_filters, (3, 3), strides=2, padding="VALID", use_bias=fold_bn, dtype=dtype, name="stem_conv")(x)
+    x = out["stem"] = _bn(train, dtype, "stem_bn", fold_bn)(x)
     return x
 
 
@@ -254,15 +273,17 @@ class NASNet(nn.Module):
     stem_filters: int = 96
     pool_padding: str = "tf"
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (see the module docstring)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        folding.check_inference("NASNet", self.fold_bn, train)
         _check_input(x, "NASNet")
         if self.pool_padding not in ("tf", "keras"):
             raise ValueError(f"pool_padding must be 'tf' or 'keras', not {self.pool_padding!r}")
         out: dict = {}
-        cell = dict(pool_padding=self.pool_padding, dtype=self.dtype)
-        x = _stem(x, self.stem_filters, train, self.dtype, out)
+        cell = dict(pool_padding=self.pool_padding, dtype=self.dtype, fold_bn=self.fold_bn)
+        x = _stem(x, self.stem_filters, train, self.dtype, out, self.fold_bn)
         outputs = [None, x]
         scaling = 0.25  # two stem cells, each doubling
         for i in range(2):
@@ -303,17 +324,19 @@ class PNASNet(nn.Module):
     num_conv_filters: int = 216
     stem_filters: int = 96
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (see the module docstring)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        folding.check_inference("PNASNet", self.fold_bn, train)
         _check_input(x, "PNASNet")
         out: dict = {}
-        x = _stem(x, self.stem_filters, train, self.dtype, out)
+        x = _stem(x, self.stem_filters, train, self.dtype, out, self.fold_bn)
         outputs = [None, x]
         scaling = 0.25
         for i in range(2):
             x = Cell(int(self.num_conv_filters * scaling), **PNASNET_5, strides=2, dtype=self.dtype,
-                     name=f"cell_stem_{i}")(x, outputs[-2], train)
+                     fold_bn=self.fold_bn, name=f"cell_stem_{i}")(x, outputs[-2], train)
             out[f"cell_stem_{i}"] = x
             outputs.append(x)
             scaling *= 2
@@ -325,7 +348,7 @@ class PNASNet(nn.Module):
                 scaling *= 2
                 strides = 2
             x = Cell(int(self.num_conv_filters * scaling), **PNASNET_5, strides=strides, dtype=self.dtype,
-                     name=f"cell_{cell_num}")(x, outputs[-2], train)
+                     fold_bn=self.fold_bn, name=f"cell_{cell_num}")(x, outputs[-2], train)
             out[f"cell_{cell_num}"] = x
             outputs.append(x)
         return _head(x, self.num_classes, self.dtype, out)
