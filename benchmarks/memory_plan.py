@@ -129,13 +129,14 @@ def main(argv=None) -> int:
     results["fit (replicated, reduced per batch)"] = analyse(replicated.lower(
         abstract(init, rep), jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=rep), variables, None, batch).compile())
 
-    # Evaluation: the three thesis families as the affine study holds them (affine dense and padded,
-    # logit factored, naive as slices) and every model's head.
+    # Evaluation: the three thesis families as the affine study holds them (affine dense, one (d, D)
+    # block row per source; logit factored; naive as slices) and every model's head.
     d_max = max(widths)
     heads = [(jax.ShapeDtypeStruct((d, CLASSES), jnp.float32), jax.ShapeDtypeStruct((CLASSES,), jnp.float32))
              for d in widths]
-    affine = tuple((jax.ShapeDtypeStruct((n, d, d_max), jnp.float32), jax.ShapeDtypeStruct((n, d_max), jnp.float32))
-                   for d in widths)
+    total = sum(widths)
+    affine = evaluate.AffineMaps(weights=tuple(jax.ShapeDtypeStruct((d, total), jnp.float32) for d in widths),
+                                 biases=tuple(jax.ShapeDtypeStruct((total,), jnp.float32) for d in widths))
     logit = evaluate.LogitMaps(kernels=tuple(h[0] for h in heads),
                                biases=jax.ShapeDtypeStruct((n, CLASSES), jnp.float32),
                                pinvs=jax.ShapeDtypeStruct((n, CLASSES, d_max), jnp.float32))

@@ -13,13 +13,15 @@ own mean and batches are merged with Chan et al.'s update, so μ_dst is the eval
 a training mean. States merge across batches, devices (`allreduce`) and hosts (`merge`), like
 embjax.stats. This module imports only embjax.moments (pure).
 
-Shapes and vectorisation. Maps of different pairs have different shapes (d_src, d_dst). For each source
-the maps to all N targets are zero-padded to (d_src, d_max), the target heads' kernels to (d_max, C) and
-the target features to (batch, d_max); the per-pair computation is then `jax.vmap`-ed over targets.
-Sources are a Python loop (unrolled under jit): stacking all sources at once would pad every map to
-d_max², e.g. 90 maps × 4320² floats = 6.7 GB for the ten thesis CNNs, whereas per source the padded
-stack is N·d_src·d_max (at most 0.75 GB there) and XLA can free it before the next source. Padding
-is exact: the padded columns of a mapped feature are 0 + 0 and meet zero rows of the padded kernel.
+Shapes and vectorisation. Maps of different pairs have different shapes (d_src, d_dst). `stack_maps`
+concatenates the maps of each source to all N targets along the output axis, with the identity block
+at the source's own target: one (d_src, D) matrix per source, D = Σ d_i, so the N² maps of the ten
+thesis CNNs take D² floats (1.8 GB at D = 21,408) and nothing is padded. A batch's mapped features,
+(batch, D) per source, are then cut per target and zero-padded to (batch, d_max), the target heads'
+kernels to (d_max, C) and the target features to (batch, d_max); the per-pair computation is
+`jax.vmap`-ed over targets. Only these batch-sized arrays are padded; padding is exact: the padded
+columns of a mapped feature are 0 and meet zero rows of the padded kernel. Sources are a Python loop
+(unrolled under jit).
 
 Every head applies as z = x K + c with K of shape (d, classes), row vectors. All models must share the
 label set (same number of classes). Matmuls run at Precision.HIGHEST.
@@ -75,23 +77,31 @@ def init(dims: Sequence[int], dtype=jnp.float32) -> EvalState:
 _offsets = moments.offsets
 
 
-def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> tuple:
-    """The per-source padded stacks that `update` consumes: a tuple over sources s of
-    (W (N, d_s, d_max), b (N, d_max)), with the identity at target s (the unmapped model).
+@flax.struct.dataclass
+class AffineMaps:
+    """Dense maps of every ordered pair, one block row per source: weights[s] is (d_s, D), the maps
+    from source s to targets 0..N−1 side by side in target order (the identity at target s, the
+    unmapped model), and biases[s] the (D,) biases alike; D = Σ d_i. Made by `stack_maps`."""
+
+    weights: tuple
+    biases: tuple
+
+
+def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> AffineMaps:
+    """The form of a dict of dense maps that `update` consumes (see `AffineMaps`): D² floats in all.
 
     `maps` is a dict {(src, dst): (W, b)} covering every src ≠ dst; entries (i, i) are ignored. Passing
-    the dict to `update` stacks it inside the step; stacking once here saves that copy per batch at the
-    price of keeping Σ_s N·d_s·d_max floats resident.
+    the dict to `update` stacks it inside the step; stacking once here saves that copy per batch. The
+    dict may be deleted afterwards: the result holds copies.
     """
     dims = tuple(int(d) for d in dims)
-    d_max = max(dims)
-    out = []
+    weights, biases = [], []
     for s, d_s in enumerate(dims):
         ws, bs = [], []
         for t, d_t in enumerate(dims):
             if t == s:
-                w = jnp.eye(d_s, d_max, dtype=dtype)
-                b = jnp.zeros((d_max,), dtype)
+                w = jnp.eye(d_s, d_t, dtype=dtype)
+                b = jnp.zeros((d_t,), dtype)
             else:
                 if (s, t) not in maps:
                     raise KeyError(
@@ -104,12 +114,11 @@ def stack_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> tuple:
                         f"evaluate: map ({s}, {t}) has W {tuple(w.shape)} and b {tuple(b.shape)}; "
                         f"expected ({d_s}, {d_t}) and ({d_t},)"
                     )
-                w = jnp.pad(jnp.asarray(w, dtype), ((0, 0), (0, d_max - d_t)))
-                b = jnp.pad(jnp.asarray(b, dtype), (0, d_max - d_t))
-            ws.append(w)
-            bs.append(b)
-        out.append((jnp.stack(ws), jnp.stack(bs)))
-    return tuple(out)
+            ws.append(jnp.asarray(w, dtype))
+            bs.append(jnp.asarray(b, dtype))
+        weights.append(jnp.concatenate(ws, axis=1))
+        biases.append(jnp.concatenate(bs))
+    return AffineMaps(weights=tuple(weights), biases=tuple(biases))
 
 
 @flax.struct.dataclass
@@ -154,8 +163,9 @@ def _mapped(maps, s: int, x: jax.Array, dims: Sequence[int], d_max: int) -> jax.
         z = jnp.matmul(x, maps.kernels[s], precision=_HIGHEST) + maps.biases[s]  # source logits
         y = jnp.einsum("tbc,tcd->tbd", z[None] - maps.biases[:, None, :], maps.pinvs, precision=_HIGHEST)
         return y.at[s].set(x_pad)
-    w_s, b_s = maps[s]
-    return jnp.einsum("bd,tde->tbe", x, w_s, precision=_HIGHEST) + b_s[:, None, :]
+    y = jnp.matmul(x, maps.weights[s], precision=_HIGHEST) + maps.biases[s]  # (batch, D)
+    o = _offsets(dims)
+    return jnp.stack([jnp.pad(y[:, o[t]:o[t + 1]], ((0, 0), (0, d_max - dims[t]))) for t in range(n)])
 
 
 def _check_inputs(state: EvalState, feats, heads, labels, mask):
@@ -207,7 +217,7 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
       feats: list of (batch, d_i) features, one per model.
       heads: list of (kernel (d_i, classes), bias (classes,)), one per model, same classes for all.
       maps: dict {(src, dst): (W (d_src, d_dst), b (d_dst,))} for every src ≠ dst (the diagonal means the
-        unmapped model and is ignored), the output of `stack_maps(maps, dims)`, `NaiveMaps()` (truncate /
+        unmapped model and is ignored), `stack_maps(maps, dims)` of such a dict (AffineMaps), `NaiveMaps()` (truncate /
         zero-pad, no matrices) or `logit_maps(heads, pinvs, dims)` (the logit family, factored).
       labels: (batch,) integer class labels.
       mask: optional (batch,) bool, True for real rows of a padded batch; padded rows count nowhere,
@@ -223,9 +233,15 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
     dtype = state.sse.dtype
     if isinstance(maps, Mapping):
         maps = stack_maps(maps, dims, dtype)
-    elif not isinstance(maps, (NaiveMaps, LogitMaps)) and len(maps) != n:
-        raise ValueError(f"evaluate.update: `maps` must be a dict, stack_maps(...) output with {n} sources, "
-                         "NaiveMaps() or logit_maps(...)")
+    elif not isinstance(maps, (NaiveMaps, LogitMaps, AffineMaps)):
+        raise ValueError(f"evaluate.update: `maps` must be a dict of (W, b) pairs, stack_maps(...), NaiveMaps() or "
+                         f"logit_maps(...), not {type(maps).__name__}")
+    if isinstance(maps, AffineMaps):
+        shapes = [(tuple(w.shape), tuple(b.shape)) for w, b in zip(maps.weights, maps.biases)]
+        want = [((d, sum(dims)), (sum(dims),)) for d in dims]
+        if shapes != want:
+            raise ValueError(f"evaluate.update: stacked maps have (W, b) shapes {shapes}; for dims {tuple(dims)} "
+                             f"expected {want} (stack_maps(maps, dims) with the same dims)")
     keep = jnp.ones((batch,), bool) if mask is None else mask
     feats = [jnp.asarray(f, dtype) for f in feats]
     # Padded rows may hold anything (even NaN): zero them once so no product can leak them.

@@ -212,11 +212,18 @@ def allreduce(state: Stats, axis_name) -> Stats:
 
 def cka(state: Stats, i: int, j: int) -> jax.Array:
     """Linear CKA between models i and j: ‖C_ij‖²_F / (‖C_ii‖_F ‖C_jj‖_F), in [0, 1]."""
-    # Divide by n first so the squared norms stay far from float32 overflow for large n.
-    scale = 1.0 / jnp.maximum(state.count, 1).astype(state.cross.dtype)
-    c_ij = block(state, i, j) * scale
-    c_ii = block(state, i, i) * scale
-    c_jj = block(state, j, j) * scale
+    # CKA is invariant to scaling either model's features, so each block is divided by its total
+    # variance first (C_ij by sqrt(tr C_ii · tr C_jj)): every entry is then at most 1 in magnitude
+    # (Cauchy-Schwarz) and the squared norms cannot overflow float32, however large the features or n
+    # (features of 1e12, as deep random networks give, would otherwise square to inf).
+    def unit(x):
+        return jnp.where(x > 0, x, 1)
+
+    t_i = unit(jnp.trace(block(state, i, i)))
+    t_j = unit(jnp.trace(block(state, j, j)))
+    c_ij = block(state, i, j) / jnp.sqrt(t_i) / jnp.sqrt(t_j)
+    c_ii = block(state, i, i) / t_i
+    c_jj = block(state, j, j) / t_j
     num = jnp.sum(c_ij * c_ij)
     den = jnp.sqrt(jnp.sum(c_ii * c_ii)) * jnp.sqrt(jnp.sum(c_jj * c_jj))
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0.0)

@@ -51,8 +51,6 @@ def input_sizes(config) -> dict:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    import jax
-
     from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
 
     if config.heads not in ("native", "linear"):
@@ -87,6 +85,8 @@ def run(config, workdir: str):
     # 2. Maps for every ordered pair, and the heads that score them.
     affine = maps.affine_all(fit, ridge=config.ridge, names=names)
     fit_statistics = fit_summary(fit, affine)
+    # From here on only the count is needed: the D×D statistics (1.8 GB at the thesis' widths) can go.
+    fit = FitCount(count=int(fit.count))
     own_heads = [m.head for m in ms]
     if linear:
         def train_heads():
@@ -97,10 +97,11 @@ def run(config, workdir: str):
         scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
     else:
         scoring = own_heads
-    # Affine maps as padded dense stacks; logit maps factored through each head's pseudo-inverse and
-    # naive maps as truncation / zero-padding, so neither keeps N² matrices on the devices.
-    affine_stacks = jax.device_get(evaluate.stack_maps(affine, dims))
-    del affine  # at the thesis' widths the maps and their padded stacks are 1.6 + 3.7 GB: keep one
+    # Affine maps as one (d_s, D) block row per source, kept where they were computed (the engine
+    # places them on the mesh without a host round trip); logit maps factored through each head's
+    # pseudo-inverse and naive maps as truncation / zero-padding, so neither keeps N² matrices.
+    affine_stacks = evaluate.stack_maps(affine, dims)
+    del affine  # at the thesis' widths the maps and their stacked form are 1.6 + 1.8 GB: keep one
     families = {"affine": affine_stacks,
                 "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
                 "naive": evaluate.NaiveMaps()}
@@ -123,6 +124,13 @@ def run(config, workdir: str):
     if config.dtype != "float32" and config.precision_check_images:
         out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
     return out, engine
+
+
+class FitCount:
+    """What the results need of the fit statistics once the maps are made: the number of fit rows."""
+
+    def __init__(self, count: int):
+        self.count = count
 
 
 def precision_check(config, ms, eval_src, engine) -> dict:

@@ -208,6 +208,15 @@ def test_bad_inputs_are_named():
         evaluate.update(state, [feats[0], feats[0], feats[2]], heads, fitted, labels)
     with pytest.raises(ValueError, match="labels have shape"):
         evaluate.update(state, feats, heads, fitted, labels[:3])
+    # Stacked maps made for other widths, and maps of no known form, are refused by name.
+    other = evaluate.stack_maps({(s, t): (np.zeros((DIMS[s] + 1 if s == 0 else DIMS[s], DIMS[t] + (t == 0))),
+                                          np.zeros(DIMS[t] + (t == 0)))
+                                 for s in range(3) for t in range(3) if s != t},
+                                [DIMS[0] + 1, *DIMS[1:]])
+    with pytest.raises(ValueError, match="stacked maps have"):
+        evaluate.update(state, feats, heads, other, labels)
+    with pytest.raises(ValueError, match="not list"):
+        evaluate.update(state, feats, heads, [1, 2, 3], labels)
 
 
 @pytest.mark.parametrize("family", ["naive", "logit"])

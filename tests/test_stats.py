@@ -241,6 +241,20 @@ def test_cka_matches_float64_and_invariances():
     np.testing.assert_allclose(float(stats.cka(state, 2, 2)), 1.0, rtol=1e-6)
 
 
+def test_cka_of_huge_features_stays_finite():
+    # Features of ~1e11 (deep networks with random weights reach this) give cross-products of ~1e22 per
+    # entry; squaring them as ‖C_ii‖² overflows float32 (max 3.4e38). CKA is scale-invariant, so the
+    # statistics of the same features scaled by 1e-11 must give the same value.
+    rng = np.random.default_rng(9)
+    dims = (6, 5)
+    feats = _features(rng, 500, dims)
+    big = [(f.astype(np.float64) * 1e11).astype(np.float32) for f in feats]
+    got = float(stats.cka(stats.update(stats.init(dims), big), 0, 1))
+    want = float(stats.cka(stats.update(stats.init(dims), feats), 0, 1))
+    assert np.isfinite(got) and float(stats.cka(stats.update(stats.init(dims), big), 0, 0)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_r2_from_statistics_matches_direct():
     rng = np.random.default_rng(8)
     dims = (5, 4)
