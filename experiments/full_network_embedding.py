@@ -192,14 +192,23 @@ def write_train_embedding(engine, name: str, sizes, standardizations, low: float
     """The int8 embedding of the training split under each subset's standardization, into the feature
     store `train_fne_<model>` (entries `<model>/fne_n<size>`, every training row; the SVM of subset n reads
     its first n rows). Computed on the host from the stored pooled features with fne's functions, in
-    chunks; a finished store (manifest present) is kept as it is on resume."""
+    chunks; a finished store (manifest present) is kept as it is on resume. Process 0 writes it; with
+    several processes every one waits at a barrier until it is complete, since all of them read it next."""
     import jax
 
+    directory = engine.store_dir(f"train_fne_{name}")
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(directory, "manifest.json")):
+        _write_train_embedding(engine, directory, name, sizes, standardizations, low, high, chunk)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"train_fne_{name} written")
+
+
+def _write_train_embedding(engine, directory: str, name: str, sizes, standardizations, low: float, high: float,
+                           chunk: int) -> None:
     from embjax import feature_store, fne
 
-    directory = engine.store_dir(f"train_fne_{name}")
-    if jax.process_index() != 0 or os.path.isfile(os.path.join(directory, "manifest.json")):
-        return
     train = engine.store(f"stats_{name}")
     pooled = train.array(f"{name}/pooled")
     rows, dim = pooled.shape
