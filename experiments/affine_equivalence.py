@@ -86,7 +86,8 @@ def run(config, workdir: str):
     affine = maps.affine_all(fit, ridge=config.ridge, names=names)
     fit_statistics = fit_summary(fit, affine)
     # From here on only the count is needed: the D×D statistics (1.8 GB at the thesis' widths) can go.
-    fit = FitCount(count=int(fit.count))
+    num_fit = int(fit.count)
+    del fit
     own_heads = [m.head for m in ms]
     if linear:
         def train_heads():
@@ -119,18 +120,11 @@ def run(config, workdir: str):
         "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
         fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
         aux={"heads": head_sets, "maps": families}))
-    out = results(config, names, dims, fit, fit_statistics, ev, engine.seconds)
+    out = results(config, names, dims, num_fit, fit_statistics, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
     if config.dtype != "float32" and config.precision_check_images:
         out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
     return out, engine
-
-
-class FitCount:
-    """What the results need of the fit statistics once the maps are made: the number of fit rows."""
-
-    def __init__(self, count: int):
-        self.count = count
 
 
 def precision_check(config, ms, eval_src, engine) -> dict:
@@ -179,12 +173,12 @@ def fit_summary(fit, affine) -> dict:
             "cka": [[float(stats.cka(fit, i, j)) for j in range(n)] for i in range(n)]}
 
 
-def results(config, names, dims, fit, fit_statistics, ev, seconds) -> dict:
+def results(config, names, dims, num_fit, fit_statistics, ev, seconds) -> dict:
     """The results dict (embjax.report.write's layout) from the passes' final states."""
     from embjax import evaluate
 
     out = {"models": names, "feature_dims": dims, "dataset": config.dataset, "fit_split": config.fit_split,
-           "eval_split": config.eval_split, "num_fit": int(fit.count), "num_eval": int(ev["affine"].count),
+           "eval_split": config.eval_split, "num_fit": num_fit, "num_eval": int(ev["affine"].count),
            "heads": config.heads}
     for k, e in ev.items():
         m = {key: np.asarray(v).tolist() for key, v in evaluate.compute(e).items()}

@@ -224,9 +224,9 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         conv = lambda *a, **k: nn.Conv(*a, use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype,
                                        **k)
-        bn = lambda name: folding.identity if self.fold_bn else nn.BatchNorm(
-            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name)
+        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+                                           param_dtype=self.param_dtype, momentum=self.momentum,
+                                           epsilon=self.epsilon)
         in_channels = x.shape[-1]
         hidden = in_channels * self.expand_ratio
         h = x
@@ -282,9 +282,9 @@ class EfficientNetLite(nn.Module):
         stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
         dropout = LITE_VARIANTS.get(self.variant, (0, 0, 0, 0.0))[3] if self.dropout_rate is None \
             else self.dropout_rate
-        bn = lambda name: folding.identity if self.fold_bn else nn.BatchNorm(
-            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name)
+        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+                                           param_dtype=self.param_dtype, momentum=self.momentum,
+                                           epsilon=self.epsilon)
         out = {}
         x = x.astype(self.dtype)
         stem_pads = [_pad_amounts(n, 3, self.stem_stride, self.padding) for n in x.shape[1:3]]

@@ -60,6 +60,18 @@ def identity(x):
     return x
 
 
+def batchnorm(fold_bn: bool, name: str, *, train: bool = False, keep: bool = False, dtype: Any = jnp.float32,
+              param_dtype: Any = jnp.float32, **batchnorm_kwargs):
+    """What a family's module applies where it has the BatchNorm `name`: that BatchNorm (running averages
+    unless `train`; `batchnorm_kwargs` are the family's momentum, epsilon, ...), or, in the folded mode,
+    nothing (`identity`: folded into the layer before it) or, with `keep` (its input is not a layer's
+    output), a ScaleShift under the same name."""
+    if fold_bn:
+        return ScaleShift(dtype, param_dtype, name=name) if keep else identity
+    return nn.BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name,
+                        **batchnorm_kwargs)
+
+
 def check_inference(module_name: str, fold_bn: bool, train: bool) -> None:
     """A folded module has no batch statistics to use or update: refuse train=True by name."""
     if fold_bn and train:
@@ -258,4 +270,4 @@ def fold(name: str, variables: Mapping, **build_overrides) -> tuple[Any, dict]:
 
 
 __all__ = ["ScaleShift", "BatchNormSite", "FoldingError", "batchnorm_sites", "scale_shift_paths",
-           "fold_variables", "fold_module", "fold", "identity", "check_inference"]
+           "fold_variables", "fold_module", "fold", "identity", "batchnorm", "check_inference"]

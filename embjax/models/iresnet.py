@@ -59,15 +59,6 @@ class PReLU(nn.Module):
         return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
-def _batchnorm(train: bool, fold_bn: bool, keep: bool, dtype, param_dtype, name: str):
-    """The BatchNorm called `name`; with fold_bn, gone (folded into the layer before it) or, where `keep`
-    (its input is not a layer's output), a ScaleShift under the same name."""
-    if fold_bn:
-        return folding.ScaleShift(dtype, param_dtype, name=name) if keep else folding.identity
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPSILON, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
-
-
 class IBasicBlock(nn.Module):
     planes: int
     strides: int
@@ -79,7 +70,8 @@ class IBasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         def bn(name, keep=False):
-            return _batchnorm(train, self.fold_bn, keep, self.dtype, self.param_dtype, name)
+            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         def conv(features, kernel, strides, padding, name):
             return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
@@ -128,7 +120,8 @@ class IResNet(nn.Module):
                              f"stage_widths {tuple(self.stage_widths)}")
 
         def bn(name, keep=False, dtype=self.dtype):
-            return _batchnorm(train, self.fold_bn, keep, dtype, self.param_dtype, name)
+            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=dtype,
+                                     param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         out = {}
         x = x.astype(self.dtype)

@@ -115,16 +115,8 @@ class InvertedResidual(nn.Module):
     fold_bn: bool = False  # inference: each BatchNorm folded into the conv before it
 
     def bn(self, train, name):
-        if self.fold_bn:
-            return folding.identity
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+        return folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 momentum=self.bn_momentum, epsilon=self.epsilon)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -188,8 +180,7 @@ class MobileNetV2(nn.Module):
         )
         conv = dict(use_bias=self.fold_bn, kernel_init=_KERNEL_INIT, dtype=self.dtype,
                     param_dtype=self.param_dtype)
-        bn_or_folded = (lambda name: folding.identity) if self.fold_bn else (
-            lambda name: nn.BatchNorm(use_running_average=not train, name=name, **bn))
+        bn_or_folded = lambda name: folding.batchnorm(self.fold_bn, name, train=train, **bn)
         x = x.astype(self.dtype)
         out = {}
         x = nn.Conv(

@@ -70,12 +70,10 @@ PNASNET_5 = dict(
 
 
 def _bn(train: bool, dtype, name: str, fold_bn: bool = False, keep: bool = False):
-    """The BatchNorm called `name`; with fold_bn, gone (folded into the conv before it) or, where `keep`
-    (no single conv before it), a ScaleShift under the same name."""
-    if fold_bn:
-        return folding.ScaleShift(dtype, name=name) if keep else folding.identity
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                        name=name)
+    """The BatchNorm called `name` (folding.batchnorm with this family's constants); `keep` where no
+    single conv precedes it."""
+    return folding.batchnorm(fold_bn, name, train=train, keep=keep, dtype=dtype, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON)
 
 
 def _conv1x1(features: int, dtype, name: str, strides: int = 1, bias: bool = False):

@@ -88,23 +88,13 @@ class _Block(nn.Module):
             name=name,
         )
 
-    def bn(self, train, name):
-        if self.fold_bn:
-            return folding.identity
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+    def bn(self, train, name, keep=False):
+        return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, momentum=self.bn_momentum, epsilon=self.epsilon)
 
     def preactivation_bn(self, train):
         """v2's BatchNorm on the residual stream: no conv to fold into, a precomputed ScaleShift instead."""
-        if self.fold_bn:
-            return folding.ScaleShift(self.dtype, self.param_dtype, name="preact_bn")
-        return self.bn(train, "preact_bn")
+        return self.bn(train, "preact_bn", keep=True)
 
     @property
     def bn_conv_bias(self):
