@@ -332,8 +332,8 @@ def test_crafted_tables_with_bad_structure_are_refused(tmp_path):
 
 
 def test_a_v1_file_declaring_huge_tensors_is_refused_before_allocating(tmp_path):
-    meta = _field(1, 2, _field(1, 2, b"huge") + _field(2, 2, _shape(1 << 20, 1 << 20)) + _field(3, 0, 1))
+    meta = _field(1, 2, _field(1, 2, b"huge") + _field(2, 2, _shape(1 << 17, 1 << 17)) + _field(3, 0, 1))
     path = tmp_path / "huge.ckpt"
     path.write_bytes(_table([(b"", _field(1, 2, meta))]))
-    with pytest.raises(TFCheckpointError, match="declares 4096.00 GiB"):
+    with pytest.raises(TFCheckpointError, match="declares 64.00 GiB"):
         tf_checkpoint.load(str(path))

@@ -6,19 +6,106 @@ reader will hand back (a zero-stride tensor of a billion elements counts a billi
 small the file), plus the reader's own intermediate buffers where they exist. The default is generous
 (8 GiB); pass `max_bytes=` to a reader, or set the environment variable `EMBJAX_MAX_WEIGHT_BYTES`, to
 change it. Nothing here is module state a file could change: every call builds its own `ByteBudget`.
+
+Beside the byte budget, every reader bounds the structure of what it parses, so that the time and memory of
+reading (or refusing) a file follow the bytes actually read, never what the file claims. Each bound is a
+field of `Limits`, with a default below and an environment variable to raise it (`EMBJAX_WEIGHT_<FIELD>`,
+e.g. EMBJAX_WEIGHT_MAX_ENTRIES=200000), or pass `limits=Limits(max_entries=...)` to a reader:
+
+    max_entries          entries of a table or header (TF .index keys, safetensors tensors): 50,000. The
+                         largest thesis checkpoint (NASNet-Large with its optimizer slots) has a few thousand.
+    max_key_bytes        bytes of one key or tensor name: 1,024 (real names are under 300)
+    max_total_key_bytes  bytes of all keys of one file together: 8 MiB
+    max_rank             dimensions of one tensor: 32 (NumPy allows 64; no weight comes near either)
+    max_elements         elements of one tensor, and the size of any one dimension: 2**34 (16 Gi), counted
+                         with exact integers (no wrap-around)
+    max_header_bytes     a file's metadata: a safetensors JSON header, a TF checkpoint .index file: 64 MiB
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import reprlib
 
-__all__ = ["DEFAULT_MAX_BYTES", "ENV_MAX_BYTES", "MAX_NESTING", "ByteBudget", "resolve_max_bytes", "short_repr"]
+__all__ = ["DEFAULT_MAX_BYTES", "ENV_MAX_BYTES", "MAX_NESTING", "ByteBudget", "Limits", "resolve_max_bytes",
+           "short_repr", "element_count", "is_regular_file"]
 
 DEFAULT_MAX_BYTES = 8 << 30
 ENV_MAX_BYTES = "EMBJAX_MAX_WEIGHT_BYTES"
 # A state dict nests two or three levels (checkpoint -> state_dict -> name); 64 leaves room for any real
 # layout while keeping every walk far from Python's recursion limit.
 MAX_NESTING = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The structural bounds every reader applies (see the module docstring); `Limits.resolve()` reads the
+    environment overrides at every call."""
+
+    max_entries: int = 50_000
+    max_key_bytes: int = 1024
+    max_total_key_bytes: int = 8 << 20
+    max_rank: int = 32
+    max_elements: int = 1 << 34
+    max_header_bytes: int = 64 << 20
+
+    @classmethod
+    def resolve(cls, given: "Limits | None" = None) -> "Limits":
+        """`given` if a reader was passed one, else the defaults with each $EMBJAX_WEIGHT_<FIELD> applied."""
+        if given is not None:
+            return given
+        values = {}
+        for field in dataclasses.fields(cls):
+            env = "EMBJAX_WEIGHT_" + field.name.upper()
+            text = os.environ.get(env)
+            if text is None or not text.strip():
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"${env}={text!r} is not a whole number") from None
+            if value <= 0:
+                raise ValueError(f"${env} must be positive, got {value}")
+            values[field.name] = value
+        return cls(**values)
+
+    @staticmethod
+    def hint(field: str) -> str:
+        """How to raise a limit, for error messages."""
+        return (f"if the file is trusted, raise the limit with $EMBJAX_WEIGHT_{field.upper()} or "
+                f"limits=Limits({field}=...)")
+
+
+def element_count(shape, limits: Limits) -> int:
+    """The exact element count of `shape` (Python integers, no wrap-around); ValueError naming the bound
+    when the rank, a dimension or the count exceeds `limits` or a dimension is negative."""
+    shape = tuple(shape)
+    if len(shape) > limits.max_rank:
+        raise ValueError(f"rank {len(shape)} exceeds max_rank={limits.max_rank}; {Limits.hint('max_rank')}")
+    count = 1
+    for d in shape:
+        d = int(d)
+        if d < 0:
+            raise ValueError(f"negative dimension {d} in shape {short_repr(shape)}")
+        if d > limits.max_elements:
+            raise ValueError(f"dimension {d:,} exceeds max_elements={limits.max_elements:,}; "
+                             f"{Limits.hint('max_elements')}")
+        count *= d
+    if count > limits.max_elements:
+        raise ValueError(f"shape {short_repr(shape)} has {count:,} elements, more than max_elements="
+                         f"{limits.max_elements:,}; {Limits.hint('max_elements')}")
+    return count
+
+
+def is_regular_file(path) -> bool:
+    """True for a regular file (after symlinks); False for a FIFO, socket, device, directory or nothing.
+    Readers open only regular files: reading a FIFO would block forever, a device never end."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_max_bytes(max_bytes: int | None) -> int:

@@ -41,7 +41,7 @@ import struct
 
 import numpy as np
 
-from embjax.weights import limits
+from embjax.weights import limits as limits_mod
 
 __all__ = [
     "TFCheckpointError",
@@ -59,7 +59,7 @@ __all__ = [
 
 # 8 GiB (embjax.weights.limits, shared by every reader): the largest thesis checkpoint (NASNet-Large) is
 # about 0.4 GiB.
-DEFAULT_MAX_BYTES = limits.DEFAULT_MAX_BYTES
+DEFAULT_MAX_BYTES = limits_mod.DEFAULT_MAX_BYTES
 
 _TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's (and TensorFlow's table) footer magic number
 _FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic
@@ -153,17 +153,18 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if result >> 64:
+                raise _Malformed("varint value does not fit 64 bits")
             return result, pos
         shift += 7
         if shift >= 70:
             raise _Malformed("varint longer than 10 bytes")
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, object]]:
-    """[(field number, wire type, value)] of one protobuf message: ints for varint/fixed fields, slices
-    of `buf` for length-delimited ones (sub-messages, strings, packed arrays; views, not copies, when
-    `buf` is a memoryview)."""
-    out = []
+def _fields(buf):
+    """(field number, wire type, value) of one protobuf message, in order: ints for varint/fixed fields,
+    slices of `buf` for length-delimited ones (sub-messages, strings, packed arrays; views, not copies,
+    when `buf` is a memoryview). A generator: a bad field raises when it is reached."""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _varint(buf, pos, end)
@@ -178,7 +179,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, object]]:
             value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
         elif wire == 2:
             length, pos = _varint(buf, pos, end)
-            if pos + length > end:
+            if length > end - pos:
                 raise _Malformed("length-delimited field runs past the end of its message")
             value, pos = buf[pos : pos + length], pos + length  # a view when buf is a memoryview
         elif wire == 5:
@@ -187,8 +188,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, object]]:
             value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
         else:
             raise _Malformed(f"unsupported protobuf wire type {wire}")
-        out.append((number, wire, value))
-    return out
+        yield number, wire, value
 
 
 def _int64(value: int) -> int:
@@ -205,14 +205,19 @@ class TensorEntry:
     shard_id: int
     offset: int
     size: int
-    crc32c: int | None  # masked; None when the entry records none
+    # The masked CRC32C of the bytes. The entry is proto3, so a checksum that happens to be 0 is not
+    # written: an entry without the field records 0, and is checked against 0 like any other.
+    crc32c: int
     sliced: bool  # a partitioned variable: its data live in slice entries this reader does not join
+    count: int = 0  # elements, from the shape (exact)
 
 
-def _parse_shape(buf: bytes) -> tuple[int, ...]:
+def _parse_shape(buf, lim: limits_mod.Limits) -> tuple[int, ...]:
     dims = []
     for number, wire, value in _fields(buf):
         if number == 2 and wire == 2:
+            if len(dims) >= lim.max_rank:
+                raise _Malformed(f"shape of rank above max_rank={lim.max_rank}; {limits_mod.Limits.hint('max_rank')}")
             size = 0
             for n, w, v in _fields(value):
                 if n == 1 and w == 0:
@@ -225,13 +230,20 @@ def _parse_shape(buf: bytes) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _parse_entry(name: str, buf: bytes) -> TensorEntry:
-    dtype, shape, shard, offset, size, crc, sliced = 0, (), 0, 0, 0, None, False
+def _element_count(shape: tuple[int, ...], lim: limits_mod.Limits) -> int:
+    try:
+        return limits_mod.element_count(shape, lim)
+    except ValueError as err:
+        raise _Malformed(str(err)) from None
+
+
+def _parse_entry(name: str, buf, lim: limits_mod.Limits) -> TensorEntry:
+    dtype, shape, shard, offset, size, crc, sliced = 0, (), 0, 0, 0, 0, False
     for number, wire, value in _fields(buf):
         if number == 1 and wire == 0:
             dtype = value
         elif number == 2 and wire == 2:
-            shape = _parse_shape(value)
+            shape = _parse_shape(value, lim)
         elif number == 3 and wire == 0:
             shard = value
         elif number == 4 and wire == 0:
@@ -244,83 +256,144 @@ def _parse_entry(name: str, buf: bytes) -> TensorEntry:
             sliced = True
     if offset < 0 or size < 0:
         raise _Malformed(f"negative offset {offset} or size {size}")
-    return TensorEntry(name, dtype, shape, shard, offset, size, crc, sliced)
+    return TensorEntry(name, dtype, shape, shard, offset, size, crc, sliced, _element_count(shape, lim))
 
 
 # ---------------------------------------------------------------------------------------------------
-# The SSTable
+# The SSTable, read one block at a time (never the whole file)
 
 
-def _read_block(data: bytes, offset: int, size: int, what: str) -> bytes:
-    """The contents of the block at (offset, size), its trailer's checksum verified."""
-    if offset + size + _BLOCK_TRAILER > len(data):
-        raise _Malformed(
-            f"{what} block at bytes {offset}..{offset + size + _BLOCK_TRAILER} runs past the end of the "
-            f"file ({len(data)} bytes): truncated"
-        )
-    contents = data[offset : offset + size]
-    kind = data[offset + size]
-    stored = int.from_bytes(data[offset + size + 1 : offset + size + 5], "little")
-    actual = masked_crc32c(None, crc=crc32c(data[offset : offset + size + 1]))
-    if stored != actual:
-        raise _Malformed(f"{what} block at byte {offset}: checksum mismatch (stored {stored:#010x}, "
-                         f"computed {actual:#010x}): the file is corrupt")
-    if kind != 0:
-        raise _Malformed(f"{what} block at byte {offset} is compressed (type {kind}); TensorFlow writes "
-                         "checkpoint tables uncompressed and this reader reads only those")
-    return contents
+class _Table:
+    """An open SSTable file. `entries()` yields its (key, value) pairs in order, reading, checking and
+    parsing one block at a time: the footer's magic number is checked before anything else is read, each
+    block's extent against the file's size before it is read, and the entry count and key sizes against
+    `limits` as keys are restored, so a bad file costs what was read up to its first bad field."""
+
+    def __init__(self, handle, size: int, lim: limits_mod.Limits):
+        self.handle, self.size, self.limits = handle, size, lim
+
+    def _read(self, offset: int, length: int) -> bytes:
+        self.handle.seek(offset)
+        data = self.handle.read(length)
+        if len(data) != length:
+            raise _Malformed(f"short read at byte {offset}: the file changed or is truncated")
+        return data
+
+    def block(self, offset: int, size: int, what: str) -> memoryview:
+        """The contents of the block at (offset, size), its trailer's checksum verified."""
+        if offset + size + _BLOCK_TRAILER > self.size:
+            raise _Malformed(
+                f"{what} block at bytes {offset}..{offset + size + _BLOCK_TRAILER} runs past the end of the "
+                f"file ({self.size} bytes): truncated")
+        data = self._read(offset, size + _BLOCK_TRAILER)
+        kind = data[size]
+        stored = int.from_bytes(data[size + 1 : size + 5], "little")
+        actual = masked_crc32c(None, crc=crc32c(memoryview(data)[: size + 1]))
+        if stored != actual:
+            raise _Malformed(f"{what} block at byte {offset}: checksum mismatch (stored {stored:#010x}, "
+                             f"computed {actual:#010x}): the file is corrupt")
+        if kind != 0:
+            raise _Malformed(f"{what} block at byte {offset} is compressed (type {kind}); TensorFlow writes "
+                             "checkpoint tables uncompressed and this reader reads only those")
+        return memoryview(data)[:size]
+
+    def _block_entries(self, block: memoryview, what: str):
+        """(key, value) of one block, keys restored from their shared prefixes one at a time; the restart
+        array is checked: it starts at 0, ascends, and every restart point is the start of an entry that
+        shares nothing with the key before it."""
+        if len(block) < 4:
+            raise _Malformed(f"{what} block of {len(block)} bytes is too short for its restart count")
+        restarts = int.from_bytes(block[-4:], "little")
+        limit = len(block) - 4 - 4 * restarts
+        if restarts < 1 or limit < 0:
+            raise _Malformed(f"{what} block has an impossible restart count {restarts}")
+        points = np.frombuffer(block[limit : len(block) - 4], "<u4").astype(np.int64)
+        if points[0] != 0 or (points.size > 1 and (np.diff(points) <= 0).any()) or points[-1] >= max(limit, 1):
+            raise _Malformed(f"{what} block's restart array ({restarts} points) does not start at 0, ascend "
+                             "and stay inside the block: the file is corrupt")
+        points = points.tolist()
+        key, pos, next_point = b"", 0, 0
+        max_key = self.limits.max_key_bytes
+        while pos < limit:
+            at_restart = next_point < restarts and points[next_point] == pos
+            if next_point < restarts and points[next_point] < pos:
+                raise _Malformed(f"{what} block: restart point {int(points[next_point])} is not the start of an entry")
+            next_point += at_restart
+            start = pos
+            shared, pos = _varint(block, pos, limit)
+            unshared, pos = _varint(block, pos, limit)
+            value_len, pos = _varint(block, pos, limit)
+            if at_restart and shared:
+                raise _Malformed(f"{what} block entry at byte {start} is a restart point but shares "
+                                 f"{shared} bytes with the key before it")
+            if shared > len(key):
+                raise _Malformed(f"{what} block entry at byte {start} shares {shared} bytes of a "
+                                 f"{len(key)}-byte key")
+            if shared + unshared > max_key:
+                raise _Malformed(f"{what} block entry at byte {start}: a key of {shared + unshared:,} bytes, more "
+                                 f"than max_key_bytes={max_key:,}; {limits_mod.Limits.hint('max_key_bytes')}")
+            if unshared + value_len > limit - pos:
+                raise _Malformed(f"{what} block entry at byte {start} overruns its block")
+            key = key[:shared] + bytes(block[pos : pos + unshared])
+            pos += unshared
+            yield key, block[pos : pos + value_len]
+            pos += value_len
+        if next_point != restarts and limit:
+            raise _Malformed(f"{what} block: restart point {int(points[next_point])} is not the start of an entry")
+
+    def entries(self):
+        """Every (key, value) of the table in key order (values are views into their block)."""
+        if self.size < _FOOTER_SIZE:
+            raise _Malformed(f"{self.size} bytes is shorter than the table footer ({_FOOTER_SIZE}): truncated")
+        footer = self._read(self.size - _FOOTER_SIZE, _FOOTER_SIZE)
+        if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
+            raise _Malformed("no table magic number at the end: truncated, or not a TensorFlow checkpoint table")
+        pos = 0
+        meta_offset, pos = _varint(footer, pos, 40)
+        meta_size, pos = _varint(footer, pos, 40)
+        index_offset, pos = _varint(footer, pos, 40)
+        index_size, pos = _varint(footer, pos, 40)
+        if any(footer[pos:40]):  # the writer pads the two handles with zeros: anything else is damage
+            raise _Malformed("table footer padding is not zero: the file is corrupt")
+        self.block(meta_offset, meta_size, "metaindex")  # empty in checkpoints; read for its checksum
+        index = self.block(index_offset, index_size, "index")
+        lim = self.limits
+        count = key_bytes = 0
+        last_key = None
+        for _, handle in self._block_entries(index, "index"):
+            offset, p = _varint(handle, 0, len(handle))
+            size, p = _varint(handle, p, len(handle))
+            if p != len(handle):
+                raise _Malformed("index block entry holds more than a block handle")
+            for key, value in self._block_entries(self.block(offset, size, "data"), "data"):
+                if last_key is not None and key <= last_key:
+                    raise _Malformed(f"keys out of order ({limits_mod.short_repr(last_key)} then "
+                                     f"{limits_mod.short_repr(key)})")
+                count += 1
+                key_bytes += len(key)
+                if count > lim.max_entries:
+                    raise _Malformed(f"more than max_entries={lim.max_entries:,} entries; "
+                                     f"{limits_mod.Limits.hint('max_entries')}")
+                if key_bytes > lim.max_total_key_bytes:
+                    raise _Malformed(f"keys of more than max_total_key_bytes={lim.max_total_key_bytes:,} bytes "
+                                     f"in all; {limits_mod.Limits.hint('max_total_key_bytes')}")
+                last_key = key
+                yield key, value
 
 
-def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    """The (key, value) entries of one block, keys restored from their shared prefixes."""
-    if len(block) < 4:
-        raise _Malformed(f"{what} block of {len(block)} bytes is too short for its restart count")
-    restarts = int.from_bytes(block[-4:], "little")
-    limit = len(block) - 4 - 4 * restarts
-    if restarts < 1 or limit < 0:
-        raise _Malformed(f"{what} block has an impossible restart count {restarts}")
-    entries, key, pos = [], b"", 0
-    while pos < limit:
-        shared, pos = _varint(block, pos, limit)
-        unshared, pos = _varint(block, pos, limit)
-        value_len, pos = _varint(block, pos, limit)
-        if shared > len(key) or pos + unshared + value_len > limit:
-            raise _Malformed(f"{what} block entry at byte {pos} overruns its block")
-        key = key[:shared] + bytes(block[pos : pos + unshared])
-        pos += unshared
-        entries.append((key, block[pos : pos + value_len]))
-        pos += value_len
-    return entries
-
-
-def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of an SSTable held in `data`, in key order (values are views into `data`)."""
-    data = memoryview(data)
-    if len(data) < _FOOTER_SIZE:
-        raise _Malformed(f"{len(data)} bytes is shorter than the table footer ({_FOOTER_SIZE}): truncated")
-    footer = data[-_FOOTER_SIZE:]
-    if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
-        raise _Malformed("no table magic number at the end: truncated, or not a checkpoint .index file")
-    pos = 0
-    meta_offset, pos = _varint(footer, pos, 40)
-    meta_size, pos = _varint(footer, pos, 40)
-    index_offset, pos = _varint(footer, pos, 40)
-    index_size, pos = _varint(footer, pos, 40)
-    if any(footer[pos:40]):  # the writer pads the two handles with zeros: anything else is damage
-        raise _Malformed("table footer padding is not zero: the file is corrupt")
-    _read_block(data, meta_offset, meta_size, "metaindex")  # empty in checkpoints; read for its checksum
-    index = _read_block(data, index_offset, index_size, "index")
-    entries = []
-    last_key = None
-    for _, handle in _block_entries(index, "index"):
-        offset, p = _varint(handle, 0, len(handle))
-        size, _ = _varint(handle, p, len(handle))
-        for key, value in _block_entries(_read_block(data, offset, size, "data"), "data"):
-            if last_key is not None and key <= last_key:
-                raise _Malformed(f"keys out of order ({last_key!r} then {key!r})")
-            last_key = key
-            entries.append((key, value))
-    return entries
+def _open_regular(path: str, what: str):
+    """(handle, size) of a regular file; TFCheckpointError for a FIFO, device, directory or unreadable file
+    (FileNotFoundError when there is none)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not limits_mod.is_regular_file(path):
+        raise TFCheckpointError(f"{what} {path!r} is not a regular file (a FIFO, device or directory); "
+                                "checkpoints are read from regular files only")
+    try:
+        handle = open(path, "rb")
+        return handle, os.fstat(handle.fileno()).st_size
+    except OSError as err:
+        raise TFCheckpointError(f"cannot read {what} {path!r}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,67 +416,70 @@ def resolve_prefix(path: str | os.PathLike) -> str:
     `<path>/variables/variables` for a SavedModel directory. FileNotFoundError when there is none."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if is_saved_model(path):
+        if os.path.exists(os.path.join(path, "variables", "variables.index")):
             return os.path.join(path, "variables", "variables")
-        if os.path.isfile(os.path.join(path, "variables.index")):  # the variables/ directory itself
+        if os.path.exists(os.path.join(path, "variables.index")):  # the variables/ directory itself
             return os.path.join(path, "variables")
         raise FileNotFoundError(
             f"{path!r} is a directory without variables/variables.index: not a SavedModel; pass a "
             "checkpoint prefix (the path of model.ckpt.index minus '.index') or a SavedModel directory"
         )
-    if path.endswith(".index") and os.path.isfile(path):
+    if path.endswith(".index") and os.path.exists(path):
         return path[: -len(".index")]
     base, sep, _ = path.rpartition(".data-")
-    if sep and os.path.isfile(base + ".index"):
+    if sep and os.path.exists(base + ".index"):
         return base
-    if os.path.isfile(path + ".index"):
+    if os.path.exists(path + ".index"):
         return path
     raise FileNotFoundError(f"no TensorFlow checkpoint at {path!r}: {path + '.index'!r} does not exist")
 
 
-def read_index(index_path: str | os.PathLike) -> tuple[dict, dict[str, TensorEntry]]:
+def read_index(index_path: str | os.PathLike,
+               limits: limits_mod.Limits | None = None) -> tuple[dict, dict[str, TensorEntry]]:
     """(header, {tensor name: TensorEntry}) of a `.index` file; header has num_shards and endianness."""
     index_path = os.fspath(index_path)
-    try:
-        with open(index_path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise TFCheckpointError(f"cannot read checkpoint index {index_path!r}: {err}") from err
-    try:
-        raw = _table_entries(data)
-    except _Malformed as err:
-        raise TFCheckpointError(f"checkpoint index {index_path!r}: {err}") from None
+    lim = limits_mod.Limits.resolve(limits)
+    handle, size = _open_regular(index_path, "checkpoint index")
+    where = f"checkpoint index {index_path!r}"
     header, entries = None, {}
-    for key, value in raw:
-        if key.startswith(b"\x00"):
-            continue  # a slice of a partitioned variable (binary key); its full entry is refused in load
+    name = None
+    with handle:
+        if size > lim.max_header_bytes:
+            raise TFCheckpointError(f"{where} is {size:,} bytes, more than max_header_bytes="
+                                    f"{lim.max_header_bytes:,}; {limits_mod.Limits.hint('max_header_bytes')}")
         try:
-            name = key.decode("utf8")
-        except UnicodeDecodeError:
-            raise TFCheckpointError(f"checkpoint index {index_path!r}: key {key!r} is not UTF-8") from None
-        try:
-            if name == "":
-                header = {"num_shards": 1, "endianness": 0}
-                for number, wire, v in _fields(value):
-                    if number == 1 and wire == 0:
-                        header["num_shards"] = v
-                    elif number == 2 and wire == 0:
-                        header["endianness"] = v
-            else:
-                entries[name] = _parse_entry(name, value)
+            for key, value in _Table(handle, size, lim).entries():
+                name = None
+                if key.startswith(b"\x00"):
+                    continue  # a slice of a partitioned variable (binary key); its full entry is refused in load
+                try:
+                    name = key.decode("utf8")
+                except UnicodeDecodeError:
+                    raise _Malformed(f"key {limits_mod.short_repr(key)} is not UTF-8") from None
+                if name == "":
+                    header = {"num_shards": 1, "endianness": 0}
+                    for number, wire, v in _fields(value):
+                        if number == 1 and wire == 0:
+                            header["num_shards"] = v
+                        elif number == 2 and wire == 0:
+                            header["endianness"] = v
+                else:
+                    entries[name] = _parse_entry(name, value, lim)
         except _Malformed as err:
-            raise TFCheckpointError(f"checkpoint index {index_path!r}, tensor {name!r}: {err}") from None
+            at = f", tensor {name!r}" if name else ""
+            raise TFCheckpointError(f"{where}{at}: {err}") from None
+        except OSError as err:
+            raise TFCheckpointError(f"cannot read {where}: {err}") from err
     if header is None:
         raise TFCheckpointError(
-            f"checkpoint index {index_path!r} has no bundle header (empty key): not a TensorFlow V2 checkpoint"
+            f"{where} has no bundle header (empty key): not a TensorFlow V2 checkpoint"
         )
     if header["num_shards"] < 1 or header["endianness"] not in (0, 1):
-        raise TFCheckpointError(f"checkpoint index {index_path!r}: impossible header {header}")
+        raise TFCheckpointError(f"{where}: impossible header {header}")
     for entry in entries.values():
         if entry.shard_id >= header["num_shards"]:
             raise TFCheckpointError(
-                f"checkpoint index {index_path!r}, tensor {entry.name!r}: shard {entry.shard_id} of "
-                f"{header['num_shards']}"
+                f"{where}, tensor {entry.name!r}: shard {entry.shard_id} of {header['num_shards']}"
             )
     return header, entries
 
@@ -426,15 +502,16 @@ def _dtype_of(enum: int):
 
 def _read_string_tensor(raw: bytes, entry: TensorEntry) -> list[bytes]:
     """Elements of a string tensor: varint lengths, a masked CRC32C of the lengths, then the bytes."""
-    count = int(np.prod(entry.shape, dtype=np.int64))
+    if entry.count > len(raw):  # every element's length takes at least one byte
+        raise _Malformed(f"{entry.count:,} strings cannot fit in {len(raw):,} bytes")
     pos, lengths = 0, []
-    for _ in range(count):
+    for _ in range(entry.count):
         length, pos = _varint(raw, pos, len(raw))
         lengths.append(length)
     pos += 4  # the lengths' own checksum; the entry's checksum covers it and everything else
     out = []
     for length in lengths:
-        if pos + length > len(raw):
+        if length > len(raw) - pos:
             raise _Malformed("string element runs past the tensor's bytes")
         out.append(raw[pos : pos + length])
         pos += length
@@ -445,9 +522,10 @@ def _string_tensor_crc(raw: bytes, entry: TensorEntry) -> int:
     """The CRC32C TensorFlow computes for a string tensor: over each length as a little-endian uint32
     (uint64 beyond 4 GiB; not the varints that are stored), then the stored length checksum and the
     string bytes."""
-    count = int(np.prod(entry.shape, dtype=np.int64))
+    if entry.count > len(raw):
+        raise _Malformed(f"{entry.count:,} strings cannot fit in {len(raw):,} bytes")
     pos, crc = 0, 0
-    for _ in range(count):
+    for _ in range(entry.count):
         length, pos = _varint(raw, pos, len(raw))
         crc = crc32c(struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length), crc)
     return crc32c(raw[pos:], crc)
@@ -477,21 +555,45 @@ def _shard_path(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
-def load(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+# What a damaged file can still raise from NumPy or the standard library where no check above names it:
+# turned into TFCheckpointError by `load`, so a caller catches one error type for every bad file.
+_STRAY_ERRORS = (ValueError, OverflowError, IndexError, KeyError, TypeError, struct.error, UnicodeError,
+                 MemoryError)
+
+
+def load(path: str | os.PathLike, max_bytes: int | None = None,
+         limits: limits_mod.Limits | None = None) -> dict[str, np.ndarray]:
     """{variable name: array} of the TensorFlow checkpoint or SavedModel at `path` (see the module
     docstring for accepted paths and the naming of SavedModel variables).
 
     Raises FileNotFoundError when there is no checkpoint or a data shard is missing, and
     TFCheckpointError naming the file (and tensor) for anything truncated, corrupt, unsupported, or
-    larger in total than `max_bytes` (default: $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB, as for every reader;
+    beyond a limit: `max_bytes` caps the total size (default: $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB, as for
+    every reader), `limits` the entries, key sizes, ranks and element counts (default `Limits.resolve()`;
     see `embjax.weights.limits`).
     """
-    max_bytes = limits.resolve_max_bytes(max_bytes)
+    try:
+        return _load(os.fspath(path), max_bytes, limits)
+    except (TFCheckpointError, FileNotFoundError):
+        raise
+    except _STRAY_ERRORS as err:
+        raise TFCheckpointError(f"checkpoint {os.fspath(path)!r}: unreadable ({type(err).__name__}: "
+                                f"{limits_mod.short_repr(str(err))}); the file is corrupt") from err
+    except OSError as err:
+        raise TFCheckpointError(f"cannot read checkpoint {os.fspath(path)!r}: {err}") from err
+
+
+def _load(path: str, max_bytes: int | None, limits_: limits_mod.Limits | None) -> dict[str, np.ndarray]:
+    max_bytes = limits_mod.resolve_max_bytes(max_bytes)
+    lim = limits_mod.Limits.resolve(limits_)
+    if os.path.exists(path) and not os.path.isdir(path) and not limits_mod.is_regular_file(path):
+        raise TFCheckpointError(f"checkpoint {path!r} is not a regular file (a FIFO, device or socket); "
+                                "checkpoints are read from regular files only")
     if is_v1_file(path):
-        return _load_v1(os.fspath(path), max_bytes)
+        return _load_v1(path, max_bytes, lim)
     prefix = resolve_prefix(path)
     index_path = prefix + ".index"
-    header, entries = read_index(index_path)
+    header, entries = read_index(index_path, lim)
     big_endian = header["endianness"] == 1
     num_shards = header["num_shards"]
 
@@ -509,38 +611,52 @@ def load(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.
             raise TFCheckpointError(
                 f"checkpoint index {index_path!r}, tensor {entry.name!r}: dtype {kind} is not supported"
             )
-        if dtype is not None:
-            count = int(np.prod(entry.shape, dtype=np.int64))
-            if entry.size != count * dtype.itemsize:
-                raise TFCheckpointError(
-                    f"checkpoint index {index_path!r}, tensor {entry.name!r}: {entry.size} bytes recorded "
-                    f"for shape {entry.shape} of {dtype.name} ({count * dtype.itemsize} bytes): corrupt"
-                )
-            total += entry.size
-        else:
-            total += entry.size  # string tensors are read for their checksums, then left out
+        if dtype is not None and entry.size != entry.count * dtype.itemsize:
+            raise TFCheckpointError(
+                f"checkpoint index {index_path!r}, tensor {entry.name!r}: {entry.size} bytes recorded "
+                f"for shape {entry.shape} of {dtype.name} ({entry.count * dtype.itemsize} bytes): corrupt"
+            )
+        total += entry.size  # string tensors are read for their checksums, then left out
         plan.append((entry, dtype))
     if total > max_bytes:
         raise TFCheckpointError(
             f"checkpoint {prefix!r} holds {total / 2**30:.2f} GiB of tensors, more than max_bytes="
             f"{max_bytes / 2**30:.2f} GiB; pass a larger max_bytes if that much memory is available"
         )
+    # Every tensor's bytes are its own: TensorFlow writes them one after another (with at most alignment
+    # padding between), so two byte ranges that overlap mean a damaged or crafted index.
+    plan.sort(key=lambda p: (p[0].shard_id, p[0].offset, p[0].size))
+    previous = None
+    for entry, _ in plan:
+        if not entry.size:
+            continue
+        if previous is not None and previous.shard_id == entry.shard_id and \
+                entry.offset < previous.offset + previous.size:
+            raise TFCheckpointError(
+                f"checkpoint index {index_path!r}, tensor {entry.name!r}: bytes {entry.offset}.."
+                f"{entry.offset + entry.size} of shard {entry.shard_id} overlap those of tensor "
+                f"{previous.name!r} ({previous.offset}..{previous.offset + previous.size}): corrupt")
+        previous = entry
 
     arrays: dict[str, np.ndarray] = {}
     object_graph: bytes | None = None
-    plan.sort(key=lambda p: (p[0].shard_id, p[0].offset))
-    handles: dict[int, tuple[str, object, int]] = {}
+    shard = None  # (shard id, path, handle, size): one shard open at a time, the plan runs shard by shard
     try:
         for entry, dtype in plan:
-            if entry.shard_id not in handles:
+            if shard is None or shard[0] != entry.shard_id:
+                if shard is not None:
+                    shard[2].close()
+                    shard = None
                 shard_path = _shard_path(prefix, entry.shard_id, num_shards)
-                if not os.path.isfile(shard_path):
+                try:
+                    handle, size = _open_regular(shard_path, "checkpoint data shard")
+                except FileNotFoundError:
                     raise FileNotFoundError(
                         f"checkpoint {prefix!r}: data shard {shard_path!r} is missing (needed for tensor "
                         f"{entry.name!r})"
-                    )
-                handles[entry.shard_id] = (shard_path, open(shard_path, "rb"), os.path.getsize(shard_path))
-            shard_path, handle, shard_size = handles[entry.shard_id]
+                    ) from None
+                shard = (entry.shard_id, shard_path, handle, size)
+            _, shard_path, handle, shard_size = shard
             where = f"checkpoint data {shard_path!r}, tensor {entry.name!r}"
             if entry.offset + entry.size > shard_size:
                 raise TFCheckpointError(
@@ -555,9 +671,10 @@ def load(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.
                 crc = _string_tensor_crc(bytes(raw), entry) if dtype is None else crc32c(raw)
             except _Malformed as err:
                 raise TFCheckpointError(f"{where}: {err}") from None
-            if entry.crc32c is not None and masked_crc32c(None, crc=crc) != entry.crc32c:
+            if masked_crc32c(None, crc=crc) != entry.crc32c:
                 raise TFCheckpointError(
-                    f"{where}: checksum mismatch (stored {entry.crc32c:#010x}, computed "
+                    f"{where}: checksum mismatch (stored {entry.crc32c:#010x}"
+                    f"{', the entry records none' if not entry.crc32c else ''}, computed "
                     f"{masked_crc32c(None, crc=crc):#010x}): the file is corrupt"
                 )
             if dtype is None:
@@ -567,11 +684,14 @@ def load(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.
                     except _Malformed as err:
                         raise TFCheckpointError(f"{where}: {err}") from None
                 continue
-            array = np.frombuffer(raw, dtype=dtype).reshape(entry.shape)
+            try:
+                array = np.frombuffer(raw, dtype=dtype).reshape(entry.shape)
+            except ValueError as err:
+                raise TFCheckpointError(f"{where}: shape {entry.shape} cannot be built ({err})") from None
             arrays[entry.name] = array.astype(dtype.newbyteorder("="), copy=False) if big_endian else array
     finally:
-        for _, handle, _ in handles.values():
-            handle.close()
+        if shard is not None:
+            shard[2].close()
 
     if object_graph is None:
         return arrays
@@ -615,6 +735,8 @@ def is_v1_file(path: str | os.PathLike) -> bool:
 def has_table_magic(path: str | os.PathLike) -> bool:
     """True when the file ends with the SSTable magic number (a V1 checkpoint, or a V2 .index)."""
     path = os.fspath(path)
+    if not limits_mod.is_regular_file(path):
+        return False
     try:
         size = os.path.getsize(path)
         if size < _FOOTER_SIZE:
@@ -638,7 +760,7 @@ _VALUE_FIELDS = {
 }
 
 
-def _varints(buf: bytes) -> list[int]:
+def _varints(buf) -> list[int]:
     out, pos = [], 0
     while pos < len(buf):
         value, pos = _varint(buf, pos, len(buf))
@@ -646,7 +768,26 @@ def _varints(buf: bytes) -> list[int]:
     return out
 
 
-def _tensor_proto_values(buf: bytes, enum: int, dtype: np.dtype, count: int) -> np.ndarray:
+def _scalar_values(scalars: list[int], enum: int, dtype: np.dtype) -> np.ndarray:
+    """Varint-coded TensorProto values as `dtype`, each checked to fit it (no wrap-around, no overflow)."""
+    if enum == 10:  # bool_val: any non-zero varint is true, as protobuf reads it
+        return np.asarray([v != 0 for v in scalars], np.bool_)
+    if enum in (14, 19):  # half/bfloat16 bit patterns in int32 varints
+        lo, hi, values = 0, 0xFFFF, scalars
+    elif enum in (22, 23):  # uint32_val, uint64_val: unsigned as they are
+        lo, hi, values = 0, np.iinfo(dtype).max, scalars
+    else:  # int_val (int32 and narrower types) and int64_val: two's complement in 64 bits
+        info = np.iinfo(dtype)
+        lo, hi, values = int(info.min), int(info.max), [_int64(v) for v in scalars]
+    for v in values:
+        if not lo <= v <= hi:
+            raise _Malformed(f"value {v} does not fit {dtype.name}")
+    if enum in (14, 19):
+        return np.asarray(values, np.uint16).view(dtype)
+    return np.asarray(values, np.uint64 if enum == 23 else np.int64).astype(dtype)
+
+
+def _tensor_proto_values(buf, enum: int, dtype: np.dtype, count: int) -> np.ndarray:
     """The `count` values of a serialized TensorProto of DataType `enum`, as a flat array of `dtype`."""
     number, packed_dtype = _VALUE_FIELDS[enum]
     content, parts, scalars = None, [], []
@@ -655,31 +796,33 @@ def _tensor_proto_values(buf: bytes, enum: int, dtype: np.dtype, count: int) -> 
             content = value
         elif n == number:
             if wire == 2 and packed_dtype is not None:
+                if len(value) % packed_dtype.itemsize:
+                    raise _Malformed(f"packed {packed_dtype.name} values of {len(value)} bytes")
                 parts.append(np.frombuffer(value, packed_dtype))
             elif wire == 2:
                 scalars.extend(_varints(value))
-            elif wire == 5 and packed_dtype is not None:
+            elif wire == 5 and packed_dtype is not None and packed_dtype.itemsize == 4:
                 parts.append(np.frombuffer(struct.pack("<I", value), packed_dtype))
-            elif wire == 1 and packed_dtype is not None:
+            elif wire == 1 and packed_dtype is not None and packed_dtype.itemsize == 8:
                 parts.append(np.frombuffer(struct.pack("<Q", value), packed_dtype))
-            else:
+            elif wire == 0 and packed_dtype is None:
                 scalars.append(value)
+            else:
+                raise _Malformed(f"value field {n} of wire type {wire} for dtype {dtype.name}")
     if content is not None:
         if len(content) != count * dtype.itemsize:
             raise _Malformed(f"{len(content)} bytes of content for {count} values of {dtype.name}")
         return np.frombuffer(content, dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype).astype(dtype)
     if packed_dtype is not None:
         values = np.concatenate(parts) if parts else np.zeros(0, packed_dtype)
-    elif enum in (14, 19):  # half/bfloat16 bit patterns in int32 varints
-        values = np.asarray(scalars, np.uint16).view(dtype)
     else:
-        values = np.asarray([_int64(v) if enum not in (10, 22, 23) else v for v in scalars], np.int64)
+        values = _scalar_values(scalars, enum, dtype)
     if values.size != count:
         raise _Malformed(f"{values.size} values stored for a slice of {count}")
     return values.astype(dtype, copy=False)
 
 
-def _extents(buf: bytes | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+def _extents(buf, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """The index of a TensorSliceProto in a tensor of `shape` (an extent without length is the full dim)."""
     extents = [] if buf is None else [v for n, w, v in _fields(buf) if n == 1 and w == 2]
     if buf is not None and len(extents) != len(shape):
@@ -699,62 +842,80 @@ def _extents(buf: bytes | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(index)
 
 
-def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
-    size = os.path.getsize(path)
-    if size > max_bytes:  # values take about the file's size (proto framing adds a little)
-        raise TFCheckpointError(
-            f"checkpoint {path!r} is {size / 2**30:.2f} GiB, more than max_bytes={max_bytes / 2**30:.2f} GiB; "
-            "pass a larger max_bytes if that much memory is available"
-        )
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        raw = _table_entries(data)
-    except _Malformed as err:
-        raise TFCheckpointError(
-            f"checkpoint {path!r}: {err} (read as a TensorFlow V1 checkpoint, since no {path + '.index'!r} "
-            "is beside it)"
-        ) from None
-    if not raw or raw[0][0] != b"":
-        raise TFCheckpointError(f"checkpoint {path!r}: no V1 metadata entry (empty key): not a TF checkpoint")
-    metas: dict[str, tuple[tuple[int, ...], int]] = {}
-    try:
-        for number, wire, meta in _fields(raw[0][1]):
-            if number != 1 or wire != 2:
+def _v1_metadata(value, lim: limits_mod.Limits) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """{name: (shape, dtype enum, element count)} from the V1 metadata entry (SavedTensorSlices.meta)."""
+    metas: dict[str, tuple[tuple[int, ...], int, int]] = {}
+    for number, wire, meta in _fields(value):
+        if number != 1 or wire != 2:
+            continue
+        for n, w, tensor in _fields(meta):
+            if n != 1 or w != 2:
                 continue
-            for n, w, tensor in _fields(meta):
-                if n != 1 or w != 2:
-                    continue
-                name, shape, enum = "", (), 0
-                for tn, tw, tv in _fields(tensor):
-                    if tn == 1 and tw == 2:
-                        name = bytes(tv).decode("utf8")
-                    elif tn == 2 and tw == 2:
-                        shape = _parse_shape(tv)
-                    elif tn == 3 and tw == 0:
-                        enum = tv
-                metas[name] = (shape, enum)
-    except (_Malformed, UnicodeDecodeError) as err:
-        raise TFCheckpointError(f"checkpoint {path!r}, metadata: {err}") from None
-    declared, total = {}, 0
-    for name, (shape, enum) in metas.items():
-        dtype = _dtype_of(enum)
-        if dtype is None and enum != _DT_STRING:
-            kind = _DTYPE_NAMES.get(enum, f"enum value {enum}")
-            raise TFCheckpointError(f"checkpoint {path!r}, tensor {name!r}: dtype {kind} is not supported")
-        if dtype is not None:
-            declared[name] = dtype
-            total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if total > max_bytes:  # the metadata's shapes, checked before anything is allocated
-        raise TFCheckpointError(
-            f"checkpoint {path!r} declares {total / 2**30:.2f} GiB of tensors, more than max_bytes="
-            f"{max_bytes / 2**30:.2f} GiB; pass a larger max_bytes if that much memory is available"
-        )
-    arrays = {name: np.zeros(metas[name][0], dtype) for name, dtype in declared.items()}
-    filled = {name: 0 for name in arrays}
-    for key, value in raw[1:]:
-        name = key
-        try:
+            if len(metas) >= lim.max_entries:
+                raise _Malformed(f"metadata lists more than max_entries={lim.max_entries:,} tensors; "
+                                 f"{limits_mod.Limits.hint('max_entries')}")
+            name, shape, enum = "", (), 0
+            for tn, tw, tv in _fields(tensor):
+                if tn == 1 and tw == 2:
+                    if len(tv) > lim.max_key_bytes:
+                        raise _Malformed(f"a tensor name of {len(tv):,} bytes, more than max_key_bytes="
+                                         f"{lim.max_key_bytes:,}; {limits_mod.Limits.hint('max_key_bytes')}")
+                    name = bytes(tv).decode("utf8")
+                elif tn == 2 and tw == 2:
+                    shape = _parse_shape(tv, lim)
+                elif tn == 3 and tw == 0:
+                    enum = tv
+            if name in metas:
+                raise _Malformed(f"tensor {name!r} listed twice")
+            metas[name] = (shape, enum, _element_count(shape, lim))
+    return metas
+
+
+def _load_v1(path: str, max_bytes: int, lim: limits_mod.Limits) -> dict[str, np.ndarray]:
+    handle, size = _open_regular(path, "checkpoint")
+    with handle:
+        if size > max_bytes:  # values take about the file's size (proto framing adds a little)
+            raise TFCheckpointError(
+                f"checkpoint {path!r} is {size / 2**30:.2f} GiB, more than max_bytes={max_bytes / 2**30:.2f} "
+                "GiB; pass a larger max_bytes if that much memory is available"
+            )
+        return _read_v1(path, _Table(handle, size, lim), max_bytes, lim)
+
+
+def _read_v1(path: str, table: _Table, max_bytes: int, lim: limits_mod.Limits) -> dict[str, np.ndarray]:
+    # Slices are collected first (their values come from the file, so they take about what was read),
+    # checked to cover every tensor exactly, and only then copied into arrays of the declared shapes.
+    metas, declared = None, {}
+    slices: dict[str, list[tuple[tuple[slice, ...], np.ndarray]]] = {}
+    filled: dict[str, int] = {}
+    name = None
+    try:
+        for key, value in table.entries():
+            name = None
+            if metas is None:
+                if key != b"":
+                    raise TFCheckpointError(
+                        f"checkpoint {path!r}: no V1 metadata entry (empty key): not a TF checkpoint")
+                metas = _v1_metadata(value, lim)
+                total = 0
+                for tname, (shape, enum, count) in metas.items():
+                    dtype = _dtype_of(enum)
+                    if dtype is None and enum != _DT_STRING:
+                        kind = _DTYPE_NAMES.get(enum, f"enum value {enum}")
+                        raise TFCheckpointError(
+                            f"checkpoint {path!r}, tensor {tname!r}: dtype {kind} is not supported")
+                    if dtype is not None:
+                        declared[tname] = dtype
+                        total += count * dtype.itemsize
+                if total > max_bytes:  # the metadata's shapes, checked before anything is allocated
+                    raise TFCheckpointError(
+                        f"checkpoint {path!r} declares {total / 2**30:.2f} GiB of tensors, more than max_bytes="
+                        f"{max_bytes / 2**30:.2f} GiB; pass a larger max_bytes if that much memory is available"
+                    )
+                slices = {tname: [] for tname in declared}
+                filled = {tname: 0 for tname in declared}
+                continue
+            name = bytes(key).decode("utf8", "replace")
             for number, wire, saved in _fields(value):
                 if number != 2 or wire != 2:
                     continue
@@ -768,21 +929,41 @@ def _load_v1(path: str, max_bytes: int) -> dict[str, np.ndarray]:
                         proto = v
                 if name not in metas:
                     raise _Malformed("data for a tensor the metadata does not list")
-                if name not in arrays:
+                if name not in declared:
                     continue  # a string tensor: bookkeeping, left out
-                target = arrays[name]
-                index = _extents(slice_buf, target.shape)
+                shape, enum, total_count = metas[name]
+                index = _extents(slice_buf, shape)
                 part_shape = tuple(s.stop - s.start for s in index)
-                count = int(np.prod(part_shape, dtype=np.int64))
-                target[index] = _tensor_proto_values(proto or b"", metas[name][1], target.dtype, count).reshape(
-                    part_shape)
+                count = _element_count(part_shape, lim)
+                if filled[name] + count > total_count:
+                    raise _Malformed(f"slices hold more than the tensor's {total_count:,} values: they overlap")
+                values = _tensor_proto_values(proto or b"", enum, declared[name], count)
                 filled[name] += count
-        except (_Malformed, UnicodeDecodeError, KeyError) as err:
-            raise TFCheckpointError(f"checkpoint {path!r}, tensor {name!r}: {err}") from None
-    for name, count in filled.items():
-        if count != arrays[name].size:
+                slices[name].append((index, values.reshape(part_shape)))
+    except _Malformed as err:
+        at = f", tensor {name!r}" if name is not None else ""
+        raise TFCheckpointError(f"checkpoint {path!r}{at}: {err} (read as a TensorFlow V1 checkpoint, since no "
+                                f"{path + '.index'!r} is beside it)") from None
+    except UnicodeDecodeError as err:
+        raise TFCheckpointError(f"checkpoint {path!r}: a name that is not UTF-8 ({err})") from None
+    if metas is None:
+        raise TFCheckpointError(f"checkpoint {path!r}: no V1 metadata entry (empty key): not a TF checkpoint")
+    arrays = {}
+    for tname, dtype in declared.items():
+        shape, _, count = metas[tname]
+        if filled[tname] != count:
             raise TFCheckpointError(
-                f"checkpoint {path!r}, tensor {name!r}: slices cover {count} of {arrays[name].size} values: "
+                f"checkpoint {path!r}, tensor {tname!r}: slices cover {filled[tname]} of {count} values: "
                 "the file is incomplete"
             )
+        # The slices hold exactly `count` values in all (checked above); any overlap leaves a gap.
+        target = np.zeros(shape, dtype)
+        seen = np.zeros(shape, np.bool_)
+        for index, values in slices.pop(tname):
+            if seen[index].any():
+                raise TFCheckpointError(f"checkpoint {path!r}, tensor {tname!r}: two slices overlap (at "
+                                        f"{[(s.start, s.stop) for s in index]}): the file is corrupt")
+            seen[index] = True
+            target[index] = values
+        arrays[tname] = target
     return arrays
