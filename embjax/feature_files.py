@@ -79,16 +79,39 @@ def _check_array(arr: np.ndarray, path: str) -> None:
         raise FeatureFileError(f"{path}: the array has shape {arr.shape}: no feature columns")
 
 
+# What np.load raises for a damaged, empty or crafted .npy: a bad header (ValueError, SyntaxError from
+# its literal parser), an empty or cut file (EOFError), an unreadable one (OSError).
+_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError)
+
+
+def _regular_file(path: str, where: str | None = None) -> None:
+    """FeatureFileError unless `path` is a regular file: a FIFO would block the run forever, a device
+    never end, and np.load cannot memory-map either. `where` names the file in messages (default: path)."""
+    import stat
+
+    where = path if where is None else where
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FeatureFileError(f"{where}: no such file") from None
+    except OSError as e:
+        raise FeatureFileError(f"{where}: cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise FeatureFileError(f"{where}: {kind}; features, labels and heads are read from regular files")
+
+
 def _load_npy(path: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise FeatureFileError(f"{path}: no such file")
+    _regular_file(path)
+    if os.path.getsize(path) == 0:
+        raise FeatureFileError(f"{path}: an empty file (0 bytes), not an .npy array; save the features again "
+                               "with np.save")
     try:
         arr = np.load(path, mmap_mode="r")
-    except ValueError as e:  # object arrays cannot be memory-mapped; damaged headers
-        raise FeatureFileError(f"{path}: cannot be read as a memory-mapped .npy array ({e}); features must be "
-                               "a numeric (rows, features) array saved with np.save") from None
-    except OSError as e:
-        raise FeatureFileError(f"{path}: cannot be read ({e})") from None
+    except _NPY_ERRORS as e:  # object arrays cannot be memory-mapped; damaged or cut headers
+        raise FeatureFileError(f"{path}: cannot be read as a memory-mapped .npy array ({type(e).__name__}: "
+                               f"{str(e)[:200]}); features must be a numeric (rows, features) array saved "
+                               "with np.save") from None
     if not isinstance(arr, np.ndarray):  # an .npz archive
         raise FeatureFileError(f"{path}: is an .npz archive, not an .npy array; save each model's features "
                                "with np.save")
@@ -135,7 +158,8 @@ class FeatureSource:
             path, arr = self.parts[k]
             lo = pos - int(self.starts[k])
             hi = min(stop, int(self.starts[k + 1])) - int(self.starts[k])
-            out[pos - start: pos - start + hi - lo] = arr[lo:hi]
+            with np.errstate(over="ignore"):  # float64 beyond float32's range: reported below, with its value
+                out[pos - start: pos - start + hi - lo] = arr[lo:hi]
             _drop_pages(arr, lo, hi)
             pos += hi - lo
         if out.dtype.kind == "f":
@@ -144,9 +168,17 @@ class FeatureSource:
                 bad = int(np.argmin(finite))
                 path, local = self.locate(start + bad)
                 cols = np.flatnonzero(~np.isfinite(out[bad]))
+                k = int(np.searchsorted(self.starts, start + bad, side="right")) - 1
+                stored = self.parts[k][1][local, int(cols[0])]
+                if np.isnan(stored):
+                    what = "NaN"
+                elif np.isinf(stored):
+                    what = "an infinity"
+                else:
+                    what = f"{float(stored):.6g}, beyond float32's range (±3.4e38) in which features are read,"
                 raise FeatureFileError(
                     f"{path}: row {local} (row {start + bad} of model '{self.name}') holds "
-                    f"{'NaN' if np.isnan(out[bad, cols[0]]) else 'an infinity'} in column {int(cols[0])}"
+                    f"{what} in column {int(cols[0])}"
                     f"{f' and {len(cols) - 1} more' if len(cols) > 1 else ''}; fix or drop that row in every "
                     "model's features (rows must stay aligned)")
         # Integer features overflowing float32 cannot be non-finite; float64 ones beyond float32's range can.
@@ -272,12 +304,16 @@ def load_labels(spec: str, rows: int, what: str = "--labels") -> np.ndarray:
         except feature_store.FeatureStoreError as e:
             raise FeatureFileError(str(e)) from None
     else:
-        if not os.path.isfile(spec):
-            raise FeatureFileError(f"{what}: {spec}: no such file")
+        _regular_file(spec, f"{what}: {spec}")
+        if os.path.getsize(spec) == 0:
+            raise FeatureFileError(f"{what}: {spec}: an empty file (0 bytes), not an .npy array")
         try:
             labels = np.load(spec, mmap_mode="r")
-        except ValueError as e:
-            raise FeatureFileError(f"{what}: {spec}: cannot be read as an .npy array ({e})") from None
+        except _NPY_ERRORS as e:
+            raise FeatureFileError(f"{what}: {spec}: cannot be read as an .npy array ({type(e).__name__}: "
+                                   f"{str(e)[:200]})") from None
+        if not isinstance(labels, np.ndarray):
+            raise FeatureFileError(f"{what}: {spec}: an .npz archive, not an .npy array")
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
@@ -294,15 +330,14 @@ def load_labels(spec: str, rows: int, what: str = "--labels") -> np.ndarray:
 
 def load_head(spec: str, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A linear classifier z = x W + b from an .npz file with W (dim, classes) and b (classes,)."""
-    if not os.path.isfile(spec):
-        raise FeatureFileError(f"--heads: {spec} (head of '{name}'): no such file")
+    _regular_file(spec, f"--heads: {spec} (head of '{name}')")
     try:
         with np.load(spec) as f:
             if not {"W", "b"} <= set(f.files):
                 raise FeatureFileError(f"--heads: {spec} (head of '{name}') holds {sorted(f.files)}; expected arrays "
                                        "'W' (features, classes) and 'b' (classes,)")
             w, b = np.asarray(f["W"]), np.asarray(f["b"])
-    except (ValueError, OSError) as e:
+    except _NPY_ERRORS + (KeyError,) as e:
         if isinstance(e, FeatureFileError):
             raise
         raise FeatureFileError(f"--heads: {spec} (head of '{name}'): cannot be read as an .npz archive ({e})") from None

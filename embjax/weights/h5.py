@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from embjax.weights.limits import MAX_NESTING, ByteBudget
+from embjax.weights.limits import MAX_NESTING, ByteBudget, Limits, is_regular_file
 
 
 class KerasWeightsError(ValueError):
@@ -65,16 +65,15 @@ def natural_key(name: str):
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
-_MAX_NDIM = 32
-_MAX_NAMES = 1_000_000
-
-
 class _Reader:
-    """One read of one file: its byte budget and the datasets already read (hard links share one)."""
+    """One read of one file: its byte budget and limits, and the datasets already read (hard links share
+    one)."""
 
-    def __init__(self, path: str, max_bytes: int | None):
+    def __init__(self, path: str, max_bytes: int | None, limits: Limits | None = None):
         self.path = path
         self.budget = ByteBudget(path, max_bytes, KerasWeightsError)
+        self.limits = Limits.resolve(limits)
+        self.count = 0  # weight arrays named so far, against limits.max_entries
         self._arrays: dict = {}  # h5py ObjectID (equal for two links to one object) -> array
 
     def node(self, group: h5py.Group, name: str, what: str):
@@ -101,7 +100,7 @@ class _Reader:
         if ds.external or ds.is_virtual:  # raw bytes or datasets of other files, named by this one
             raise KerasWeightsError(f"{self.path}: {what}: {name!r} stores its data outside the file; weight "
                                     "files are read on their own")
-        if ds.dtype.kind not in "fiub" or ds.ndim > _MAX_NDIM:
+        if ds.dtype.kind not in "fiub" or ds.ndim > self.limits.max_rank:
             raise KerasWeightsError(f"{self.path}: {what}: {name!r} is not a numeric array (dtype {ds.dtype}, "
                                     f"{ds.ndim} dimensions)")
         itemsize = ds.dtype.itemsize
@@ -119,11 +118,32 @@ class _Reader:
         return out
 
     def names(self, obj, attr: str, what: str) -> list[str]:
+        """The names an attribute lists, each once (Keras names layers and a layer's weights uniquely: a
+        name listed twice is a damaged or crafted file, refused before anything is looked up)."""
         value = obj.attrs.get(attr, [])
-        if np.ndim(value) > 1 or np.size(value) > _MAX_NAMES:
+        limit = self.limits.max_entries
+        if np.ndim(value) > 1:
             raise KerasWeightsError(f"{self.path}: {what}: attribute {attr!r} of shape {np.shape(value)} is not "
                                     "a list of names")
-        return [_text(n) for n in np.atleast_1d(value)] if np.size(value) else []
+        if np.size(value) > limit:
+            raise KerasWeightsError(f"{self.path}: {what}: attribute {attr!r} lists {np.size(value):,} names, more "
+                                    f"than max_entries={limit:,}; {Limits.hint('max_entries')}")
+        names = [_text(n) for n in np.atleast_1d(value)] if np.size(value) else []
+        if len(set(names)) != len(names):
+            seen = set()
+            dup = next(n for n in names if n in seen or seen.add(n))
+            raise KerasWeightsError(f"{self.path}: {what}: attribute {attr!r} lists {dup!r} more than once")
+        long = next((n for n in names if len(n.encode("utf8", "surrogateescape")) > self.limits.max_key_bytes), None)
+        if long is not None:
+            raise KerasWeightsError(f"{self.path}: {what}: a name of {len(long):,} characters in {attr!r}, more "
+                                    f"than max_key_bytes={self.limits.max_key_bytes:,}; {Limits.hint('max_key_bytes')}")
+        return names
+
+    def count_arrays(self, n: int, what: str) -> None:
+        self.count += n
+        if self.count > self.limits.max_entries:
+            raise KerasWeightsError(f"{self.path}: {what}: more than max_entries={self.limits.max_entries:,} weight "
+                                    f"arrays; {Limits.hint('max_entries')}")
 
 
 def _read_legacy(reader: _Reader, root: h5py.Group) -> dict[str, list[np.ndarray]]:
@@ -134,6 +154,7 @@ def _read_legacy(reader: _Reader, root: h5py.Group) -> dict[str, list[np.ndarray
         if not isinstance(group, h5py.Group):
             raise KerasWeightsError(f"{reader.path}: {what} is not a group")
         names = reader.names(group, "weight_names", what)
+        reader.count_arrays(len(names), what)
         if names:
             layers[layer] = [reader.array(group, n, f"{what}, weight {n!r}") for n in names]
     return layers
@@ -154,6 +175,7 @@ def _read_keras3(reader: _Reader, group: h5py.Group, prefix: str, layers: dict, 
             name = _text(variables.attrs.get("name", key))
             what = f"layer {prefix + name!r}"
             indices = sorted((k for k in variables.keys() if k.isdigit()), key=int)
+            reader.count_arrays(len(indices), what)
             if indices:
                 layers[prefix + name] = [reader.array(variables, k, f"{what}, variable {k}") for k in indices]
         if "layers" in child:  # a model nested in the model: its layers are named under it
@@ -161,22 +183,27 @@ def _read_keras3(reader: _Reader, group: h5py.Group, prefix: str, layers: dict, 
                          layers, open_groups)
 
 
-def read_keras_weights(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, list[np.ndarray]]:
+def read_keras_weights(path: str | os.PathLike, max_bytes: int | None = None,
+                       limits: Limits | None = None) -> dict[str, list[np.ndarray]]:
     """{layer name: [arrays in Keras' weight order]} from a legacy Keras .h5 or a Keras 3 .weights.h5.
 
     Keras' order: Conv2D [kernel, bias?], BatchNormalization [gamma, beta, moving_mean,
     moving_variance], Dense [kernel, bias], DepthwiseConv2D [depthwise_kernel, bias?].
 
     `max_bytes` caps the total size of the arrays read (default $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB; see
-    `embjax.weights.limits`); links and dataset storage outside the file are refused; every failure is a
-    KerasWeightsError naming the file and the layer.
+    `embjax.weights.limits`), `limits` the number of names and arrays, name lengths and ranks; links and
+    dataset storage outside the file are refused; every failure is a KerasWeightsError naming the file
+    and the layer.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Keras weights file {path!r} does not exist")
     if os.path.isdir(path):
         raise KerasWeightsError(f"{path!r} is a directory, not a Keras .h5 weights file")
-    reader = _Reader(path, max_bytes)
+    if not is_regular_file(path):
+        raise KerasWeightsError(f"{path!r} is not a regular file (a FIFO, device or socket); weight files are "
+                                "read from regular files only")
+    reader = _Reader(path, max_bytes, limits)
     try:
         handle = h5py.File(path, "r")
     except Exception as err:  # OSError for most damage; h5py lets a few others through

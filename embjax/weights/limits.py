@@ -19,7 +19,8 @@ e.g. EMBJAX_WEIGHT_MAX_ENTRIES=200000), or pass `limits=Limits(max_entries=...)`
     max_rank             dimensions of one tensor: 32 (NumPy allows 64; no weight comes near either)
     max_elements         elements of one tensor, and the size of any one dimension: 2**34 (16 Gi), counted
                          with exact integers (no wrap-around)
-    max_header_bytes     a file's metadata: a safetensors JSON header, a TF checkpoint .index file: 64 MiB
+    max_header_bytes     a file's metadata: a safetensors JSON header, a TF checkpoint .index file: 16 MiB
+                         (a thousand-tensor model needs about 100 KB)
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Limits:
     max_total_key_bytes: int = 8 << 20
     max_rank: int = 32
     max_elements: int = 1 << 34
-    max_header_bytes: int = 64 << 20
+    max_header_bytes: int = 16 << 20
 
     @classmethod
     def resolve(cls, given: "Limits | None" = None) -> "Limits":
@@ -81,14 +82,14 @@ def element_count(shape, limits: Limits) -> int:
     when the rank, a dimension or the count exceeds `limits` or a dimension is negative."""
     shape = tuple(shape)
     if len(shape) > limits.max_rank:
-        raise ValueError(f"rank {len(shape)} exceeds max_rank={limits.max_rank}; {Limits.hint('max_rank')}")
+        raise ValueError(f"shape of rank {len(shape)} exceeds max_rank={limits.max_rank}; {Limits.hint('max_rank')}")
     count = 1
     for d in shape:
         d = int(d)
         if d < 0:
             raise ValueError(f"negative dimension {d} in shape {short_repr(shape)}")
         if d > limits.max_elements:
-            raise ValueError(f"dimension {d:,} exceeds max_elements={limits.max_elements:,}; "
+            raise ValueError(f"shape dimension {d:,} exceeds max_elements={limits.max_elements:,}; "
                              f"{Limits.hint('max_elements')}")
         count *= d
     if count > limits.max_elements:

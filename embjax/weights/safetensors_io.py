@@ -17,47 +17,77 @@ from typing import Mapping
 
 import numpy as np
 
-from embjax.weights.limits import ByteBudget, short_repr
+from embjax.weights.limits import ByteBudget, Limits, element_count, is_regular_file, short_repr
 from embjax.weights.torch_pth import CheckpointFormatError
 
 __all__ = ["load_state_dict", "save_state_dict", "CheckpointFormatError"]
 
-# The safetensors library refuses longer headers too.
-_MAX_HEADER_BYTES = 100_000_000
-_MAX_NDIM = 32
+# The safetensors library refuses headers over 100 MB whatever Limits.max_header_bytes says.
+_LIBRARY_MAX_HEADER_BYTES = 100_000_000
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
              "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def _object_hook(limits: Limits):
+    """json's object_pairs_hook: every JSON object as a dict, refusing a key given twice (linear: one set,
+    not a count per key) and stopping as soon as the objects parsed so far hold more members than
+    max_entries header entries can (three per entry, plus the metadata's)."""
+    budget = [5 * limits.max_entries + 16]
+
+    def hook(pairs):
+        budget[0] -= len(pairs)
+        if budget[0] < 0:
+            raise ValueError(f"more than max_entries={limits.max_entries:,} header entries; "
+                             f"{Limits.hint('max_entries')}")
+        return _no_duplicates(pairs)
+
+    return hook
+
+
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate keys {short_repr(sorted({k for k in keys if keys.count(k) > 1}))}")
-    return dict(pairs)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen, dup = set(), []
+        for k, _ in pairs:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
+        raise ValueError(f"duplicate keys {short_repr(sorted(set(dup)))}")
+    return out
 
 
-def _checked_header(path: str, budget: ByteBudget) -> list[str]:
+def _checked_header(path: str, budget: ByteBudget, limits: Limits) -> list[str]:
     """Tensor names in data order, once every entry of the header has been checked against the file."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) != 8:
             raise CheckpointFormatError(f"{path}: {len(head)} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise CheckpointFormatError(f"{path}: header length {n:,} exceeds the file ({size:,} bytes) or "
-                                        f"the {_MAX_HEADER_BYTES:,}-byte limit; the file is truncated or corrupt")
+        if n > size - 8:
+            raise CheckpointFormatError(f"{path}: header length {n:,} exceeds the file ({size:,} bytes); the "
+                                        "file is truncated or corrupt")
+        cap = min(limits.max_header_bytes, _LIBRARY_MAX_HEADER_BYTES)
+        if n > cap:
+            raise CheckpointFormatError(f"{path}: a header of {n:,} bytes, more than max_header_bytes={cap:,}; "
+                                        f"{Limits.hint('max_header_bytes')}")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_hook(limits))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, duplicate keys, nesting, huge numbers
         raise CheckpointFormatError(f"{path}: unreadable safetensors header ({type(e).__name__}: "
                                     f"{str(e)[:200]})") from e
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: the safetensors header is a {type(header).__name__}, not a map")
     data_bytes = size - 8 - n
+    if len(header) > limits.max_entries + 1:  # + __metadata__
+        raise CheckpointFormatError(f"{path}: {len(header):,} header entries, more than max_entries="
+                                    f"{limits.max_entries:,}; {Limits.hint('max_entries')}")
     spans = []
     for name, entry in header.items():
+        if len(name.encode("utf-8", "surrogatepass")) > limits.max_key_bytes:
+            raise CheckpointFormatError(f"{path}: tensor name {short_repr(name)} is longer than max_key_bytes="
+                                        f"{limits.max_key_bytes:,}; {Limits.hint('max_key_bytes')}")
         if name == "__metadata__":
             if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
@@ -68,14 +98,17 @@ def _checked_header(path: str, budget: ByteBudget) -> list[str]:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in _ITEMSIZE:
             raise CheckpointFormatError(f"{what}: unknown dtype {short_repr(dtype)}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM
-                and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise CheckpointFormatError(f"{what}: malformed shape {short_repr(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
             raise CheckpointFormatError(f"{what}: byte range {short_repr(offsets)} lies outside the file's "
                                         f"{data_bytes:,} data bytes; the file is truncated or corrupt")
-        nbytes = int(np.prod(shape, dtype=object)) * _ITEMSIZE[dtype]
+        try:
+            count = element_count(shape, limits)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{what}: {e}") from None
+        nbytes = count * _ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointFormatError(f"{what}: shape {shape} of {dtype} needs {nbytes:,} bytes, its byte "
                                         f"range holds {offsets[1] - offsets[0]:,}")
@@ -94,21 +127,28 @@ def _checked_header(path: str, budget: ByteBudget) -> list[str]:
     return [name for _, _, name in spans]
 
 
-def load_state_dict(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, max_bytes: int | None = None,
+                    limits: Limits | None = None) -> dict[str, np.ndarray]:
     """Reads every tensor of a .safetensors file, in the file's key order (bfloat16 via ml_dtypes).
 
     Raises FileNotFoundError for a missing file and CheckpointFormatError (a ValueError) naming the file
     (and the tensor, where one is at fault) for a truncated, corrupt or oversized one; `max_bytes` caps
-    the total size of the tensors (default $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB, see
-    `embjax.weights.limits`).
+    the total size of the tensors (default $EMBJAX_MAX_WEIGHT_BYTES or 8 GiB) and `limits` the header
+    size, entries, name lengths, ranks and element counts (see `embjax.weights.limits`).
     """
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"safetensors file not found: {path}")
+    if not is_regular_file(path):
+        raise CheckpointFormatError(f"{path}: not a regular file (a FIFO, device or directory); weight files are "
+                                    "read from regular files only")
     budget = ByteBudget(path, max_bytes, CheckpointFormatError)
-    _checked_header(path, budget)
+    try:
+        _checked_header(path, budget, Limits.resolve(limits))
+    except OSError as e:
+        raise CheckpointFormatError(f"{path}: cannot be read ({e})") from e
     name = None
     try:
         out = collections.OrderedDict()
