@@ -92,7 +92,11 @@ def element_count(shape, limits: Limits) -> int:
             raise ValueError(f"shape dimension {d:,} exceeds max_elements={limits.max_elements:,}; "
                              f"{Limits.hint('max_elements')}")
         count *= d
-    if count > limits.max_elements:
+    nonzero = 1
+    for d in shape:
+        nonzero *= max(int(d), 1)
+    if count > limits.max_elements or nonzero > limits.max_elements:
+        # An empty tensor too: (2**32, 2**32, 0) holds nothing, but no array library can build it.
         raise ValueError(f"shape {short_repr(shape)} has {count:,} elements, more than max_elements="
                          f"{limits.max_elements:,}; {Limits.hint('max_elements')}")
     return count

@@ -145,6 +145,8 @@ class _Malformed(Exception):
 
 
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # one byte: most lengths, tags and small values
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end:
@@ -355,7 +357,9 @@ class _Table:
         index_size, pos = _varint(footer, pos, 40)
         if any(footer[pos:40]):  # the writer pads the two handles with zeros: anything else is damage
             raise _Malformed("table footer padding is not zero: the file is corrupt")
-        self.block(meta_offset, meta_size, "metaindex")  # empty in checkpoints; read for its checksum
+        # Empty in checkpoints (no filter blocks); read for its checksum and its layout, then ignored.
+        for _ in self._block_entries(self.block(meta_offset, meta_size, "metaindex"), "metaindex"):
+            pass
         index = self.block(index_offset, index_size, "index")
         lim = self.limits
         count = key_bytes = 0
