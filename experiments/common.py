@@ -32,7 +32,7 @@ def exit_with_user_error(e: BaseException) -> None:
     if os.environ.get("EMBJAX_TRACEBACK"):
         raise e
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"embjax: error: {type(e).__name__}: {msg}\n(set EMBJAX_TRACEBACK=1 for the traceback)",
+    print(f"embjax: error: {type(e).__name__}: {msg} (EMBJAX_TRACEBACK=1 shows the traceback)",
           file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -103,19 +103,26 @@ def fingerprint(config, ignore=("checkpoint_every", "prefetch", "progress_second
 def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[str, dict], Any],
          config_file: str, default_preset: str, module: str, summary: Callable[[dict], str] | None = None):
     """Define the flags and run the study `run` under absl (see the module docstring)."""
+    from experiments import config_check
+
+    study = module.rsplit(".", 1)[-1]
+    default_config = f"{os.path.join(HERE, 'configs', config_file)}:{default_preset}"
+    # Presets and --config.FIELD names first: config_flags reads sys.argv when the flag is defined.
+    config_check.check_argv_or_exit(study, sys.argv, default_config)
+    sys.argv[:], map_entries = config_check.pop_map_entries(sys.argv)  # --config.weight_files.NAME=PATH
     f = define_flags(config_file, default_preset)
 
     def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        config = f["config"].value
+        config_check.apply_map_entries(config, map_entries)
+        workdir = f["workdir"].value or os.path.join("results", config.name)
+        config_check.check_or_exit(study, config, workdir)  # before any model, data or zoo training
         import jax
 
         from embjax import report
 
         setup_jax(f)
-        config = f["config"].value
         try:
-            workdir = f["workdir"].value or os.path.join("results", config.name)
             results, engine = run(config, os.path.join(workdir, "state"))
             results.setdefault("meta", {}).update(run_meta(config, results.get("meta", {}).get("seconds", {}),
                                                            module))
@@ -132,7 +139,7 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
             exit_with_user_error(e)
 
     try:
-        app.run(_main)
+        app.run(_main, flags_parser=config_check.flags_parser(study))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)

@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from experiments import common
+from experiments import common, config_check
 
 FAMILIES = ("affine", "logit", "naive")
 
@@ -462,13 +462,12 @@ def main() -> None:
     f = flags.FLAGS
 
     def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        off = types.SimpleNamespace(value=None)
-        common.setup_jax({"distributed": off, "coordinator": off})
         config = {k: getattr(f, k) for k in default_config()}
         config = {k: ([] if v is None else v) if k in ("features", "eval_features", "heads") else v
                   for k, v in config.items()}
+        config_check.check_or_exit("features", {**config, "name": f.name}, f.workdir)  # before any reading
+        off = types.SimpleNamespace(value=None)
+        common.setup_jax({"distributed": off, "coordinator": off})
         try:
             results, saved = run(config, log=lambda s: print(s, flush=True))
             results["meta"].update(common.run_meta(config, results["meta"]["seconds"], "experiments.features"))
@@ -481,7 +480,7 @@ def main() -> None:
             common.exit_with_user_error(e)
 
     try:
-        app.run(_main)
+        app.run(_main, flags_parser=config_check.flags_parser("features"))
     except KeyboardInterrupt:
         print("interrupted; nothing was written (run the command again)", file=sys.stderr)
         sys.exit(130)
