@@ -203,10 +203,11 @@ def test_bad_input_raises_a_clear_error(tmp_path, overrides, needle):
 
 
 def test_bad_input_exits_nonzero_with_the_message(tmp_path, cache):
-    """What a user sees on the command line: one line naming the problem, exit status 1."""
+    """What a user sees on the command line: one line naming the problem, exit status 2 (a command line
+    the study refuses, checked before any work: experiments/config_check.py)."""
     workdir = tmp_path / "bad"
     proc = run_study(workdir, cache, "--config.models=zoo_resnet_v1,no_such_model", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert "embjax: error:" in proc.stderr and "no_such_model" in proc.stderr, proc.stderr[-3000:]
     assert not any(os.path.isfile(os.path.join(workdir, d, "results.json")) for d in os.listdir(workdir)) \
         if os.path.isdir(workdir) else True
