@@ -79,9 +79,10 @@ def _check_array(arr: np.ndarray, path: str) -> None:
         raise FeatureFileError(f"{path}: the array has shape {arr.shape}: no feature columns")
 
 
-# What np.load raises for a damaged, empty or crafted .npy: a bad header (ValueError, SyntaxError from
-# its literal parser), an empty or cut file (EOFError), an unreadable one (OSError).
-_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError)
+# What np.load raises for a damaged, empty or crafted .npy is not one type: a bad header (ValueError, or
+# SyntaxError and tokenize.TokenError from its literal parser), a cut file (EOFError), an unreadable one
+# (OSError), ... Whatever it raises, the file cannot be used, and the error names it.
+_NPY_ERRORS = (Exception,)
 
 
 def _regular_file(path: str, where: str | None = None) -> None:
@@ -337,7 +338,7 @@ def load_head(spec: str, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
                 raise FeatureFileError(f"--heads: {spec} (head of '{name}') holds {sorted(f.files)}; expected arrays "
                                        "'W' (features, classes) and 'b' (classes,)")
             w, b = np.asarray(f["W"]), np.asarray(f["b"])
-    except _NPY_ERRORS + (KeyError,) as e:
+    except _NPY_ERRORS as e:
         if isinstance(e, FeatureFileError):
             raise
         raise FeatureFileError(f"--heads: {spec} (head of '{name}'): cannot be read as an .npz archive ({e})") from None

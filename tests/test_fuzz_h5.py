@@ -295,3 +295,51 @@ def test_flipped_bytes(tmp_path):
             raw = changed[index].view(np.uint8).reshape(-1)
             raw[offset - regions[(layer, index)][0]] ^= 1 << bit
             assert r.get("ok") == {**want, layer: digests({layer: changed})[layer]}, (offset, bit)
+
+
+def test_one_layer_naming_a_dataset_over_and_over(tmp_path):
+    # 200,000 copies of one name in one layer's weight_names (a 200 KB file): Keras names a layer's weights
+    # uniquely, so the repeat is refused before any of the 200,000 lookups (7.9 s before).
+    path = tmp_path / "repeat.h5"
+    with h5py.File(path, "w", libver="latest") as f:  # dense attribute storage: no 64 KB attribute limit
+        f.create_dataset("w", data=np.zeros(4, np.float32))
+        f.attrs["layer_names"] = [b"layer"]
+        f.create_group("layer").attrs["weight_names"] = np.array([b"/w"] * 200_000)
+    with pytest.raises(KerasWeightsError, match="lists 200,000 names, more than max_entries=50,000") as info:
+        bounded_read(path)
+    assert "repeat.h5" in str(info.value)
+    with h5py.File(path, "a") as f:  # within the limit: 40,000 copies
+        f["layer"].attrs["weight_names"] = np.array([b"/w"] * 40_000)
+    with pytest.raises(KerasWeightsError, match="lists '/w' more than once"):
+        bounded_read(path)
+    with h5py.File(path, "a") as f:  # the same names in the layer list: refused alike
+        f.attrs["layer_names"] = np.array([b"layer"] * 40_000)
+        f["layer"].attrs["weight_names"] = [b"/w"]
+    with pytest.raises(KerasWeightsError, match="lists 'layer' more than once"):
+        bounded_read(path)
+
+
+def test_more_names_than_the_limit(tmp_path):
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        f.create_dataset("w", data=np.zeros(1, np.float32))
+        f.attrs["layer_names"] = [b"layer"]
+        f.create_group("layer").attrs["weight_names"] = np.array([b"/w%d" % i for i in range(60_000)])
+    with pytest.raises(KerasWeightsError, match="max_entries=50,000"):
+        bounded_read(path)
+    with pytest.raises(KerasWeightsError, match="max_key_bytes"):
+        with h5py.File(path, "a") as f:
+            f["layer"].attrs["weight_names"] = [b"/" + b"w" * 5000]
+        bounded_read(path)
+    with pytest.raises(KerasWeightsError, match="no '/w' in"):  # the limit raised: read on, to the bad name
+        with h5py.File(path, "a") as f:
+            f["layer"].attrs["weight_names"] = [b"/w", b"/w1"]
+            del f["w"]
+        bounded_read(path, limits=limits.Limits(max_entries=100_000))
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "weights.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(KerasWeightsError, match="not a regular file"):
+        bounded_read(fifo)

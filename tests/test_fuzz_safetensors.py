@@ -167,3 +167,43 @@ def test_cap_counts_the_tensors(tmp_path):
     outcome, message = read_or_error(path, max_bytes=6000)
     assert outcome == "error" and "6,000-byte cap" in message and "tensor 'b'" in message
     assert read_or_error(path, max_bytes=8192)[0] == "ok"
+
+
+def test_many_keys_and_one_duplicate_is_linear(tmp_path):
+    # 50,000 entries and one key given twice (a 3 MiB header): a count per key made this quadratic (40 s).
+    entries = ", ".join(f'"t{i}": {{"dtype": "U8", "shape": [1], "data_offsets": [{i}, {i + 1}]}}'
+                        for i in range(50_000))
+    blob = ("{" + entries + ', "t7": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}').encode()
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 50_000)
+    start = time.process_time()  # CPU only: tracemalloc slows the parse of 150,000 small dicts threefold
+    with pytest.raises(CheckpointFormatError, match=r"duplicate keys \['t7'\]"):
+        safetensors_io.load_state_dict(path)
+    assert time.process_time() - start < 2.0
+
+
+def test_entry_name_and_header_limits(tmp_path):
+    path = tmp_path / "limits.safetensors"
+    header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(20)}
+    raw_file(path, header, b"\0" * 20)
+    outcome, message = read_or_error(path, limits=limits.Limits(max_entries=10))
+    assert outcome == "error" and "max_entries=10" in message, message
+    assert read_or_error(path, limits=limits.Limits(max_entries=20))[0] == "ok"
+    raw_file(path, {"x" * 2000: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    outcome, message = read_or_error(path)
+    assert outcome == "error" and "max_key_bytes" in message, message
+    raw_file(path, {"a": {"dtype": "U8", "shape": [2**32, 2**32, 0], "data_offsets": [0, 0]}})
+    outcome, message = read_or_error(path)
+    assert outcome == "error" and "max_elements" in message, message
+    raw_file(path, header, b"\0" * 20)
+    outcome, message = read_or_error(path, limits=limits.Limits(max_header_bytes=100))
+    assert outcome == "error" and "max_header_bytes=100" in message, message
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    outcome, message = read_or_error(fifo)
+    assert outcome == "error" and "not a regular file" in message
