@@ -75,6 +75,7 @@ class _Reader:
         self.limits = Limits.resolve(limits)
         self.count = 0  # weight arrays named so far, against limits.max_entries
         self._arrays: dict = {}  # h5py ObjectID (equal for two links to one object) -> array
+        self._by_address: dict = {}  # the same arrays by their object header's address in the file
 
     def node(self, group: h5py.Group, name: str, what: str):
         """`group[name]` following only links inside the file (an external link could open any file)."""
@@ -91,7 +92,22 @@ class _Reader:
             node = node[part]
         return node
 
+    def _cached(self, group: h5py.Group, name: str):
+        """The array already read for `group[name]` when `name` is a hard link in `group` to a dataset read
+        before, else None. One low-level call: building h5py's Group/Dataset objects costs ~0.1 ms a
+        name, which a file naming one dataset under 50,000 link names would multiply."""
+        if not self._by_address or "/" in name:
+            return None
+        try:
+            info = group.id.links.get_info(name.encode("utf8"))
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError, UnicodeError):
+            return None  # the slow path names the problem
+        return self._by_address.get(info.u) if info.type == h5py.h5l.TYPE_HARD else None
+
     def array(self, group: h5py.Group, name: str, what: str) -> np.ndarray:
+        cached = self._cached(group, name)
+        if cached is not None:
+            return cached
         ds = self.node(group, name, what)
         if not isinstance(ds, h5py.Dataset):
             raise KerasWeightsError(f"{self.path}: {what}: {name!r} is not a dataset")
@@ -115,6 +131,7 @@ class _Reader:
             raise KerasWeightsError(f"{self.path}: {what}: cannot read dataset {ds.name!r} ({type(e).__name__}: "
                                     f"{str(e)[:200]}); the file is corrupt") from e
         self._arrays[ds.id] = out
+        self._by_address[h5py.h5o.get_info(ds.id).addr] = out
         return out
 
     def names(self, obj, attr: str, what: str) -> list[str]:

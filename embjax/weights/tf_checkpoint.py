@@ -469,6 +469,7 @@ def read_index(index_path: str | os.PathLike,
                             header["endianness"] = v
                 else:
                     entries[name] = _parse_entry(name, value, lim)
+                name = None  # a table error past this entry is not this tensor's
         except _Malformed as err:
             at = f", tensor {name!r}" if name else ""
             raise TFCheckpointError(f"{where}{at}: {err}") from None
@@ -944,6 +945,7 @@ def _read_v1(path: str, table: _Table, max_bytes: int, lim: limits_mod.Limits) -
                 values = _tensor_proto_values(proto or b"", enum, declared[name], count)
                 filled[name] += count
                 slices[name].append((index, values.reshape(part_shape)))
+            name = None
     except _Malformed as err:
         at = f", tensor {name!r}" if name is not None else ""
         raise TFCheckpointError(f"checkpoint {path!r}{at}: {err} (read as a TensorFlow V1 checkpoint, since no "
