@@ -388,3 +388,15 @@ def test_wrong_lengths(tmp_path):
             write_zip_checkpoint(zipped, obj, [wrong if t is s else t for t in storages])
             outcome, message = read_or_error(zipped)
             assert outcome == "error" and f"storage '{s.key}'" in message
+
+
+def test_a_fifo_or_a_directory_is_refused_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        start = time.process_time()
+        with pytest.raises(torch_pth.CheckpointFormatError, match="not a regular file"):
+            torch_pth.load_state_dict(path)
+        assert time.process_time() - start < 1.0

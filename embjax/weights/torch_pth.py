@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from embjax.weights.limits import MAX_NESTING, ByteBudget, short_repr
+from embjax.weights.limits import MAX_NESTING, ByteBudget, is_regular_file, short_repr
 
 __all__ = [
     "CheckpointFormatError",
@@ -575,8 +575,11 @@ def load_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
     `embjax.weights.limits`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
+    if not is_regular_file(path):
+        raise CheckpointFormatError(f"{path}: not a regular file (a FIFO, device or directory); weight files are "
+                                    "read from regular files only")
     budget = ByteBudget(path, max_bytes, CheckpointFormatError)
     try:
         if zipfile.is_zipfile(path):
