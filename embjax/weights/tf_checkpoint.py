@@ -26,6 +26,14 @@ checked and left out of the result (they hold bookkeeping, not weights). The tot
 against `max_bytes` before any tensor is read. Partitioned (sliced) variables are joined in V1 files
 and refused with an error in V2 bundles.
 
+Bounded by construction: only regular files are opened; the footer's magic number is checked before
+anything else is read, and every block's extent against the file's size before it is read; tables are
+read one block at a time and keys restored one at a time, against the named bounds of
+`embjax.weights.limits.Limits` (entries, key bytes, rank, element counts in exact integers, the size of
+an .index); restart arrays are checked; tensors whose bytes overlap and V1 slices that overlap are
+refused; an entry without a checksum is checked against 0 (proto3 leaves a zero field out, so that is
+what it records). The time and memory of a refusal follow the bytes read up to the first bad field.
+
 SavedModel names. A TF2 SavedModel stores variables under object-graph keys such as
 `model/layer-3/kernel/.ATTRIBUTES/VARIABLE_VALUE`; its `_CHECKPOINTABLE_OBJECT_GRAPH` string tensor
 records, for each such key, the variable's own name (`full_name`, e.g. `InceptionV3/Conv2d_1a_3x3/
@@ -562,8 +570,7 @@ def _shard_path(prefix: str, shard: int, num_shards: int) -> str:
 
 # What a damaged file can still raise from NumPy or the standard library where no check above names it:
 # turned into TFCheckpointError by `load`, so a caller catches one error type for every bad file.
-_STRAY_ERRORS = (ValueError, OverflowError, IndexError, KeyError, TypeError, struct.error, UnicodeError,
-                 MemoryError)
+_STRAY_ERRORS = (ValueError, OverflowError, IndexError, KeyError, TypeError, struct.error, UnicodeError)
 
 
 def load(path: str | os.PathLike, max_bytes: int | None = None,
