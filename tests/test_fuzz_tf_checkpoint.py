@@ -377,20 +377,34 @@ def test_long_distinct_keys_stop_at_the_key_limit(tmp_path):
     assert outcome == "error" and "max_key_bytes" in message, message
 
 
-def test_more_entries_than_the_limit(tmp_path):
-    # 50,100 scalars, 100 past the default cap: refused at entry 50,001 whatever the file's length, so a
-    # million cost the same. With the cap raised the same file reads (with its checksums right).
-    n = 50_100
+def _scalars(tmp_path, n):
     data = np.arange(n, dtype=np.float32).tobytes()
     entries = [(b"", encode([(1, 0, 1)]))]
     for i in range(n):
         crc = tf_checkpoint.masked_crc32c(data[4 * i : 4 * i + 4])
         entries.append((b"v%06d" % i, scalar_entry(4 * i, 4, crc)))
-    prefix = write(tmp_path, table(entries, per_block=64, restart_interval=16), data)
+    return write(tmp_path, table(entries, per_block=64, restart_interval=16), data)
+
+
+def test_more_entries_than_the_limit(tmp_path, monkeypatch):
+    # 50,100 scalars, 100 past the default cap: refused at entry 50,001 whatever the file's length, so a
+    # million cost the same.
+    prefix = _scalars(tmp_path, 50_100)
     outcome, message = read_or_error(prefix, prefix + ".index", BIG_SECONDS, BIG_PEAK)
     assert outcome == "error" and "max_entries=50,000" in message, message
-    got = tf_checkpoint.load(prefix, limits=Limits(max_entries=n + 1))
-    assert len(got) == n and got["v012345"] == 12345.0 and got["v050099"] == 50099.0
+    # The limit is the user's to raise: 1,100 scalars (1,101 entries with the header) under 1,000 and 1,101.
+    prefix = _scalars(tmp_path / "small", 1_100) if (tmp_path / "small").mkdir() is None else None
+    outcome, message = read_or_error(prefix, prefix + ".index", limits=Limits(max_entries=1_000))
+    assert outcome == "error" and "max_entries=1,000" in message, message
+    outcome, got = read_or_error(prefix, prefix, limits=Limits(max_entries=1_101))
+    assert outcome == "ok" and len(got) == 1_100 and got["v001099"] == 1099.0
+    monkeypatch.setenv("EMBJAX_WEIGHT_MAX_ENTRIES", "1000")  # or from the environment
+    outcome, message = read_or_error(prefix, prefix + ".index")
+    assert outcome == "error" and "max_entries=1,000" in message and "EMBJAX_WEIGHT_MAX_ENTRIES" in message
+    monkeypatch.setenv("EMBJAX_WEIGHT_MAX_ENTRIES", "many")
+    with pytest.raises(ValueError, match="EMBJAX_WEIGHT_MAX_ENTRIES") as info:
+        tf_checkpoint.load(prefix)
+    assert not isinstance(info.value, TFCheckpointError)  # the setting is wrong, not the file
 
 
 def test_overlapping_tensors_are_refused(tmp_path):

@@ -584,6 +584,8 @@ def load(path: str | os.PathLike, max_bytes: int | None = None,
     every reader), `limits` the entries, key sizes, ranks and element counts (default `Limits.resolve()`;
     see `embjax.weights.limits`).
     """
+    max_bytes = limits_mod.resolve_max_bytes(max_bytes)  # a bad setting is the caller's error, not the file's
+    limits = limits_mod.Limits.resolve(limits)
     try:
         return _load(os.fspath(path), max_bytes, limits)
     except (TFCheckpointError, FileNotFoundError):
