@@ -326,7 +326,24 @@ def check(study: str, config: Mapping, workdir: str | None) -> None:
     """ConfigError for the first value of `config` (and the work directory) that `study` cannot run with."""
     if study not in FIELDS:
         raise KeyError(f"no command-line checks for study {study!r}")
-    for path, rule in FIELDS[study].items():
+    # What needs the model registry (importing JAX: seconds on a loaded machine) comes last, so that a
+    # mistake in any other field, or in the work directory, is reported at once.
+    fields = FIELDS[study].items()
+    rules = RULES.get(study, ())
+    _check_fields(study, config, [(p, r) for p, r in fields if not isinstance(r, Models)])
+    for rule in rules:
+        if rule not in _NEED_MODELS:
+            rule(study, config)
+    if workdir is not None:
+        check_workdir(workdir, "--workdir")
+    _check_fields(study, config, [(p, r) for p, r in fields if isinstance(r, Models)])
+    for rule in rules:
+        if rule in _NEED_MODELS:
+            rule(study, config)
+
+
+def _check_fields(study: str, config, fields) -> None:
+    for path, rule in fields:
         if not _has(config, path):
             continue
         value = _get(config, path)
@@ -334,10 +351,6 @@ def check(study: str, config: Mapping, workdir: str | None) -> None:
             rule(value)
         except ValueError as e:
             raise ConfigError(_flag(study, path), value, str(e)) from None
-    for rule in RULES.get(study, ()):
-        rule(study, config)
-    if workdir is not None:
-        check_workdir(workdir, "--workdir")
 
 
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
@@ -472,6 +485,8 @@ def model_outputs(name: str) -> set[str]:
     out, _ = jax.eval_shape(lambda v: module.init_with_output(jax.random.key(0), v), x)
     return set(out) if isinstance(out, Mapping) else {"pre_logits"}
 
+
+_NEED_MODELS = (_extract_outputs,)  # rules that build models (abstractly): run after every other check
 
 RULES: dict[str, tuple] = {
     "affine_equivalence": (_zoo_models, _weight_files),
