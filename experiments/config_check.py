@@ -486,7 +486,7 @@ def model_outputs(name: str) -> set[str]:
     return set(out) if isinstance(out, Mapping) else {"pre_logits"}
 
 
-_NEED_MODELS = (_extract_outputs,)  # rules that build models (abstractly): run after every other check
+_NEED_MODELS = (_zoo_models, _extract_outputs)  # rules about the models: after the models are known
 
 RULES: dict[str, tuple] = {
     "affine_equivalence": (_zoo_models, _weight_files),
