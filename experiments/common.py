@@ -7,6 +7,9 @@ Its command line is then
     python -m experiments.<study> [--config=experiments/configs/<study>.py:PRESET] [--config.FIELD=...]
         [--workdir=DIR] [--distributed | --coordinator_address=H:P --num_processes=N --process_id=I]
 
+The command line is checked before any work (experiments/config_check.py): a bad preset, field, value
+or work directory is one line on stderr and exit status 2.
+
 Resume state lives in WORKDIR/state (default WORKDIR = results/<config.name>); running the same command
 again resumes a killed run. Each finished run writes its report into a new timestamped directory under
 WORKDIR and prints its path.
@@ -109,12 +112,14 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
     default_config = f"{os.path.join(HERE, 'configs', config_file)}:{default_preset}"
     # Presets and --config.FIELD names first: config_flags reads sys.argv when the flag is defined.
     config_check.check_argv_or_exit(study, sys.argv, default_config)
+    command_line = list(sys.argv)
     sys.argv[:], map_entries = config_check.pop_map_entries(sys.argv)  # --config.weight_files.NAME=PATH
     f = define_flags(config_file, default_preset)
 
     def _main(argv):
         config = f["config"].value
         config_check.apply_map_entries(config, map_entries)
+        sys.argv[:] = command_line  # parsed: the command as typed again, for run_meta
         workdir = f["workdir"].value or os.path.join("results", config.name)
         config_check.check_or_exit(study, config, workdir)  # before any model, data or zoo training
         import jax
