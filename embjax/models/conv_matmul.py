@@ -173,8 +173,9 @@ def plain_conv(module, x) -> ConvLayer | None:
     return ConvLayer(tuple(x.shape), tuple(kernel.shape), strides, tuple((int(a), int(b)) for a, b in pads))
 
 
-def interceptor(rule: Rule = RULE):
-    """A `flax.linen.intercept_methods` interceptor running `nn.Conv` calls by `rule` (see module docstring)."""
+def interceptor(rule: Rule | None = None):
+    """A `flax.linen.intercept_methods` interceptor running `nn.Conv` calls by `rule` (default: `RULE`)."""
+    rule = RULE if rule is None else rule
 
     def intercept(next_fun, args, kwargs, context):
         if context.method_name != "__call__" or len(args) != 1 or kwargs:
@@ -200,8 +201,10 @@ def use_matmuls(backend: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def on_cpu(rule: Rule = RULE) -> Iterator[None]:
-    """Within: `nn.Conv` layers run by `rule` when JAX's default backend is the CPU; unchanged elsewhere."""
+def on_cpu(rule: Rule | None = None) -> Iterator[None]:
+    """Within: `nn.Conv` layers run by `rule` (default: `RULE`) when JAX's default backend is the CPU;
+    unchanged elsewhere."""
+    rule = RULE if rule is None else rule
     if not use_matmuls() or rule == XLA_ONLY:
         yield
         return
