@@ -8,6 +8,8 @@ For each model (ResNet-50 v1 and EfficientNet-Lite0 at 224 px by default) the be
   float32 with YNNPACK only for elementwise fusions, `_eltwise`); and the inference-mode module with every
   BatchNorm folded into its convolution (`f32_folded`: `embjax.models.folding.fold`, what the engine
   loads by default), compiled with XLA's defaults and with the engine's options (`f32_folded_eigen`);
+  and that folded module as the engine applies it (`f32_folded_matmul`, `bf16_folded_matmul`: the engine's
+  options, and `embjax.models.conv_matmul.on_cpu()` running the convolutions its RULE picks as matmuls);
 * PyTorch: `benchmarks/torch_models.py`'s version of the same network, loaded with the same weights
   (converted from the Flax variables), in eager mode and under torch.compile, each with contiguous (NCHW)
   and channels_last (NHWC) tensors, and torch.compile with inductor's `freezing` (BatchNorm folded into
@@ -30,6 +32,11 @@ fastest folded configuration when one ran (the issue's goal is >= 1.2), else of 
 
     ./launch.sh bench extract_throughput                       # the recorded configuration
     ./launch.sh bench extract_throughput --rounds 3 --models resnet50 --torch eager_cl
+    ./launch.sh bench extract_throughput --layers --rounds 3   # every convolution alone, XLA vs dot_general
+
+`--layers` times every distinct convolution of the models alone (XLA's kernel with the engine's options,
+conv_matmul's dot_general forms, PyTorch channels_last, and the float32 dot rate in the same rounds), then
+prints the conv_matmul.Rule the measurement backs.
 """
 from __future__ import annotations
 
