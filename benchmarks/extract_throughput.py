@@ -313,6 +313,34 @@ def matmul_probes(n: int = MATMUL_N):
     return [("matmul_jax", lambda: mm(a, b).block_until_ready()), ("matmul_torch", lambda: torch.matmul(ta, tb))]
 
 
+def dot_rates(sizes, rounds: int) -> str:
+    """GFLOP/s of n^3 float32 matmuls: JAX at precision HIGHEST and at the default, PyTorch; alternating
+    rounds. Says what the machine's matmul ceiling is, and how it depends on the size measured."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    contestants, flops = [], {}
+    for n in sizes:
+        a_np = rng.standard_normal((n, n), dtype=np.float32)
+        a, ta = jax.device_put(a_np), torch.from_numpy(a_np)
+        ref = a_np[:256].astype(np.float64) @ a_np.astype(np.float64)
+        for label, precision in (("highest", jax.lax.Precision.HIGHEST), ("default", None)):
+            mm = jax.jit(lambda x, y, p=precision: jnp.matmul(x, y, precision=p)).lower(a, a).compile(EIGEN_OPTIONS)
+            err = float(np.max(np.abs(np.asarray(mm(a, a))[:256] - ref)) / np.max(np.abs(ref)))
+            name = f"jax_{label}_{n} (rel. err {err:.1e})"
+            contestants.append((name, lambda mm=mm, a=a: mm(a, a).block_until_ready()))
+            flops[name] = 2 * n ** 3
+        contestants.append((f"torch_{n}", lambda ta=ta: torch.matmul(ta, ta)))
+        flops[f"torch_{n}"] = 2 * n ** 3
+        torch.matmul(ta, ta)
+    times = common.alternate(contestants, rounds)
+    return "\n".join(["| matmul | GFLOP/s (median) | min..max |", "|---|---|---|"]
+                     + [f"| {name} | {flops[name] / common.median(t) / 1e9:.1f} | "
+                        f"{flops[name] / max(t) / 1e9:.1f}..{flops[name] / min(t) / 1e9:.1f} |" for name, t in times.items()])
+
+
 # --------------------------------------------------------------------------------------------------
 # Agreement checks.
 
@@ -634,6 +662,8 @@ def main(argv=None) -> int:
                         help="instead: GFLOP/s of each distinct convolution of --models alone: XLA, its dot_general "
                              "forms (embjax.models.conv_matmul), PyTorch, and the dot rate")
     parser.add_argument("--matmul-n", type=int, default=MATMUL_N, help="size of the float32 dot-rate probe (n^3)")
+    parser.add_argument("--dot-rates", action="store_true",
+                        help="instead: float32 matmul GFLOP/s at 2048^3 and 4096^3, JAX (HIGHEST, default) and PyTorch")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.torch = [c for c in args.torch.split(",") if c]
@@ -662,6 +692,12 @@ def main(argv=None) -> int:
     log(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"load average {common.load_average()}")
+    if args.dot_rates:
+        log(f"float32 n^3 matmuls, medians of {args.rounds} alternating rounds (relative error of the first 256 "
+            f"rows against float64 NumPy)")
+        log(dot_rates((2048, 4096), args.rounds))
+        log(f"load average at the end: {common.load_average()}")
+        return 0
     if args.layers:
         log(f"every distinct convolution of {', '.join(args.models)} alone, batch {args.batch_size}, GFLOP/s "
             f"(2 per multiply-add), medians of {args.rounds} alternating rounds per layer; dot rate: "
