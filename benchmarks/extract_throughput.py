@@ -459,7 +459,7 @@ def conv_layers(models, batch_size: int, rounds: int, matmul_n: int) -> tuple[st
                         feature_group_count=cin, precision=highest)
                 elif method == "shifts_dw":
                     def f(x, w):
-                        views = conv_matmul._views(x, (kh, kw), layer.strides, layer.pads)
+                        views = conv_matmul.shifted_views(x, (kh, kw), layer.strides, layer.pads)
                         return sum(v * w[t // kw, t % kw, 0] for t, v in enumerate(views))
                 else:
                     f = lambda x, w, method=method: conv_matmul.conv(x, w, layer.strides, layer.pads, method,  # noqa: E731

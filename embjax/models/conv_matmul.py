@@ -72,7 +72,7 @@ RULE = Rule(pointwise="xla", pointwise_strided="dot", spatial="xla", spatial_str
 # The arithmetic: plain functions of NHWC inputs and HWIO kernels.
 
 
-def _views(x, kernel_hw, strides, pads):
+def shifted_views(x, kernel_hw, strides, pads):
     """The kh*kw shifted, strided views of the padded input, each (N, H_out, W_out, C), row-major taps."""
     (kh, kw), (sh, sw) = kernel_hw, strides
     if any(p for pair in pads for p in pair):
@@ -93,14 +93,14 @@ def conv_dot(x, kernel, strides, pads, precision=None):
     """A 1x1 convolution (kernel (1, 1, C_in, C_out)) as the strided pixels times the kernel matrix."""
     if kernel.shape[:2] != (1, 1):
         raise ValueError(f"conv_dot takes 1x1 kernels, got {kernel.shape}")
-    (view,) = _views(x, (1, 1), strides, pads)
+    (view,) = shifted_views(x, (1, 1), strides, pads)
     return _dot(view, kernel[0, 0], precision)
 
 
 def conv_patches(x, kernel, strides, pads, precision=None):
     """A k x k convolution as one matmul of the im2col patches (N, H_out, W_out, kh*kw*C_in) and the kernel."""
     kh, kw, cin, cout = kernel.shape
-    views = _views(x, (kh, kw), strides, pads)
+    views = shifted_views(x, (kh, kw), strides, pads)
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
     return _dot(patches, kernel.reshape(kh * kw * cin, cout), precision)
 
@@ -109,7 +109,7 @@ def conv_shifts(x, kernel, strides, pads, precision=None):
     """A k x k convolution as kh*kw matmuls of the shifted views, summed in tap order."""
     kh, kw = kernel.shape[:2]
     out = None
-    for t, view in enumerate(_views(x, (kh, kw), strides, pads)):
+    for t, view in enumerate(shifted_views(x, (kh, kw), strides, pads)):
         y = _dot(view, kernel[t // kw, t % kw], precision)
         out = y if out is None else out + y
     return out
