@@ -76,8 +76,8 @@ def run(config, workdir: str):
 
     # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
     fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]), merge=stats.merge,
+        "fit", fit_src, config.fit_split, features, dataset=config.dataset,
+        accumulator=stats.accumulator(dims, lambda out, batch, aux: pre_logits(out)),
         store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
@@ -111,15 +111,12 @@ def run(config, workdir: str):
         families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
 
     # 3. Every pair on the evaluation split.
-    def fold_eval(state, out, batch, aux):
-        feats = pre_logits(out)
-        return {k: evaluate.update(state[k], feats, aux["heads"][k], aux["maps"][k], batch["label"], batch["mask"])
-                for k in state}
+    def family(k):
+        return evaluate.accumulator(dims, lambda out, batch, aux: (pre_logits(out), aux["heads"][k], aux["maps"][k]))
 
     ev = engine.run(extract.Pass(
-        "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
-        fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
-        aux={"heads": head_sets, "maps": families}))
+        "eval", eval_src, config.eval_split, features, accumulator={k: family(k) for k in families},
+        dataset=config.dataset, aux={"heads": head_sets, "maps": families}))
     out = results(config, names, dims, num_fit, fit_statistics, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
     if config.dtype != "float32" and config.precision_check_images:
@@ -147,8 +144,8 @@ def precision_check(config, ms, eval_src, engine) -> dict:
         e = extract.Engine(group, os.path.join(engine.workdir, f"precision_{tag}"), batch_size=config.batch_size,
                            fingerprint=common.fingerprint(config), checkpoint_every=0, prefetch=config.prefetch,
                            progress_seconds=config.progress_seconds, precision=precision)
-        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, init={},
-                           fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, store=store,
+                           dataset=config.dataset))
         stores.append(e.store("precision"))
     low, high = stores
     agreement, error = [], []

@@ -233,9 +233,8 @@ def run(config, workdir: str):
     e1 = extract.Engine([old], workdir, **engine_kw)
     sums = e1.run(extract.Pass(
         "old_features", new_src, new_src.name, {"old": ("pre_logits",)},
-        init=bct.class_sums_init(num_labels, d_old), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: bct.class_sums_update(s, out["old"]["pre_logits"], batch["label"],
-                                                              batch["mask"]),
+        accumulator=bct.class_sums(num_labels, d_old, lambda out, batch, aux: out["old"]["pre_logits"]),
+        dataset=config.dataset,
         store={"old/pre_logits": "float32"}))
     present = [int(c) for c in np.flatnonzero(np.asarray(sums.count) > 0)]
     old_classes = sorted(set(int(c) for c in (config.old_classes if config.old_data == "classes" else present)))
@@ -282,9 +281,8 @@ def run(config, workdir: str):
     fit_src = Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
     fit = e2.run(extract.Pass(
         "fit_maps", fit_src, fit_src.name, {"old": ("pre_logits",), "independent": ("pre_logits",)},
-        init=stats.init((d_old, d_new)), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(
-            s, [out["old"]["pre_logits"], out["independent"]["pre_logits"]], batch["mask"])))
+        dataset=config.dataset, accumulator=stats.accumulator(
+            (d_old, d_new), lambda out, batch, aux: [out["old"]["pre_logits"], out["independent"]["pre_logits"]])))
     names = ["old", "independent"]
     posthoc = {
         "affine_new_to_old": maps.affine(fit, 1, 0, config.maps.ridge, names=names),
@@ -298,9 +296,7 @@ def run(config, workdir: str):
     # 5. Embeddings of the evaluation split, and retrieval.
     e2.run(extract.Pass(
         "eval", eval_src, config.eval_split, {m.name: ("pre_logits",) for m in e2.members},
-        init={"count": np.zeros((), np.int32)}, dataset=config.dataset,
-        fold=lambda s, out, batch, aux: {"count": s["count"] + batch["mask"].sum().astype(np.int32)},
-        store={f"{m.name}/pre_logits": "float32" for m in e2.members}))
+        dataset=config.dataset, store={f"{m.name}/pre_logits": "float32" for m in e2.members}))
     ev = e2.store("eval")
     feats = {m.name: np.asarray(ev.array(f"{m.name}/pre_logits")) for m in e2.members}
     labels = np.asarray(ev.labels)

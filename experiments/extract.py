@@ -43,7 +43,7 @@ def run(config, workdir: str):
                             progress_seconds=config.progress_seconds, config=common.to_dict(config))
     store = {f"{m.name}/{o}": config.store_dtype for m in ms for o in outputs}
     engine.run(extract.Pass("features", source, config.split, {m.name: tuple(outputs) for m in ms},
-                            init={}, fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+                            store=store, dataset=config.dataset))
     features = engine.store("features")
     shapes = {name: [len(features), *entry["shape"]] for name, entry in features.manifest["entries"].items()}
     results = {"models": [m.name for m in ms], "outputs": outputs, "dataset": config.dataset,

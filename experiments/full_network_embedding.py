@@ -99,7 +99,7 @@ def run(config, workdir: str):
     import jax
     import jax.numpy as jnp
 
-    from embjax import extract, fne, members, moments
+    from embjax import accumulator, extract, fne, members, moments
 
     if config.activation not in ("post", "pre"):
         raise ValueError(f"config.activation must be 'post' or 'pre', not {config.activation!r}")
@@ -128,19 +128,15 @@ def run(config, workdir: str):
         def pooled(outputs, layers=layers, name=name):
             return fne.pool(outputs[name], layers)
 
-        def fold_stats(state, outputs, batch, aux, pooled=pooled):
-            x = pooled(outputs)
-            return {k: moments.update(s, x, batch["mask"] & (batch["index"] < int(k[1:])))
-                    for k, s in state.items()}
-
         def emit_stats(outputs, batch, aux, pooled=pooled, name=name):
             return {f"{name}/pooled": pooled(outputs), f"{name}/pre_logits": outputs[name]["pre_logits"]}
 
         wanted = {name: tuple(dict.fromkeys((*layers, "pre_logits")))}
         stats = engine.run(extract.Pass(
             f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
-            init={_key(n): moments.init(dim) for n in sizes}, fold=fold_stats, emit=emit_stats,
-            merge=lambda a, b: {k: moments.merge(a[k], b[k]) for k in a},  # per-device partials, Chan-merged
+            emit=emit_stats, accumulator={  # moments of the first n training rows, for each subset size n
+                _key(n): moments.accumulator(dim, lambda out, batch, aux, p=pooled: p(out),
+                                             mask=lambda batch, n=n: batch["index"] < n) for n in sizes},
             store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
         standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
 
@@ -149,18 +145,17 @@ def run(config, workdir: str):
             out = {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
             return out | {f"{name}/pooled": x, f"{name}/pre_logits": outputs[name]["pre_logits"]}
 
-        def fold_embed(state, outputs, batch, aux, pooled=pooled):
+        def zero_fraction(outputs, batch, aux, pooled=pooled):  # per row: the share of its entries that are 0
             x = pooled(outputs)
-            real = batch["mask"].astype(jnp.float32)
-            zeros = {k: jnp.sum(jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1) * real)
-                     for k, s in aux.items()}
-            return {"rows": state["rows"] + jnp.sum(real), "zeros": {k: state["zeros"][k] + zeros[k] for k in zeros}}
+            return {"rows": jnp.ones(x.shape[:1], jnp.float32),
+                    "zeros": {k: jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1)
+                              for k, s in aux.items()}}
 
         embed = engine.run(extract.Pass(
             f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
-            init={"rows": np.zeros((), np.float32), "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}},
-            fold=fold_embed, emit=emit_embed, aux=standardizations,
-            merge=lambda a, b: jax.tree.map(jnp.add, a, b),
+            accumulator=accumulator.sums(zero_fraction, {"rows": np.zeros((), np.float32),
+                                                         "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}}),
+            emit=emit_embed, aux=standardizations,
             store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
             | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
         per_model[name] = dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)

@@ -304,8 +304,8 @@ def run(config, workdir: str):
 
     # 1. Joint statistics over the fit split; the fit features stay in the store for the fit-size curve.
     fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, [out[m]["pre_logits"] for m in names], batch["mask"]),
+        "fit", fit_src, config.fit_split, features, dataset=config.dataset,
+        accumulator=stats.accumulator(dims, lambda out, batch, aux: [out[m]["pre_logits"] for m in names]),
         store={f"{m}/pre_logits": "float32" for m in names}))
 
     # 2. Maps for every ordered pair (and the rank sweep's maps, from the same eigendecompositions).
@@ -332,9 +332,7 @@ def run(config, workdir: str):
 
     store_entries = {f"{m}/pre_logits": "float32" for m in names}
     store_entries.update({entry(f, i, j): "float32" for f, m in all_maps.items() for (i, j) in m})
-    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, init={"rows": jnp.zeros((), jnp.int32)},
-                            fold=lambda s, out, batch, aux: {"rows": s["rows"] + jnp.sum(batch["mask"], dtype=jnp.int32)},
-                            aux=aux, store=store_entries, emit=emit, dataset=config.dataset))
+    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, aux=aux, store=store_entries, emit=emit, dataset=config.dataset))
     store = engine.store("eval")
     labels, index = np.asarray(store.labels), np.asarray(store.index)
     native = [np.asarray(store.array(f"{m}/pre_logits"), np.float32) for m in names]
