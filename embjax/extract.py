@@ -295,6 +295,9 @@ class Engine:
         self.progress_seconds = float(progress_seconds)
         self.config = config
         self.precision = precision
+        self._settings = dict(batch_size=batch_size, fingerprint=fingerprint, checkpoint_every=checkpoint_every,
+                              prefetch=prefetch, progress_seconds=progress_seconds, mesh=mesh, log=log,
+                              config=config)
         self.seconds: dict[str, float] = {}
         self._log = log or (lambda msg: print(msg, flush=True) if self.process_index == 0 else None)
         self._variables = replicate([m.variables for m in self.members], self.mesh, donatable=False)
@@ -305,6 +308,22 @@ class Engine:
             for member, placed in zip(self.members, self._variables):
                 member.variables = placed
         self._step_offset = 0  # batches of the passes run before this one: one step sequence per run
+
+    @property
+    def device_count(self) -> int:
+        """Devices of the engine's mesh (all processes)."""
+        return self.mesh.devices.size
+
+    def shard_rows(self, *arrays) -> tuple:
+        """`arrays` placed with their rows sharded over the engine's devices (row counts a multiple of
+        `device_count`), for a solver that reduces over rows itself (embjax.svm's L-BFGS)."""
+        return tuple(jax.device_put(a, NamedSharding(self.mesh, P(DATA_AXIS, *[None] * (np.ndim(a) - 1))))
+                     for a in arrays)
+
+    def sibling(self, name: str, members: Sequence[Member], **overrides) -> "Engine":
+        """An engine over other members (the same models at another precision, say) with this engine's
+        settings but `overrides`, keeping its state in `<workdir>/engines/<name>` (removed by `finish`)."""
+        return Engine(members, self._dir("engines", name), **(self._settings | {"precision": self.precision} | overrides))
 
     # ---- paths --------------------------------------------------------------------------------------
 
@@ -538,7 +557,7 @@ class Engine:
         sharded, replicated = NamedSharding(self.mesh, P(DATA_AXIS)), NamedSharding(self.mesh, P())
         image_shape = getattr(p.source, "image_shape", None) or np.shape(p.source[0][0])
         b = self.batch_size
-        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=sharded),
+        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), getattr(p.source, "dtype", jnp.uint8), sharding=sharded),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded),
                  "mask": jax.ShapeDtypeStruct((b,), bool, sharding=sharded),
                  "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
@@ -553,7 +572,7 @@ class Engine:
     def _emitted_shapes(self, p: Pass, needed) -> dict[str, tuple[int, ...]]:
         image_shape = getattr(p.source, "image_shape", None) or np.shape(p.source[0][0])
         b, n_dev = self.batch_size, self.mesh.devices.size
-        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8),
+        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), getattr(p.source, "dtype", jnp.uint8)),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool),
                  "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
         step = make_step(self.members, p, self.mesh, self.precision)
@@ -593,5 +612,5 @@ class Engine:
         """After the report is written: drop the resume state (checkpoints, finished passes, memos)."""
         if self.process_index != 0:
             return
-        for kind in ("checkpoints", "passes", "memo") + (() if keep_store else ("store",)):
+        for kind in ("checkpoints", "passes", "memo", "engines") + (() if keep_store else ("store",)):
             shutil.rmtree(os.path.join(self.workdir, kind), ignore_errors=True)

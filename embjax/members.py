@@ -69,6 +69,15 @@ def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray
     return np.asarray(leaf["kernel"]), np.asarray(leaf["bias"])
 
 
+def identity(name: str, width: int, offset: int = 0, key: str = "pre_logits") -> Member:
+    """A member that returns columns offset..offset+width of an array source's rows (embjax.data.RowSource)
+    as its output `key`: how feature files and stores go through the engine like images through a model."""
+    def apply(variables, rows):
+        return {key: rows[:, offset:offset + width]}
+
+    return Member(name=name, apply=apply, variables={}, feature_dim=int(width))
+
+
 def parse_names(models: str | Sequence[str], minimum: int = 1) -> list[str]:
     """A comma-separated string (as given on the command line) or a sequence of names -> list of names."""
     names = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else list(models)

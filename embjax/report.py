@@ -642,3 +642,67 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
 
     figures = {"table_5_2_heatmap.png": lambda path: heatmap(r, "affine", path)}
     return write_run(run_dir, r, tables=tables, figures=figures, markdown=_report_md(r, tables, []))
+
+
+# Figures of the open-set study
+
+
+def _figure(width=6.4, height=4.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def roc_figure(r, path):
+    """ROC curves of an open-set run's results (`r["roc"]`): each model native, every pair mapped (affine)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    names = r["models"]
+    native = r["roc"]["native"]["affine"]
+    for j, m in enumerate(names):
+        ax.plot(native["far"], native["tar"][j][j], lw=2, label=f"{m} native")
+    mapped = r["roc"]["mapped"]["affine"]
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if i != j:
+                ax.plot(mapped["far"], mapped["tar"][i][j], lw=1, ls="--", label=f"{names[i]}→{names[j]} affine")
+    ax.set_xscale("log")
+    ax.set_xlabel("FAR")
+    ax.set_ylabel("TAR")
+    ax.set_title("ROC on evaluation classes")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def fit_size_figure(r, path):
+    """Recall@1 and TAR@FAR=1e-2 against the number of fitting samples (`r["curves"]["fit_size"]`)."""
+    c = r["curves"]["fit_size"]
+    fig = _figure(9, 3.6)
+    for k, metric in enumerate(("recall_at_1", "tar_at_far_0.01")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for f in r["config"]["curve_families"]:
+            ax.plot(c["sizes"], c[f][metric], marker="o", label=f)
+        ax.set_xscale("log")
+        ax.set_xlabel("fitting samples")
+        ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def rank_figure(r, path):
+    """Recall@1 and TAR@FAR=1e-2 against the rank of the map (`r["curves"]["rank"]`)."""
+    c = r["curves"]["rank"]
+    fig = _figure(9, 3.6)
+    for k, metric in enumerate(("recall_at_1", "tar_at_far_0.01")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.plot(c["ranks"], c[metric], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank k of the map")
+        ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
+    fig.tight_layout()
+    fig.savefig(path)

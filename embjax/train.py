@@ -46,6 +46,14 @@ class TrainConfig:
     log_seconds: float = 10.0
 
 
+def checkpoint_dir(root: str, label: str, fingerprint: Any) -> str:
+    """`root/train/<label>-<hash of fingerprint>`: one directory per distinct training, so a changed
+    config never resumes another run's checkpoints."""
+    import os
+
+    return os.path.join(root, "train", f"{label}-{checkpoints_lib.config_fingerprint(fingerprint)[:12]}")
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full batches per epoch: the remainder of each epoch's permutation is left out (a different
     remainder every epoch), so every step has the same shape and no padding."""

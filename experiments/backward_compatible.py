@@ -27,7 +27,6 @@ See experiments/common.py for the flags, resume and multi-host options.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -87,38 +86,6 @@ PUBLISHED = [
 # Data
 
 
-class Subset:
-    """Rows `rows` of a source (a source itself: len, get_batch, getitem, image_shape)."""
-
-    def __init__(self, source, rows: np.ndarray, name: str):
-        self.source, self.rows, self.name = source, np.asarray(rows, np.int64), name
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        return self.source[int(self.rows[i])]
-
-    def get_batch(self, indices):
-        rows = self.rows[np.asarray(indices, np.int64)]
-        if hasattr(self.source, "get_batch"):
-            return self.source.get_batch(rows)
-        images, labels = zip(*(self.source[int(r)] for r in rows))
-        return np.stack(images), np.asarray(labels)
-
-    @property
-    def image_shape(self):
-        return getattr(self.source, "image_shape", None)
-
-
-def _labels(source, what: str) -> np.ndarray:
-    labels = getattr(source, "labels", None)
-    if labels is None:
-        raise ValueError(f"{what} needs every label of the split up front (class filters); the {type(source).__name__} "
-                         "source does not hold them: use config.old_data='fraction' and no held_out_classes")
-    return np.asarray(labels)
-
-
 def training_rows(config, train_src):
     """(rows of the new model's training set, rows of the old model's), as indices into the train split."""
     n = len(train_src)
@@ -127,7 +94,9 @@ def training_rows(config, train_src):
         raise ValueError(f"config.old_data must be 'classes' or 'fraction', not {config.old_data!r}")
     labels = None
     if held_out or config.old_data == "classes":
-        labels = _labels(train_src, "config.held_out_classes / config.old_data='classes'")
+        from embjax import data
+
+        labels = data.labels_of(train_src)
     new_rows = np.arange(n) if not held_out else np.flatnonzero(~np.isin(labels, held_out))
     if config.old_data == "classes":
         old_classes = [int(c) for c in config.old_classes]
@@ -148,19 +117,11 @@ def training_rows(config, train_src):
 def sources(config):
     from embjax import data
 
-    kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
-    return (data.get_source(config.dataset, config.train_split, **kw),
-            data.get_source(config.dataset, config.eval_split, **kw))
+    return data.sources(config, config.train_split, config.eval_split)
 
 
 # --------------------------------------------------------------------------------------------------
 # Training
-
-
-def _train_dir(workdir: str, role: str, fingerprint: dict) -> str:
-    from embjax import extract
-
-    return os.path.join(workdir, "train", f"{role.split('_')[0]}-{extract.config_fingerprint(fingerprint)[:12]}")
 
 
 def train_model(config, workdir, role, spec, source, tcfg, kind="independent", influence=None, weight=1.0,
@@ -184,7 +145,8 @@ def train_model(config, workdir, role, spec, source, tcfg, kind="independent", i
         return batch
 
     t0 = time.perf_counter()
-    out = train.fit(loss, variables, get_batch, len(source), cfg, workdir=_train_dir(workdir, role, fingerprint),
+    out = train.fit(loss, variables, get_batch, len(source), cfg,
+                    workdir=train.checkpoint_dir(workdir, role.split("_")[0], fingerprint),
                     fingerprint=fingerprint, name=f"train {role} ({spec.name})")
     TRAIN_SECONDS[f"train {role}"] = time.perf_counter() - t0
     return out
@@ -196,7 +158,7 @@ def train_model(config, workdir, role, spec, source, tcfg, kind="independent", i
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    from embjax import bct, extract, maps, members, stats
+    from embjax import bct, data, extract, maps, members, stats
     from embjax.models import registry
 
     if config.old_model == config.new_model:
@@ -207,8 +169,8 @@ def run(config, workdir: str):
     old_spec, new_spec = registry.get(config.old_model), registry.get(config.new_model)
     train_src, eval_src = sources(config)
     new_rows, old_rows = training_rows(config, train_src)
-    new_src = Subset(train_src, new_rows, f"{config.train_split} (new training set)")
-    old_src = Subset(train_src, old_rows, f"{config.train_split} (old training set)")
+    new_src = data.Subset(train_src, new_rows, f"{config.train_split} (new training set)")
+    old_src = data.Subset(train_src, old_rows, f"{config.train_split} (old training set)")
     log = print
     log(f"[study] old model {config.old_model} on {len(old_rows)} images, new model {config.new_model} on "
         f"{len(new_rows)} images of {config.dataset}:{config.train_split}")
@@ -218,10 +180,6 @@ def run(config, workdir: str):
     old_fp = dict(data_fp, model=config.old_model, old_data=config.old_data, old_classes=list(config.old_classes),
                   old_fraction=config.old_fraction, train=common.to_dict(config.old_train))
     new_fp = dict(data_fp, model=config.new_model, train=common.to_dict(config.new_train))
-    fp = common.fingerprint(config)
-    engine_kw = dict(batch_size=config.batch_size, fingerprint=fp, checkpoint_every=config.checkpoint_every,
-                     prefetch=config.prefetch, progress_seconds=config.progress_seconds,
-                     config=common.to_dict(config))
 
     # 1. The old model.
     old_vars = train_model(config, workdir, "old", old_spec, old_src, config.old_train, fingerprint=old_fp)
@@ -230,7 +188,7 @@ def run(config, workdir: str):
 
     # 2. The old model over the new training set: class means and the L2 targets.
     num_labels = int(config.num_classes)
-    e1 = extract.Engine([old], workdir, **engine_kw)
+    e1 = common.engine(config, workdir, [old])
     sums = e1.run(extract.Pass(
         "old_features", new_src, new_src.name, {"old": ("pre_logits",)},
         accumulator=bct.class_sums(num_labels, d_old, lambda out, batch, aux: out["old"]["pre_logits"]),
@@ -273,12 +231,12 @@ def run(config, workdir: str):
     d_new = new_spec.feature_dim
 
     # 4. Joint statistics of old and independent-new embeddings over the new training set: the post-hoc maps.
-    e2 = extract.Engine([old, *news.values()], workdir, **engine_kw)
+    e2 = common.engine(config, workdir, [old, *news.values()])
     fit_rows = np.arange(len(new_src))
     if config.maps.fit_samples and config.maps.fit_samples < len(new_src):
         rng = np.random.default_rng(config.new_train.seed)
         fit_rows = np.sort(rng.choice(len(new_src), size=int(config.maps.fit_samples), replace=False))
-    fit_src = Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
+    fit_src = data.Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
     fit = e2.run(extract.Pass(
         "fit_maps", fit_src, fit_src.name, {"old": ("pre_logits",), "independent": ("pre_logits",)},
         dataset=config.dataset, accumulator=stats.accumulator(

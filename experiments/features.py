@@ -43,65 +43,34 @@ FAMILIES = ("affine", "logit", "naive")
 def default_config() -> dict:
     return {"features": [], "eval_features": [], "labels": None, "eval_labels": None, "heads": [],
             "ridge": 0.0, "batch_size": 4096, "progress_seconds": 10.0, "similarity": True, "cca_dims": 32,
-            "similarity_rows": 5000}
+            "similarity_rows": 5000, "checkpoint_every": 50}
 
 
 # --------------------------------------------------------------------------------------------------
-# Streaming
+# The engine over feature files
 
 
-class Progress:
-    """A line per `every` seconds (every batch for 0): rows done, rate, ETA."""
-
-    def __init__(self, what: str, rows: int, every: float, log):
-        self.what, self.rows, self.every, self.log = what, rows, every, log
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if done < self.rows and now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.rows - done) / rate if rate > 0 else float("inf")
-        self.log(f"[features] {self.what}: {done:,}/{self.rows:,} rows ({100 * done / self.rows:.0f}%), "
-                 f"{rate:,.0f} rows/s, {now - self.t0:.0f}s elapsed, ETA {eta:.0f}s")
-
-
-def stream(sources, batch_size: int, fold, carry, what: str, progress_seconds: float, log, labels=None):
-    """Fold every row of `sources` into `carry` in batches of `batch_size` (the last one padded and masked).
-
-    `fold(carry, feats, mask, labels)` is jitted by the caller and donates `carry`. The next batch is read
-    from disk while the device folds the current one; the host then waits for that fold, so at most two
-    batches are ever alive (JAX's asynchronous dispatch would otherwise queue the whole file).
-    """
+def _engine(names, fit_src, eval_src, cfg, workdir: str, log):
+    """The engine over the feature files: the rows of every model side by side (data.RowSource), an
+    identity member per model picking its columns. One batch shape per pass (the fit rows and the
+    evaluation rows may want different sizes): the evaluation pass runs on a sibling engine."""
     import jax
 
-    rows = sources[0].rows
-    size = min(batch_size, rows)
-    progress = Progress(what, rows, progress_seconds, log)
+    from embjax import data, extract, members
 
-    def read(start):
-        stop = min(start + size, rows)
-        feats = [s.read(start, stop) for s in sources]
-        mask = np.zeros((size,), bool)
-        mask[: stop - start] = True
-        if stop - start < size:  # pad to one shape: one compiled fold for the whole stream
-            feats = [np.concatenate([f, np.zeros((size - len(f), f.shape[1]), f.dtype)]) for f in feats]
-        lab = np.zeros((size,), np.int32)
-        if labels is not None:
-            lab[: stop - start] = labels[start:stop]
-        return feats, mask, lab, stop
+    fit_rows = data.RowSource(fit_src, name="--features rows")
+    ms = [members.identity(m, *reversed(fit_rows.columns(k))) for k, m in enumerate(names)]
+    devices = jax.device_count()
 
-    batch = read(0)
-    while True:
-        feats, mask, lab, stop = batch
-        carry = fold(carry, feats, mask, lab)
-        batch = read(stop) if stop < rows else None
-        jax.block_until_ready(carry)
-        progress(stop)
-        if batch is None:
-            return carry
+    def size(rows):  # batches no larger than the stream, a multiple of the device count
+        return -(-min(int(cfg["batch_size"]), rows) // devices) * devices
+
+    fingerprint = {k: v for k, v in cfg.items() if k not in ("progress_seconds", "checkpoint_every")}
+    engine = extract.Engine(ms, workdir, batch_size=size(fit_rows.n), fingerprint=fingerprint, log=log,
+                            checkpoint_every=int(cfg["checkpoint_every"]), config=cfg,
+                            progress_seconds=float(cfg["progress_seconds"]))
+    evaluation = None if eval_src is None else engine.sibling("eval", ms, batch_size=size(eval_src[0].rows))
+    return engine, evaluation, fit_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,12 +97,25 @@ def _matrix(n, cell, symmetric: bool = False) -> list[list[float | None]]:
     return out
 
 
-def run(config: dict, log=print) -> tuple[dict, dict]:
+def run(config: dict, log=print, workdir: str | None = None) -> tuple[dict, dict]:
     """Fits and scores every pair for `config` (see default_config); returns (results, maps to save:
-    {relative path: (W, b)})."""
-    import jax
+    {relative path: (W, b)}). Resume state lives in `workdir` (a temporary directory if None)."""
+    import shutil
+    import tempfile
 
-    from embjax import evaluate, feature_files, maps, similarity, stats
+    temporary = workdir is None
+    workdir = tempfile.mkdtemp(prefix="embjax-features-") if temporary else workdir
+    try:
+        results, saved, engine = _run(config, log, workdir)
+        engine.finish()
+        return results, saved
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(config: dict, log, workdir: str):
+    from embjax import data, evaluate, extract, feature_files, maps, similarity, stats
 
     cfg = {**default_config(), **config}
     if cfg["batch_size"] < 1:
@@ -203,10 +185,15 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
         + (f", {eval_src[0].rows:,} evaluation rows" if eval_src is not None else ""))
 
     # 1. Joint statistics of the fit rows.
-    t0 = time.perf_counter()
-    update = jax.jit(lambda st, feats, mask, lab: stats.update(st, feats, mask), donate_argnums=0)
-    fit = stream(fit_src, cfg["batch_size"], update, stats.init(dims), "fit", cfg["progress_seconds"], log)
-    seconds["fit"] = time.perf_counter() - t0
+    engine, eval_engine, fit_rows = _engine(names, fit_src, eval_src, cfg, workdir, log)
+    outputs = {m: ("pre_logits",) for m in names}
+
+    def feats(out, batch, aux):
+        return [out[m]["pre_logits"] for m in names]
+
+    fit = engine.run(extract.Pass("fit", fit_rows, "--features rows", outputs,
+                                  accumulator=stats.accumulator(dims, feats)))
+    seconds["fit"] = engine.seconds["fit"]
 
     # 2. Maps.
     t0 = time.perf_counter()
@@ -271,32 +258,27 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
 
     # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
     if eval_src is not None or heads is not None:
-        t0 = time.perf_counter()
-        rows_src = eval_src if eval_src is not None else fit_src
-        carry = {"stats": stats.init(dims) if eval_src is not None else None,
-                 "eval": {k: evaluate.init(dims) for k in scored}}
-        # evaluate.init shares one zero array between its counters; donation needs distinct buffers.
-        carry = jax.tree.map(np.array, carry)
-        aux = {"maps": scored,
-               "heads": [tuple(h) for h in heads] if heads is not None else None}
+        rows = data.RowSource(eval_src if eval_src is not None else fit_src, eval_labels, "evaluation rows")
+        aux = {"maps": scored, "heads": [tuple(h) for h in heads] if heads is not None else None}
 
-        def fold(c, feats, mask, lab, aux):
-            st = None if c["stats"] is None else stats.update(c["stats"], feats, mask)
-            ev = {k: evaluate.update(c["eval"][k], feats, aux["heads"], aux["maps"][k], lab, mask) for k in c["eval"]}
-            return {"stats": st, "eval": ev}
+        def family(k):
+            return evaluate.accumulator(dims, lambda out, batch, aux: (feats(out, batch, aux), aux["heads"],
+                                                                       aux["maps"][k]))
 
-        jitted = jax.jit(fold, donate_argnums=0)
-        final = stream(rows_src, cfg["batch_size"], lambda c, f, m, lab: jitted(c, f, m, lab, aux), carry, "eval",
-                       cfg["progress_seconds"], log, labels=eval_labels)
-        seconds["eval"] = time.perf_counter() - t0
-        ev_stats = final["stats"]
+        accumulators = {k: family(k) for k in scored}
+        if eval_src is not None:
+            accumulators["stats"] = stats.accumulator(dims, feats)
+        final = (eval_engine or engine).run(extract.Pass("eval", rows, rows.name, outputs, aux=aux,
+                                                         accumulator=accumulators))
+        seconds["eval"] = (eval_engine or engine).seconds["eval"]
+        ev_stats = final.pop("stats", None)
         if ev_stats is not None:
             results["num_eval"] = int(ev_stats.count)
             results["eval_statistics"] = {
                 "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
                 "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
             }
-        for k, e in final["eval"].items():
+        for k, e in final.items():
             computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
             results["num_eval"] = int(e.count)
             if eval_labels is None:  # labels were zeros: only agreement and R² mean anything
@@ -314,7 +296,7 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
     saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
     results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
                        "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
-    return results, saved
+    return results, saved, engine
 
 
 def _nan_to_none(m) -> list:
@@ -451,6 +433,7 @@ def main() -> None:
     flags.DEFINE_float("ridge", 0.0, "relative ridge of the affine maps (lambda = ridge * tr(C_AA) / d_A)")
     flags.DEFINE_integer("batch_size", 4096, "rows per streamed batch")
     flags.DEFINE_float("progress_seconds", 10.0, "a progress line at most this often (0: every batch)")
+    flags.DEFINE_integer("checkpoint_every", 50, "batches between checkpoints (a killed run resumes from the last)")
     flags.DEFINE_bool("similarity", True, "mean SVCCA and Procrustes distance from the fit statistics "
                       "(--nosimilarity skips them: an eigendecomposition per model and pair)")
     flags.DEFINE_integer("cca_dims", 32, "SVCCA: leading principal directions of each side kept before CCA (0: all)")
@@ -470,7 +453,7 @@ def main() -> None:
         config = {k: ([] if v is None else v) if k in ("features", "eval_features", "heads") else v
                   for k, v in config.items()}
         try:
-            results, saved = run(config, log=lambda s: print(s, flush=True))
+            results, saved = run(config, log=lambda s: print(s, flush=True), workdir=os.path.join(f.workdir, "state"))
             results["meta"].update(common.run_meta(config, results["meta"]["seconds"], "experiments.features"))
             results["meta"]["workdir"] = os.path.abspath(f.workdir)
             run_dir = report.new_run_dir(f.workdir, name=f.name)

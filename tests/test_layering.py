@@ -5,7 +5,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "embjax"
 PURE = {"stats", "maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm",
-        "accumulator"}
+        "accumulator", "cells"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

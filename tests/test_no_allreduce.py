@@ -56,6 +56,28 @@ def test_study_steps_have_no_cross_device_reduction(study, tmp_path):
         assert "all-reduce" not in text, f"pass '{name}' of {study} reduces across devices in its step"
 
 
+def test_own_features_steps_have_no_cross_device_reduction(tmp_path):
+    """experiments.features streams feature files through identity members: same check, fit and eval."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(70, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", a @ rng.normal(size=(4, 4)).astype(np.float32))
+    for m in "ab":
+        np.savez(tmp_path / f"{m}.npz", W=rng.normal(size=(4, 3)).astype(np.float32), b=np.zeros(3, np.float32))
+    np.save(tmp_path / "labels.npy", rng.integers(0, 3, 70))
+    cmd = [sys.executable, "-m", "experiments.features", f"--features=a={tmp_path}/a.npy,b={tmp_path}/b.npy",
+           f"--heads=a={tmp_path}/a.npz,b={tmp_path}/b.npz", f"--labels={tmp_path}/labels.npy", "--batch_size=16",
+           f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    dumped = {f: (tmp_path / "hlo" / f).read_text() for f in os.listdir(tmp_path / "hlo")}
+    assert {"fit.hlo.txt", "eval.hlo.txt"} <= set(dumped), sorted(dumped)
+    for name, text in dumped.items():
+        assert "num_partitions=4" in text and "all-reduce" not in text, name
+
+
 def test_step_hlo_shows_a_replicated_reduction(tmp_path):
     """The check above can fail: a state replicated over 4 devices (jit with the batch sharded) compiles
     to all-reduces, while the engine's step of the same pass compiles to none."""

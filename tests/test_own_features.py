@@ -143,7 +143,8 @@ def documented_run(tmp_path_factory):
 def test_command_recovers_planted_maps(documented_run):
     results, run_dir, planted, _, proc = documented_run
     assert results["models"] == ["a", "b", "c"] and results["num_fit"] == 700 and results["num_eval"] == 300
-    assert "fit: 700/700 rows" in proc.stdout and "eval: 300/300 rows" in proc.stdout  # progress lines
+    # progress lines of the engine: 700 fit rows in batches of 128, 300 evaluation rows
+    assert "[fit --features rows] batch 6/6" in proc.stdout and "[eval evaluation rows] batch 3/3" in proc.stdout
     assert results["meta"]["command"].startswith("python -m experiments.features --features=")
     assert results["config"]["heads"] and results["config"]["ridge"] == 0.0
     w_true = {("a", m): (planted.w[m], planted.b[m]) for m in "bc"}
