@@ -165,15 +165,15 @@ def results(config, names, dims, num_fit, fit_statistics, ev, seconds) -> dict:
 
 
 def write_report(run_dir: str, results: dict):
-    from embjax import report
+    from embjax import affine_report
 
-    return report.write(run_dir, results)
+    return affine_report.write(run_dir, results)
 
 
 def summary(results: dict) -> str:
-    from embjax import report
+    from embjax import affine_report
 
-    return report.summary_text(results)
+    return affine_report.summary_text(results)
 
 
 if __name__ == "__main__":

@@ -317,10 +317,10 @@ def _save_map(wb):
 
 def write_report(run_dir: str, results: dict, saved: dict):
     """Tables, heatmaps, report.md, results.json and the map files, written atomically (report.write_run)."""
-    from embjax import report
+    from embjax import affine_report, report
 
     labelled = "unmapped" in results
-    r = report.validate(results) if labelled else report.plain(results)
+    r = affine_report.validate(results) if labelled else report.plain(results)
     models = r["models"]
     n = len(models)
     tables = {}
@@ -364,11 +364,11 @@ def write_report(run_dir: str, results: dict, saved: dict):
             r["eval_statistics"]["r2"], models, "affine maps: R² on the evaluation rows", p, fmt="{:.3f}",
             vmin=0.0, vmax=1.0)
     if labelled:
-        tables["table_5_1"] = report.table_5_1(r)
+        tables["table_5_1"] = affine_report.table_5_1(r)
         tables["table_5_1"].title = f"Table 5.1: unmapped models ({r['num_eval']:,} evaluation rows)"
         for family, key in (("affine", "table_5_2_affine"), ("logit", "table_5_3_logit"), ("naive", "table_naive")):
-            tables[key] = report.family_table(r, family)
-        figures["table_5_2_heatmap.png"] = lambda p: report.heatmap(r, "affine", p)
+            tables[key] = affine_report.family_table(r, family)
+        figures["table_5_2_heatmap.png"] = lambda p: affine_report.heatmap(r, "affine", p)
     for family in FAMILIES:
         if family in r:
             tables[f"{family}_agreement"] = square(
