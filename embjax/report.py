@@ -102,16 +102,34 @@ def plain(results: Mapping) -> dict:
     return _plain(results, "")
 
 
+def document(title: str, intro=(), tables: Mapping[str, Table] = {}, figures=(), outro=()) -> str:
+    """A report.md: "# title", the `intro` paragraphs, a "## <title>" section per table (its note, then the
+    table), the `figures` (PNG file names) as images, then the `outro` paragraphs."""
+    out = [f"# {title}", ""]
+    for text in intro:
+        out += [text, ""]
+    for table in tables.values():
+        out += [f"## {table.title}", ""] + ([table.note, ""] if table.note else []) + [table.markdown(), ""]
+    if figures:
+        out += ["## Figures", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures] + [""]
+    for text in outro:
+        out += [text, ""]
+    return "\n".join(out)
+
+
 def write_run(run_dir: str | os.PathLike, results: Mapping, *, tables: Mapping[str, Table] = {},
-              figures: Mapping[str, Any] = {}, markdown: str = "") -> dict[str, str]:
+              figures: Mapping[str, Any] = {}, markdown: str = "", title: str = "", intro=(),
+              outro=()) -> dict[str, str]:
     """Write any study's run directory atomically; returns {what: path} of every file.
 
     Every table as `<key>.md` and `<key>.csv`, every figure by calling `figures[filename](path)`,
-    `report.md` (`markdown`) and `results.json` (`results`, which must be JSON-able with finite numbers:
+    `report.md` (`markdown`, else `document(title, intro, tables, the .png figures, outro)`) and `results.json` (`results`, which must be JSON-able with finite numbers:
     None for undefined values). Everything is written into `<run_dir>.partial`, renamed to `run_dir`, and
     only then does results.json get its final name: a directory is complete exactly when it holds
     results.json. A failure leaves no run directory behind.
     """
+    if not markdown and title:
+        markdown = document(title, intro, tables, [f for f in figures if f.endswith(".png")], outro)
     r = plain(results)
     final = Path(run_dir)
     if final.exists():

@@ -97,3 +97,13 @@ def local_rows(x: jax.Array) -> np.ndarray:
             seen.add(start)
             parts.append(np.asarray(s.data))
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def is_primary() -> bool:
+    """Whether this process writes what is written once (reports, manifests): process 0."""
+    return jax.process_index() == 0
+
+
+def topology() -> dict:
+    """The devices and processes of this run, for a report's metadata."""
+    return {"devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}

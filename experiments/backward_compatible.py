@@ -27,6 +27,7 @@ See experiments/common.py for the flags, resume and multi-host options.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -251,17 +252,19 @@ def run(config, workdir: str):
     map_r2 = {k: float(stats.r2(fit, 1, 0, *wb) if "new_to_old" in k else stats.r2(fit, 0, 1, *wb))
               for k, wb in posthoc.items()}
 
-    # 5. Embeddings of the evaluation split, and retrieval.
+    # 5. Every embedding the retrieval compares, native and mapped, of the evaluation split into the store.
+    roles = [m.name for m in e2.members]
     e2.run(extract.Pass(
-        "eval", eval_src, config.eval_split, {m.name: ("pre_logits",) for m in e2.members},
-        dataset=config.dataset, store={f"{m.name}/pre_logits": "float32" for m in e2.members}))
+        "eval", eval_src, config.eval_split, {r: ("pre_logits",) for r in roles}, dataset=config.dataset,
+        aux=posthoc, emit=functools.partial(eval_embeddings, roles=roles, d_old=d_old),
+        store={e: "float32" for pair in space_entries(roles).values() for e in pair}))
     ev = e2.store("eval")
-    feats = {m.name: np.asarray(ev.array(f"{m.name}/pre_logits")) for m in e2.members}
+    spaces = {key: tuple(np.asarray(ev.array(e)) for e in entries) for key, entries in space_entries(roles).items()}
     labels = np.asarray(ev.labels)
     subsets = class_subsets(config, old_classes, new_classes, labels)
 
     def compute_retrieval():
-        return retrieval_tables(config, feats, labels, posthoc, d_old, subsets)
+        return retrieval_tables(config, spaces, labels, subsets)
 
     retrieval = e2.memo("retrieval", compute_retrieval)
     return results(config, retrieval, subsets, old_classes, new_classes, len(old_rows), len(new_rows),
@@ -282,19 +285,35 @@ def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[in
             if k == "all classes" or (v and v != present and np.isin(labels, v).sum() > 5)}
 
 
-def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
-    """{subset: {method: {setting: {top1, top5, map}}}} with every distinct (query, gallery) pair ranked once."""
+NEW_TO_OLD, OLD_TO_NEW = ("affine_new_to_old", "orthogonal_new_to_old"), ("affine_old_to_new", "orthogonal_old_to_new")
+
+
+def space_entries(roles) -> dict:
+    """{(query space, gallery space): (query store entry, gallery store entry)} of every retrieval setting."""
+    out = {("old", "old"): ("old/pre_logits", "old/pre_logits")}
+    for role in [r for r in roles if r != "old"]:
+        out[(role, role)] = (f"{role}/pre_logits", f"{role}/pre_logits")
+        out[(role, "old")] = (f"{role}/as_old", "old/pre_logits")
+    out.update({(k, "old"): (f"independent/{k}", "old/pre_logits") for k in NEW_TO_OLD})
+    out.update({("independent", k): ("independent/pre_logits", f"old/{k}") for k in OLD_TO_NEW})
+    return out
+
+
+def eval_embeddings(outputs, batch, posthoc, *, roles, d_old) -> dict:
+    """The eval pass's stored entries: every model's embedding, each new one cut / padded to the old
+    width (the paper's rule), and the post-hoc maps' images."""
     from embjax import bct, maps
 
-    old, ind = feats["old"], feats["independent"]
-    spaces = {("old", "old"): (old, old)}
-    for role in [r for r in feats if r != "old"]:
-        spaces[(role, role)] = (feats[role], feats[role])
-        spaces[(role, "old")] = (np.asarray(bct.fit_width(feats[role], d_old)), old)
-    for k in ("affine_new_to_old", "orthogonal_new_to_old"):
-        spaces[(k, "old")] = (np.asarray(maps.apply(ind, posthoc[k])), old)
-    for k in ("affine_old_to_new", "orthogonal_old_to_new"):
-        spaces[("independent", k)] = (ind, np.asarray(maps.apply(old, posthoc[k])))
+    x = {r: outputs[r]["pre_logits"] for r in roles}
+    out = {f"{r}/pre_logits": v for r, v in x.items()}
+    out.update({f"{r}/as_old": bct.fit_width(x[r], d_old) for r in roles if r != "old"})
+    out.update({f"independent/{k}": maps.apply(x["independent"], posthoc[k]) for k in NEW_TO_OLD})
+    out.update({f"old/{k}": maps.apply(x["old"], posthoc[k]) for k in OLD_TO_NEW})
+    return out
+
+
+def retrieval_tables(config, spaces, labels, subsets) -> dict:
+    """{subset: {method: {setting: {top1, top5, map}}}} with every distinct (query, gallery) pair ranked once."""
     methods = methods_for(config)
 
     def pair(method: str, setting: str) -> tuple[str, str]:

@@ -79,13 +79,14 @@ def run_meta(config, seconds: dict, module: str) -> dict:
 
     import jax
 
+    from embjax import sharding
+
     return {
         "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": dict(seconds),
         "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "process_count": jax.process_count(),
+        **sharding.topology(),
     }
 
 
@@ -142,9 +143,7 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        import jax
-
-        from embjax import report
+        from embjax import report, sharding
 
         setup_jax(f)
         config = f["config"].value
@@ -154,7 +153,7 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
             results.setdefault("meta", {}).update(run_meta(config, results.get("meta", {}).get("seconds", {}),
                                                            module))
             results["meta"]["workdir"] = os.path.abspath(workdir)
-            if jax.process_index() == 0:
+            if sharding.is_primary():
                 run_dir = report.new_run_dir(workdir, name=config.name)
                 write_report(run_dir, results)
                 if summary is not None:

@@ -57,11 +57,10 @@ def write_report(run_dir: str, results: dict):
     table = report.Table("Stored features", ["entry (model/output)", "shape", "dtype"], rows)
     src = results.pop("store_dir")
     results["store"] = "features"
-    md = "\n".join([f"# Features: {results['dataset']} {results['split']}", "",
-                    f"- command: `{results['meta'].get('command', '')}`", f"- rows: {results['num_rows']}",
-                    "- read with `embjax.feature_store.open('<this directory>/features')` or `numpy.load`", "",
-                    table.markdown(), ""])
-    written = report.write_run(run_dir, results, tables={"features": table}, markdown=md)
+    intro = [f"- command: `{results['meta'].get('command', '')}`\n- rows: {results['num_rows']}\n"
+             "- read with `embjax.feature_store.open('<this directory>/features')` or `numpy.load`"]
+    written = report.write_run(run_dir, results, tables={"features": table}, intro=intro,
+                               title=f"Features: {results['dataset']} {results['split']}")
     feature_store.move(src, os.path.join(run_dir, "features"))
     return written
 

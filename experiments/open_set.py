@@ -377,21 +377,14 @@ def write_report(run_dir: str, r: dict):
                           ("mutual_knn", f"mutual {r['config']['mutual_knn_k']}-NN alignment (evaluation)", (0, 1))):
         figures[f"similarity_{k}.png"] = functools.partial(report.heatmap_matrix, r["similarity"][k], names, title,
                                                           vmin=lim[0], vmax=lim[1], xlabel="B", ylabel="A")
-    md = [f"# Open-set verification and retrieval: {', '.join(names)}", "",
-          f"Maps fit on {r['num_fit']} images of classes {r['fit_classes']} ({r['dataset']} {r['fit_split']}); every "
-          f"metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all pairs of "
-          "distinct images (cosine similarity). Command: `" + r.get("meta", {}).get("command", "") + "`", ""]
-    for key in ["summary"] + [k for k in tables if k != "summary"]:
-        t = tables[key]
-        md += [f"## {t.title}", ""] + ([t.note, ""] if t.note else []) + [t.markdown(), ""]
-    md += ["## Figures", "", "![ROC](roc.png)", "![fit size](curve_fit_size.png)", "![rank](curve_rank.png)"]
-    md += [f"![{k}](similarity_{k}.png)" for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn")]
-    if r.get("map_warnings"):
-        md += ["", "## Map warnings", ""] + [f"- {w}" for w in r["map_warnings"]]
-    secs = r.get("meta", {}).get("seconds", {})
-    md += ["", f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in secs.items())}.",
-           f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."]
-    return report.write_run(run_dir, r, tables=tables, figures=figures, markdown="\n".join(md) + "\n")
+    intro = [f"Maps fit on {r['num_fit']} images of classes {r['fit_classes']} ({r['dataset']} {r['fit_split']}); "
+             f"every metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all "
+             "pairs of distinct images (cosine similarity). Command: `" + r.get("meta", {}).get("command", "") + "`"]
+    outro = ((["## Map warnings", "\n".join(f"- {w}" for w in r["map_warnings"])] if r.get("map_warnings") else [])
+             + [f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in r.get('meta', {}).get('seconds', {}).items())}.\n"
+                f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."])
+    return report.write_run(run_dir, r, tables=tables, figures=figures, intro=intro, outro=outro,
+                            title=f"Open-set verification and retrieval: {', '.join(names)}")
 
 
 def summary(r: dict) -> str:
