@@ -114,8 +114,10 @@ def run(config: dict, log=print, workdir: str | None = None) -> tuple[dict, dict
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(config: dict, log, workdir: str):
-    from embjax import data, evaluate, extract, feature_files, maps, similarity, stats
+def _inputs(config: dict, log) -> types.SimpleNamespace:
+    """The flags checked and the files opened: every problem is reported before anything is streamed."""
+    from embjax import feature_files
+
 
     cfg = {**default_config(), **config}
     if cfg["batch_size"] < 1:
@@ -179,7 +181,17 @@ def _run(config: dict, log, workdir: str):
                      "rows against --eval_labels, so --labels was only checked")
     for note in notes:
         log(f"[features] note: {note}")
+    return types.SimpleNamespace(cfg=cfg, specs=specs, eval_specs=eval_specs, names=names, fit_src=fit_src,
+                                 dims=dims, n_fit=n_fit, n=n, eval_src=eval_src, heads=heads,
+                                 eval_labels=eval_labels, notes=notes)
 
+
+def _run(config: dict, log, workdir: str):
+    from embjax import evaluate, extract, maps, stats
+
+    i = _inputs(config, log)
+    cfg, specs, eval_specs, names, fit_src, dims = i.cfg, i.specs, i.eval_specs, i.names, i.fit_src, i.dims
+    n_fit, n, eval_src, heads, eval_labels, notes = i.n_fit, i.n, i.eval_src, i.heads, i.eval_labels, i.notes
     seconds = {}
     log(f"[features] {n} models ({', '.join(f'{m} {d}' for m, d in zip(names, dims))}), {n_fit:,} fit rows"
         + (f", {eval_src[0].rows:,} evaluation rows" if eval_src is not None else ""))
@@ -231,6 +243,26 @@ def _run(config: dict, log, workdir: str):
         "warnings": map_warnings, "notes": notes,
     }
 
+    _similarity(i, fit, results, seconds)
+
+    # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
+    if eval_src is not None or heads is not None:
+        results.update(_evaluate(i, engine, eval_engine, scored, affine, outputs, feats, seconds))
+    results["config"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()}
+    results["meta"] = {"seconds": seconds}
+
+    saved = {f"maps/{names[i]}__to__{names[j]}.npz": affine[(i, j)] for i, j in affine}
+    saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
+    results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
+                       "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
+    return results, saved, engine
+
+
+def _similarity(i, fit, results: dict, seconds: dict) -> None:
+    """SVCCA and Procrustes distance from the fit statistics, debiased CKA on rows read once more."""
+    from embjax import similarity
+
+    cfg, n, eval_src, fit_src = i.cfg, i.n, i.eval_src, i.fit_src
     if cfg["similarity"]:
         # Symmetric measures of embjax.similarity from the same statistics. Not free at large widths: each
         # pair eigendecomposes both d × d covariances (CCA) and takes an SVD of the cross-covariance
@@ -256,47 +288,46 @@ def _run(config: dict, log, workdir: str):
         del sample
         seconds["debiased_cka"] = time.perf_counter() - t0
 
-    # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
-    if eval_src is not None or heads is not None:
-        rows = data.RowSource(eval_src if eval_src is not None else fit_src, eval_labels, "evaluation rows")
-        aux = {"maps": scored, "heads": [tuple(h) for h in heads] if heads is not None else None}
 
-        def family(k):
-            return evaluate.accumulator(dims, lambda out, batch, aux: (feats(out, batch, aux), aux["heads"],
-                                                                       aux["maps"][k]))
+def _evaluate(i, engine, eval_engine, scored, affine, outputs, feats, seconds) -> dict:
+    """The eval pass: held-out R² and CKA (with --eval_features) and every pair through every head."""
+    from embjax import data, evaluate, extract, stats
 
-        accumulators = {k: family(k) for k in scored}
-        if eval_src is not None:
-            accumulators["stats"] = stats.accumulator(dims, feats)
-        final = (eval_engine or engine).run(extract.Pass("eval", rows, rows.name, outputs, aux=aux,
-                                                         accumulator=accumulators))
-        seconds["eval"] = (eval_engine or engine).seconds["eval"]
-        ev_stats = final.pop("stats", None)
-        if ev_stats is not None:
-            results["num_eval"] = int(ev_stats.count)
-            results["eval_statistics"] = {
-                "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
-                "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
-            }
-        for k, e in final.items():
-            computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
-            results["num_eval"] = int(e.count)
-            if eval_labels is None:  # labels were zeros: only agreement and R² mean anything
-                results[k] = {"agreement": computed["agreement"].tolist(), "r2": _nan_to_none(computed["r2"])}
-            else:
-                results[k] = {key: (_nan_to_none(v) if key in ("r2", "relative_change") else v.tolist())
-                              for key, v in computed.items()}
-        if heads is not None and eval_labels is not None:
-            results["unmapped"] = {"accuracy": np.diag(np.asarray(results["affine"]["accuracy"])).tolist(),
-                                   "top5": np.diag(np.asarray(results["affine"]["top5"])).tolist()}
-    results["config"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()}
-    results["meta"] = {"seconds": seconds}
+    n, dims, heads, eval_src, eval_labels = i.n, i.dims, i.heads, i.eval_src, i.eval_labels
+    fit_src = i.fit_src
+    results = {}
+    rows = data.RowSource(eval_src if eval_src is not None else fit_src, eval_labels, "evaluation rows")
+    aux = {"maps": scored, "heads": [tuple(h) for h in heads] if heads is not None else None}
 
-    saved = {f"maps/{names[i]}__to__{names[j]}.npz": affine[(i, j)] for i, j in affine}
-    saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
-    results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
-                       "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
-    return results, saved, engine
+    def family(k):
+        return evaluate.accumulator(dims, lambda out, batch, aux: (feats(out, batch, aux), aux["heads"],
+                                                                   aux["maps"][k]))
+
+    accumulators = {k: family(k) for k in scored}
+    if eval_src is not None:
+        accumulators["stats"] = stats.accumulator(dims, feats)
+    final = (eval_engine or engine).run(extract.Pass("eval", rows, rows.name, outputs, aux=aux,
+                                                     accumulator=accumulators))
+    seconds["eval"] = (eval_engine or engine).seconds["eval"]
+    ev_stats = final.pop("stats", None)
+    if ev_stats is not None:
+        results["num_eval"] = int(ev_stats.count)
+        results["eval_statistics"] = {
+            "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
+            "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
+        }
+    for k, e in final.items():
+        computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
+        results["num_eval"] = int(e.count)
+        if eval_labels is None:  # labels were zeros: only agreement and R² mean anything
+            results[k] = {"agreement": computed["agreement"].tolist(), "r2": _nan_to_none(computed["r2"])}
+        else:
+            results[k] = {key: (_nan_to_none(v) if key in ("r2", "relative_change") else v.tolist())
+                          for key, v in computed.items()}
+    if heads is not None and eval_labels is not None:
+        results["unmapped"] = {"accuracy": np.diag(np.asarray(results["affine"]["accuracy"])).tolist(),
+                               "top5": np.diag(np.asarray(results["affine"]["top5"])).tolist()}
+    return results
 
 
 def _nan_to_none(m) -> list:
