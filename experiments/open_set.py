@@ -122,22 +122,12 @@ def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
     import jax.numpy as jnp
 
-    from embjax import cells, extract, similarity, stats
+    from embjax import cells, extract, stats
 
     fit_src, eval_src, fit_desc, eval_desc = sources(config)
     zoo_classes = config.zoo_classes or config.fit_classes
 
-    def zoo_data():
-        from embjax import data
-
-        src = data.get_source(config.dataset, config.fit_split, data_dir=config.data_dir,
-                              manual_dir=config.manual_dir, image_size=config.image_size)
-        labels = data.labels_of(src)
-        rows = np.nonzero(data.class_filter(zoo_classes, "zoo_classes")[0](labels))[0]
-        images, _ = data.Subset(src, rows, "zoo", labels=labels[rows]).get_batch(np.arange(len(rows)))
-        return images, labels[rows].astype(np.int32)
-
-    engine = common.engine(config, workdir, zoo_data=functools.cache(zoo_data), minimum=2,
+    engine = common.engine(config, workdir, zoo_data=functools.cache(functools.partial(_zoo_data, config, zoo_classes)), minimum=2,
                            dataset_tag=f"{config.dataset}:{config.fit_split}:classes={zoo_classes}")
     ms = engine.members
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
@@ -187,101 +177,130 @@ def run(config, workdir: str):
     pairs = cells.kfold_pairs(labels, int(config.kfold_pairs_per_fold), int(config.kfold_seed))
 
     # 4. Every setting × family × ordered pair, memoized so a resumed run does not recompute them.
-    def evaluate_cells():
-        t = time.perf_counter()
-        cache = {}
-
-        def cell(q_key, q, g_key, g):
-            key = (q_key, g_key)
-            if key not in cache:
-                cache[key] = cells.cell_metrics(q, g, labels, index, pairs, **metric_kw)
-            return cache[key]
-
-        from embjax import maps as maps_lib
-
-        out = {}
-        for s in SETTINGS:
-            for f in FAMILIES:
-                grid = [[None] * n for _ in range(n)]
-                for i in range(n):
-                    for j in range(n):
-                        if s == "native":
-                            grid[i][j] = cell(("native", j), native[j], ("native", j), native[j])
-                        elif s == "mapped":
-                            q_key = ("native", i) if i == j else (f, i, j)
-                            grid[i][j] = cell(q_key, mapped(f, i, j), ("native", j), native[j])
-                        elif s == "naive":
-                            w, b = maps_lib.naive(dims[i], dims[j])
-                            q = native[i] @ np.asarray(w) + np.asarray(b)
-                            grid[i][j] = cell(("naive", i, j), q, ("native", j), native[j])
-                        else:
-                            hubs = [c for c in range(n) if c not in (i, j)] or [j]
-                            hub_cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
-                            grid[i][j] = cells.average_cells(hub_cells)
-                out[(s, f)] = grid
-        print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
-        return {f"{s}|{f}": cells.cells_to_arrays(grid) for (s, f), grid in out.items()}
-
-    grids = engine.memo("cells", evaluate_cells)
+    grids = engine.memo("cells", functools.partial(evaluate_cells, native, mapped, dims, labels, index, pairs,
+                                                   metric_kw))
 
     # 5. Similarity: from the fit statistics, and on the evaluation features.
-    def similarity_matrices():
-        cca_dims = int(config.cca_dims) or None
-        mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
-        sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
-        mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
-        for i in range(n):
-            for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
-                rotation = None
-                if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
-                    w = all_maps["procrustes"][(i, j)][0]
-                    rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
-                values = {"cka": similarity.linear_cka(fit, i, j),
-                          "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
-                          "cka_debiased": similarity.debiased_cka(native[i], native[j]),
-                          "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
-                for k, v in values.items():
-                    mat[k][i, j] = mat[k][j, i] = float(v)
-        return mat
-
-    sim = engine.memo("similarity", similarity_matrices)
+    sim = engine.memo("similarity", functools.partial(similarity_matrices, config, fit, native,
+                                                      all_maps["procrustes"]))
 
     # 6. Curves: metric against the number of fitting samples, and against the rank of the map.
-    def curves():
-        fit_store = engine.store("fit")
-        fit_feats = [np.asarray(fit_store.array(f"{m}/pre_logits"), np.float32) for m in names]
-        total = fit_feats[0].shape[0]
-        sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
-        pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
-        families = tuple(config.curve_families)
-        by_size = {f: {k: [] for k in cells.CURVE_METRICS} for f in families}
-        for size in sizes:
-            st = stats.init(dims)
-            for lo in range(0, size, 512):
-                st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
-            fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
-            for f in families:
-                vals = [cells.curve_values(*cells.cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
-                                                    native[j], labels, index, pairs, **metric_kw)) for i, j in pairs_ij]
-                for k in cells.CURVE_METRICS:
-                    by_size[f][k].append(float(np.mean([v[k] for v in vals])))
-        by_rank = {k: [] for k in cells.CURVE_METRICS}
-        for r_pos, r in enumerate(ranks):
-            vals = []
-            for i, j in pairs_ij:
-                w, b = rank_sweep[(i, j)][r_pos]
-                vals.append(cells.curve_values(*cells.cell_metrics(native[i] @ w + b, native[j], labels, index, pairs, **metric_kw)))
-            for k in cells.CURVE_METRICS:
-                by_rank[k].append(float(np.mean([v[k] for v in vals])))
-        return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
-                                                            for f, d in by_size.items()}},
-                "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
-
-    curve = engine.memo("curves", curves)
+    curve = engine.memo("curves", functools.partial(curves, config, engine.store("fit"), names, dims, native, labels,
+                                                    index, pairs, metric_kw, ranks, rank_sweep))
 
     results = assemble(config, names, dims, fit, len(labels), grids, sim, curve, map_warnings, fit_desc, eval_desc)
     results["meta"] = {"seconds": dict(engine.seconds), "store": engine.store_dir("eval")}
     return results, engine
+
+
+def _zoo_data(config, zoo_classes):
+    """Images and labels of the zoo's training classes (weights=zoo only)."""
+    from embjax import data
+
+    src = data.get_source(config.dataset, config.fit_split, data_dir=config.data_dir,
+                          manual_dir=config.manual_dir, image_size=config.image_size)
+    labels = data.labels_of(src)
+    rows = np.nonzero(data.class_filter(zoo_classes, "zoo_classes")[0](labels))[0]
+    images, _ = data.Subset(src, rows, "zoo", labels=labels[rows]).get_batch(np.arange(len(rows)))
+    return images, labels[rows].astype(np.int32)
+
+
+def evaluate_cells(native, mapped, dims, labels, index, pairs, metric_kw):
+    """Every setting × family × ordered pair of the open-set grid, one cell computed once."""
+    from embjax import cells
+
+    n = len(native)
+    t = time.perf_counter()
+    cache = {}
+
+    def cell(q_key, q, g_key, g):
+        key = (q_key, g_key)
+        if key not in cache:
+            cache[key] = cells.cell_metrics(q, g, labels, index, pairs, **metric_kw)
+        return cache[key]
+
+    from embjax import maps as maps_lib
+
+    out = {}
+    for s in SETTINGS:
+        for f in FAMILIES:
+            grid = [[None] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    if s == "native":
+                        grid[i][j] = cell(("native", j), native[j], ("native", j), native[j])
+                    elif s == "mapped":
+                        q_key = ("native", i) if i == j else (f, i, j)
+                        grid[i][j] = cell(q_key, mapped(f, i, j), ("native", j), native[j])
+                    elif s == "naive":
+                        w, b = maps_lib.naive(dims[i], dims[j])
+                        q = native[i] @ np.asarray(w) + np.asarray(b)
+                        grid[i][j] = cell(("naive", i, j), q, ("native", j), native[j])
+                    else:
+                        hubs = [c for c in range(n) if c not in (i, j)] or [j]
+                        hub_cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
+                        grid[i][j] = cells.average_cells(hub_cells)
+            out[(s, f)] = grid
+    print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
+    return {f"{s}|{f}": cells.cells_to_arrays(grid) for (s, f), grid in out.items()}
+
+
+def similarity_matrices(config, fit, native, procrustes):
+    """Linear CKA, mean SVCCA, Procrustes distance (fit statistics), debiased CKA and mutual k-NN (features)."""
+    from embjax import similarity, stats
+
+    n = len(native)
+    cca_dims = int(config.cca_dims) or None
+    mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
+    sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
+    mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
+    for i in range(n):
+        for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
+            rotation = None
+            if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
+                w = procrustes[(i, j)][0]
+                rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
+            values = {"cka": similarity.linear_cka(fit, i, j),
+                      "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
+                      "cka_debiased": similarity.debiased_cka(native[i], native[j]),
+                      "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
+            for k, v in values.items():
+                mat[k][i, j] = mat[k][j, i] = float(v)
+    return mat
+
+
+def curves(config, fit_store, names, dims, native, labels, index, pairs, metric_kw, ranks, rank_sweep):
+    """Metrics against the number of fitting samples and against the rank of the map."""
+    from embjax import cells, stats
+
+    n = len(names)
+    fit_feats = [np.asarray(fit_store.array(f"{m}/pre_logits"), np.float32) for m in names]
+    total = fit_feats[0].shape[0]
+    sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
+    pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
+    families = tuple(config.curve_families)
+    by_size = {f: {k: [] for k in cells.CURVE_METRICS} for f in families}
+    for size in sizes:
+        st = stats.init(dims)
+        for lo in range(0, size, 512):
+            st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
+        fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
+        for f in families:
+            vals = [cells.curve_values(*cells.cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
+                                                native[j], labels, index, pairs, **metric_kw)) for i, j in pairs_ij]
+            for k in cells.CURVE_METRICS:
+                by_size[f][k].append(float(np.mean([v[k] for v in vals])))
+    by_rank = {k: [] for k in cells.CURVE_METRICS}
+    for r_pos, r in enumerate(ranks):
+        vals = []
+        for i, j in pairs_ij:
+            w, b = rank_sweep[(i, j)][r_pos]
+            vals.append(cells.curve_values(*cells.cell_metrics(native[i] @ w + b, native[j], labels, index, pairs, **metric_kw)))
+        for k in cells.CURVE_METRICS:
+            by_rank[k].append(float(np.mean([v[k] for v in vals])))
+    return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
+                                                        for f, d in by_size.items()}},
+            "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
 
 
 def assemble(config, names, dims, fit, num_eval, grids, sim, curve, map_warnings, fit_desc, eval_desc) -> dict:
