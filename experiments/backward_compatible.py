@@ -204,39 +204,17 @@ def run(config, workdir: str):
     old_emb = np.empty((len(new_src), d_old), np.float32)
     old_emb[store.index] = store.array("old/pre_logits")
     new_labels[store.index] = store.labels
-    # One BCT model per normalization of the synthesized columns: config.bct.normalize, and the paper's
-    # literal rule (unnormalized) beside it when asked for.
-    variants = {"bct": normalize}
-    if "bct, unnormalized columns" in methods_for(config):
-        variants["bct_unnormalized"] = None
-    influences, diagnostics = {}, {}
-    for role, norm in variants.items():
-        influences[role] = bct.influence_classifier(
-            old.head[0], old.head[1], old_classes, num_labels=num_labels, new_classes=new_classes,
-            new_class_means=means[new_classes], normalize=norm)
-        diagnostics[role] = influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
-        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
+    variants, influences, diagnostics = influence_classifiers(config, old, normalize, old_classes, new_classes, means,
+                                                             old_emb, new_labels, log)
 
     # 3. The new model: independently, with BCT (per variant), with L2 regression.
-    trained = {"independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
-                                          fingerprint=new_fp)}
-    for role, norm in variants.items():
-        influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=norm or "none")
-        trained[role] = train_model(config, workdir, role, new_spec, new_src, config.new_train, kind="bct",
-                                    influence=influences[role], weight=config.bct.influence_weight,
-                                    fingerprint=dict(new_fp, bct=influence_fp))
-    trained["l2"] = train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
-                                weight=config.l2_weight, old_embeddings=old_emb,
-                                fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight)))
+    trained = train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp)
     news = {k: members.make_member(k, new_spec, v) for k, v in trained.items()}
     d_new = new_spec.feature_dim
 
     # 4. Joint statistics of old and independent-new embeddings over the new training set: the post-hoc maps.
     e2 = common.engine(config, workdir, [old, *news.values()])
-    fit_rows = np.arange(len(new_src))
-    if config.maps.fit_samples and config.maps.fit_samples < len(new_src):
-        rng = np.random.default_rng(config.new_train.seed)
-        fit_rows = np.sort(rng.choice(len(new_src), size=int(config.maps.fit_samples), replace=False))
+    fit_rows = map_fit_rows(config, len(new_src))
     fit_src = data.Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
     fit = e2.run(extract.Pass(
         "fit_maps", fit_src, fit_src.name, {"old": ("pre_logits",), "independent": ("pre_logits",)},
@@ -270,6 +248,51 @@ def run(config, workdir: str):
     return results(config, retrieval, subsets, old_classes, new_classes, len(old_rows), len(new_rows),
                    len(fit_rows), len(labels), map_r2, {**TRAIN_SECONDS, **e1.seconds, **e2.seconds},
                    diagnostics), e2
+
+
+def influence_classifiers(config, old, normalize, old_classes, new_classes, means, old_emb, new_labels, log):
+    """(variants {role: normalization}, influence classifiers {role: (kernel, bias)}, their diagnostics on
+    the old model's own embeddings)."""
+    from embjax import bct
+
+    # One BCT model per normalization of the synthesized columns: config.bct.normalize, and the paper's
+    # literal rule (unnormalized) beside it when asked for.
+    variants = {"bct": normalize}
+    if "bct, unnormalized columns" in methods_for(config):
+        variants["bct_unnormalized"] = None
+    influences, diagnostics = {}, {}
+    for role, norm in variants.items():
+        influences[role] = bct.influence_classifier(
+            old.head[0], old.head[1], old_classes, num_labels=int(config.num_classes), new_classes=new_classes,
+            new_class_means=means[new_classes], normalize=norm)
+        diagnostics[role] = influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
+        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
+    return variants, influences, diagnostics
+
+
+def map_fit_rows(config, n: int) -> np.ndarray:
+    """Rows of the new training set the post-hoc maps are fit on: all, or config.maps.fit_samples of them."""
+    fit_rows = np.arange(n)
+    if config.maps.fit_samples and config.maps.fit_samples < n:
+        rng = np.random.default_rng(config.new_train.seed)
+        fit_rows = np.sort(rng.choice(n, size=int(config.maps.fit_samples), replace=False))
+    return fit_rows
+
+
+def train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp) -> dict:
+    """The new model trained independently, with BCT (one per influence-classifier variant) and with L2
+    regression onto the old embeddings: {role: variables}."""
+    trained = {"independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
+                                          fingerprint=new_fp)}
+    for role, norm in variants.items():
+        influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=norm or "none")
+        trained[role] = train_model(config, workdir, role, new_spec, new_src, config.new_train, kind="bct",
+                                    influence=influences[role], weight=config.bct.influence_weight,
+                                    fingerprint=dict(new_fp, bct=influence_fp))
+    trained["l2"] = train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
+                                weight=config.l2_weight, old_embeddings=old_emb,
+                                fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight)))
+    return trained
 
 
 def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[int]]:
