@@ -95,10 +95,7 @@ def _key(n: int) -> str:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    import jax
-    import jax.numpy as jnp
-
-    from embjax import accumulator, data, extract, fne, members, moments
+    from embjax import data, members
 
     if config.activation not in ("post", "pre"):
         raise ValueError(f"config.activation must be 'post' or 'pre', not {config.activation!r}")
@@ -119,55 +116,8 @@ def run(config, workdir: str):
     engine = common.engine(config, workdir, ms + pooled_members)
     low, high = float(config.low), float(config.high)
 
-    per_model = {}
-    for m in ms:
-        name = m.name
-        layers, widths = plans[name]
-        dim = sum(widths)
-
-        def pooled(outputs, layers=layers, name=name):
-            return fne.pool(outputs[name], layers)
-
-        def emit_stats(outputs, batch, aux, pooled=pooled, name=name):
-            return {f"{name}/pooled": pooled(outputs), f"{name}/pre_logits": outputs[name]["pre_logits"]}
-
-        wanted = {name: tuple(dict.fromkeys((*layers, "pre_logits")))}
-        stats = engine.run(extract.Pass(
-            f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
-            emit=emit_stats, accumulator={  # moments of the first n training rows, for each subset size n
-                _key(n): moments.accumulator(dim, lambda out, batch, aux, p=pooled: p(out),
-                                             mask=lambda batch, n=n: batch["index"] < n) for n in sizes},
-            store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
-        standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
-
-        def emit_train(outputs, batch, aux, name=name):  # every subset size's embedding of every training row
-            x = outputs[f"pooled_{name}"]["pre_logits"]
-            return {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
-
-        engine.run(extract.Pass(
-            f"train_fne_{name}", data.store_rows(engine.store(f"stats_{name}"), [f"{name}/pooled"]),
-            config.train_split, {f"pooled_{name}": ("pre_logits",)}, aux=standardizations, emit=emit_train,
-            store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}, dataset=config.dataset))
-
-        def emit_embed(outputs, batch, aux, pooled=pooled, name=name):
-            x = pooled(outputs)
-            out = {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
-            return out | {f"{name}/pooled": x, f"{name}/pre_logits": outputs[name]["pre_logits"]}
-
-        def zero_fraction(outputs, batch, aux, pooled=pooled):  # per row: the share of its entries that are 0
-            x = pooled(outputs)
-            return {"rows": jnp.ones(x.shape[:1], jnp.float32),
-                    "zeros": {k: jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1)
-                              for k, s in aux.items()}}
-
-        embed = engine.run(extract.Pass(
-            f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
-            accumulator=accumulator.sums(zero_fraction, {"rows": np.zeros((), np.float32),
-                                                         "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}}),
-            emit=emit_embed, aux=standardizations,
-            store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
-            | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
-        per_model[name] = dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)
+    per_model = {m.name: model_passes(config, engine, m.name, plans[m.name], sizes, train_src, test_src)
+                 for m in ms}
 
     # Linear SVMs: a memo per backbone, so a resumed run does not retrain the finished ones.
     accuracy, svm_info = {}, {}
@@ -180,6 +130,62 @@ def run(config, workdir: str):
                                                                                   "seconds")}
                               for n in sizes} for e in EMBEDDINGS}
     return results(config, ms, sizes, per_model, accuracy, svm_info, engine, len(train_src), len(test_src)), engine
+
+
+def model_passes(config, engine, name: str, plan, sizes, train_src, test_src) -> dict:
+    """One backbone's three passes: moments of every subset (keeping pooled and last-layer features), the
+    training rows' int8 embedding from the stored pooled features, the test split's embedding."""
+    import jax.numpy as jnp
+
+    from embjax import accumulator, data, extract, fne, moments
+
+    low, high = float(config.low), float(config.high)
+    layers, widths = plan
+    dim = sum(widths)
+
+    def pooled(outputs, layers=layers, name=name):
+        return fne.pool(outputs[name], layers)
+
+    def emit_stats(outputs, batch, aux, pooled=pooled, name=name):
+        return {f"{name}/pooled": pooled(outputs), f"{name}/pre_logits": outputs[name]["pre_logits"]}
+
+    wanted = {name: tuple(dict.fromkeys((*layers, "pre_logits")))}
+    stats = engine.run(extract.Pass(
+        f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
+        emit=emit_stats, accumulator={  # moments of the first n training rows, for each subset size n
+            _key(n): moments.accumulator(dim, lambda out, batch, aux, p=pooled: p(out),
+                                         mask=lambda batch, n=n: batch["index"] < n) for n in sizes},
+        store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
+    standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
+
+    def emit_train(outputs, batch, aux, name=name):  # every subset size's embedding of every training row
+        x = outputs[f"pooled_{name}"]["pre_logits"]
+        return {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
+
+    engine.run(extract.Pass(
+        f"train_fne_{name}", data.store_rows(engine.store(f"stats_{name}"), [f"{name}/pooled"]),
+        config.train_split, {f"pooled_{name}": ("pre_logits",)}, aux=standardizations, emit=emit_train,
+        store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}, dataset=config.dataset))
+
+    def emit_embed(outputs, batch, aux, pooled=pooled, name=name):
+        x = pooled(outputs)
+        out = {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
+        return out | {f"{name}/pooled": x, f"{name}/pre_logits": outputs[name]["pre_logits"]}
+
+    def zero_fraction(outputs, batch, aux, pooled=pooled):  # per row: the share of its entries that are 0
+        x = pooled(outputs)
+        return {"rows": jnp.ones(x.shape[:1], jnp.float32),
+                "zeros": {k: jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1)
+                          for k, s in aux.items()}}
+
+    embed = engine.run(extract.Pass(
+        f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
+        accumulator=accumulator.sums(zero_fraction, {"rows": np.zeros((), np.float32),
+                                                     "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}}),
+        emit=emit_embed, aux=standardizations,
+        store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
+        | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
+    return dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)
 
 
 def embeddings_for(name: str, n: int, train, test, s, low: float, high: float, train_fne=None) -> dict:
