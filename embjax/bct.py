@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from embjax import maps, stats
+from embjax.accumulator import Accumulator
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -271,3 +272,12 @@ def make_loss(module, preprocess: Callable[[jax.Array], jax.Array], kind: str, *
         return loss, (updates.get("batch_stats", model_state), metrics)
 
     return loss_fn
+
+
+def class_sums(num_labels: int, dim: int, read, dtype=jnp.float32) -> Accumulator:
+    """Per-class sums as an engine accumulator: `read(outputs, batch, aux)` gives the (batch, dim)
+    embeddings; labels and mask come from the batch; `compute` gives the class means."""
+    return Accumulator(
+        empty=lambda: class_sums_init(num_labels, dim, dtype), merge=class_sums_merge, compute=class_sums_compute,
+        update=lambda s, outputs, batch, aux: class_sums_update(s, read(outputs, batch, aux), batch["label"],
+                                                               batch["mask"]))

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from embjax import moments
+from embjax.accumulator import Accumulator
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 KINDS = ("top1", "top5", "agreement")
@@ -357,3 +358,11 @@ def relative_change(acc: jax.Array) -> jax.Array:
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
         raise ValueError(f"evaluate.relative_change: expected a square (N, N) matrix, got shape {acc.shape}")
     return acc / jnp.diagonal(acc)[:, None] - 1.0
+
+
+def accumulator(dims: Sequence[int], read, dtype=jnp.float32) -> Accumulator:
+    """All-pairs evaluation as an engine accumulator: `read(outputs, batch, aux)` gives
+    `(feats, heads, maps)` as `update` takes them; labels and mask come from the batch."""
+    return Accumulator(
+        empty=lambda: init(dims, dtype), merge=merge, compute=compute,
+        update=lambda s, outputs, batch, aux: update(s, *read(outputs, batch, aux), batch["label"], batch["mask"]))

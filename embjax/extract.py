@@ -1,12 +1,14 @@
-"""The streaming engine: the one place in embjax that knows about devices, hosts, checkpoints and progress.
+"""The streaming engine: runs a study's passes over its members, resumably, on every device and host.
 
 A study is a short list of passes. A `Pass` names its data split, the model outputs it needs (any named
-intermediate of any member), an accumulator pytree and a pure fold `(state, outputs, batch, aux) -> state`;
-`Engine.run(pass)` streams the split through every member it needs in one jitted step per batch,
-data-parallel over all devices of all processes (a 1-D `jax.sharding.Mesh` named "data": batches sharded
-on their leading axis, models, accumulators and `aux` replicated; XLA inserts the cross-device
-reductions), and returns the final accumulator on the host. Between passes the study computes what the
-next pass needs (maps, heads, standardization), optionally memoized with `Engine.memo`.
+intermediate of any member) and an accumulator (embjax.accumulator: empty / update / merge / compute,
+or a dict of them; none for a pass that only fills the feature store). `Engine.run(pass)` streams the
+split through every member it needs in one jitted step per batch, data-parallel over all devices of all
+processes (embjax.sharding: batches sharded on their leading axis, models and `aux` replicated). Each
+device folds its own rows into its own partial state, so no step reduces anything across devices; the
+partials are merged on the host in float64 with the accumulator's merge at checkpoints and at the end,
+and `run` returns the merged state. Between passes the study computes what the next pass needs (maps,
+heads, standardization), optionally memoized with `Engine.memo`.
 
 The engine owns everything else:
 
@@ -34,15 +36,10 @@ The engine owns everything else:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import json
 import os
 import shutil
-import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,475 +47,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embjax import feature_store
-
-DATA_AXIS = "data"
-
-
-# --------------------------------------------------------------------------------------------------
-# Members: one backbone with its preprocessing, variables and the head used for evaluation.
-
-
-@dataclasses.dataclass(eq=False)
-class Member:
-    """One backbone of a study.
-
-    `apply(variables, images_uint8)` must return the model's output dict (`pre_logits`, `logits` and
-    any named intermediates); it includes the model's own preprocessing so that resizing and scaling run
-    on device inside the jitted step. `head` is the `(kernel (d, classes), bias (classes,))` of the
-    model's own classifier (None for a model without one); `spec` the registry spec it was built from.
-    An Engine built over a member replaces its `variables` with the copies it placed on its devices
-    (on one process), so the host copies are not held twice.
-    """
-
-    name: str
-    apply: Callable[[Any, jax.Array], dict]
-    variables: Any
-    feature_dim: int
-    head: tuple[Any, Any] | None = None
-    spec: Any = None
-    num_params: int = 0  # trainable parameters of the model as published (before any BatchNorm folding)
-
-
-def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The classifier `(kernel, bias)` inside a backbone's params: the one 2-D kernel of shape
-    (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in a CNN)."""
-    found = []
-
-    def visit(path, tree):
-        if isinstance(tree, dict) or hasattr(tree, "items"):
-            if "kernel" in tree and getattr(tree["kernel"], "shape", None) == (feature_dim, num_classes):
-                found.append((path, tree))
-            for k, v in tree.items():
-                visit(path + (k,), v)
-
-    visit((), variables["params"])
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one classifier kernel of shape ({feature_dim}, {num_classes}) in the "
-            f"params, found {len(found)}: {['/'.join(p) for p, _ in found]}")
-    path, leaf = found[0]
-    if "bias" not in leaf:
-        raise ValueError(f"classifier {'/'.join(path)} has no bias")
-    return np.asarray(leaf["kernel"]), np.asarray(leaf["bias"])
-
-
-# --------------------------------------------------------------------------------------------------
-# Devices and hosts.
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over all devices of all processes."""
-    devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def replicate(tree, mesh: Mesh, donatable: bool = True):
-    """Place a pytree fully replicated on the mesh (models, maps, heads, accumulators).
-
-    With `donatable` (accumulators, which the step donates) every leaf goes through a host copy, so that
-    leaves sharing one buffer (e.g. zeros reused in an init) get buffers of their own. Read-only trees
-    (variables, a pass's aux) skip that copy: a leaf already on the mesh's devices is not copied at all,
-    which matters for the thesis-scale map stacks (1.8 GB)."""
-    sharding = NamedSharding(mesh, P())
-    if donatable:
-        return jax.tree.map(lambda x: jax.device_put(np.array(x), sharding), tree)
-
-    def put(x):
-        if isinstance(x, jax.Array):
-            if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x
-            if jax.process_count() > 1:  # a process-local array reaches the other processes via the host
-                x = np.asarray(x)
-        return jax.device_put(x, sharding)
-
-    return jax.tree.map(put, tree)
-
-
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays sharded on the leading (batch) axis."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
-    if global_batch % n:
-        raise ValueError(
-            f"batch_size {global_batch} is not divisible by the {n} devices of the mesh; "
-            f"use a multiple of {n}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The jitted steps.
-
-# XLA:CPU (jaxlib 0.10) hands convolutions and their elementwise neighbours to YNNPACK fusions by
-# default. With those off, convolutions run on XLA's Eigen kernels and 1x1 convolutions become dots,
-# which benchmarks/extract_throughput.py measured faster on this project's CPUs for every backbone it
-# times (ResNet-50 and EfficientNet-Lite0; figures in benchmarks/RESULTS.md). Set
-# EMBJAX_XLA_CPU_DEFAULTS=1 to compile with XLA's defaults instead.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def _cpu_options_supported() -> bool:
-    """Whether this jaxlib's CPU compiler knows the options (an unknown option is a compile error)."""
-    try:
-        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(dict(CPU_COMPILER_OPTIONS))
-        return True
-    except Exception:  # noqa: BLE001  (any failure means: compile with the defaults)
-        return False
-
-
-def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    """The XLA options the engine's steps are compiled with on `mesh`'s platform (None: defaults)."""
-    if mesh.devices.flat[0].platform != "cpu" or os.environ.get("EMBJAX_XLA_CPU_DEFAULTS", "") not in ("", "0"):
-        return None
-    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and progress.
-
-
-def config_fingerprint(config: Any) -> str:
-    """A short stable hash of a JSON-able config: a checkpoint only resumes the run that made it."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class CheckpointUnreadable(RuntimeError):
-    """A checkpoint that cannot be restored as it was written (damaged files, or bytes that no longer hash
-    to what was saved); the engine falls back to the previous one."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (full or read-only disk, ...); the previous one is kept."""
-
-
-def _host_copy(x) -> np.ndarray:
-    """A leaf on this host; a replicated array spanning several processes is read from a local replica."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.is_fully_replicated:
-            raise ValueError(f"cannot hash a state leaf sharded over several processes ({x.sharding})")
-        x = x.addressable_shards[0].data
-    return np.ascontiguousarray(np.asarray(x))
-
-
-def state_hash(state) -> str:
-    """SHA-256 over an accumulator's leaf paths, shapes, dtypes and bytes (on the host; every process
-    computes the same one from its own replica)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        leaf = _host_copy(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
-        digest.update(leaf.view(np.uint8).reshape(-1).data)
-    return digest.hexdigest()
-
-
-class Checkpoints:
-    """Orbax checkpoints of the accumulators of one run, in `directory`, tagged by a fingerprint.
-
-    Each checkpoint's meta records a SHA-256 of the state it holds, checked on restore: orbax's files
-    carry checksums of their own only in part, and a resumed run must never continue from silently
-    changed sums.
-    """
-
-    def __init__(self, directory: str, fingerprint: str, keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = os.path.abspath(directory)
-        self.fingerprint = fingerprint
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
-                                                 create=True))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def steps(self) -> list[int]:
-        """Every step with a (final-named) checkpoint, newest first."""
-        return sorted(self.manager.all_steps(), reverse=True)
-
-    def meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
-        return restored["meta"]
-
-    def restore(self, step: int, like) -> tuple[Any, dict]:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
-        try:
-            restored = self.manager.restore(step, args=self._ocp.args.Composite(
-                state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises several types for a damaged checkpoint
-            raise CheckpointUnreadable(
-                f"could not restore checkpoint {step} in {self.directory} ({type(e).__name__}: "
-                f"{str(e)[:300]})") from e
-        meta = restored["meta"]
-        if meta.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(
-                f"checkpoint {step} in {self.directory} was written by a run with a different config "
-                f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); use another workdir or "
-                f"delete this one")
-        if "state_sha256" in meta and state_hash(restored["state"]) != meta["state_sha256"]:
-            raise CheckpointUnreadable(
-                f"checkpoint {step} in {self.directory} restored to a state whose SHA-256 differs from the "
-                "one recorded when it was written: its files were changed or damaged")
-        return restored["state"], meta
-
-    def save(self, step: int, state, meta: dict) -> None:
-        meta = dict(meta, fingerprint=self.fingerprint, state_sha256=state_hash(state))
-        previous = self.latest()
-        try:
-            self.manager.save(step, args=self._ocp.args.Composite(
-                state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)), force=True)
-            self.manager.wait_until_finished()
-        except Exception as e:  # a full or read-only disk, a vanished mount ...
-            kept = (f"the previous checkpoint ({previous}) is kept" if previous is not None
-                    else "there is no earlier checkpoint")
-            raise CheckpointWriteError(
-                f"could not write checkpoint {step} into {self.directory} ({type(e).__name__}: "
-                f"{str(e)[:300]}); {kept}. Free space on that disk or make it writable, then rerun the "
-                "same command to resume") from e
-
-    def delete(self, step: int) -> None:
-        """Removes checkpoint `step`. Every process calls it (orbax deletes on the primary process and
-        synchronizes all of them), as every process finds the same checkpoint unreadable."""
-        self.manager.delete(step)
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-@dataclasses.dataclass
-class Progress:
-    """Prints images/s and ETA for a pass, on process 0 only."""
-
-    label: str
-    total_batches: int
-    batch_size: int
-    every_seconds: float = 10.0
-    stream: Any = sys.stdout
-
-    def __post_init__(self):
-        self._first: tuple[float, int] | None = None  # (time, batches) when timing started
-        self._last = -float("inf")
-
-    def due(self) -> bool:
-        """Whether the next `update` would print (the engine checks its flags then): on process 0 only."""
-        if jax.process_index() != 0:
-            return False
-        return self._first is None or time.perf_counter() - self._last >= self.every_seconds
-
-    def update(self, batches_done: int, force: bool = False) -> None:
-        if jax.process_index() != 0:
-            return
-        now = time.perf_counter()
-        if self._first is None:
-            # Rates are measured from the first finished batch on, so compilation does not count.
-            self._first = (now, batches_done)
-            print(f"[{self.label}] batch {batches_done}/{self.total_batches} (compiled)", file=self.stream,
-                  flush=True)
-            self._last = now
-            return
-        if not force and now - self._last < self.every_seconds:
-            return
-        self._last = now
-        counted = batches_done - self._first[1]
-        elapsed = now - self._first[0]
-        if counted <= 0 or elapsed <= 0:
-            return
-        rate = counted * self.batch_size / elapsed
-        eta = (self.total_batches - batches_done) * self.batch_size / rate
-        print(f"[{self.label}] batch {batches_done}/{self.total_batches}  {rate:,.1f} img/s  "
-              f"ETA {eta:,.0f} s", file=self.stream, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Passes and their jitted step.
-
-
-@dataclasses.dataclass(frozen=True)
-class Pass:
-    """One streaming pass over a split (see the module docstring).
-
-    outputs: member name -> output keys the fold needs (keys of the member's output dict).
-    init: the accumulator pytree before the first batch.
-    fold: `(state, outputs, batch, aux) -> state`, pure (jitted by the engine). `outputs[member][key]` is
-      float32 with a leading batch axis, non-finite values replaced by 0; `batch` holds "image", "label",
-      "mask" (False on padding rows, which the fold must give no weight) and "index".
-    aux: arrays the fold reads (maps, heads, standardization), passed to the jitted step as an argument.
-    store: feature-store entries to keep, name -> dtype ("float32", "float16", "int8"). An entry
-      "member/key" is that output flattened to (batch, -1) unless `emit` computes it.
-    emit: optional `(outputs, batch, aux) -> {entry: (batch, ...) array}` for derived entries.
-    dataset: the dataset's name, for the store's manifest.
-    merge: optional `(a, b) -> state`, the accumulator's associative merge. With it, every device folds
-      its own shard of each batch into its own partial state (no cross-device reduction per batch), and
-      the partials are merged on the host in float64 only at checkpoints and at the end of the pass.
-      Without it, the state is replicated and XLA reduces each batch across devices.
-    """
-
-    name: str
-    source: Any
-    split: str
-    outputs: Mapping[str, Sequence[str]]
-    init: Any
-    fold: Callable[[Any, dict, dict, Any], Any]
-    aux: Any = None
-    store: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    emit: Callable[[dict, dict, Any], dict] | None = None
-    dataset: str = ""
-    merge: Callable[[Any, Any], Any] | None = None
-
-
-class NonFiniteFeatures(ValueError):
-    """A backbone produced NaN or inf outputs on real images."""
-
-
-def _needed(members: Sequence[Member], p: Pass) -> list[Member]:
-    known = {m.name for m in members}
-    unknown = [n for n in p.outputs if n not in known]
-    if unknown:
-        raise ValueError(f"pass '{p.name}' asks for outputs of {unknown}, which are not members of this run "
-                         f"({', '.join(sorted(known))})")
-    return [m for m in members if m.name in p.outputs]
-
-
-def _emit_default(p: Pass) -> Callable[[dict, dict, Any], dict]:
-    def emit(outputs, batch, aux):
-        out = {}
-        for entry in p.store:
-            member, _, key = entry.partition("/")
-            if member not in outputs or key not in outputs[member]:
-                raise ValueError(f"pass '{p.name}': store entry '{entry}' is not 'member/key' of an output "
-                                 f"the pass asks for ({ {m: list(k) for m, k in p.outputs.items()} })")
-            x = outputs[member][key]
-            out[entry] = x.reshape(x.shape[0], -1)
-        return out
-
-    return emit
-
-
-def make_step(members: Sequence[Member], p: Pass, mesh: Mesh, precision: str | None = "float32"):
-    """The jitted `(state, flags, variables, aux, batch) -> (state, flags, emitted)` of pass `p`.
-
-    `variables` are those of the members the pass needs, in member order; `flags` accumulate whether any
-    real row had a non-finite output (per member; per device and member when `p.merge` is set, where
-    `state` and `flags` carry a leading device axis sharded over the mesh and each device folds only its
-    own rows). `precision` is the matmul and convolution precision every dot of the step is traced with:
-    "float32" means float32 arithmetic on every backend (not TF32 on NVIDIA GPUs, nor one-pass bfloat16
-    on TPUs); None leaves XLA's default (bfloat16 runs).
-    """
-    needed = _needed(members, p)
-    emit = p.emit or (_emit_default(p) if p.store else None)
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(DATA_AXIS))
-
-    def body(state, flags, variables, aux, batch):
-        mask = batch["mask"]
-        outputs, bad = {}, []
-        for member, v in zip(needed, variables):
-            out = member.apply(v, batch["image"])
-            chosen, member_bad = {}, jnp.zeros((), bool)
-            for key in p.outputs[member.name]:
-                if key not in out:
-                    raise KeyError(f"{member.name} has no output '{key}' (pass '{p.name}'); it returns "
-                                   f"{', '.join(sorted(out))}")
-                x = out[key].astype(jnp.float32)
-                finite = jnp.isfinite(x)
-                row_ok = jnp.all(finite.reshape(x.shape[0], -1), axis=1)
-                member_bad = member_bad | jnp.any(~row_ok & mask)
-                chosen[key] = jnp.where(finite, x, 0.0)
-            outputs[member.name] = chosen
-            bad.append(member_bad)
-        state = p.fold(state, outputs, batch, aux)
-        emitted = emit(outputs, batch, aux) if emit is not None else {}
-        return state, flags | jnp.stack(bad), emitted
-
-    def traced(state, flags, variables, aux, batch):
-        if precision is None:
-            return body(state, flags, variables, aux, batch)
-        with jax.default_matmul_precision(precision):
-            return body(state, flags, variables, aux, batch)
-
-    if p.merge is None:
-        return jax.jit(traced, donate_argnums=0, out_shardings=(replicated, replicated, sharded),
-                       compiler_options=compiler_options(mesh))
-
-    def local(state, flags, variables, aux, batch):  # one device: its partial state and its rows
-        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
-        state, flag, emitted = traced(squeeze(state), flags[0], variables, aux, batch)
-        return jax.tree.map(lambda x: x[None], state), flag[None], emitted
-
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(), P(DATA_AXIS)),
-                           out_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
-    return jax.jit(mapped, donate_argnums=0, out_shardings=(sharded, sharded, sharded),
-                   compiler_options=compiler_options(mesh))
-
-
-def merge_partials(states: Sequence[Any], merge: Callable[[Any, Any], Any]) -> Any:
-    """Merge partial accumulators pairwise (a balanced tree: log2(k) merges deep) in float64 on the
-    host CPU, returned in the dtypes of the first state. Floating leaves are merged in float64 whatever
-    their dtype, so thousands of merges of float32 partials lose no more than one float32 rounding."""
-    states = list(states)
-    if not states:
-        raise ValueError("merge_partials needs at least one state")
-    dtypes = jax.tree.map(lambda x: np.asarray(x).dtype, states[0])
-    if len(states) == 1:
-        return jax.tree.map(np.asarray, states[0])
-    wide = [jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
-                         else np.asarray(x), s) for s in states]
-    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
-        merge64 = jax.jit(merge)
-        while len(wide) > 1:
-            nxt = [merge64(wide[i], wide[i + 1]) for i in range(0, len(wide) - 1, 2)]
-            if len(wide) % 2:
-                nxt.append(wide[-1])
-            wide = nxt
-        merged = jax.device_get(wide[0])
-    return jax.tree.map(lambda x, dt: np.asarray(x).astype(dt), merged, dtypes)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in its local order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:  # replicas of a shard on several local devices: once
-            seen.add(start)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# Memoized host results (between-pass computations).
-
-
-def _to_skeleton(tree, leaves: dict, prefix: str):
-    if isinstance(tree, Mapping):
-        return {"dict": {str(k): _to_skeleton(v, leaves, f"{prefix}/{k}") for k, v in tree.items()}}
-    if isinstance(tree, (list, tuple)):
-        kind = "list" if isinstance(tree, list) else "tuple"
-        return {kind: [_to_skeleton(v, leaves, f"{prefix}/{i}") for i, v in enumerate(tree)]}
-    key = f"a{len(leaves)}"
-    leaves[key] = np.asarray(tree)
-    return {"leaf": key}
-
-
-def _from_skeleton(skel, leaves):
-    if "dict" in skel:
-        return {k: _from_skeleton(v, leaves) for k, v in skel["dict"].items()}
-    if "list" in skel:
-        return [_from_skeleton(v, leaves) for v in skel["list"]]
-    if "tuple" in skel:
-        return tuple(_from_skeleton(v, leaves) for v in skel["tuple"])
-    return leaves[skel["leaf"]]
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine.
+from embjax.passes import (NonFiniteFeatures, Pass, Progress, _accumulator, _needed,  # noqa: F401
+                            make_step, merge_partials)
+from embjax.checkpoints import (CheckpointUnreadable, Checkpoints, CheckpointWriteError,  # noqa: F401 (re-exported)
+                                config_fingerprint, load_memo, save_memo, state_hash)
+from embjax.members import Member, find_head  # noqa: F401 (re-exported)
+from embjax.sharding import (CPU_COMPILER_OPTIONS, DATA_AXIS, check_batch_size, compiler_options,  # noqa: F401
+                             local_rows, make_mesh, replicate, shard_batch)
 
 
 def _dtype(x):
@@ -563,6 +98,9 @@ class Engine:
         self.progress_seconds = float(progress_seconds)
         self.config = config
         self.precision = precision
+        self._settings = dict(batch_size=batch_size, fingerprint=fingerprint, checkpoint_every=checkpoint_every,
+                              prefetch=prefetch, progress_seconds=progress_seconds, mesh=mesh, log=log,
+                              config=config)
         self.seconds: dict[str, float] = {}
         self._log = log or (lambda msg: print(msg, flush=True) if self.process_index == 0 else None)
         self._variables = replicate([m.variables for m in self.members], self.mesh, donatable=False)
@@ -573,6 +111,22 @@ class Engine:
             for member, placed in zip(self.members, self._variables):
                 member.variables = placed
         self._step_offset = 0  # batches of the passes run before this one: one step sequence per run
+
+    @property
+    def device_count(self) -> int:
+        """Devices of the engine's mesh (all processes)."""
+        return self.mesh.devices.size
+
+    def shard_rows(self, *arrays) -> tuple:
+        """`arrays` placed with their rows sharded over the engine's devices (row counts a multiple of
+        `device_count`), for a solver that reduces over rows itself (embjax.svm's L-BFGS)."""
+        return tuple(jax.device_put(a, NamedSharding(self.mesh, P(DATA_AXIS, *[None] * (np.ndim(a) - 1))))
+                     for a in arrays)
+
+    def sibling(self, name: str, members: Sequence[Member], **overrides) -> "Engine":
+        """An engine over other members (the same models at another precision, say) with this engine's
+        settings but `overrides`, keeping its state in `<workdir>/engines/<name>` (removed by `finish`)."""
+        return Engine(members, self._dir("engines", name), **(self._settings | {"precision": self.precision} | overrides))
 
     # ---- paths --------------------------------------------------------------------------------------
 
@@ -594,26 +148,19 @@ class Engine:
         """`compute()` (a pytree of dicts, lists, tuples and arrays) saved once under the run's fingerprint
         and reused by a resumed run. `compute` must give the same result on every process."""
         path = self._dir("memo", name) + ".npz"
-        if os.path.exists(path):
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    header = json.loads(str(f["__skeleton__"]))
-                    if header["fingerprint"] == self.fingerprint:
-                        self._log(f"[resume] {name}: reusing {path}")
-                        return _from_skeleton(header["skeleton"], {k: f[k] for k in f.files})
-            except Exception as e:  # noqa: BLE001 - a damaged memo is recomputed, never trusted
-                self._log(f"[warning] {path} is unreadable ({type(e).__name__}: {e}); recomputing {name}")
+        try:
+            value = load_memo(path, self.fingerprint)
+        except Exception as e:  # noqa: BLE001 - a damaged memo is recomputed, never trusted
+            self._log(f"[warning] {path} is unreadable ({type(e).__name__}: {e}); recomputing {name}")
+            value = None
+        if value is not None:
+            self._log(f"[resume] {name}: reusing {path}")
+            return value
         t = time.perf_counter()
         value = compute()
         self.seconds[name] = time.perf_counter() - t
         if self.process_index == 0:
-            leaves: dict[str, np.ndarray] = {}
-            skeleton = _to_skeleton(value, leaves, "")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp.npz"
-            header = json.dumps({"fingerprint": self.fingerprint, "skeleton": skeleton})
-            np.savez(tmp, __skeleton__=np.asarray(header), **leaves)
-            os.replace(tmp, path)
+            save_memo(path, self.fingerprint, value)
         return value
 
     # ---- passes -------------------------------------------------------------------------------------
@@ -634,7 +181,9 @@ class Engine:
         # The accumulator's shapes, dtypes and placement: what a checkpoint is restored into. Abstract, so
         # that a large accumulator (D² statistics: 1.8 GB at the thesis' widths) is not held twice.
         replicated = NamedSharding(self.mesh, P())
-        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=replicated), p.init)
+        acc = _accumulator(p)
+        empty = acc.empty()
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=replicated), empty)
 
         if os.path.isdir(self._dir("passes", p.name)):
             done = self._checkpoints("passes", p.name, keep=1)
@@ -672,17 +221,16 @@ class Engine:
         share = data.pipeline.process_share(np.arange(n), self.process_index, self.process_count).shape[0]
 
         step = make_step(self.members, p, self.mesh, self.precision)
+        if os.environ.get("EMBJAX_HLO_DIR") and self.process_index == 0:  # for tests: the compiled step
+            os.makedirs(os.environ["EMBJAX_HLO_DIR"], exist_ok=True)
+            with open(os.path.join(os.environ["EMBJAX_HLO_DIR"], f"{p.name}.hlo.txt"), "w") as f:
+                f.write(self.step_hlo(p))
         variables = [v for m, v in zip(self.members, self._variables) if any(m is k for k in needed)]
         aux = replicate(p.aux, self.mesh, donatable=False) if p.aux is not None else None
-        per_device = p.merge is not None
-        if state is None:
-            state = p.init if per_device else replicate(p.init, self.mesh)
-        if per_device:  # device 0 starts from the (restored) state, the others from empty partials
-            state = self._spread(state, p.init)
-            flags = jax.device_put(np.zeros((self.mesh.devices.size, len(needed)), bool),
-                                   NamedSharding(self.mesh, P(DATA_AXIS)))
-        else:
-            flags = replicate(np.zeros((len(needed),), bool), self.mesh)
+        # Device 0 starts from the (restored) state, the others from empty partials.
+        state = self._spread(empty if state is None else state, empty)
+        flags = jax.device_put(np.zeros((self.mesh.devices.size, len(needed)), bool),
+                               NamedSharding(self.mesh, P(DATA_AXIS)))
         progress = Progress(f"{p.name} {p.split}", total, self.batch_size, self.progress_seconds)
         checked = start  # batches [start, checked) were verified finite
         pending = None  # (emitted, host batch, batch index): written one step late, so transfers overlap
@@ -695,10 +243,7 @@ class Engine:
             # all processes raise together); at progress lines, whose timing differs per process, each
             # checks only its own devices' flags, with no collective.
             nonlocal checked
-            if per_device:
-                bad = self._any_flags(flags, everywhere)
-            else:
-                bad = np.asarray(jax.device_get(flags))
+            bad = self._any_flags(flags, everywhere)
             if bad.any():
                 names = [m.name for m, b in zip(needed, bad) if b]
                 raise NonFiniteFeatures(
@@ -711,7 +256,7 @@ class Engine:
             emitted, host, b = pending_item
             k = int(host["mask"].sum())
             row = min(b * self.local_batch, share)
-            values = {name: _local_rows(x)[:k] for name, x in emitted.items()}
+            values = {name: local_rows(x)[:k] for name, x in emitted.items()}
             writer.write(row, values, host["index"][:k], host["label"][:k])
 
         try:
@@ -733,11 +278,10 @@ class Engine:
                         write(pending)
                         pending = None
                         writer.flush()
-                    merged = self._merged(state, p.merge) if per_device else state
+                    merged = self._merged(state, acc.merge)
                     ckpt.save(done_b, _saved(merged, done_b), {"pass": p.name, "batches_done": done_b,
                                                                "step": offset + done_b})
-                    if per_device:  # go on from the merged state, exactly as a resumed run would
-                        state = self._spread(merged, p.init)
+                    state = self._spread(merged, empty)  # go on from the merged state, as a resumed run would
                 progress.update(done_b)
             if writer is not None and pending is not None:
                 write(pending)
@@ -751,8 +295,7 @@ class Engine:
         if writer is not None:
             writer.close()
             self._finish_store(p, needed, n, {name: shape for name, (_, shape) in writer.entries.items()})
-        if per_device:
-            state = self._merged(state, p.merge)
+        state = self._merged(state, acc.merge)
         done = self._checkpoints("passes", p.name, keep=1)
         done.save(total, _saved(state, total), {"pass": p.name, "batches_done": total, "step": offset + total})
         done.close()
@@ -775,11 +318,13 @@ class Engine:
 
     def _local_partials(self, state) -> list:
         leaves, treedef = jax.tree.flatten(state)
-        per_leaf = [_local_rows(x) for x in leaves]
+        per_leaf = [local_rows(x) for x in leaves]
         return [jax.tree.unflatten(treedef, [leaf[k] for leaf in per_leaf]) for k in range(per_leaf[0].shape[0])]
 
     def _merged(self, state, merge):
         """The merge of every device's partial state (float64 on the host), replicated on the mesh."""
+        if not jax.tree.leaves(state):  # a store-only pass: nothing to merge
+            return state
         merged = merge_partials(self._local_partials(state), merge)
         if self.process_count > 1:
             from jax.experimental import multihost_utils
@@ -791,7 +336,7 @@ class Engine:
         return replicate(merged, self.mesh, donatable=False)
 
     def _any_flags(self, flags, everywhere: bool) -> np.ndarray:
-        local = _local_rows(flags).any(axis=0)
+        local = local_rows(flags).any(axis=0)
         if everywhere and self.process_count > 1:
             from jax.experimental import multihost_utils
 
@@ -807,16 +352,37 @@ class Engine:
         entries = {name: (dtype, shapes[name]) for name, dtype in p.store.items()}
         return feature_store.Writer(self.store_dir(p.name), entries, rows, self.process_index, resume)
 
+    def step_hlo(self, p: Pass) -> str:
+        """The compiled (optimized) HLO text of pass `p`'s step on this engine's mesh: what tests inspect
+        to see that no batch is reduced across devices. Compiles the step; runs nothing."""
+        needed = _needed(self.members, p)
+        n_dev = self.mesh.devices.size
+        sharded, replicated = NamedSharding(self.mesh, P(DATA_AXIS)), NamedSharding(self.mesh, P())
+        image_shape = getattr(p.source, "image_shape", None) or np.shape(p.source[0][0])
+        b = self.batch_size
+        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), getattr(p.source, "dtype", jnp.uint8), sharding=sharded),
+                 "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded),
+                 "mask": jax.ShapeDtypeStruct((b,), bool, sharding=sharded),
+                 "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n_dev, *np.shape(x)), _dtype(x), sharding=sharded),
+                             _accumulator(p).empty())
+        flags = jax.ShapeDtypeStruct((n_dev, len(needed)), bool, sharding=sharded)
+        variables = [v for m, v in zip(self.members, self._variables) if any(m is k for k in needed)]
+        aux = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=replicated), p.aux)
+        step = make_step(self.members, p, self.mesh, self.precision)
+        return step.lower(state, flags, variables, aux, batch).compile().as_text()
+
     def _emitted_shapes(self, p: Pass, needed) -> dict[str, tuple[int, ...]]:
         image_shape = getattr(p.source, "image_shape", None) or np.shape(p.source[0][0])
-        b = self.local_batch
-        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8),
+        b, n_dev = self.batch_size, self.mesh.devices.size
+        batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), getattr(p.source, "dtype", jnp.uint8)),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool),
                  "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
-        step = make_step(self.members, dataclasses.replace(p, merge=None), self.mesh, self.precision)
+        step = make_step(self.members, p, self.mesh, self.precision)
         variables = [m.variables for m in needed]
-        flags = np.zeros((len(needed),), bool)
-        out = jax.eval_shape(step, p.init, flags, variables, p.aux, batch)
+        flags = jax.ShapeDtypeStruct((n_dev, len(needed)), bool)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n_dev, *np.shape(x)), _dtype(x)), _accumulator(p).empty())
+        out = jax.eval_shape(step, state, flags, variables, p.aux, batch)
         return {name: tuple(x.shape[1:]) for name, x in out[2].items()}
 
     def _finish_store(self, p: Pass, needed, n: int, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -849,5 +415,5 @@ class Engine:
         """After the report is written: drop the resume state (checkpoints, finished passes, memos)."""
         if self.process_index != 0:
             return
-        for kind in ("checkpoints", "passes", "memo") + (() if keep_store else ("store",)):
+        for kind in ("checkpoints", "passes", "memo", "engines") + (() if keep_store else ("store",)):
             shutil.rmtree(os.path.join(self.workdir, kind), ignore_errors=True)

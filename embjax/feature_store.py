@@ -180,6 +180,15 @@ class Store:
         return self._sorted(self.manifest["entries"][name]["file_stem"])
 
 
+def move(src: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Moves a finished store (its manifest present) to `dest`, e.g. from a run's resume state into its
+    report directory; returns `dest`."""
+    if not os.path.isfile(os.path.join(src, "manifest.json")):
+        raise FeatureStoreError(f"{src} holds no finished feature store (no manifest.json); nothing moved")
+    os.rename(src, dest)
+    return str(dest)
+
+
 def open(directory: str | os.PathLike) -> Store:  # noqa: A001 - the natural name, as numpy's np.load
     """A finished store (FeatureStoreError if its manifest is missing: an interrupted or running pass)."""
     directory = os.fspath(directory)

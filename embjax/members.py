@@ -1,4 +1,4 @@
-"""A study's models: registry names -> `extract.Member`s with variables from the source the config names.
+"""A study's models: registry names -> `Member`s with variables from the source the config names.
 
 Every study loads its backbones here: `load(names, weights=...)` resolves every name first (an unknown
 name fails before any weights are read), then takes each model's variables from one of
@@ -17,12 +17,65 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embjax import extract
 
 WEIGHT_SOURCES = ("zoo", "pretrained", "files", "random")
+
+
+@dataclasses.dataclass(eq=False)
+class Member:
+    """One backbone of a study.
+
+    `apply(variables, images_uint8)` must return the model's output dict (`pre_logits`, `logits` and
+    any named intermediates); it includes the model's own preprocessing so that resizing and scaling run
+    on device inside the jitted step. `head` is the `(kernel (d, classes), bias (classes,))` of the
+    model's own classifier (None for a model without one); `spec` the registry spec it was built from.
+    An Engine built over a member replaces its `variables` with the copies it placed on its devices
+    (on one process), so the host copies are not held twice.
+    """
+
+    name: str
+    apply: Callable[[Any, jax.Array], dict]
+    variables: Any
+    feature_dim: int
+    head: tuple[Any, Any] | None = None
+    spec: Any = None
+    num_params: int = 0  # trainable parameters of the model as published (before any BatchNorm folding)
+
+
+def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier `(kernel, bias)` inside a backbone's params: the one 2-D kernel of shape
+    (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in a CNN)."""
+    found = []
+
+    def visit(path, tree):
+        if isinstance(tree, dict) or hasattr(tree, "items"):
+            if "kernel" in tree and getattr(tree["kernel"], "shape", None) == (feature_dim, num_classes):
+                found.append((path, tree))
+            for k, v in tree.items():
+                visit(path + (k,), v)
+
+    visit((), variables["params"])
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one classifier kernel of shape ({feature_dim}, {num_classes}) in the "
+            f"params, found {len(found)}: {['/'.join(p) for p, _ in found]}")
+    path, leaf = found[0]
+    if "bias" not in leaf:
+        raise ValueError(f"classifier {'/'.join(path)} has no bias")
+    return np.asarray(leaf["kernel"]), np.asarray(leaf["bias"])
+
+
+def identity(name: str, width: int, offset: int = 0, key: str = "pre_logits") -> Member:
+    """A member that returns columns offset..offset+width of an array source's rows (embjax.data.RowSource)
+    as its output `key`: how feature files and stores go through the engine like images through a model."""
+    def apply(variables, rows):
+        return {key: rows[:, offset:offset + width]}
+
+    return Member(name=name, apply=apply, variables={}, feature_dim=int(width))
 
 
 def parse_names(models: str | Sequence[str], minimum: int = 1) -> list[str]:
@@ -79,7 +132,7 @@ def variables_for(name: str, spec, weights: str, *, weight_files: Mapping[str, s
 
 
 def make_member(name: str, spec, variables, dtype=jnp.float32, input_size: int | None = None,
-                fold_batchnorm: bool = True) -> extract.Member:
+                fold_batchnorm: bool = True) -> Member:
     """Wrap one registry model: `apply(variables, uint8 images)` -> its whole output dict.
 
     `input_size` runs the model at another square size than its registry default (the thesis ran every
@@ -110,16 +163,16 @@ def make_member(name: str, spec, variables, dtype=jnp.float32, input_size: int |
 
     head = None
     if spec.num_classes:
-        kernel, bias = extract.find_head(variables, spec.feature_dim, spec.num_classes)
+        kernel, bias = find_head(variables, spec.feature_dim, spec.num_classes)
         head = (kernel[:, 1:], bias[1:]) if getattr(spec, "background_class", False) else (kernel, bias)
-    return extract.Member(name=name, apply=apply, variables=variables, feature_dim=spec.feature_dim,
+    return Member(name=name, apply=apply, variables=variables, feature_dim=spec.feature_dim,
                           head=head, spec=spec, num_params=num_params)
 
 
 def load(names: str | Sequence[str], weights: str = "pretrained", *, weight_files=None, dtype: str = "float32",
          zoo_data=None, zoo_config=None, dataset_tag: str = "", minimum: int = 1,
          input_sizes: Mapping[str, int] | None = None, fold_batchnorm: bool = True,
-         log: Callable[[str], None] = print) -> list[extract.Member]:
+         log: Callable[[str], None] = print) -> list[Member]:
     """Members for registry `names` (see the module docstring for `weights`). `input_sizes` maps a
     model name (or "*" for every model not named) to the square size it runs at (absent or 0: the
     registry's own)."""

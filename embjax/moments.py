@@ -23,6 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from embjax.accumulator import Accumulator
+
 
 def offsets(dims: Sequence[int]) -> tuple[int, ...]:
     """Block boundaries of features concatenated in blocks of widths `dims`: block i occupies columns
@@ -124,3 +126,14 @@ def compute(state: Moments, ddof: int = 0) -> tuple[jax.Array, jax.Array]:
     denom = jnp.maximum(state.count - ddof, 1).astype(state.sumsq.dtype)
     var = jnp.where(state.count > ddof, jnp.maximum(state.sumsq, 0) / denom, 0)
     return state.mean, jnp.sqrt(var)
+
+
+def accumulator(width: int, read, mask=None, dtype=jnp.float32) -> Accumulator:
+    """Per-feature moments as an engine accumulator: `read(outputs, batch, aux)` gives the (batch, width)
+    features; `mask(batch)`, if given, narrows the rows counted further (padding rows never count)."""
+
+    def fold(state, outputs, batch, aux):
+        keep = batch["mask"] if mask is None else batch["mask"] & mask(batch)
+        return update(state, read(outputs, batch, aux), keep)
+
+    return Accumulator(empty=lambda: init(width, dtype), update=fold, merge=merge, compute=compute)

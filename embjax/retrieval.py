@@ -260,3 +260,21 @@ def _leave_one_out(state, queries, q_lab, q_idx, gallery, g_lab, g_idx, *, metri
 
     state, _ = jax.lax.scan(step, state, (que, lab, idx, mask))
     return state
+
+
+# The update under the name every accumulator module uses.
+update = retrieval_update
+
+
+def accumulator(read, ks: Sequence[int] = (1, 5)):
+    """Retrieval sums as an engine accumulator: the batch's rows are queries; `read(outputs, batch, aux)`
+    gives `(scores (batch, gallery), gallery_labels, gallery_index)`; query labels, indices and mask come
+    from the batch."""
+    from embjax.accumulator import Accumulator
+
+    def fold(state, outputs, batch, aux):
+        scores, gallery_labels, gallery_index = read(outputs, batch, aux)
+        return retrieval_update(state, scores, batch["label"], batch["index"], gallery_labels, gallery_index,
+                                batch["mask"])
+
+    return Accumulator(empty=lambda: init(ks), update=fold, merge=merge, compute=compute)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from embjax import moments
+from embjax.accumulator import Accumulator
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -258,3 +259,10 @@ def r2(state: Stats, src: int, dst: int, w: jax.Array, b: jax.Array) -> jax.Arra
     total = jnp.trace(block(state, dst, dst))
     rss = residual_sum_of_squares(state, src, dst, w, b)
     return jnp.where(total > 0, 1.0 - rss / jnp.where(total > 0, total, 1), jnp.nan)
+
+
+def accumulator(dims: Sequence[int], read, dtype=jnp.float32) -> Accumulator:
+    """The joint statistics as an engine accumulator: `read(outputs, batch, aux)` gives the list of
+    (batch, d_i) feature blocks, in the order of `dims`; padding rows get no weight."""
+    return Accumulator(empty=lambda: init(dims, dtype), merge=merge, compute=compute,
+                       update=lambda s, outputs, batch, aux: update(s, read(outputs, batch, aux), batch["mask"]))

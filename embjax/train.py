@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from embjax import extract
+from embjax import checkpoints as checkpoints_lib
+from embjax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200  # steps
     log_seconds: float = 10.0
+
+
+def checkpoint_dir(root: str, label: str, fingerprint: Any) -> str:
+    """`root/train/<label>-<hash of fingerprint>`: one directory per distinct training, so a changed
+    config never resumes another run's checkpoints."""
+    import os
+
+    return os.path.join(root, "train", f"{label}-{checkpoints_lib.config_fingerprint(fingerprint)[:12]}")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -95,7 +104,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: M
         return new, dict(metrics, loss=loss)
 
     return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated),
-                   compiler_options=extract.compiler_options(mesh))
+                   compiler_options=sharding.compiler_options(mesh))
 
 
 def _process_rows(indices: np.ndarray) -> np.ndarray:
@@ -114,17 +123,17 @@ def fit(loss_fn: Callable, variables: Mapping[str, Any], get_batch: Callable[[np
     of the step's batch; at least what `loss_fn` reads). Checkpoints go to `workdir`; `fingerprint`
     (JSON-able, e.g. the study config of this model) keeps a checkpoint from resuming another run.
     """
-    mesh = mesh if mesh is not None else extract.make_mesh()
+    mesh = mesh if mesh is not None else sharding.make_mesh()
     log = log or (lambda line: print(line, file=sys.stdout, flush=True))
-    extract.check_batch_size(cfg.batch_size, mesh)
+    sharding.check_batch_size(cfg.batch_size, mesh)
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"train: batch_size {cfg.batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
     per_epoch = steps_per_epoch(num_examples, cfg.batch_size)
     total = per_epoch * cfg.epochs
     tx = optimizer(cfg, total)
-    state = extract.replicate(init_state(variables, tx), mesh)
-    checkpoints = extract.Checkpoints(workdir, extract.config_fingerprint(
+    state = sharding.replicate(init_state(variables, tx), mesh)
+    checkpoints = checkpoints_lib.Checkpoints(workdir, checkpoints_lib.config_fingerprint(
         {"fingerprint": fingerprint, "train": dataclasses.asdict(cfg), "num_examples": num_examples}))
     start = checkpoints.latest() or 0
     if start:
@@ -147,7 +156,7 @@ def fit(loss_fn: Callable, variables: Mapping[str, Any], get_batch: Callable[[np
         epoch, i = divmod(s, per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_batches(num_examples, cfg.batch_size, cfg.seed, epoch), epoch
-        batch = extract.shard_batch(get_batch(_process_rows(order[i])), mesh)
+        batch = sharding.shard_batch(get_batch(_process_rows(order[i])), mesh)
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
         # Bound how far the host runs ahead of the devices (batches queued in memory), without a sync

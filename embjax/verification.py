@@ -239,3 +239,17 @@ def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
 
     per_fold = jax.vmap(one)(jnp.arange(n_folds))
     return per_fold, jnp.mean(per_fold)
+
+
+def accumulator(read, bins: int = 1 << 16, lo: float = -1.0, hi: float = 1.0):
+    """Score histograms as an engine accumulator: `read(outputs, batch, aux)` gives `(scores, genuine)`
+    with the batch's rows on their leading axis (e.g. each row's scores against a gallery in `aux`);
+    padding rows count nowhere."""
+    from embjax.accumulator import Accumulator
+
+    def fold(state, outputs, batch, aux):
+        scores, genuine = read(outputs, batch, aux)
+        keep = batch["mask"].reshape(batch["mask"].shape + (1,) * (jnp.ndim(scores) - 1))
+        return update(state, scores, genuine, keep)
+
+    return Accumulator(empty=lambda: init(bins, lo, hi), update=fold, merge=merge, compute=compute)

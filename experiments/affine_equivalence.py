@@ -29,29 +29,12 @@ def sources(config):
     """The fit and evaluation splits of config.dataset."""
     from embjax import data
 
-    kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
-    return (data.get_source(config.dataset, config.fit_split, **kw),
-            data.get_source(config.dataset, config.eval_split, **kw))
-
-
-def all_rows(source) -> tuple[np.ndarray, np.ndarray]:
-    """Every image and label of a source, in memory (zoo training and small splits only)."""
-    idx = np.arange(len(source))
-    if hasattr(source, "get_batch"):
-        return tuple(np.asarray(a) for a in source.get_batch(idx))
-    images, labels = zip(*(source[i] for i in idx))
-    return np.stack(images), np.asarray(labels)
-
-
-def input_sizes(config) -> dict:
-    """members.load's input_sizes from config.input_size and config.native_size_models."""
-    native = [m.strip() for m in config.native_size_models.split(",") if m.strip()]
-    return {"*": config.input_size, **{m: 0 for m in native}}
+    return data.sources(config, config.fit_split, config.eval_split)
 
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    from embjax import evaluate, extract, heads as heads_lib, maps, members, stats
+    from embjax import data, evaluate, extract, heads as heads_lib, maps, stats
 
     if config.heads not in ("native", "linear"):
         raise ValueError(f"config.heads must be 'native' or 'linear', not {config.heads!r}")
@@ -59,14 +42,9 @@ def run(config, workdir: str):
     for split, src in ((config.fit_split, fit_src), (config.eval_split, eval_src)):
         if len(src) == 0:
             raise ValueError(f"split '{split}' of {config.dataset} is empty")
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(lambda: all_rows(fit_src)),
-                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2, input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm)
-    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
-                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config),
-                            precision="float32" if config.dtype == "float32" else None)
+    engine = common.engine(config, workdir, zoo_data=functools.cache(lambda: data.all_rows(fit_src)),
+                           dataset_tag=f"{config.dataset}:{config.fit_split}", minimum=2)
+    ms = engine.members
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     linear = config.heads == "linear"
     features = {n: ("pre_logits",) for n in names}
@@ -76,8 +54,8 @@ def run(config, workdir: str):
 
     # 1. Joint statistics over the fit split (and, for linear heads, the features themselves).
     fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, pre_logits(out), batch["mask"]), merge=stats.merge,
+        "fit", fit_src, config.fit_split, features, dataset=config.dataset,
+        accumulator=stats.accumulator(dims, lambda out, batch, aux: pre_logits(out)),
         store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
@@ -111,15 +89,12 @@ def run(config, workdir: str):
         families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
 
     # 3. Every pair on the evaluation split.
-    def fold_eval(state, out, batch, aux):
-        feats = pre_logits(out)
-        return {k: evaluate.update(state[k], feats, aux["heads"][k], aux["maps"][k], batch["label"], batch["mask"])
-                for k in state}
+    def family(k):
+        return evaluate.accumulator(dims, lambda out, batch, aux: (pre_logits(out), aux["heads"][k], aux["maps"][k]))
 
     ev = engine.run(extract.Pass(
-        "eval", eval_src, config.eval_split, features, init={k: evaluate.init(dims) for k in families},
-        fold=fold_eval, dataset=config.dataset, merge=lambda a, b: {k: evaluate.merge(a[k], b[k]) for k in a},
-        aux={"heads": head_sets, "maps": families}))
+        "eval", eval_src, config.eval_split, features, accumulator={k: family(k) for k in families},
+        dataset=config.dataset, aux={"heads": head_sets, "maps": families}))
     out = results(config, names, dims, num_fit, fit_statistics, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
     if config.dtype != "float32" and config.precision_check_images:
@@ -131,35 +106,28 @@ def precision_check(config, ms, eval_src, engine) -> dict:
     """A bfloat16 run against float32 on the first `precision_check_images` evaluation images: per model,
     the top-1 agreement of its own head and the relative error of its features (‖f_bf16 − f_32‖_F /
     ‖f_32‖_F). The float32 members are loaded again from the same weights."""
-    import os
-
     from embjax import data, extract, members
 
     source = data.Prefix(eval_src, config.precision_check_images)
     f32 = members.load([m.name for m in ms], config.weights, weight_files=common.to_dict(config.weight_files),
-                       dtype="float32", input_sizes=input_sizes(config), fold_batchnorm=config.fold_batchnorm,
+                       dtype="float32", input_sizes=common.input_sizes(config), fold_batchnorm=config.fold_batchnorm,
                        zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                       zoo_data=lambda: all_rows(sources(config)[0]))
+                       zoo_data=lambda: data.all_rows(sources(config)[0]))
     outputs = {m.name: ("pre_logits", "logits") for m in ms}
     store = {f"{m.name}/{k}": "float32" for m in ms for k in ("pre_logits", "logits")}
     stores = []
     for tag, group, precision in (("bfloat16", ms, None), ("float32", f32, "float32")):
-        e = extract.Engine(group, os.path.join(engine.workdir, f"precision_{tag}"), batch_size=config.batch_size,
-                           fingerprint=common.fingerprint(config), checkpoint_every=0, prefetch=config.prefetch,
-                           progress_seconds=config.progress_seconds, precision=precision)
-        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, init={},
-                           fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+        e = engine.sibling(f"precision_{tag}", group, checkpoint_every=0, precision=precision)
+        e.run(extract.Pass("precision", source, f"{config.eval_split}[:{len(source)}]", outputs, store=store,
+                           dataset=config.dataset))
         stores.append(e.store("precision"))
     low, high = stores
     agreement, error = [], []
-    import shutil
     for m in ms:
         a, b = low.array(f"{m.name}/logits"), high.array(f"{m.name}/logits")
         agreement.append(float(np.mean(a.argmax(1) == b.argmax(1))))
         fa, fb = (s.array(f"{m.name}/pre_logits").astype(np.float64) for s in (low, high))
         error.append(float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-30)))
-    for tag in ("bfloat16", "float32"):  # the numbers are in the results; the features are not kept
-        shutil.rmtree(os.path.join(engine.workdir, f"precision_{tag}"), ignore_errors=True)
     return {"images": len(source), "top1_agreement": agreement, "feature_rel_error": error}
 
 
@@ -197,15 +165,15 @@ def results(config, names, dims, num_fit, fit_statistics, ev, seconds) -> dict:
 
 
 def write_report(run_dir: str, results: dict):
-    from embjax import report
+    from embjax import affine_report
 
-    return report.write(run_dir, results)
+    return affine_report.write(run_dir, results)
 
 
 def summary(results: dict) -> str:
-    from embjax import report
+    from embjax import affine_report
 
-    return report.summary_text(results)
+    return affine_report.summary_text(results)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ See experiments/common.py for the flags, resume and multi-host options.
 
 from __future__ import annotations
 
-import os
+import functools
 import time
 
 import numpy as np
@@ -87,38 +87,6 @@ PUBLISHED = [
 # Data
 
 
-class Subset:
-    """Rows `rows` of a source (a source itself: len, get_batch, getitem, image_shape)."""
-
-    def __init__(self, source, rows: np.ndarray, name: str):
-        self.source, self.rows, self.name = source, np.asarray(rows, np.int64), name
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        return self.source[int(self.rows[i])]
-
-    def get_batch(self, indices):
-        rows = self.rows[np.asarray(indices, np.int64)]
-        if hasattr(self.source, "get_batch"):
-            return self.source.get_batch(rows)
-        images, labels = zip(*(self.source[int(r)] for r in rows))
-        return np.stack(images), np.asarray(labels)
-
-    @property
-    def image_shape(self):
-        return getattr(self.source, "image_shape", None)
-
-
-def _labels(source, what: str) -> np.ndarray:
-    labels = getattr(source, "labels", None)
-    if labels is None:
-        raise ValueError(f"{what} needs every label of the split up front (class filters); the {type(source).__name__} "
-                         "source does not hold them: use config.old_data='fraction' and no held_out_classes")
-    return np.asarray(labels)
-
-
 def training_rows(config, train_src):
     """(rows of the new model's training set, rows of the old model's), as indices into the train split."""
     n = len(train_src)
@@ -127,7 +95,9 @@ def training_rows(config, train_src):
         raise ValueError(f"config.old_data must be 'classes' or 'fraction', not {config.old_data!r}")
     labels = None
     if held_out or config.old_data == "classes":
-        labels = _labels(train_src, "config.held_out_classes / config.old_data='classes'")
+        from embjax import data
+
+        labels = data.labels_of(train_src)
     new_rows = np.arange(n) if not held_out else np.flatnonzero(~np.isin(labels, held_out))
     if config.old_data == "classes":
         old_classes = [int(c) for c in config.old_classes]
@@ -148,19 +118,11 @@ def training_rows(config, train_src):
 def sources(config):
     from embjax import data
 
-    kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
-    return (data.get_source(config.dataset, config.train_split, **kw),
-            data.get_source(config.dataset, config.eval_split, **kw))
+    return data.sources(config, config.train_split, config.eval_split)
 
 
 # --------------------------------------------------------------------------------------------------
 # Training
-
-
-def _train_dir(workdir: str, role: str, fingerprint: dict) -> str:
-    from embjax import extract
-
-    return os.path.join(workdir, "train", f"{role.split('_')[0]}-{extract.config_fingerprint(fingerprint)[:12]}")
 
 
 def train_model(config, workdir, role, spec, source, tcfg, kind="independent", influence=None, weight=1.0,
@@ -184,7 +146,8 @@ def train_model(config, workdir, role, spec, source, tcfg, kind="independent", i
         return batch
 
     t0 = time.perf_counter()
-    out = train.fit(loss, variables, get_batch, len(source), cfg, workdir=_train_dir(workdir, role, fingerprint),
+    out = train.fit(loss, variables, get_batch, len(source), cfg,
+                    workdir=train.checkpoint_dir(workdir, role.split("_")[0], fingerprint),
                     fingerprint=fingerprint, name=f"train {role} ({spec.name})")
     TRAIN_SECONDS[f"train {role}"] = time.perf_counter() - t0
     return out
@@ -196,7 +159,7 @@ def train_model(config, workdir, role, spec, source, tcfg, kind="independent", i
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    from embjax import bct, extract, maps, members, stats
+    from embjax import bct, data, extract, maps, members, stats
     from embjax.models import registry
 
     if config.old_model == config.new_model:
@@ -207,8 +170,8 @@ def run(config, workdir: str):
     old_spec, new_spec = registry.get(config.old_model), registry.get(config.new_model)
     train_src, eval_src = sources(config)
     new_rows, old_rows = training_rows(config, train_src)
-    new_src = Subset(train_src, new_rows, f"{config.train_split} (new training set)")
-    old_src = Subset(train_src, old_rows, f"{config.train_split} (old training set)")
+    new_src = data.Subset(train_src, new_rows, f"{config.train_split} (new training set)")
+    old_src = data.Subset(train_src, old_rows, f"{config.train_split} (old training set)")
     log = print
     log(f"[study] old model {config.old_model} on {len(old_rows)} images, new model {config.new_model} on "
         f"{len(new_rows)} images of {config.dataset}:{config.train_split}")
@@ -218,10 +181,6 @@ def run(config, workdir: str):
     old_fp = dict(data_fp, model=config.old_model, old_data=config.old_data, old_classes=list(config.old_classes),
                   old_fraction=config.old_fraction, train=common.to_dict(config.old_train))
     new_fp = dict(data_fp, model=config.new_model, train=common.to_dict(config.new_train))
-    fp = common.fingerprint(config)
-    engine_kw = dict(batch_size=config.batch_size, fingerprint=fp, checkpoint_every=config.checkpoint_every,
-                     prefetch=config.prefetch, progress_seconds=config.progress_seconds,
-                     config=common.to_dict(config))
 
     # 1. The old model.
     old_vars = train_model(config, workdir, "old", old_spec, old_src, config.old_train, fingerprint=old_fp)
@@ -230,12 +189,11 @@ def run(config, workdir: str):
 
     # 2. The old model over the new training set: class means and the L2 targets.
     num_labels = int(config.num_classes)
-    e1 = extract.Engine([old], workdir, **engine_kw)
+    e1 = common.engine(config, workdir, [old])
     sums = e1.run(extract.Pass(
         "old_features", new_src, new_src.name, {"old": ("pre_logits",)},
-        init=bct.class_sums_init(num_labels, d_old), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: bct.class_sums_update(s, out["old"]["pre_logits"], batch["label"],
-                                                              batch["mask"]),
+        accumulator=bct.class_sums(num_labels, d_old, lambda out, batch, aux: out["old"]["pre_logits"]),
+        dataset=config.dataset,
         store={"old/pre_logits": "float32"}))
     present = [int(c) for c in np.flatnonzero(np.asarray(sums.count) > 0)]
     old_classes = sorted(set(int(c) for c in (config.old_classes if config.old_data == "classes" else present)))
@@ -246,45 +204,22 @@ def run(config, workdir: str):
     old_emb = np.empty((len(new_src), d_old), np.float32)
     old_emb[store.index] = store.array("old/pre_logits")
     new_labels[store.index] = store.labels
-    # One BCT model per normalization of the synthesized columns: config.bct.normalize, and the paper's
-    # literal rule (unnormalized) beside it when asked for.
-    variants = {"bct": normalize}
-    if "bct, unnormalized columns" in methods_for(config):
-        variants["bct_unnormalized"] = None
-    influences, diagnostics = {}, {}
-    for role, norm in variants.items():
-        influences[role] = bct.influence_classifier(
-            old.head[0], old.head[1], old_classes, num_labels=num_labels, new_classes=new_classes,
-            new_class_means=means[new_classes], normalize=norm)
-        diagnostics[role] = influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
-        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
+    variants, influences, diagnostics = influence_classifiers(config, old, normalize, old_classes, new_classes, means,
+                                                             old_emb, new_labels, log)
 
     # 3. The new model: independently, with BCT (per variant), with L2 regression.
-    trained = {"independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
-                                          fingerprint=new_fp)}
-    for role, norm in variants.items():
-        influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=norm or "none")
-        trained[role] = train_model(config, workdir, role, new_spec, new_src, config.new_train, kind="bct",
-                                    influence=influences[role], weight=config.bct.influence_weight,
-                                    fingerprint=dict(new_fp, bct=influence_fp))
-    trained["l2"] = train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
-                                weight=config.l2_weight, old_embeddings=old_emb,
-                                fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight)))
+    trained = train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp)
     news = {k: members.make_member(k, new_spec, v) for k, v in trained.items()}
     d_new = new_spec.feature_dim
 
     # 4. Joint statistics of old and independent-new embeddings over the new training set: the post-hoc maps.
-    e2 = extract.Engine([old, *news.values()], workdir, **engine_kw)
-    fit_rows = np.arange(len(new_src))
-    if config.maps.fit_samples and config.maps.fit_samples < len(new_src):
-        rng = np.random.default_rng(config.new_train.seed)
-        fit_rows = np.sort(rng.choice(len(new_src), size=int(config.maps.fit_samples), replace=False))
-    fit_src = Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
+    e2 = common.engine(config, workdir, [old, *news.values()])
+    fit_rows = map_fit_rows(config, len(new_src))
+    fit_src = data.Subset(new_src, fit_rows, f"{new_src.name}, {len(fit_rows)} images for the maps")
     fit = e2.run(extract.Pass(
         "fit_maps", fit_src, fit_src.name, {"old": ("pre_logits",), "independent": ("pre_logits",)},
-        init=stats.init((d_old, d_new)), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(
-            s, [out["old"]["pre_logits"], out["independent"]["pre_logits"]], batch["mask"])))
+        dataset=config.dataset, accumulator=stats.accumulator(
+            (d_old, d_new), lambda out, batch, aux: [out["old"]["pre_logits"], out["independent"]["pre_logits"]])))
     names = ["old", "independent"]
     posthoc = {
         "affine_new_to_old": maps.affine(fit, 1, 0, config.maps.ridge, names=names),
@@ -295,24 +230,69 @@ def run(config, workdir: str):
     map_r2 = {k: float(stats.r2(fit, 1, 0, *wb) if "new_to_old" in k else stats.r2(fit, 0, 1, *wb))
               for k, wb in posthoc.items()}
 
-    # 5. Embeddings of the evaluation split, and retrieval.
+    # 5. Every embedding the retrieval compares, native and mapped, of the evaluation split into the store.
+    roles = [m.name for m in e2.members]
     e2.run(extract.Pass(
-        "eval", eval_src, config.eval_split, {m.name: ("pre_logits",) for m in e2.members},
-        init={"count": np.zeros((), np.int32)}, dataset=config.dataset,
-        fold=lambda s, out, batch, aux: {"count": s["count"] + batch["mask"].sum().astype(np.int32)},
-        store={f"{m.name}/pre_logits": "float32" for m in e2.members}))
+        "eval", eval_src, config.eval_split, {r: ("pre_logits",) for r in roles}, dataset=config.dataset,
+        aux=posthoc, emit=functools.partial(eval_embeddings, roles=roles, d_old=d_old),
+        store={e: "float32" for pair in space_entries(roles).values() for e in pair}))
     ev = e2.store("eval")
-    feats = {m.name: np.asarray(ev.array(f"{m.name}/pre_logits")) for m in e2.members}
+    spaces = {key: tuple(np.asarray(ev.array(e)) for e in entries) for key, entries in space_entries(roles).items()}
     labels = np.asarray(ev.labels)
     subsets = class_subsets(config, old_classes, new_classes, labels)
 
     def compute_retrieval():
-        return retrieval_tables(config, feats, labels, posthoc, d_old, subsets)
+        return retrieval_tables(config, spaces, labels, subsets)
 
     retrieval = e2.memo("retrieval", compute_retrieval)
     return results(config, retrieval, subsets, old_classes, new_classes, len(old_rows), len(new_rows),
                    len(fit_rows), len(labels), map_r2, {**TRAIN_SECONDS, **e1.seconds, **e2.seconds},
                    diagnostics), e2
+
+
+def influence_classifiers(config, old, normalize, old_classes, new_classes, means, old_emb, new_labels, log):
+    """(variants {role: normalization}, influence classifiers {role: (kernel, bias)}, their diagnostics on
+    the old model's own embeddings)."""
+    from embjax import bct
+
+    # One BCT model per normalization of the synthesized columns: config.bct.normalize, and the paper's
+    # literal rule (unnormalized) beside it when asked for.
+    variants = {"bct": normalize}
+    if "bct, unnormalized columns" in methods_for(config):
+        variants["bct_unnormalized"] = None
+    influences, diagnostics = {}, {}
+    for role, norm in variants.items():
+        influences[role] = bct.influence_classifier(
+            old.head[0], old.head[1], old_classes, num_labels=int(config.num_classes), new_classes=new_classes,
+            new_class_means=means[new_classes], normalize=norm)
+        diagnostics[role] = influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
+        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
+    return variants, influences, diagnostics
+
+
+def map_fit_rows(config, n: int) -> np.ndarray:
+    """Rows of the new training set the post-hoc maps are fit on: all, or config.maps.fit_samples of them."""
+    fit_rows = np.arange(n)
+    if config.maps.fit_samples and config.maps.fit_samples < n:
+        rng = np.random.default_rng(config.new_train.seed)
+        fit_rows = np.sort(rng.choice(n, size=int(config.maps.fit_samples), replace=False))
+    return fit_rows
+
+
+def train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp) -> dict:
+    """The new model trained independently, with BCT (one per influence-classifier variant) and with L2
+    regression onto the old embeddings: {role: variables}."""
+    trained = {"independent": train_model(config, workdir, "independent", new_spec, new_src, config.new_train,
+                                          fingerprint=new_fp)}
+    for role, norm in variants.items():
+        influence_fp = dict(old=old_fp, weight=config.bct.influence_weight, normalize=norm or "none")
+        trained[role] = train_model(config, workdir, role, new_spec, new_src, config.new_train, kind="bct",
+                                    influence=influences[role], weight=config.bct.influence_weight,
+                                    fingerprint=dict(new_fp, bct=influence_fp))
+    trained["l2"] = train_model(config, workdir, "l2", new_spec, new_src, config.new_train, kind="l2",
+                                weight=config.l2_weight, old_embeddings=old_emb,
+                                fingerprint=dict(new_fp, l2=dict(old=old_fp, weight=config.l2_weight)))
+    return trained
 
 
 def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[int]]:
@@ -328,19 +308,35 @@ def class_subsets(config, old_classes, new_classes, labels) -> dict[str, list[in
             if k == "all classes" or (v and v != present and np.isin(labels, v).sum() > 5)}
 
 
-def retrieval_tables(config, feats, labels, posthoc, d_old, subsets) -> dict:
-    """{subset: {method: {setting: {top1, top5, map}}}} with every distinct (query, gallery) pair ranked once."""
+NEW_TO_OLD, OLD_TO_NEW = ("affine_new_to_old", "orthogonal_new_to_old"), ("affine_old_to_new", "orthogonal_old_to_new")
+
+
+def space_entries(roles) -> dict:
+    """{(query space, gallery space): (query store entry, gallery store entry)} of every retrieval setting."""
+    out = {("old", "old"): ("old/pre_logits", "old/pre_logits")}
+    for role in [r for r in roles if r != "old"]:
+        out[(role, role)] = (f"{role}/pre_logits", f"{role}/pre_logits")
+        out[(role, "old")] = (f"{role}/as_old", "old/pre_logits")
+    out.update({(k, "old"): (f"independent/{k}", "old/pre_logits") for k in NEW_TO_OLD})
+    out.update({("independent", k): ("independent/pre_logits", f"old/{k}") for k in OLD_TO_NEW})
+    return out
+
+
+def eval_embeddings(outputs, batch, posthoc, *, roles, d_old) -> dict:
+    """The eval pass's stored entries: every model's embedding, each new one cut / padded to the old
+    width (the paper's rule), and the post-hoc maps' images."""
     from embjax import bct, maps
 
-    old, ind = feats["old"], feats["independent"]
-    spaces = {("old", "old"): (old, old)}
-    for role in [r for r in feats if r != "old"]:
-        spaces[(role, role)] = (feats[role], feats[role])
-        spaces[(role, "old")] = (np.asarray(bct.fit_width(feats[role], d_old)), old)
-    for k in ("affine_new_to_old", "orthogonal_new_to_old"):
-        spaces[(k, "old")] = (np.asarray(maps.apply(ind, posthoc[k])), old)
-    for k in ("affine_old_to_new", "orthogonal_old_to_new"):
-        spaces[("independent", k)] = (ind, np.asarray(maps.apply(old, posthoc[k])))
+    x = {r: outputs[r]["pre_logits"] for r in roles}
+    out = {f"{r}/pre_logits": v for r, v in x.items()}
+    out.update({f"{r}/as_old": bct.fit_width(x[r], d_old) for r in roles if r != "old"})
+    out.update({f"independent/{k}": maps.apply(x["independent"], posthoc[k]) for k in NEW_TO_OLD})
+    out.update({f"old/{k}": maps.apply(x["old"], posthoc[k]) for k in OLD_TO_NEW})
+    return out
+
+
+def retrieval_tables(config, spaces, labels, subsets) -> dict:
+    """{subset: {method: {setting: {top1, top5, map}}}} with every distinct (query, gallery) pair ranked once."""
     methods = methods_for(config)
 
     def pair(method: str, setting: str) -> tuple[str, str]:

@@ -10,9 +10,10 @@ Its command line is then
 The command line is checked before any work (experiments/config_check.py): a bad preset, field, value
 or work directory is one line on stderr and exit status 2.
 
-Resume state lives in WORKDIR/state (default WORKDIR = results/<config.name>); running the same command
-again resumes a killed run. Each finished run writes its report into a new timestamped directory under
-WORKDIR and prints its path.
+Resume state lives in WORKDIR/state (default WORKDIR = results/<study>); running the same command
+again resumes a killed run. Each finished run writes its report into a new directory
+WORKDIR/<config.name>-<time> and prints its path. `engine(config, workdir)` builds a study's members and
+engine from the config fields every study shares (experiments/configs/base.py).
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ def run_meta(config, seconds: dict, module: str) -> dict:
 
     import jax
 
+    from embjax import sharding
+
     return {
         "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": dict(seconds),
         "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "process_count": jax.process_count(),
+        **sharding.topology(),
     }
 
 
@@ -101,6 +103,39 @@ def fingerprint(config, ignore=("checkpoint_every", "prefetch", "progress_second
     for k in ignore:
         cfg.pop(k, None)
     return cfg
+
+
+def input_sizes(config) -> dict | None:
+    """members.load's input_sizes from config.input_size and config.native_size_models (None: every model
+    at its registry size)."""
+    if not config.get("input_size"):
+        return None
+    native = [m.strip() for m in config.get("native_size_models", "").split(",") if m.strip()]
+    return {"*": config.input_size, **{m: 0 for m in native}}
+
+
+def members(config, **load) -> list:
+    """The study's models (embjax.members.load) from config.models, weights, weight_files, dtype, input
+    sizes, fold_batchnorm and zoo; `load` adds zoo_data, dataset_tag, minimum."""
+    from embjax import members as members_lib
+
+    return members_lib.load(config.models, config.weights, weight_files=to_dict(config.weight_files),
+                            dtype=config.dtype, zoo_config=to_dict(config.zoo), input_sizes=input_sizes(config),
+                            fold_batchnorm=config.get("fold_batchnorm", True), **load)
+
+
+def engine(config, workdir: str, members_=None, **load):
+    """The engine of a study from its config in one call: over `members_` (else `members(config, **load)`),
+    with the config's batch size, checkpoint interval, prefetch, progress and precision (float32 matmuls
+    for dtype float32, XLA's default for bfloat16)."""
+    from embjax import extract
+
+    ms = list(members_) if members_ is not None else members(config, **load)
+    dtype = config.get("dtype", "float32")
+    return extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=fingerprint(config),
+                          checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
+                          progress_seconds=config.progress_seconds, config=to_dict(config),
+                          precision="float32" if dtype == "float32" else None)
 
 
 def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[str, dict], Any],
@@ -120,11 +155,9 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
         config = f["config"].value
         config_check.apply_map_entries(config, map_entries)
         sys.argv[:] = command_line  # parsed: the command as typed again, for run_meta
-        workdir = f["workdir"].value or os.path.join("results", config.name)
+        workdir = f["workdir"].value or os.path.join("results", study)
         config_check.check_or_exit(study, config, workdir)  # before any model, data or zoo training
-        import jax
-
-        from embjax import report
+        from embjax import report, sharding
 
         setup_jax(f)
         try:
@@ -132,7 +165,7 @@ def main(run: Callable[[Any, str], tuple[dict, Any]], write_report: Callable[[st
             results.setdefault("meta", {}).update(run_meta(config, results.get("meta", {}).get("seconds", {}),
                                                            module))
             results["meta"]["workdir"] = os.path.abspath(workdir)
-            if jax.process_index() == 0:
+            if sharding.is_primary():
                 run_dir = report.new_run_dir(workdir, name=config.name)
                 write_report(run_dir, results)
                 if summary is not None:

@@ -22,7 +22,7 @@ from experiments import common
 
 
 def run(config, workdir: str):
-    from embjax import data, extract, members
+    from embjax import data, extract
 
     kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
     source = data.get_source(config.dataset, config.split, **kw)
@@ -31,19 +31,14 @@ def run(config, workdir: str):
         raise ValueError("config.outputs must name at least one model output (e.g. pre_logits)")
 
     def zoo_rows():
-        from experiments.affine_equivalence import all_rows
+        return data.all_rows(data.get_source(config.dataset, config.zoo_split, **kw))
 
-        return all_rows(data.get_source(config.dataset, config.zoo_split, **kw))
-
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(zoo_rows), zoo_config=common.to_dict(config.zoo),
-                      dataset_tag=f"{config.dataset}:{config.zoo_split}")
-    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
-                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+    engine = common.engine(config, workdir, zoo_data=functools.cache(zoo_rows),
+                           dataset_tag=f"{config.dataset}:{config.zoo_split}")
+    ms = engine.members
     store = {f"{m.name}/{o}": config.store_dtype for m in ms for o in outputs}
     engine.run(extract.Pass("features", source, config.split, {m.name: tuple(outputs) for m in ms},
-                            init={}, fold=lambda s, out, batch, aux: s, store=store, dataset=config.dataset))
+                            store=store, dataset=config.dataset))
     features = engine.store("features")
     shapes = {name: [len(features), *entry["shape"]] for name, entry in features.manifest["entries"].items()}
     results = {"models": [m.name for m in ms], "outputs": outputs, "dataset": config.dataset,
@@ -55,19 +50,18 @@ def run(config, workdir: str):
 
 def write_report(run_dir: str, results: dict):
     """report.md and results.json, then the store moved into the run directory as `features/`."""
-    from embjax import report
+    from embjax import feature_store, report
 
     rows = [[name, " × ".join(str(s) for s in shape), results["config"]["store_dtype"]]
             for name, shape in results["entries"].items()]
     table = report.Table("Stored features", ["entry (model/output)", "shape", "dtype"], rows)
     src = results.pop("store_dir")
     results["store"] = "features"
-    md = "\n".join([f"# Features: {results['dataset']} {results['split']}", "",
-                    f"- command: `{results['meta'].get('command', '')}`", f"- rows: {results['num_rows']}",
-                    "- read with `embjax.feature_store.open('<this directory>/features')` or `numpy.load`", "",
-                    table.markdown(), ""])
-    written = report.write_run(run_dir, results, tables={"features": table}, markdown=md)
-    os.rename(src, os.path.join(run_dir, "features"))
+    intro = [f"- command: `{results['meta'].get('command', '')}`\n- rows: {results['num_rows']}\n"
+             "- read with `embjax.feature_store.open('<this directory>/features')` or `numpy.load`"]
+    written = report.write_run(run_dir, results, tables={"features": table}, intro=intro,
+                               title=f"Features: {results['dataset']} {results['split']}")
+    feature_store.move(src, os.path.join(run_dir, "features"))
     return written
 
 

@@ -43,65 +43,34 @@ FAMILIES = ("affine", "logit", "naive")
 def default_config() -> dict:
     return {"features": [], "eval_features": [], "labels": None, "eval_labels": None, "heads": [],
             "ridge": 0.0, "batch_size": 4096, "progress_seconds": 10.0, "similarity": True, "cca_dims": 32,
-            "similarity_rows": 5000}
+            "similarity_rows": 5000, "checkpoint_every": 50}
 
 
 # --------------------------------------------------------------------------------------------------
-# Streaming
+# The engine over feature files
 
 
-class Progress:
-    """A line per `every` seconds (every batch for 0): rows done, rate, ETA."""
-
-    def __init__(self, what: str, rows: int, every: float, log):
-        self.what, self.rows, self.every, self.log = what, rows, every, log
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if done < self.rows and now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.rows - done) / rate if rate > 0 else float("inf")
-        self.log(f"[features] {self.what}: {done:,}/{self.rows:,} rows ({100 * done / self.rows:.0f}%), "
-                 f"{rate:,.0f} rows/s, {now - self.t0:.0f}s elapsed, ETA {eta:.0f}s")
-
-
-def stream(sources, batch_size: int, fold, carry, what: str, progress_seconds: float, log, labels=None):
-    """Fold every row of `sources` into `carry` in batches of `batch_size` (the last one padded and masked).
-
-    `fold(carry, feats, mask, labels)` is jitted by the caller and donates `carry`. The next batch is read
-    from disk while the device folds the current one; the host then waits for that fold, so at most two
-    batches are ever alive (JAX's asynchronous dispatch would otherwise queue the whole file).
-    """
+def _engine(names, fit_src, eval_src, cfg, workdir: str, log):
+    """The engine over the feature files: the rows of every model side by side (data.RowSource), an
+    identity member per model picking its columns. One batch shape per pass (the fit rows and the
+    evaluation rows may want different sizes): the evaluation pass runs on a sibling engine."""
     import jax
 
-    rows = sources[0].rows
-    size = min(batch_size, rows)
-    progress = Progress(what, rows, progress_seconds, log)
+    from embjax import data, extract, members
 
-    def read(start):
-        stop = min(start + size, rows)
-        feats = [s.read(start, stop) for s in sources]
-        mask = np.zeros((size,), bool)
-        mask[: stop - start] = True
-        if stop - start < size:  # pad to one shape: one compiled fold for the whole stream
-            feats = [np.concatenate([f, np.zeros((size - len(f), f.shape[1]), f.dtype)]) for f in feats]
-        lab = np.zeros((size,), np.int32)
-        if labels is not None:
-            lab[: stop - start] = labels[start:stop]
-        return feats, mask, lab, stop
+    fit_rows = data.RowSource(fit_src, name="--features rows")
+    ms = [members.identity(m, *reversed(fit_rows.columns(k))) for k, m in enumerate(names)]
+    devices = jax.device_count()
 
-    batch = read(0)
-    while True:
-        feats, mask, lab, stop = batch
-        carry = fold(carry, feats, mask, lab)
-        batch = read(stop) if stop < rows else None
-        jax.block_until_ready(carry)
-        progress(stop)
-        if batch is None:
-            return carry
+    def size(rows):  # batches no larger than the stream, a multiple of the device count
+        return -(-min(int(cfg["batch_size"]), rows) // devices) * devices
+
+    fingerprint = {k: v for k, v in cfg.items() if k not in ("progress_seconds", "checkpoint_every")}
+    engine = extract.Engine(ms, workdir, batch_size=size(fit_rows.n), fingerprint=fingerprint, log=log,
+                            checkpoint_every=int(cfg["checkpoint_every"]), config=cfg,
+                            progress_seconds=float(cfg["progress_seconds"]))
+    evaluation = None if eval_src is None else engine.sibling("eval", ms, batch_size=size(eval_src[0].rows))
+    return engine, evaluation, fit_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,12 +97,27 @@ def _matrix(n, cell, symmetric: bool = False) -> list[list[float | None]]:
     return out
 
 
-def run(config: dict, log=print) -> tuple[dict, dict]:
+def run(config: dict, log=print, workdir: str | None = None) -> tuple[dict, dict]:
     """Fits and scores every pair for `config` (see default_config); returns (results, maps to save:
-    {relative path: (W, b)})."""
-    import jax
+    {relative path: (W, b)}). Resume state lives in `workdir` (a temporary directory if None)."""
+    import shutil
+    import tempfile
 
-    from embjax import evaluate, feature_files, maps, similarity, stats
+    temporary = workdir is None
+    workdir = tempfile.mkdtemp(prefix="embjax-features-") if temporary else workdir
+    try:
+        results, saved, engine = _run(config, log, workdir)
+        engine.finish()
+        return results, saved
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _inputs(config: dict, log) -> types.SimpleNamespace:
+    """The flags checked and the files opened: every problem is reported before anything is streamed."""
+    from embjax import feature_files
+
 
     cfg = {**default_config(), **config}
     if cfg["batch_size"] < 1:
@@ -197,16 +181,31 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
                      "rows against --eval_labels, so --labels was only checked")
     for note in notes:
         log(f"[features] note: {note}")
+    return types.SimpleNamespace(cfg=cfg, specs=specs, eval_specs=eval_specs, names=names, fit_src=fit_src,
+                                 dims=dims, n_fit=n_fit, n=n, eval_src=eval_src, heads=heads,
+                                 eval_labels=eval_labels, notes=notes)
 
+
+def _run(config: dict, log, workdir: str):
+    from embjax import evaluate, extract, maps, stats
+
+    i = _inputs(config, log)
+    cfg, specs, eval_specs, names, fit_src, dims = i.cfg, i.specs, i.eval_specs, i.names, i.fit_src, i.dims
+    n_fit, n, eval_src, heads, eval_labels, notes = i.n_fit, i.n, i.eval_src, i.heads, i.eval_labels, i.notes
     seconds = {}
     log(f"[features] {n} models ({', '.join(f'{m} {d}' for m, d in zip(names, dims))}), {n_fit:,} fit rows"
         + (f", {eval_src[0].rows:,} evaluation rows" if eval_src is not None else ""))
 
     # 1. Joint statistics of the fit rows.
-    t0 = time.perf_counter()
-    update = jax.jit(lambda st, feats, mask, lab: stats.update(st, feats, mask), donate_argnums=0)
-    fit = stream(fit_src, cfg["batch_size"], update, stats.init(dims), "fit", cfg["progress_seconds"], log)
-    seconds["fit"] = time.perf_counter() - t0
+    engine, eval_engine, fit_rows = _engine(names, fit_src, eval_src, cfg, workdir, log)
+    outputs = {m: ("pre_logits",) for m in names}
+
+    def feats(out, batch, aux):
+        return [out[m]["pre_logits"] for m in names]
+
+    fit = engine.run(extract.Pass("fit", fit_rows, "--features rows", outputs,
+                                  accumulator=stats.accumulator(dims, feats)))
+    seconds["fit"] = engine.seconds["fit"]
 
     # 2. Maps.
     t0 = time.perf_counter()
@@ -244,6 +243,26 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
         "warnings": map_warnings, "notes": notes,
     }
 
+    _similarity(i, fit, results, seconds)
+
+    # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
+    if eval_src is not None or heads is not None:
+        results.update(_evaluate(i, engine, eval_engine, scored, affine, outputs, feats, seconds))
+    results["config"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()}
+    results["meta"] = {"seconds": seconds}
+
+    saved = {f"maps/{names[i]}__to__{names[j]}.npz": affine[(i, j)] for i, j in affine}
+    saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
+    results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
+                       "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
+    return results, saved, engine
+
+
+def _similarity(i, fit, results: dict, seconds: dict) -> None:
+    """SVCCA and Procrustes distance from the fit statistics, debiased CKA on rows read once more."""
+    from embjax import similarity
+
+    cfg, n, eval_src, fit_src = i.cfg, i.n, i.eval_src, i.fit_src
     if cfg["similarity"]:
         # Symmetric measures of embjax.similarity from the same statistics. Not free at large widths: each
         # pair eigendecomposes both d × d covariances (CCA) and takes an SVD of the cross-covariance
@@ -269,52 +288,46 @@ def run(config: dict, log=print) -> tuple[dict, dict]:
         del sample
         seconds["debiased_cka"] = time.perf_counter() - t0
 
-    # 3. The evaluation rows: held-out statistics and, with heads, every pair through every head.
-    if eval_src is not None or heads is not None:
-        t0 = time.perf_counter()
-        rows_src = eval_src if eval_src is not None else fit_src
-        carry = {"stats": stats.init(dims) if eval_src is not None else None,
-                 "eval": {k: evaluate.init(dims) for k in scored}}
-        # evaluate.init shares one zero array between its counters; donation needs distinct buffers.
-        carry = jax.tree.map(np.array, carry)
-        aux = {"maps": scored,
-               "heads": [tuple(h) for h in heads] if heads is not None else None}
 
-        def fold(c, feats, mask, lab, aux):
-            st = None if c["stats"] is None else stats.update(c["stats"], feats, mask)
-            ev = {k: evaluate.update(c["eval"][k], feats, aux["heads"], aux["maps"][k], lab, mask) for k in c["eval"]}
-            return {"stats": st, "eval": ev}
+def _evaluate(i, engine, eval_engine, scored, affine, outputs, feats, seconds) -> dict:
+    """The eval pass: held-out R² and CKA (with --eval_features) and every pair through every head."""
+    from embjax import data, evaluate, extract, stats
 
-        jitted = jax.jit(fold, donate_argnums=0)
-        final = stream(rows_src, cfg["batch_size"], lambda c, f, m, lab: jitted(c, f, m, lab, aux), carry, "eval",
-                       cfg["progress_seconds"], log, labels=eval_labels)
-        seconds["eval"] = time.perf_counter() - t0
-        ev_stats = final["stats"]
-        if ev_stats is not None:
-            results["num_eval"] = int(ev_stats.count)
-            results["eval_statistics"] = {
-                "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
-                "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
-            }
-        for k, e in final["eval"].items():
-            computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
-            results["num_eval"] = int(e.count)
-            if eval_labels is None:  # labels were zeros: only agreement and R² mean anything
-                results[k] = {"agreement": computed["agreement"].tolist(), "r2": _nan_to_none(computed["r2"])}
-            else:
-                results[k] = {key: (_nan_to_none(v) if key in ("r2", "relative_change") else v.tolist())
-                              for key, v in computed.items()}
-        if heads is not None and eval_labels is not None:
-            results["unmapped"] = {"accuracy": np.diag(np.asarray(results["affine"]["accuracy"])).tolist(),
-                                   "top5": np.diag(np.asarray(results["affine"]["top5"])).tolist()}
-    results["config"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()}
-    results["meta"] = {"seconds": seconds}
+    n, dims, heads, eval_src, eval_labels = i.n, i.dims, i.heads, i.eval_src, i.eval_labels
+    fit_src = i.fit_src
+    results = {}
+    rows = data.RowSource(eval_src if eval_src is not None else fit_src, eval_labels, "evaluation rows")
+    aux = {"maps": scored, "heads": [tuple(h) for h in heads] if heads is not None else None}
 
-    saved = {f"maps/{names[i]}__to__{names[j]}.npz": affine[(i, j)] for i, j in affine}
-    saved.update({f"maps/logit/{names[i]}__to__{names[j]}.npz": logit[(i, j)] for i, j in logit})
-    results["maps"] = {"affine": sorted(k for k in saved if not k.startswith("maps/logit/")),
-                       "logit": sorted(k for k in saved if k.startswith("maps/logit/"))}
-    return results, saved
+    def family(k):
+        return evaluate.accumulator(dims, lambda out, batch, aux: (feats(out, batch, aux), aux["heads"],
+                                                                   aux["maps"][k]))
+
+    accumulators = {k: family(k) for k in scored}
+    if eval_src is not None:
+        accumulators["stats"] = stats.accumulator(dims, feats)
+    final = (eval_engine or engine).run(extract.Pass("eval", rows, rows.name, outputs, aux=aux,
+                                                     accumulator=accumulators))
+    seconds["eval"] = (eval_engine or engine).seconds["eval"]
+    ev_stats = final.pop("stats", None)
+    if ev_stats is not None:
+        results["num_eval"] = int(ev_stats.count)
+        results["eval_statistics"] = {
+            "r2": _matrix(n, lambda i, j: 1.0 if i == j else stats.r2(ev_stats, i, j, *affine[(i, j)])),
+            "cka": _matrix(n, lambda i, j: stats.cka(ev_stats, i, j), symmetric=True),
+        }
+    for k, e in final.items():
+        computed = {key: np.asarray(v) for key, v in evaluate.compute(e).items()}
+        results["num_eval"] = int(e.count)
+        if eval_labels is None:  # labels were zeros: only agreement and R² mean anything
+            results[k] = {"agreement": computed["agreement"].tolist(), "r2": _nan_to_none(computed["r2"])}
+        else:
+            results[k] = {key: (_nan_to_none(v) if key in ("r2", "relative_change") else v.tolist())
+                          for key, v in computed.items()}
+    if heads is not None and eval_labels is not None:
+        results["unmapped"] = {"accuracy": np.diag(np.asarray(results["affine"]["accuracy"])).tolist(),
+                               "top5": np.diag(np.asarray(results["affine"]["top5"])).tolist()}
+    return results
 
 
 def _nan_to_none(m) -> list:
@@ -335,10 +348,10 @@ def _save_map(wb):
 
 def write_report(run_dir: str, results: dict, saved: dict):
     """Tables, heatmaps, report.md, results.json and the map files, written atomically (report.write_run)."""
-    from embjax import report
+    from embjax import affine_report, report
 
     labelled = "unmapped" in results
-    r = report.validate(results) if labelled else report.plain(results)
+    r = affine_report.validate(results) if labelled else report.plain(results)
     models = r["models"]
     n = len(models)
     tables = {}
@@ -382,11 +395,11 @@ def write_report(run_dir: str, results: dict, saved: dict):
             r["eval_statistics"]["r2"], models, "affine maps: R² on the evaluation rows", p, fmt="{:.3f}",
             vmin=0.0, vmax=1.0)
     if labelled:
-        tables["table_5_1"] = report.table_5_1(r)
+        tables["table_5_1"] = affine_report.table_5_1(r)
         tables["table_5_1"].title = f"Table 5.1: unmapped models ({r['num_eval']:,} evaluation rows)"
         for family, key in (("affine", "table_5_2_affine"), ("logit", "table_5_3_logit"), ("naive", "table_naive")):
-            tables[key] = report.family_table(r, family)
-        figures["table_5_2_heatmap.png"] = lambda p: report.heatmap(r, "affine", p)
+            tables[key] = affine_report.family_table(r, family)
+        figures["table_5_2_heatmap.png"] = lambda p: affine_report.heatmap(r, "affine", p)
     for family in FAMILIES:
         if family in r:
             tables[f"{family}_agreement"] = square(
@@ -451,6 +464,7 @@ def main() -> None:
     flags.DEFINE_float("ridge", 0.0, "relative ridge of the affine maps (lambda = ridge * tr(C_AA) / d_A)")
     flags.DEFINE_integer("batch_size", 4096, "rows per streamed batch")
     flags.DEFINE_float("progress_seconds", 10.0, "a progress line at most this often (0: every batch)")
+    flags.DEFINE_integer("checkpoint_every", 50, "batches between checkpoints (a killed run resumes from the last)")
     flags.DEFINE_bool("similarity", True, "mean SVCCA and Procrustes distance from the fit statistics "
                       "(--nosimilarity skips them: an eigendecomposition per model and pair)")
     flags.DEFINE_integer("cca_dims", 32, "SVCCA: leading principal directions of each side kept before CCA (0: all)")
@@ -469,7 +483,7 @@ def main() -> None:
         off = types.SimpleNamespace(value=None)
         common.setup_jax({"distributed": off, "coordinator": off})
         try:
-            results, saved = run(config, log=lambda s: print(s, flush=True))
+            results, saved = run(config, log=lambda s: print(s, flush=True), workdir=os.path.join(f.workdir, "state"))
             results["meta"].update(common.run_meta(config, results["meta"]["seconds"], "experiments.features"))
             results["meta"]["workdir"] = os.path.abspath(f.workdir)
             run_dir = report.new_run_dir(f.workdir, name=f.name)

@@ -32,7 +32,6 @@ and multi-host options.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import numpy as np
@@ -96,80 +95,34 @@ def _key(n: int) -> str:
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    import jax
-    import jax.numpy as jnp
-
-    from embjax import extract, fne, members, moments
+    from embjax import data, members
 
     if config.activation not in ("post", "pre"):
         raise ValueError(f"config.activation must be 'post' or 'pre', not {config.activation!r}")
     # Models first: a missing weight file is reported before any dataset is opened (or downloaded).
     splits = functools.cache(lambda: sources(config))
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(lambda: _all_rows(splits()[0])),
-                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.train_split}")
+    ms = common.members(config, zoo_data=functools.cache(lambda: data.all_rows(splits()[0])),
+                        dataset_tag=f"{config.dataset}:{config.train_split}")
     train_src, test_src = splits()
     for split, src in ((config.train_split, train_src), (config.test_split, test_src)):
         if len(src) == 0:
             raise ValueError(f"split '{split}' of {config.dataset} is empty")
     sizes = parse_sizes(config.train_sizes, len(train_src))
-    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
-                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
     image_shape = getattr(train_src, "image_shape", None) or np.shape(train_src[0][0])
+    plans = {m.name: embedding_plan(m, image_shape, config.activation) for m in ms}
+    # The training split's int8 embedding is derived from the stored pooled features, streamed through an
+    # identity member per backbone.
+    pooled_members = [members.identity(f"pooled_{m.name}", sum(plans[m.name][1])) for m in ms]
+    engine = common.engine(config, workdir, ms + pooled_members)
     low, high = float(config.low), float(config.high)
 
-    per_model = {}
-    for m in ms:
-        name = m.name
-        layers, widths = embedding_plan(m, image_shape, config.activation)
-        dim = sum(widths)
-
-        def pooled(outputs, layers=layers, name=name):
-            return fne.pool(outputs[name], layers)
-
-        def fold_stats(state, outputs, batch, aux, pooled=pooled):
-            x = pooled(outputs)
-            return {k: moments.update(s, x, batch["mask"] & (batch["index"] < int(k[1:])))
-                    for k, s in state.items()}
-
-        def emit_stats(outputs, batch, aux, pooled=pooled, name=name):
-            return {f"{name}/pooled": pooled(outputs), f"{name}/pre_logits": outputs[name]["pre_logits"]}
-
-        wanted = {name: tuple(dict.fromkeys((*layers, "pre_logits")))}
-        stats = engine.run(extract.Pass(
-            f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
-            init={_key(n): moments.init(dim) for n in sizes}, fold=fold_stats, emit=emit_stats,
-            merge=lambda a, b: {k: moments.merge(a[k], b[k]) for k in a},  # per-device partials, Chan-merged
-            store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
-        standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
-
-        def emit_embed(outputs, batch, aux, pooled=pooled, name=name):
-            x = pooled(outputs)
-            out = {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
-            return out | {f"{name}/pooled": x, f"{name}/pre_logits": outputs[name]["pre_logits"]}
-
-        def fold_embed(state, outputs, batch, aux, pooled=pooled):
-            x = pooled(outputs)
-            real = batch["mask"].astype(jnp.float32)
-            zeros = {k: jnp.sum(jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1) * real)
-                     for k, s in aux.items()}
-            return {"rows": state["rows"] + jnp.sum(real), "zeros": {k: state["zeros"][k] + zeros[k] for k in zeros}}
-
-        embed = engine.run(extract.Pass(
-            f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
-            init={"rows": np.zeros((), np.float32), "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}},
-            fold=fold_embed, emit=emit_embed, aux=standardizations,
-            merge=lambda a, b: jax.tree.map(jnp.add, a, b),
-            store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
-            | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
-        per_model[name] = dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)
+    per_model = {m.name: model_passes(config, engine, m.name, plans[m.name], sizes, train_src, test_src)
+                 for m in ms}
 
     # Linear SVMs: a memo per backbone, so a resumed run does not retrain the finished ones.
     accuracy, svm_info = {}, {}
     for m in ms:
         name = m.name
-        write_train_embedding(engine, name, sizes, per_model[name]["standardizations"], low, high)
         memo = engine.memo(f"svm_{name}", lambda name=name: train_svms(
             config, engine, name, sizes, per_model[name]["standardizations"], low, high))
         accuracy[name] = {e: {str(n): float(memo["accuracy"][e][_key(n)]) for n in sizes} for e in EMBEDDINGS}
@@ -179,53 +132,60 @@ def run(config, workdir: str):
     return results(config, ms, sizes, per_model, accuracy, svm_info, engine, len(train_src), len(test_src)), engine
 
 
-def _all_rows(source):
-    idx = np.arange(len(source))
-    if hasattr(source, "get_batch"):
-        return tuple(np.asarray(a) for a in source.get_batch(idx))
-    images, labels = zip(*(source[i] for i in idx))
-    return np.stack(images), np.asarray(labels)
+def model_passes(config, engine, name: str, plan, sizes, train_src, test_src) -> dict:
+    """One backbone's three passes: moments of every subset (keeping pooled and last-layer features), the
+    training rows' int8 embedding from the stored pooled features, the test split's embedding."""
+    import jax.numpy as jnp
 
+    from embjax import accumulator, data, extract, fne, moments
 
-def write_train_embedding(engine, name: str, sizes, standardizations, low: float, high: float,
-                          chunk: int = 4096) -> None:
-    """The int8 embedding of the training split under each subset's standardization, into the feature
-    store `train_fne_<model>` (entries `<model>/fne_n<size>`, every training row; the SVM of subset n reads
-    its first n rows). Computed on the host from the stored pooled features with fne's functions, in
-    chunks; a finished store (manifest present) is kept as it is on resume. Process 0 writes it; with
-    several processes every one waits at a barrier until it is complete, since all of them read it next."""
-    import jax
+    low, high = float(config.low), float(config.high)
+    layers, widths = plan
+    dim = sum(widths)
 
-    directory = engine.store_dir(f"train_fne_{name}")
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(directory, "manifest.json")):
-        _write_train_embedding(engine, directory, name, sizes, standardizations, low, high, chunk)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    def pooled(outputs, layers=layers, name=name):
+        return fne.pool(outputs[name], layers)
 
-        multihost_utils.sync_global_devices(f"train_fne_{name} written")
+    def emit_stats(outputs, batch, aux, pooled=pooled, name=name):
+        return {f"{name}/pooled": pooled(outputs), f"{name}/pre_logits": outputs[name]["pre_logits"]}
 
+    wanted = {name: tuple(dict.fromkeys((*layers, "pre_logits")))}
+    stats = engine.run(extract.Pass(
+        f"stats_{name}", train_src, config.train_split, wanted, dataset=config.dataset,
+        emit=emit_stats, accumulator={  # moments of the first n training rows, for each subset size n
+            _key(n): moments.accumulator(dim, lambda out, batch, aux, p=pooled: p(out),
+                                         mask=lambda batch, n=n: batch["index"] < n) for n in sizes},
+        store={f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
+    standardizations = {k: fne.standardization(s, config.degenerate_rtol) for k, s in stats.items()}
 
-def _write_train_embedding(engine, directory: str, name: str, sizes, standardizations, low: float, high: float,
-                           chunk: int) -> None:
-    from embjax import feature_store, fne
+    def emit_train(outputs, batch, aux, name=name):  # every subset size's embedding of every training row
+        x = outputs[f"pooled_{name}"]["pre_logits"]
+        return {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
 
-    train = engine.store(f"stats_{name}")
-    pooled = train.array(f"{name}/pooled")
-    rows, dim = pooled.shape
-    entries = {f"{name}/fne_{_key(n)}": ("int8", (dim,)) for n in sizes}
-    writer = feature_store.Writer(directory, entries, rows, process_index=0, resume=False)
-    for start in range(0, rows, chunk):
-        x = np.asarray(pooled[start:start + chunk])
-        values = {f"{name}/fne_{_key(n)}": np.asarray(fne.discretize(fne.standardize(x, standardizations[_key(n)]),
-                                                                     low, high)) for n in sizes}
-        writer.write(start, values, train.index[start:start + chunk], train.labels[start:start + chunk])
-    writer.close()
-    manifest = dict(train.manifest)
-    manifest.update({
-        "pass": f"train_fne_{name}", "process_count": 1, "rows_per_process": [rows],
-        "entries": {e: {"dtype": "int8", "shape": [dim], "file_stem": feature_store.file_stem(e)} for e in entries},
-        "derived_from": f"stats_{name}: fne.discretize(fne.standardize(pooled, each subset's statistics))"})
-    feature_store.write_manifest(directory, manifest)
+    engine.run(extract.Pass(
+        f"train_fne_{name}", data.store_rows(engine.store(f"stats_{name}"), [f"{name}/pooled"]),
+        config.train_split, {f"pooled_{name}": ("pre_logits",)}, aux=standardizations, emit=emit_train,
+        store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}, dataset=config.dataset))
+
+    def emit_embed(outputs, batch, aux, pooled=pooled, name=name):
+        x = pooled(outputs)
+        out = {f"{name}/fne_{k}": fne.discretize(fne.standardize(x, s), low, high) for k, s in aux.items()}
+        return out | {f"{name}/pooled": x, f"{name}/pre_logits": outputs[name]["pre_logits"]}
+
+    def zero_fraction(outputs, batch, aux, pooled=pooled):  # per row: the share of its entries that are 0
+        x = pooled(outputs)
+        return {"rows": jnp.ones(x.shape[:1], jnp.float32),
+                "zeros": {k: jnp.mean(fne.discretize(fne.standardize(x, s), low, high) == 0, axis=1)
+                          for k, s in aux.items()}}
+
+    embed = engine.run(extract.Pass(
+        f"embed_{name}", test_src, config.test_split, wanted, dataset=config.dataset,
+        accumulator=accumulator.sums(zero_fraction, {"rows": np.zeros((), np.float32),
+                                                     "zeros": {_key(n): np.zeros((), np.float32) for n in sizes}}),
+        emit=emit_embed, aux=standardizations,
+        store={f"{name}/fne_{_key(n)}": "int8" for n in sizes}
+        | {f"{name}/pooled": "float32", f"{name}/pre_logits": "float32"}))
+    return dict(layers=layers, widths=widths, standardizations=standardizations, embed=embed)
 
 
 def embeddings_for(name: str, n: int, train, test, s, low: float, high: float, train_fne=None) -> dict:
@@ -246,10 +206,7 @@ def embeddings_for(name: str, n: int, train, test, s, low: float, high: float, t
 
 
 def train_svms(config, engine, name: str, sizes, standardizations, low: float, high: float) -> dict:
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from embjax import extract, svm
+    from embjax import svm
 
     train, test = engine.store(f"stats_{name}"), engine.store(f"embed_{name}")
     train_fne = engine.store(f"train_fne_{name}")
@@ -262,7 +219,7 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
     # The L-BFGS solver with several devices shards the rows over the engine's mesh (weights replicated,
     # sums over rows all-reduced), padded to a multiple of the device count; dual coordinate descent is
     # sequential over samples and runs on one device.
-    devices = engine.mesh.devices.size if config.svm.solver == "lbfgs" else 1
+    devices = engine.device_count if config.svm.solver == "lbfgs" else 1
     rows = -(-max(sizes) // devices) * devices
     for n in sizes:
         y_train = np.zeros(rows, np.int32)
@@ -275,8 +232,7 @@ def train_svms(config, engine, name: str, sizes, standardizations, low: float, h
             x[:n] = np.asarray(x_train, np.float32)
             xs, ys, ws = x, y_train, weight
             if devices > 1:
-                xs, ys, ws = (jax.device_put(a, NamedSharding(engine.mesh, P(extract.DATA_AXIS, *[None] * (a.ndim - 1))))
-                              for a in (x, y_train, weight))
+                xs, ys, ws = engine.shard_rows(x, y_train, weight)
             model = svm.fit(xs, ys, config.num_classes, C=config.svm.C, tol=config.svm.tol,
                             max_iter=config.svm.max_iter, sample_weight=ws, solver=config.svm.solver)
             k = _key(n)

@@ -33,85 +33,19 @@ features (debiased CKA needs per-sample fourth-order terms the statistics do not
 from __future__ import annotations
 
 import functools
-import re
 import time
 import warnings
 
-import jax
 import numpy as np
 
 from experiments import common
 
 FAMILIES = ("affine", "ridge", "procrustes", "reduced_rank")
 SETTINGS = ("native", "mapped", "both_mapped", "naive")
-CURVE_METRICS = ("recall_at_1", "map", "tar_at_far_0.01", "eer")
 
 
 # --------------------------------------------------------------------------------------------------
 # Data: class-disjoint subsets of the fit and evaluation splits
-
-
-def parse_classes(spec: str, what: str):
-    """"0-4,7" -> a predicate on label arrays; also "even" / "odd"."""
-    spec = str(spec).strip()
-    if spec in ("even", "odd"):
-        parity = 0 if spec == "even" else 1
-        return lambda labels: np.asarray(labels) % 2 == parity, (spec,)
-    ranges = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
-        if not m:
-            raise ValueError(f"config.{what} must be ranges like '0-4' or '0-2,7', or 'even' / 'odd'; got {spec!r}")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"config.{what}: range {part.strip()!r} is empty")
-        ranges.append((lo, hi))
-    return lambda labels: np.any([(np.asarray(labels) >= lo) & (np.asarray(labels) <= hi) for lo, hi in ranges],
-                                 axis=0), tuple(ranges)
-
-
-class Subset:
-    """Rows `indices` of a source, re-indexed 0..n-1 (the engine's sample index is the position here)."""
-
-    def __init__(self, source, indices: np.ndarray, labels: np.ndarray, name: str):
-        self.source, self.indices, self.labels, self.name = source, np.asarray(indices), np.asarray(labels), name
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        image, _ = self.source[int(self.indices[i])]
-        return image, int(self.labels[i])
-
-    def get_batch(self, idx):
-        idx = np.asarray(idx, np.int64)
-        if hasattr(self.source, "get_batch"):
-            images, _ = self.source.get_batch(self.indices[idx])
-        else:
-            images = np.stack([self.source[int(self.indices[i])][0] for i in idx])
-        return np.asarray(images), self.labels[idx].astype(np.int32)
-
-    @property
-    def image_shape(self):
-        shape = getattr(self.source, "image_shape", None)
-        return shape if shape is not None else tuple(np.shape(self[0][0]))
-
-
-def _labels_of(source) -> np.ndarray:
-    labels = getattr(source, "labels", None)
-    if labels is not None:
-        return np.asarray(labels)
-    ds, key = getattr(source, "_ds", None), getattr(source, "label_key", None)
-    if ds is not None and key is not None:  # a tfds source: read labels without decoding through it
-        raw = [ds[i][key] for i in range(len(source))]
-        if raw and isinstance(raw[0], (bytes, str, np.bytes_, np.str_)):
-            # lfw labels are person names: number them in sorted order, so "even"/"odd" is deterministic.
-            names = sorted({r.decode() if isinstance(r, bytes) else str(r) for r in raw})
-            ids = {n: k for k, n in enumerate(names)}
-            return np.asarray([ids[r.decode() if isinstance(r, bytes) else str(r)] for r in raw], np.int32)
-        return np.asarray(raw, np.int32)
-    return np.asarray([source[i][1] for i in range(len(source))], np.int32)
 
 
 def sources(config):
@@ -119,20 +53,20 @@ def sources(config):
     from embjax import data
 
     kw = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size)
-    fit_pred, fit_desc = parse_classes(config.fit_classes, "fit_classes")
-    eval_pred, eval_desc = parse_classes(config.eval_classes, "eval_classes")
+    fit_pred, fit_desc = data.class_filter(config.fit_classes, "fit_classes")
+    eval_pred, eval_desc = data.class_filter(config.eval_classes, "eval_classes")
     out = []
     for split, pred, limit, what in ((config.fit_split, fit_pred, config.num_fit, "fit"),
                                      (config.eval_split, eval_pred, config.num_eval, "eval")):
         src = data.get_source(config.dataset, split, **kw)
-        labels = _labels_of(src)
+        labels = data.labels_of(src)
         rows = np.nonzero(pred(labels))[0]
         if limit:
             rows = rows[: int(limit)]
         if len(rows) == 0:
             raise ValueError(f"no {what} images: split '{split}' of {config.dataset} has no label in "
                              f"config.{what}_classes={getattr(config, what + '_classes')!r}")
-        out.append(Subset(src, rows, labels[rows], f"{config.dataset}:{split}:{what}"))
+        out.append(data.Subset(src, rows, f"{config.dataset}:{split}:{what}", labels=labels[rows]))
     overlap = set(np.unique(out[0].labels)) & set(np.unique(out[1].labels))
     if overlap:
         raise ValueError(f"fit and evaluation classes overlap ({sorted(overlap)[:10]}); the study is open-set only "
@@ -181,95 +115,6 @@ def fit_maps(st, names, dims, config, families=FAMILIES, sweep_ranks=()) -> tupl
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics of one (queries, gallery) cell
-
-
-@functools.partial(jax.jit, static_argnames=("bins", "ks", "qb"))
-def _cell_states(q, g, labels, index, *, bins, ks, qb):
-    import jax.numpy as jnp
-
-    from embjax import retrieval, verification
-
-    n = q.shape[0]
-    qn = retrieval.normalize(q)
-    gn = retrieval.normalize(g)
-    pad = (-n) % qb
-    blocks = (jnp.pad(qn, ((0, pad), (0, 0))).reshape(-1, qb, q.shape[1]),
-              jnp.pad(labels, (0, pad)).reshape(-1, qb), jnp.pad(index, (0, pad)).reshape(-1, qb),
-              jnp.pad(jnp.ones((n,), bool), (0, pad)).reshape(-1, qb))
-
-    def step(carry, blk):
-        v, r = carry
-        qq, ql, qi, qm = blk
-        s = jnp.matmul(qq, gn.T, precision=jax.lax.Precision.HIGHEST)
-        v = verification.update_label_pairs(v, s, ql, qi, labels, index, qm, None)
-        r = retrieval.retrieval_update(r, s, ql, qi, labels, index, qm, None)
-        return (v, r), None
-
-    (v, r), _ = jax.lax.scan(step, (verification.init(bins), retrieval.init(ks)), blocks)
-    return v, r
-
-
-def kfold_pairs(labels: np.ndarray, per_fold: int, seed: int, folds: int = 10):
-    """Balanced pairs (i ≠ j) for the 10-fold protocol: each fold `per_fold` genuine + `per_fold`
-    impostor pairs, drawn with a fixed seed."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    by_label = {l: np.nonzero(labels == l)[0] for l in np.unique(labels)}
-    multi = [l for l, rows in by_label.items() if len(rows) > 1]
-    if not multi or len(by_label) < 2:
-        raise ValueError("the 10-fold protocol needs ≥ 2 evaluation classes and a class with ≥ 2 images")
-    pi, pj, same, fold = [], [], [], []
-    for f in range(folds):
-        for _ in range(per_fold):
-            l = multi[rng.integers(len(multi))]
-            a, b = rng.choice(by_label[l], 2, replace=False)
-            pi.append(a), pj.append(b), same.append(True), fold.append(f)
-        for _ in range(per_fold):
-            while True:
-                a, b = rng.integers(n, size=2)
-                if labels[a] != labels[b]:
-                    break
-            pi.append(a), pj.append(b), same.append(False), fold.append(f)
-    return np.asarray(pi), np.asarray(pj), np.asarray(same), np.asarray(fold)
-
-
-def cell_metrics(q, g, labels, index, config, pairs) -> tuple[dict, dict]:
-    """(verification metrics, retrieval metrics) of queries `q` against gallery `g` (rows = samples)."""
-    import jax.numpy as jnp
-
-    from embjax import retrieval, verification
-
-    v, r = _cell_states(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32), jnp.asarray(labels, jnp.int32),
-                        jnp.asarray(index, jnp.int32), bins=int(config.verification_bins),
-                        ks=tuple(int(k) for k in config.recall_ks), qb=int(config.query_block))
-    fars = tuple(float(f) for f in config.fars)
-    vm = verification.compute(v, fars)
-    pi, pj, same, fold = pairs
-    qn, gn = retrieval.normalize(jnp.asarray(q, jnp.float32)), retrieval.normalize(jnp.asarray(g, jnp.float32))
-    scores = jnp.sum(qn[pi] * gn[pj], axis=1)
-    _, acc = verification.kfold_accuracy(scores, same, fold)
-    ver = {"tar_at_far": {_far_key(f): float(t) for f, t in zip(fars, np.asarray(vm["tar_at_far"]))},
-           "eer": float(vm["eer"]), "roc_auc": float(vm["roc_auc"]), "kfold_accuracy": float(acc)}
-    far, tar, _ = verification.roc(v)
-    ver["_roc"] = _roc_points(np.asarray(far), np.asarray(tar))
-    rm = retrieval.compute(r)
-    ret = {k: float(v_) for k, v_ in rm.items() if k not in ("queries", "with_relevant")}
-    return ver, ret
-
-
-def _far_key(f: float) -> str:
-    return f"{f:g}"
-
-
-def _roc_points(far: np.ndarray, tar: np.ndarray, points: int = 60) -> dict:
-    """TAR at log-spaced FARs (the TAR@FAR rule), compact enough for results.json and a plot."""
-    grid = np.logspace(-5, 0, points)
-    last = np.searchsorted(far, grid, side="right") - 1
-    return {"far": grid.tolist(), "tar": tar[np.maximum(last, 0)].tolist()}
-
-
-# --------------------------------------------------------------------------------------------------
 # The study
 
 
@@ -277,35 +122,22 @@ def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
     import jax.numpy as jnp
 
-    from embjax import extract, members, similarity, stats
+    from embjax import cells, extract, stats
 
     fit_src, eval_src, fit_desc, eval_desc = sources(config)
     zoo_classes = config.zoo_classes or config.fit_classes
 
-    def zoo_data():
-        from embjax import data
-
-        src = data.get_source(config.dataset, config.fit_split, data_dir=config.data_dir,
-                              manual_dir=config.manual_dir, image_size=config.image_size)
-        labels = _labels_of(src)
-        rows = np.nonzero(parse_classes(zoo_classes, "zoo_classes")[0](labels))[0]
-        images, _ = Subset(src, rows, labels[rows], "zoo").get_batch(np.arange(len(rows)))
-        return images, labels[rows].astype(np.int32)
-
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(zoo_data), zoo_config=common.to_dict(config.zoo),
-                      dataset_tag=f"{config.dataset}:{config.fit_split}:classes={zoo_classes}", minimum=2)
-    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
-                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config))
+    engine = common.engine(config, workdir, zoo_data=functools.cache(functools.partial(_zoo_data, config, zoo_classes)), minimum=2,
+                           dataset_tag=f"{config.dataset}:{config.fit_split}:classes={zoo_classes}")
+    ms = engine.members
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     n = len(names)
     features = {m: ("pre_logits",) for m in names}
 
     # 1. Joint statistics over the fit split; the fit features stay in the store for the fit-size curve.
     fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, [out[m]["pre_logits"] for m in names], batch["mask"]),
+        "fit", fit_src, config.fit_split, features, dataset=config.dataset,
+        accumulator=stats.accumulator(dims, lambda out, batch, aux: [out[m]["pre_logits"] for m in names]),
         store={f"{m}/pre_logits": "float32" for m in names}))
 
     # 2. Maps for every ordered pair (and the rank sweep's maps, from the same eigendecompositions).
@@ -332,9 +164,7 @@ def run(config, workdir: str):
 
     store_entries = {f"{m}/pre_logits": "float32" for m in names}
     store_entries.update({entry(f, i, j): "float32" for f, m in all_maps.items() for (i, j) in m})
-    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, init={"rows": jnp.zeros((), jnp.int32)},
-                            fold=lambda s, out, batch, aux: {"rows": s["rows"] + jnp.sum(batch["mask"], dtype=jnp.int32)},
-                            aux=aux, store=store_entries, emit=emit, dataset=config.dataset))
+    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, aux=aux, store=store_entries, emit=emit, dataset=config.dataset))
     store = engine.store("eval")
     labels, index = np.asarray(store.labels), np.asarray(store.index)
     native = [np.asarray(store.array(f"{m}/pre_logits"), np.float32) for m in names]
@@ -342,144 +172,141 @@ def run(config, workdir: str):
     def mapped(family, i, j):
         return native[i] if i == j else np.asarray(store.array(entry(family, i, j)), np.float32)
 
-    pairs = kfold_pairs(labels, int(config.kfold_pairs_per_fold), int(config.kfold_seed))
+    metric_kw = dict(bins=config.verification_bins, ks=config.recall_ks, query_block=config.query_block,
+                     fars=config.fars)
+    pairs = cells.kfold_pairs(labels, int(config.kfold_pairs_per_fold), int(config.kfold_seed))
 
     # 4. Every setting × family × ordered pair, memoized so a resumed run does not recompute them.
-    def evaluate_cells():
-        t = time.perf_counter()
-        cache = {}
-
-        def cell(q_key, q, g_key, g):
-            key = (q_key, g_key)
-            if key not in cache:
-                cache[key] = cell_metrics(q, g, labels, index, config, pairs)
-            return cache[key]
-
-        from embjax import maps as maps_lib
-
-        out = {}
-        for s in SETTINGS:
-            for f in FAMILIES:
-                grid = [[None] * n for _ in range(n)]
-                for i in range(n):
-                    for j in range(n):
-                        if s == "native":
-                            grid[i][j] = cell(("native", j), native[j], ("native", j), native[j])
-                        elif s == "mapped":
-                            q_key = ("native", i) if i == j else (f, i, j)
-                            grid[i][j] = cell(q_key, mapped(f, i, j), ("native", j), native[j])
-                        elif s == "naive":
-                            w, b = maps_lib.naive(dims[i], dims[j])
-                            q = native[i] @ np.asarray(w) + np.asarray(b)
-                            grid[i][j] = cell(("naive", i, j), q, ("native", j), native[j])
-                        else:
-                            hubs = [c for c in range(n) if c not in (i, j)] or [j]
-                            cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
-                            grid[i][j] = _average_cells(cells)
-                out[(s, f)] = grid
-        print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
-        return {f"{s}|{f}": _cells_to_arrays(grid) for (s, f), grid in out.items()}
-
-    cells = engine.memo("cells", evaluate_cells)
+    grids = engine.memo("cells", functools.partial(evaluate_cells, native, mapped, dims, labels, index, pairs,
+                                                   metric_kw))
 
     # 5. Similarity: from the fit statistics, and on the evaluation features.
-    def similarity_matrices():
-        cca_dims = int(config.cca_dims) or None
-        mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
-        sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
-        mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
-        for i in range(n):
-            for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
-                rotation = None
-                if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
-                    w = all_maps["procrustes"][(i, j)][0]
-                    rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
-                values = {"cka": similarity.linear_cka(fit, i, j),
-                          "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
-                          "cka_debiased": similarity.debiased_cka(native[i], native[j]),
-                          "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
-                for k, v in values.items():
-                    mat[k][i, j] = mat[k][j, i] = float(v)
-        return mat
-
-    sim = engine.memo("similarity", similarity_matrices)
+    sim = engine.memo("similarity", functools.partial(similarity_matrices, config, fit, native,
+                                                      all_maps["procrustes"]))
 
     # 6. Curves: metric against the number of fitting samples, and against the rank of the map.
-    def curves():
-        fit_store = engine.store("fit")
-        fit_feats = [np.asarray(fit_store.array(f"{m}/pre_logits"), np.float32) for m in names]
-        total = fit_feats[0].shape[0]
-        sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
-        pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
-        families = tuple(config.curve_families)
-        by_size = {f: {k: [] for k in CURVE_METRICS} for f in families}
-        for size in sizes:
-            st = stats.init(dims)
-            for lo in range(0, size, 512):
-                st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
-            fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
-            for f in families:
-                vals = [_curve_values(*cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
-                                                    native[j], labels, index, config, pairs)) for i, j in pairs_ij]
-                for k in CURVE_METRICS:
-                    by_size[f][k].append(float(np.mean([v[k] for v in vals])))
-        by_rank = {k: [] for k in CURVE_METRICS}
-        for r_pos, r in enumerate(ranks):
-            vals = []
-            for i, j in pairs_ij:
-                w, b = rank_sweep[(i, j)][r_pos]
-                vals.append(_curve_values(*cell_metrics(native[i] @ w + b, native[j], labels, index, config, pairs)))
-            for k in CURVE_METRICS:
-                by_rank[k].append(float(np.mean([v[k] for v in vals])))
-        return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
-                                                            for f, d in by_size.items()}},
-                "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
+    curve = engine.memo("curves", functools.partial(curves, config, engine.store("fit"), names, dims, native, labels,
+                                                    index, pairs, metric_kw, ranks, rank_sweep))
 
-    curve = engine.memo("curves", curves)
-
-    results = assemble(config, names, dims, fit, len(labels), cells, sim, curve, map_warnings, fit_desc, eval_desc)
+    results = assemble(config, names, dims, fit, len(labels), grids, sim, curve, map_warnings, fit_desc, eval_desc)
     results["meta"] = {"seconds": dict(engine.seconds), "store": engine.store_dir("eval")}
     return results, engine
 
 
-def _curve_values(ver, ret):
-    return {"recall_at_1": ret["recall_at_1"], "map": ret["map"], "tar_at_far_0.01": ver["tar_at_far"]["0.01"],
-            "eer": ver["eer"]}
+def _zoo_data(config, zoo_classes):
+    """Images and labels of the zoo's training classes (weights=zoo only)."""
+    from embjax import data
+
+    src = data.get_source(config.dataset, config.fit_split, data_dir=config.data_dir,
+                          manual_dir=config.manual_dir, image_size=config.image_size)
+    labels = data.labels_of(src)
+    rows = np.nonzero(data.class_filter(zoo_classes, "zoo_classes")[0](labels))[0]
+    images, _ = data.Subset(src, rows, "zoo", labels=labels[rows]).get_batch(np.arange(len(rows)))
+    return images, labels[rows].astype(np.int32)
 
 
-def _average_cells(cells):
-    """Mean of several cells' metrics (both_mapped over hub models); ROC points averaged pointwise."""
-    if len(cells) == 1:
-        return cells[0]
-    ver = {"tar_at_far": {k: float(np.mean([c[0]["tar_at_far"][k] for c in cells])) for k in cells[0][0]["tar_at_far"]}}
-    for k in ("eer", "roc_auc", "kfold_accuracy"):
-        ver[k] = float(np.mean([c[0][k] for c in cells]))
-    ver["_roc"] = {"far": cells[0][0]["_roc"]["far"],
-                   "tar": np.mean([c[0]["_roc"]["tar"] for c in cells], axis=0).tolist()}
-    ret = {k: float(np.mean([c[1][k] for c in cells])) for k in cells[0][1]}
-    return ver, ret
+def evaluate_cells(native, mapped, dims, labels, index, pairs, metric_kw):
+    """Every setting × family × ordered pair of the open-set grid, one cell computed once."""
+    from embjax import cells
 
+    n = len(native)
+    t = time.perf_counter()
+    cache = {}
 
-def _cells_to_arrays(grid):
-    """A grid of (ver, ret) cells -> {metric: (n, n) array} (memo-friendly: arrays only)."""
-    n = len(grid)
-    first_v, first_r = grid[0][0]
+    def cell(q_key, q, g_key, g):
+        key = (q_key, g_key)
+        if key not in cache:
+            cache[key] = cells.cell_metrics(q, g, labels, index, pairs, **metric_kw)
+        return cache[key]
+
+    from embjax import maps as maps_lib
+
     out = {}
-    for k in first_v["tar_at_far"]:
-        out[f"tar_at_far/{k}"] = np.array([[grid[i][j][0]["tar_at_far"][k] for j in range(n)] for i in range(n)])
-    for k in ("eer", "roc_auc", "kfold_accuracy"):
-        out[k] = np.array([[grid[i][j][0][k] for j in range(n)] for i in range(n)])
-    for k in first_r:
-        out[f"retrieval/{k}"] = np.array([[grid[i][j][1][k] for j in range(n)] for i in range(n)])
-    out["roc_far"] = np.asarray(first_v["_roc"]["far"])
-    out["roc_tar"] = np.array([[grid[i][j][0]["_roc"]["tar"] for j in range(n)] for i in range(n)])
-    return out
+    for s in SETTINGS:
+        for f in FAMILIES:
+            grid = [[None] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    if s == "native":
+                        grid[i][j] = cell(("native", j), native[j], ("native", j), native[j])
+                    elif s == "mapped":
+                        q_key = ("native", i) if i == j else (f, i, j)
+                        grid[i][j] = cell(q_key, mapped(f, i, j), ("native", j), native[j])
+                    elif s == "naive":
+                        w, b = maps_lib.naive(dims[i], dims[j])
+                        q = native[i] @ np.asarray(w) + np.asarray(b)
+                        grid[i][j] = cell(("naive", i, j), q, ("native", j), native[j])
+                    else:
+                        hubs = [c for c in range(n) if c not in (i, j)] or [j]
+                        hub_cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
+                        grid[i][j] = cells.average_cells(hub_cells)
+            out[(s, f)] = grid
+    print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
+    return {f"{s}|{f}": cells.cells_to_arrays(grid) for (s, f), grid in out.items()}
 
 
-def assemble(config, names, dims, fit, num_eval, cells, sim, curve, map_warnings, fit_desc, eval_desc) -> dict:
+def similarity_matrices(config, fit, native, procrustes):
+    """Linear CKA, mean SVCCA, Procrustes distance (fit statistics), debiased CKA and mutual k-NN (features)."""
+    from embjax import similarity, stats
+
+    n = len(native)
+    cca_dims = int(config.cca_dims) or None
+    mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
+    sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
+    mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
+    for i in range(n):
+        for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
+            rotation = None
+            if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
+                w = procrustes[(i, j)][0]
+                rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
+            values = {"cka": similarity.linear_cka(fit, i, j),
+                      "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
+                      "cka_debiased": similarity.debiased_cka(native[i], native[j]),
+                      "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
+            for k, v in values.items():
+                mat[k][i, j] = mat[k][j, i] = float(v)
+    return mat
+
+
+def curves(config, fit_store, names, dims, native, labels, index, pairs, metric_kw, ranks, rank_sweep):
+    """Metrics against the number of fitting samples and against the rank of the map."""
+    from embjax import cells, stats
+
+    n = len(names)
+    fit_feats = [np.asarray(fit_store.array(f"{m}/pre_logits"), np.float32) for m in names]
+    total = fit_feats[0].shape[0]
+    sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
+    pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
+    families = tuple(config.curve_families)
+    by_size = {f: {k: [] for k in cells.CURVE_METRICS} for f in families}
+    for size in sizes:
+        st = stats.init(dims)
+        for lo in range(0, size, 512):
+            st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
+        fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
+        for f in families:
+            vals = [cells.curve_values(*cells.cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
+                                                native[j], labels, index, pairs, **metric_kw)) for i, j in pairs_ij]
+            for k in cells.CURVE_METRICS:
+                by_size[f][k].append(float(np.mean([v[k] for v in vals])))
+    by_rank = {k: [] for k in cells.CURVE_METRICS}
+    for r_pos, r in enumerate(ranks):
+        vals = []
+        for i, j in pairs_ij:
+            w, b = rank_sweep[(i, j)][r_pos]
+            vals.append(cells.curve_values(*cells.cell_metrics(native[i] @ w + b, native[j], labels, index, pairs, **metric_kw)))
+        for k in cells.CURVE_METRICS:
+            by_rank[k].append(float(np.mean([v[k] for v in vals])))
+    return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
+                                                        for f, d in by_size.items()}},
+            "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
+
+
+def assemble(config, names, dims, fit, num_eval, grids, sim, curve, map_warnings, fit_desc, eval_desc) -> dict:
     """results.json's layout (see the issue): matrices are lists of rows, row = query model A, column = B."""
     ver, ret, roc = {}, {}, {}
-    for key, arrays in cells.items():
+    for key, arrays in grids.items():
         s, f = key.split("|")
         v = {"tar_at_far": {k.split("/", 1)[1]: np.asarray(a).tolist() for k, a in arrays.items()
                             if k.startswith("tar_at_far/")}}
@@ -558,9 +385,9 @@ def write_report(run_dir: str, r: dict):
     for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn"):
         tables[f"similarity_{k}"] = matrix_table(r, f"similarity: {k}", r["similarity"][k])
     figures = {
-        "roc.png": functools.partial(_plot_roc, r),
-        "curve_fit_size.png": functools.partial(_plot_fit_size, r),
-        "curve_rank.png": functools.partial(_plot_rank, r),
+        "roc.png": functools.partial(report.roc_figure, r),
+        "curve_fit_size.png": functools.partial(report.fit_size_figure, r),
+        "curve_rank.png": functools.partial(report.rank_figure, r),
     }
     for k, title, lim in (("cka", "linear CKA (fit statistics)", (0, 1)),
                           ("cka_debiased", "debiased CKA (evaluation features)", (None, 1)),
@@ -569,79 +396,14 @@ def write_report(run_dir: str, r: dict):
                           ("mutual_knn", f"mutual {r['config']['mutual_knn_k']}-NN alignment (evaluation)", (0, 1))):
         figures[f"similarity_{k}.png"] = functools.partial(report.heatmap_matrix, r["similarity"][k], names, title,
                                                           vmin=lim[0], vmax=lim[1], xlabel="B", ylabel="A")
-    md = [f"# Open-set verification and retrieval: {', '.join(names)}", "",
-          f"Maps fit on {r['num_fit']} images of classes {r['fit_classes']} ({r['dataset']} {r['fit_split']}); every "
-          f"metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all pairs of "
-          "distinct images (cosine similarity). Command: `" + r.get("meta", {}).get("command", "") + "`", ""]
-    for key in ["summary"] + [k for k in tables if k != "summary"]:
-        t = tables[key]
-        md += [f"## {t.title}", ""] + ([t.note, ""] if t.note else []) + [t.markdown(), ""]
-    md += ["## Figures", "", "![ROC](roc.png)", "![fit size](curve_fit_size.png)", "![rank](curve_rank.png)"]
-    md += [f"![{k}](similarity_{k}.png)" for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn")]
-    if r.get("map_warnings"):
-        md += ["", "## Map warnings", ""] + [f"- {w}" for w in r["map_warnings"]]
-    secs = r.get("meta", {}).get("seconds", {})
-    md += ["", f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in secs.items())}.",
-           f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."]
-    return report.write_run(run_dir, r, tables=tables, figures=figures, markdown="\n".join(md) + "\n")
-
-
-def _figure(width=6.4, height=4.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_roc(r, path):
-    fig = _figure()
-    ax = fig.add_subplot()
-    names = r["models"]
-    native = r["roc"]["native"]["affine"]
-    for j, m in enumerate(names):
-        ax.plot(native["far"], native["tar"][j][j], lw=2, label=f"{m} native")
-    mapped = r["roc"]["mapped"]["affine"]
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if i != j:
-                ax.plot(mapped["far"], mapped["tar"][i][j], lw=1, ls="--", label=f"{names[i]}→{names[j]} affine")
-    ax.set_xscale("log")
-    ax.set_xlabel("FAR")
-    ax.set_ylabel("TAR")
-    ax.set_title("ROC on evaluation classes")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plot_fit_size(r, path):
-    c = r["curves"]["fit_size"]
-    fig = _figure(9, 3.6)
-    for k, metric in enumerate(("recall_at_1", "tar_at_far_0.01")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        for f in r["config"]["curve_families"]:
-            ax.plot(c["sizes"], c[f][metric], marker="o", label=f)
-        ax.set_xscale("log")
-        ax.set_xlabel("fitting samples")
-        ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plot_rank(r, path):
-    c = r["curves"]["rank"]
-    fig = _figure(9, 3.6)
-    for k, metric in enumerate(("recall_at_1", "tar_at_far_0.01")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        ax.plot(c["ranks"], c[metric], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rank k of the map")
-        ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
-    fig.tight_layout()
-    fig.savefig(path)
+    intro = [f"Maps fit on {r['num_fit']} images of classes {r['fit_classes']} ({r['dataset']} {r['fit_split']}); "
+             f"every metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all "
+             "pairs of distinct images (cosine similarity). Command: `" + r.get("meta", {}).get("command", "") + "`"]
+    outro = ((["## Map warnings", "\n".join(f"- {w}" for w in r["map_warnings"])] if r.get("map_warnings") else [])
+             + [f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in r.get('meta', {}).get('seconds', {}).items())}.\n"
+                f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."])
+    return report.write_run(run_dir, r, tables=tables, figures=figures, intro=intro, outro=outro,
+                            title=f"Open-set verification and retrieval: {', '.join(names)}")
 
 
 def summary(r: dict) -> str:

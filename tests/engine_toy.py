@@ -32,9 +32,9 @@ def source(seed=3):
 
 def fit_pass(src=None):
     return extract.Pass("fit", src if src is not None else source(), "toy",
-                        {"a": ("pre_logits",), "b": ("pre_logits",)}, init=stats.init([4, 4]),
-                        fold=lambda s, out, b, aux: stats.update(s, [out["a"]["pre_logits"],
-                                                                     out["b"]["pre_logits"]], b["mask"]))
+                        {"a": ("pre_logits",), "b": ("pre_logits",)},
+                        accumulator=stats.accumulator([4, 4], lambda out, b, aux: [out["a"]["pre_logits"],
+                                                                                   out["b"]["pre_logits"]]))
 
 
 def engine(workdir, ms=None, log=None):

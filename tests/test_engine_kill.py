@@ -30,19 +30,17 @@ TOY = textwrap.dedent('''
     engine = extract.Engine(ms, workdir, batch_size=32, fingerprint={"toy": 1}, checkpoint_every=3,
                             progress_seconds=0)
 
-    def fold(state, outputs, batch, aux):
-        return {n: moments.update(state[n], outputs[n]["pre_logits"], batch["mask"]) for n in names}
-
     means = engine.run(extract.Pass(
         "means", source, "test[:300]", {"zoo_resnet_v1": ("pre_logits", "stem"), "zoo_mobilenet_v2": ("pre_logits", "stage1")},
-        init={m.name: moments.init(m.feature_dim) for m in ms}, fold=fold, dataset="fashion_mnist",
+        accumulator={m.name: moments.accumulator(m.feature_dim, lambda o, b, aux, n=m.name: o[n]["pre_logits"])
+                     for m in ms}, dataset="fashion_mnist",
         store={"zoo_resnet_v1/stem": "float16", "zoo_mobilenet_v2/stage1": "float32"}))
     # A second pass that needs the first one's result (like maps between fit and eval).
     mu = {n: np.asarray(means[n].mean) for n in names}
     centred = engine.run(extract.Pass(
         "centred", source, "test[:300]", {n: ("pre_logits",) for n in names},
-        init={n: moments.init(m.feature_dim) for n, m in zip(names, ms)}, aux=mu,
-        fold=lambda s, o, b, aux: {n: moments.update(s[n], o[n]["pre_logits"] - aux[n], b["mask"]) for n in names}))
+        aux=mu, accumulator={n: moments.accumulator(m.feature_dim, lambda o, b, aux, n=n: o[n]["pre_logits"] - aux[n])
+                             for n, m in zip(names, ms)}))
     store = engine.store("means")
     arrays = {}
     for tag, st in (("means", means), ("centred", centred)):

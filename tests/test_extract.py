@@ -26,9 +26,19 @@ def _source(n, seed=0):
 
 
 def _stats_pass(names, source, **kw):
-    return extract.Pass("fit", source, "toy", {n: ("pre_logits",) for n in names}, init=stats.init([4] * len(names)),
-                        fold=lambda s, out, b, aux: stats.update(s, [out[n]["pre_logits"] for n in names], b["mask"]),
+    return extract.Pass("fit", source, "toy", {n: ("pre_logits",) for n in names},
+                        accumulator=stats.accumulator([4] * len(names),
+                                                      lambda out, b, aux: [out[n]["pre_logits"] for n in names]),
                         **kw)
+
+
+def _per_device(tree, mesh):
+    """A state with one partial per device (a leading device axis sharded over the mesh), as steps take it."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.devices.size
+    return jax.device_put(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), tree),
+                          NamedSharding(mesh, P(extract.DATA_AXIS)))
 
 
 def _engine(members, workdir, **kw):
@@ -107,11 +117,9 @@ class _CrashingSource:
 
 def _moments_pass(source, store=None):
     """A second kind of pass: per-model feature means (diagonal moments) plus two stored outputs."""
-    def fold(s, out, b, aux):
-        return {n: moments.update(s[n], out[n]["pre_logits"], b["mask"]) for n in ("a", "b")}
-
     return extract.Pass("means", source, "toy", {"a": ("pre_logits", "grid"), "b": ("pre_logits",)},
-                        init={n: moments.init(4) for n in ("a", "b")}, fold=fold,
+                        accumulator={n: moments.accumulator(4, lambda out, b, aux, n=n: out[n]["pre_logits"])
+                                     for n in ("a", "b")},
                         store=store if store is not None else {"a/grid": "float16", "b/pre_logits": "float32"})
 
 
@@ -228,18 +236,18 @@ def test_cpu_compiler_options_switch_and_agree(monkeypatch):
         return {"pre_logits": jnp.maximum(x, 0.0).mean(axis=(1, 2))}
 
     member = extract.Member(name="conv", apply=apply, variables={"k": kernel}, feature_dim=6)
-    p = extract.Pass("fit", None, "toy", {"conv": ("pre_logits",)}, init=stats.init([6]),
-                     fold=lambda s, out, b, aux: stats.update(s, [out["conv"]["pre_logits"]], b["mask"]))
+    p = extract.Pass("fit", None, "toy", {"conv": ("pre_logits",)},
+                     accumulator=stats.accumulator([6], lambda out, b, aux: [out["conv"]["pre_logits"]]))
     batch = {"image": rng.integers(0, 255, (8, 9, 9, 3), dtype=np.uint8), "mask": np.ones(8, bool),
              "label": np.zeros(8, np.int32), "index": np.arange(8)}
     results = []
     for defaults in ("0", "1"):
         monkeypatch.setenv("EMBJAX_XLA_CPU_DEFAULTS", defaults)
         step = extract.make_step([member], p, mesh)
-        state, bad, _ = step(extract.replicate(stats.init([6]), mesh), extract.replicate(np.zeros(1, bool), mesh),
+        state, bad, _ = step(_per_device(stats.init([6]), mesh), _per_device(np.zeros(1, bool), mesh),
                              extract.replicate([member.variables], mesh), None, extract.shard_batch(batch, mesh))
         assert not bool(np.any(bad))
-        results.append(np.asarray(state.cross, np.float64))
+        results.append(np.asarray(state.cross, np.float64).sum(0))
     assert extract.compiler_options(mesh) is None  # EMBJAX_XLA_CPU_DEFAULTS=1
     # Same float32 arithmetic in another summation order: a 27-term conv sum and 8x8 row products
     # round at ~1e-6 relative of the largest entry.
@@ -267,21 +275,21 @@ def test_two_thousand_partial_merges_match_float64():
                                atol=1e-5 * np.abs(centred.T @ centred).max())
 
 
-def test_per_device_partials_equal_the_replicated_pass(tmp_path):
-    """With `merge`, each device folds its own rows and partials meet only at checkpoints and the end:
-    same statistics as the replicated pass (here on this process' devices), and a checkpointed resume
-    gives the same numbers."""
+def test_per_device_partials_resume_to_the_same_numbers(tmp_path):
+    """Each device folds its own rows and partials meet only at checkpoints and the end: the merged
+    statistics match float64 NumPy, and a checkpointed resume gives the same numbers."""
     source = _source(45, seed=9)
     members = [_member("a", 1.0), _member("b", 0.5)]
-    replicated = _engine(members, tmp_path / "r").run(_stats_pass(["a", "b"], source))
-    partial = _engine(members, tmp_path / "p").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+    partial = _engine(members, tmp_path / "p").run(_stats_pass(["a", "b"], source))
     assert int(partial.count) == 45
-    np.testing.assert_allclose(partial.mean, replicated.mean, rtol=1e-6)
-    np.testing.assert_allclose(partial.cross, replicated.cross, rtol=1e-5, atol=1e-3)
+    x = source.images.reshape(45, -1)[:, :4].astype(np.float64)
+    joint = np.concatenate([x, 0.5 * x], axis=1)
+    np.testing.assert_allclose(partial.mean, joint.mean(0), rtol=1e-5)  # float32 sums of values < 255
+    centred = joint - joint.mean(0)
+    np.testing.assert_allclose(partial.cross, centred.T @ centred, rtol=1e-4, atol=1e-2)
     with pytest.raises(_Crash):
-        _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], _CrashingSource(source, after=40),
-                                                         merge=stats.merge))
-    resumed = _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], source, merge=stats.merge))
+        _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], _CrashingSource(source, after=40)))
+    resumed = _engine(members, tmp_path / "c").run(_stats_pass(["a", "b"], source))
     np.testing.assert_array_equal(resumed.cross, partial.cross)
 
 
@@ -301,7 +309,9 @@ def test_float32_steps_trace_every_dot_at_highest_precision():
     mesh = extract.make_mesh()
     batch = {"image": np.zeros((8, 5, 5, 1), np.uint8), "mask": np.ones(8, bool), "label": np.zeros(8, np.int32),
              "index": np.arange(8, dtype=np.int32)}
-    args = (stats.init([4]), np.zeros(1, bool), [member.variables], None, batch)
+    n_dev = mesh.devices.size
+    args = (jax.tree.map(lambda x: np.broadcast_to(x, (n_dev, *np.shape(x))), stats.init([4])),
+            np.zeros((n_dev, 1), bool), [member.variables], None, batch)
     with jax.default_matmul_precision(None):  # whatever the test suite sets globally
         high = str(extract.make_step([member], p, mesh, "float32").trace(*args).jaxpr)
         low = str(extract.make_step([member], p, mesh, None).trace(*args).jaxpr)

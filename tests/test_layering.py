@@ -4,7 +4,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "embjax"
-PURE = {"stats", "maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm"}
+PURE = {"stats", "maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm",
+        "accumulator", "cells"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

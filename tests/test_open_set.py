@@ -14,25 +14,26 @@ import time
 import numpy as np
 import pytest
 
+from embjax import cells, data
 from experiments import open_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_class_specs_and_disjoint_subsets():
-    pred, desc = open_set.parse_classes("0-2,7", "fit_classes")
+    pred, desc = data.class_filter("0-2,7", "fit_classes")
     np.testing.assert_array_equal(pred(np.arange(10)), [1, 1, 1, 0, 0, 0, 0, 1, 0, 0])
-    even, _ = open_set.parse_classes("even", "fit_classes")
+    even, _ = data.class_filter("even", "fit_classes")
     np.testing.assert_array_equal(even(np.arange(4)), [1, 0, 1, 0])
     with pytest.raises(ValueError, match="config.eval_classes"):
-        open_set.parse_classes("3-1", "eval_classes")
+        data.class_filter("3-1", "eval_classes")
     with pytest.raises(ValueError, match="config.fit_classes must be ranges"):
-        open_set.parse_classes("cats", "fit_classes")
+        data.class_filter("cats", "fit_classes")
 
 
 def test_kfold_pairs_are_balanced_and_valid():
     labels = np.repeat(np.arange(5), 7)
-    pi, pj, same, fold = open_set.kfold_pairs(labels, 30, seed=0)
+    pi, pj, same, fold = cells.kfold_pairs(labels, 30, seed=0)
     assert len(pi) == 600 and np.all(np.bincount(fold) == 60)
     assert np.all(pi != pj)
     np.testing.assert_array_equal(labels[pi] == labels[pj], same)

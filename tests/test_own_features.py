@@ -143,7 +143,8 @@ def documented_run(tmp_path_factory):
 def test_command_recovers_planted_maps(documented_run):
     results, run_dir, planted, _, proc = documented_run
     assert results["models"] == ["a", "b", "c"] and results["num_fit"] == 700 and results["num_eval"] == 300
-    assert "fit: 700/700 rows" in proc.stdout and "eval: 300/300 rows" in proc.stdout  # progress lines
+    # progress lines of the engine: 700 fit rows in batches of 128, 300 evaluation rows
+    assert "[fit --features rows] batch 6/6" in proc.stdout and "[eval evaluation rows] batch 3/3" in proc.stdout
     assert results["meta"]["command"].startswith("python -m experiments.features --features=")
     assert results["config"]["heads"] and results["config"]["ridge"] == 0.0
     w_true = {("a", m): (planted.w[m], planted.b[m]) for m in "bc"}
@@ -317,3 +318,35 @@ def test_readme_shows_the_tested_example_and_command():
     section = section[:section.index("\n## ", 3)]
     for lang in ("python", "bash"):
         assert f"```{lang}\n{doc_block(lang)}```" in section, lang
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    """The command streams through the engine: killed with SIGKILL mid-fit (after batch 7 of 44, the
+    checkpoint of batch 5 holds), the same command resumes and ends with the uninterrupted run's numbers."""
+    import signal
+
+    planted = Planted()
+    lay_out(tmp_path, planted)
+    argv = doc_command() + ["--batch_size=16", "--checkpoint_every=5"]
+    whole = run_cli(argv + ["--workdir=whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    victim = subprocess.Popen(argv + ["--workdir=killed"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for line in victim.stdout:
+        if re.search(r"\[fit .*\] batch 7/44", line):
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=600)
+    assert victim.returncode == -signal.SIGKILL
+    resumed = run_cli(argv + ["--workdir=killed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[resume] pass 'fit': 5/44 batches already done" in resumed.stdout
+
+    def numbers(workdir):
+        (run,) = [d for d in os.listdir(tmp_path / workdir) if (tmp_path / workdir / d / "results.json").exists()]
+        with open(tmp_path / workdir / run / "results.json") as f:
+            r = json.load(f)
+        return {k: v for k, v in r.items() if k not in ("meta",)}
+
+    assert numbers("killed") == numbers("whole")

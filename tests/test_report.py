@@ -136,7 +136,9 @@ def test_a_crash_mid_write_leaves_no_directory(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "heatmap", boom)
+    from embjax import affine_report
+
+    monkeypatch.setattr(affine_report, "heatmap", boom)  # the affine tables' module draws it
     with pytest.raises(RuntimeError, match="disk full"):
         report.write(tmp_path / "run", make_results())
     assert os.listdir(tmp_path) == []

@@ -79,7 +79,12 @@ def make_batch(source, indices: np.ndarray, batch_size: int) -> Batch:
     if k:
         images, labels = _read(source, indices)
         where = f"{source!r}, batch starting at sample {int(indices[0])}"
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != k:
+        dtype = np.dtype(getattr(source, "dtype", np.uint8))  # array sources (data.RowSource) declare theirs
+        if dtype != np.uint8:
+            if images.dtype != dtype or images.shape[0] != k:
+                raise CorruptDataError(f"{where}: expected {dtype} rows (k={k}, ...), got {images.dtype} "
+                                       f"{images.shape}")
+        elif images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != k:
             raise CorruptDataError(f"{where}: expected uint8 images (k={k}, H, W, C), got {images.dtype} "
                                    f"{images.shape}")
         declared = getattr(source, "image_shape", None)
@@ -89,8 +94,9 @@ def make_batch(source, indices: np.ndarray, batch_size: int) -> Batch:
         if labels.shape != (k,) or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
             raise CorruptDataError(f"{where}: expected {k} integer labels, got {labels.dtype} {labels.shape}")
     else:
-        images, labels = np.zeros((0, *_example_shape(source)), np.uint8), np.zeros((0,), np.int32)
-    image = np.zeros((batch_size, *images.shape[1:]), np.uint8)
+        images = np.zeros((0, *_example_shape(source)), getattr(source, "dtype", np.uint8))
+        labels = np.zeros((0,), np.int32)
+    image = np.zeros((batch_size, *images.shape[1:]), getattr(source, "dtype", np.uint8))
     image[:k] = images
     label = np.zeros((batch_size,), np.int32)
     label[:k] = labels

@@ -91,6 +91,16 @@ class TfdsSource:
             image = resize_shorter_and_center_crop(image, self.image_size)
         return image, int(example[self.label_key])
 
+    def read_labels(self) -> np.ndarray:
+        """Every label of the split, without decoding an image. Text labels (lfw's person names) are
+        numbered in sorted order, so class filters like "even" / "odd" are deterministic."""
+        raw = [self._ds[i][self.label_key] for i in range(len(self))]
+        if raw and isinstance(raw[0], (bytes, str, np.bytes_, np.str_)):
+            text = [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+            ids = {n: k for k, n in enumerate(sorted(set(text)))}
+            return np.asarray([ids[t] for t in text], np.int32)
+        return np.asarray(raw, np.int32)
+
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
         """(H, W, C) of every sample, or None when the images vary in size and no image_size was given."""

@@ -11,6 +11,8 @@ Fields can be overridden on the command line, e.g. `--config.batch_size=512 --co
 
 import ml_collections
 
+from experiments.configs import base as base_config
+
 ZOO_MODELS = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2",
               "zoo_efficientnet_lite")
 
@@ -39,21 +41,10 @@ KERAS_THESIS_NAMES = {
 }
 
 
-def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = ""
-    c.models = ""  # comma-separated registry names (a string, so --config.models=a,b,c works)
-    # Where each model's variables come from: "zoo" (trained by embjax), "pretrained" (installed packages),
-    # or a dict {model name: weight file path} for files a user downloaded (Keras .h5, .pth, safetensors).
-    c.weights = "zoo"
-    c.weight_files = ml_collections.ConfigDict()
-    c.dataset = "fashion_mnist"
+def study_base() -> ml_collections.ConfigDict:
+    c = base_config.base(weights="zoo", batch_size=256, checkpoint_every=50)
     c.fit_split = "train"
     c.eval_split = "test"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
-    # Host-side square size for datasets of variable-size images (each model then resizes on device).
-    c.image_size = ml_collections.config_dict.placeholder(int)
     # The square size every model runs at (0: each model's registry size), except the models named in
     # native_size_models, which keep their own (the thesis ran every CNN at 331 px but MobileNet-v2 at 224).
     c.input_size = 0
@@ -64,35 +55,23 @@ def base() -> ml_collections.ConfigDict:
     c.heads = "native"
     c.linear_head = ml_collections.ConfigDict(dict(epochs=30, batch_size=512, learning_rate=1e-2,
                                                    weight_decay=1e-4, seed=0))
-    c.batch_size = 256  # global, over all devices and processes
     c.ridge = 0.0  # relative ridge, lambda = ridge * tr(C_AA) / d_A (see embjax.maps.affine)
-    c.dtype = "float32"
-    # Extraction with every BatchNorm folded into its convolution (families that implement it): same
-    # features within float32 rounding, less work. False runs the modules as trained.
-    c.fold_batchnorm = True
     # A bfloat16 run (dtype="bfloat16") also extracts this many evaluation images in float32 and reports
     # each model's top-1 agreement and feature error against float32 (0: no check).
     c.precision_check_images = 256
-    c.checkpoint_every = 50  # batches
-    c.prefetch = 2
-    c.progress_seconds = 10.0  # a progress line (images/s, ETA) at most this often; 0 = every batch
     c.thesis_names = ml_collections.ConfigDict()
-    # Zoo training: one epoch on the first 20,000 training images keeps the first run of the default
-    # study within minutes on 2 CPU cores (maps are still fit on the whole fit split).
-    c.zoo = ml_collections.ConfigDict(dict(epochs=1, batch_size=128, learning_rate=3e-3,
-                                           weight_decay=1e-4, seed=0, limit=20000))
     return c
 
 
 def zoo() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "zoo"
     c.models = ",".join(ZOO_MODELS)
     return c
 
 
 def effnet_lite() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "effnet_lite"
     c.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     c.weights = "pretrained"
@@ -109,7 +88,7 @@ def imagenet() -> ml_collections.ConfigDict:
     """The thesis' protocol: its ten CNNs on 331x331 central crops (MobileNet-v2 at its own 224), each with
     its own scaling; maps fit on the 1.28M training images, evaluated on the 50,000 validation images.
     TF-Slim heads with a background logit are scored on the 1000 ImageNet classes."""
-    c = base()
+    c = study_base()
     c.name = "imagenet"
     c.models = ",".join(THESIS_NAMES)
     c.weights = "files"
@@ -127,8 +106,4 @@ def imagenet() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = {"zoo": zoo, "effnet_lite": effnet_lite, "imagenet": imagenet}
-    name = arg or "zoo"
-    if name not in presets:
-        raise ValueError(f"unknown config '{name}'; choose one of {sorted(presets)}")
-    return presets[name]()
+    return base_config.presets(arg, "zoo", {"zoo": zoo, "effnet_lite": effnet_lite, "imagenet": imagenet})

@@ -13,6 +13,8 @@ Fields can be overridden on the command line, e.g. `--config.bct.influence_weigh
 
 import ml_collections
 
+from experiments.configs import base as base_config
+
 
 def _train(epochs: int, batch_size: int, learning_rate: float, seed: int) -> ml_collections.ConfigDict:
     # Fields of embjax.train.TrainConfig.
@@ -21,15 +23,10 @@ def _train(epochs: int, batch_size: int, learning_rate: float, seed: int) -> ml_
                                           checkpoint_every=100, log_seconds=15.0))
 
 
-def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = ""
-    c.dataset = "fashion_mnist"
+def study_base() -> ml_collections.ConfigDict:
+    c = base_config.base(models=False, batch_size=256, checkpoint_every=50)
     c.train_split = "train"
     c.eval_split = "test"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
-    c.image_size = ml_collections.config_dict.placeholder(int)  # host square size for variable-size images
     c.num_classes = 10  # labels 0 .. num_classes-1; the registry models' heads have this many outputs
 
     c.old_model = "zoo_resnet_v1"
@@ -62,15 +59,11 @@ def base() -> ml_collections.ConfigDict:
     c.maps.fit_samples = 0  # new-training images the post-hoc maps are fit on (0 = all)
 
     c.retrieval_metric = "cosine"  # "cosine" or "l2"
-    c.batch_size = 256  # feature-extraction passes (global, over all devices and processes)
-    c.checkpoint_every = 50  # batches, for the passes
-    c.prefetch = 2
-    c.progress_seconds = 10.0
     return c
 
 
 def fashion_mnist() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "fashion_mnist"
     c.held_out_classes = (8, 9)
     # Sized for this project's 2-core CPU (timings in docs/backward_compatible.md): four trainings (the
@@ -84,7 +77,7 @@ def fashion_mnist() -> ml_collections.ConfigDict:
 
 
 def imagenet() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "imagenet"
     c.dataset = "imagenet2012"
     c.eval_split = "validation"

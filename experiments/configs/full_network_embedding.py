@@ -14,6 +14,8 @@ Fields can be overridden on the command line, e.g. `--config.train_sizes=100,100
 
 import ml_collections
 
+from experiments.configs import base as base_config
+
 # tfds name -> (training split, test split, classes) of the paper's datasets as tfds ships them.
 TFDS_DATASETS = {
     "caltech101": ("train", "test", 102),  # 30 training images per class (tfds' split), the rest to test
@@ -24,21 +26,13 @@ TFDS_DATASETS = {
 }
 
 
-def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = ""
-    c.models = ""  # comma-separated registry names
-    c.weights = "pretrained"  # zoo | pretrained | files | random (embjax.members)
-    c.weight_files = ml_collections.ConfigDict()
-    c.dataset = "fashion_mnist"
+def study_base() -> ml_collections.ConfigDict:
+    c = base_config.base(progress_seconds=30.0)
     c.train_split = "train"
     c.test_split = "test"
     # Nested training subsets: the first n images of the training split, for each n (-1: all of it).
     # Each subset is standardized with its own statistics, as a user with only n images would.
     c.train_sizes = "-1"  # comma-separated (a string, so --config.train_sizes=100,1000 works)
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
-    c.image_size = ml_collections.config_dict.placeholder(int)  # host-side square size for tfds images
     c.download = False  # let tfds download and prepare a missing dataset
     c.num_classes = 10
     # The embedding (embjax.fne): which outputs (pre- or post-activation), thresholds, degenerate features.
@@ -48,18 +42,11 @@ def base() -> ml_collections.ConfigDict:
     # embjax.svm: C of LinearSVC's objective; stop at a relative duality gap of tol (objective within
     # tol of the optimum); solver "dual_cd" (reliable) or "lbfgs" (optax; rows sharded over devices).
     c.svm = ml_collections.ConfigDict(dict(C=1.0, tol=1e-3, max_iter=1000, solver="dual_cd"))
-    c.batch_size = 32  # global, over all devices and processes
-    c.dtype = "float32"
-    c.checkpoint_every = 10  # batches
-    c.prefetch = 2
-    c.progress_seconds = 30.0
-    c.zoo = ml_collections.ConfigDict(dict(epochs=1, batch_size=128, learning_rate=3e-3, weight_decay=1e-4,
-                                           seed=0, limit=20000))
     return c
 
 
 def effnet_lite() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "full_network_embedding_effnet_lite"
     c.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     # Three backbones at 224-260 px run ~2 images/s together on the shared 2-core CPU: 1,200 training and
@@ -73,7 +60,7 @@ def effnet_lite() -> ml_collections.ConfigDict:
 def vgg16(dataset: str = "caltech101") -> ml_collections.ConfigDict:
     if dataset not in TFDS_DATASETS:
         raise ValueError(f"unknown dataset '{dataset}' for the vgg16 preset; choose one of {sorted(TFDS_DATASETS)}")
-    c = base()
+    c = study_base()
     c.name = f"full_network_embedding_vgg16_{dataset}"
     c.models = "vgg16"
     c.weights = "files"
@@ -88,7 +75,7 @@ def vgg16(dataset: str = "caltech101") -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "full_network_embedding_tiny"
     c.models = "zoo_efficientnet_lite"
     c.weights = "random"

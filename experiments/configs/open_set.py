@@ -16,17 +16,11 @@ Fields can be overridden on the command line, e.g. `--config.num_eval=2000 --con
 
 import ml_collections
 
+from experiments.configs import base as base_config
 
-def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = ""
-    c.models = ""  # comma-separated registry names
-    c.weights = "pretrained"  # zoo | pretrained | files | random (embjax.members)
-    c.weight_files = ml_collections.ConfigDict()
-    c.dataset = "fashion_mnist"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
-    c.image_size = ml_collections.config_dict.placeholder(int)  # host-side square size (tfds sets)
+
+def study_base() -> ml_collections.ConfigDict:
+    c = base_config.base(progress_seconds=10.0)
     c.fit_split = "train"
     c.eval_split = "test"
     # Classes (identities) of each side: "a-b" ranges joined by commas ("0-4", "0-2,7"), or "even" / "odd"
@@ -59,26 +53,19 @@ def base() -> ml_collections.ConfigDict:
     # need an SVD / eigendecomposition of a d×d matrix per pair and size (40 s / 17 s for d = 1280 on
     # the loaded 2-core CPU this default was timed on), so they are left to larger machines.
     c.curve_families = ("affine", "ridge")
-    c.batch_size = 32
-    c.dtype = "float32"
-    c.checkpoint_every = 10
-    c.prefetch = 2
-    c.progress_seconds = 10.0
-    c.zoo = ml_collections.ConfigDict(dict(epochs=1, batch_size=128, learning_rate=3e-3, weight_decay=1e-4,
-                                           seed=0, limit=20000))
     c.zoo_classes = ""  # classes the zoo trains on (zoo weights only); default: the fit classes
     return c
 
 
 def effnet_lite() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "open_set_effnet_lite"
     c.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     return c
 
 
 def zoo() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "open_set_zoo"
     c.models = "zoo_resnet_v1,zoo_resnet_v2,zoo_inception,zoo_mobilenet_v2,zoo_efficientnet_lite"
     c.weights = "zoo"
@@ -95,7 +82,7 @@ def zoo() -> ml_collections.ConfigDict:
 
 
 def lfw() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "open_set_lfw"
     c.models = "efficientnet_lite0,efficientnet_lite1"
     c.dataset = "lfw"
@@ -111,7 +98,7 @@ def lfw() -> ml_collections.ConfigDict:
 
 
 def smoke() -> ml_collections.ConfigDict:
-    c = base()
+    c = study_base()
     c.name = "open_set_smoke"
     c.models = "zoo_resnet_v1,zoo_mobilenet_v2"
     c.weights = "random"
@@ -131,8 +118,4 @@ def smoke() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = {"effnet_lite": effnet_lite, "zoo": zoo, "lfw": lfw, "smoke": smoke}
-    name = arg or "effnet_lite"
-    if name not in presets:
-        raise ValueError(f"unknown config '{name}'; choose one of {sorted(presets)}")
-    return presets[name]()
+    return base_config.presets(arg, "effnet_lite", {"effnet_lite": effnet_lite, "zoo": zoo, "lfw": lfw, "smoke": smoke})
