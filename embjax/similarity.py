@@ -26,7 +26,12 @@ Mutual k-NN alignment (Huh et al. 2024, "The Platonic Representation Hypothesis"
 the overlap of its k nearest neighbours (cosine, itself excluded) under A and under B, divided by k,
 averaged over samples; from features, through embjax.retrieval.knn.
 
-Pure jax.numpy; imports only the pure embjax.stats and embjax.retrieval.
+Everything at once, fast: `statistics_matrices` (linear CKA, SVCCA, PWCCA, angular Procrustes
+distance for every pair of blocks, float64 host LAPACK on one thread) and `feature_matrices`
+(debiased CKA, mutual k-NN, CKNNA). Each measure's invariances and whether it is a similarity or a
+distance are stated where it is defined.
+
+Pure jax.numpy and NumPy / SciPy; imports only the pure embjax.stats and embjax.retrieval.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from embjax import retrieval, stats
 
@@ -212,3 +218,167 @@ def _overlap(nx, ny):
     k = nx.shape[1]
     common = jnp.sum((nx[:, :, None] == ny[:, None, :]) & (nx[:, :, None] >= 0), axis=(1, 2))
     return jnp.mean(common / k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every measure of many models at once, on the host (float64 NumPy / LAPACK, one LAPACK thread)
+#
+# At 1280 dimensions the cost is decompositions: one symmetric eigendecomposition per model (SVCCA and
+# PWCCA) and one symmetric eigenvalue problem per pair (the Procrustes nuclear norm). They run in
+# float64 through NumPy/SciPy with the BLAS pool held at one thread: OpenBLAS's threaded tridiagonal
+# reduction runs 8-10× slower than one thread on a busy 2-core machine (25 s against 3 s for one
+# 1280² eigh at load 20; benchmarks/similarity_speed.py).
+
+
+def lapack_threads(n: int = 1):
+    """Context manager holding the BLAS/LAPACK thread pools (NumPy's and SciPy's, which jax's CPU
+    linear algebra also calls) at `n` threads; a no-op without threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+
+
+def _host_block(state, i, j):
+    o = stats.offsets(state)
+    scale = 1.0 / max(int(state.count), 1)
+    return np.asarray(state.cross[o[i]:o[i + 1], o[j]:o[j + 1]], np.float64) * scale
+
+
+def _top_whitener(c: np.ndarray, dims, rel_tol: float):
+    """Columns P (d × kept) with Pᵀ c P = I on c's leading principal directions (at most `dims`,
+    eigenvalues above rel_tol · λ_max)."""
+    import scipy.linalg
+
+    d = c.shape[0]
+    c = 0.5 * (c + c.T)
+    lam_max = float(scipy.linalg.eigh(c, eigvals_only=True, subset_by_index=[d - 1, d - 1])[0]) if d else 0.0
+    k = d if dims is None else min(int(dims), d)
+    vals, vecs = scipy.linalg.eigh(c, subset_by_index=[d - k, d - 1], driver="evr" if k < d else "evd")
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    keep = vals > rel_tol * max(lam_max, np.finfo(np.float64).tiny)
+    return vecs[:, keep] / np.sqrt(vals[keep])[None, :]
+
+
+def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6) -> dict:
+    """Every measure from the joint statistics, for all pairs of blocks: {name: (N, N) float64}.
+
+      cka         linear CKA ‖C_AB‖²_F / (‖C_AA‖_F ‖C_BB‖_F), a similarity in [0, 1]; invariant to
+                  orthogonal maps and isotropic scaling of either side (not to general linear maps).
+      svcca       mean canonical correlation after keeping each side's leading `dims` principal
+                  directions (Raghu et al. 2017; dims=None: all non-degenerate ones), a similarity in
+                  [0, 1]; invariant to invertible linear maps within the kept subspaces.
+      pwcca       projection-weighted CCA (Morcos et al. 2018) on the same subspaces: Σ α_k ρ_k / Σ α_k,
+                  α_k = Σ_j |⟨h_k, x_j⟩| the absolute projections of row side A's k-th canonical variate
+                  h_k = X_A a_k on A's centred units x_j (from the statistics: the entries of C_AA a_k);
+                  a similarity in [0, 1], NOT symmetric (row = the side whose units weigh).
+      procrustes  angular Procrustes distance arccos(‖C_AB‖_* / √(tr C_AA tr C_BB)) (Williams et al.
+                  2021), a distance in [0, π/2] radians, 0 iff one side is an orthogonal map of the other
+                  up to scale and shift; ‖C_AB‖_* from the eigenvalues of the smaller Gram C_ABᵀC_AB.
+    All in float64 from the float32 statistics, one LAPACK thread (see `lapack_threads`)."""
+    n = len(state.dims)
+    out = {k: np.zeros((n, n)) for k in ("cka", "svcca", "pwcca", "procrustes")}
+    with lapack_threads(1):
+        diag = [_host_block(state, i, i) for i in range(n)]
+        whiten = [_top_whitener(c, dims, rel_tol) for c in diag]
+        frob = [np.linalg.norm(c) for c in diag]
+        trace = [float(np.trace(c)) for c in diag]
+        for i in range(n):
+            out["svcca"][i, i] = out["pwcca"][i, i] = out["cka"][i, i] = 1.0
+            for j in range(i + 1, n):
+                c_ij = _host_block(state, i, j)
+                den = frob[i] * frob[j]
+                out["cka"][i, j] = out["cka"][j, i] = float(np.sum(c_ij * c_ij) / den) if den > 0 else 0.0
+                p_i, p_j = whiten[i], whiten[j]
+                u, rho, vt = np.linalg.svd(p_i.T @ c_ij @ p_j, full_matrices=False)
+                rho = np.clip(rho, 0.0, 1.0)
+                out["svcca"][i, j] = out["svcca"][j, i] = float(rho.mean()) if rho.size else 0.0
+                for a, b, p, vecs in ((i, j, p_i, u), (j, i, p_j, vt.T)):
+                    alpha = np.abs(diag[a] @ (p @ vecs)).sum(axis=0)  # Σ_j |⟨h_k, x_j⟩| up to a common factor
+                    out["pwcca"][a, b] = float(np.sum(alpha * rho) / np.sum(alpha)) if alpha.sum() > 0 else 0.0
+                small = c_ij if c_ij.shape[0] <= c_ij.shape[1] else c_ij.T
+                nuclear = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(small @ small.T), 0.0, None))))
+                den = np.sqrt(trace[i] * trace[j])
+                cos = nuclear / den if den > 0 else 0.0
+                out["procrustes"][i, j] = out["procrustes"][j, i] = float(np.arccos(np.clip(cos, 0.0, 1.0)))
+    return out
+
+
+def cknna(x, y, k: int = 10) -> float:
+    """Centered kernel nearest-neighbour alignment (Huh et al. 2024, "The Platonic Representation
+    Hypothesis", their cknna with unbiased=True), a similarity in [−1, 1] (1 for identical neighbour
+    kernels), invariant to orthogonal maps and scaling of either side's rows.
+
+    With K = X̂X̂ᵀ and L = ŶŶᵀ the cosine kernels (rows L2-normalised, as that code's inputs are) and
+    M_K(i, j) = 1 when j is among the k nearest other rows of i under K: the kernels restricted to the
+    mutual neighbours, A = (M_K∘M_L)∘K and B = (M_K∘M_L)∘L, give
+      CKNNA = HSIC_1(A, B) / √(HSIC_1(M_K∘K, M_K∘K) · HSIC_1(M_L∘L, M_L∘L))
+    with Song et al.'s unbiased HSIC_1(A, B) = [Σ A∘Bᵀ + ΣA ΣB / ((n−1)(n−2)) − 2 · 1ᵀAB1 / (n−2)] / (n(n−3)).
+    Computed on the ≤ nk non-zero entries, never an n×n matrix (n ≥ 4)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 4:
+        raise ValueError(f"similarity.cknna: need two 2-D feature arrays with the same n ≥ 4 rows, got {x.shape} "
+                         f"and {y.shape}")
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    yn = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    nx = np.asarray(knn_sets(xn.astype(np.float32), k, backend="host"))
+    ny = np.asarray(knn_sets(yn.astype(np.float32), k, backend="host"))
+    return _cknna_from_sets(xn, yn, nx, ny)
+
+
+def _sparse_hsic(n, rows, cols, a, b):
+    """Unbiased HSIC of two n×n matrices with the same sparsity (entries (rows, cols), zero diagonal)."""
+    key = rows * n + cols
+    key_t = cols * n + rows
+    _, ia, ib = np.intersect1d(key, key_t, assume_unique=True, return_indices=True)
+    trace_term = float(np.sum(a[ia] * b[ib]))  # Σ_ij A_ij B_ji
+    col_a = np.bincount(cols, weights=a, minlength=n)  # Aᵀ1
+    row_b = np.bincount(rows, weights=b, minlength=n)  # B1
+    return (trace_term + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * float(col_a @ row_b) / (n - 2)) / (n * (n - 3))
+
+
+def _cknna_from_sets(xn, yn, nx, ny) -> float:
+    n, k = nx.shape
+    rows = np.repeat(np.arange(n), k)
+
+    def entries(sets):
+        cols = sets.reshape(-1).astype(np.int64)
+        ok = cols >= 0
+        return rows[ok], cols[ok]
+
+    rx, cx = entries(nx)
+    ry, cy = entries(ny)
+    kx = np.einsum("ij,ij->i", xn[rx], xn[cx])
+    ly = np.einsum("ij,ij->i", yn[ry], yn[cy])
+    both, ix, _ = np.intersect1d(rx * n + cx, ry * n + cy, assume_unique=True, return_indices=True)
+    r, c = both // n, both % n
+    kb = np.einsum("ij,ij->i", xn[r], xn[c])
+    lb = np.einsum("ij,ij->i", yn[r], yn[c])
+    h_xy = _sparse_hsic(n, r, c, kb, lb)
+    h_xx = _sparse_hsic(n, rx, cx, kx, kx)
+    h_yy = _sparse_hsic(n, ry, cy, ly, ly)
+    den = np.sqrt(max(h_xx, 0.0) * max(h_yy, 0.0))
+    return float(h_xy / den) if den > 0 else 0.0
+
+
+def feature_matrices(features, k: int = 10) -> dict:
+    """Measures on evaluation features of the same n samples under N models: {name: (N, N)}:
+    cka_debiased (`debiased_cka`), mutual_knn (`mutual_knn`, cosine, k neighbours) and cknna
+    (`cknna`), the neighbour sets computed once per model."""
+    feats = [np.asarray(f, np.float32) for f in features]
+    n_models = len(feats)
+    normed = [f.astype(np.float64) / np.maximum(np.linalg.norm(f.astype(np.float64), axis=1, keepdims=True),
+                                                np.finfo(np.float64).tiny) for f in feats]
+    sets = [np.asarray(knn_sets(f.astype(np.float32), k, backend="host")) for f in normed]
+    out = {key: np.eye(n_models) for key in ("cka_debiased", "mutual_knn", "cknna")}
+    for i in range(n_models):
+        for j in range(i + 1, n_models):
+            values = {"cka_debiased": float(debiased_cka(feats[i], feats[j])),
+                      "mutual_knn": float(_overlap(jnp.asarray(sets[i]), jnp.asarray(sets[j]))),
+                      "cknna": _cknna_from_sets(normed[i], normed[j], sets[i], sets[j])}
+            for key, v in values.items():
+                out[key][i, j] = out[key][j, i] = v
+    return out
