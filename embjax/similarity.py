@@ -41,6 +41,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg  # loaded before any lapack_threads() block, so that its OpenBLAS is limited too
 
 from embjax import retrieval, stats
 
@@ -232,7 +233,8 @@ def _overlap(nx, ny):
 
 def lapack_threads(n: int = 1):
     """Context manager holding the BLAS/LAPACK thread pools (NumPy's and SciPy's, which jax's CPU
-    linear algebra also calls) at `n` threads; a no-op without threadpoolctl."""
+    linear algebra also calls) at `n` threads; a no-op without threadpoolctl. Only libraries already
+    loaded when the block starts are limited."""
     try:
         import threadpoolctl
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
@@ -242,28 +244,22 @@ def lapack_threads(n: int = 1):
     return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
 
 
-def _host_block(state, i, j):
-    o = stats.offsets(state)
-    scale = 1.0 / max(int(state.count), 1)
-    return np.asarray(state.cross[o[i]:o[i + 1], o[j]:o[j + 1]], np.float64) * scale
-
-
 def _top_whitener(c: np.ndarray, dims, rel_tol: float):
     """Columns P (d × kept) with Pᵀ c P = I on c's leading principal directions (at most `dims`,
     eigenvalues above rel_tol · λ_max)."""
-    import scipy.linalg
-
     d = c.shape[0]
     c = 0.5 * (c + c.T)
-    lam_max = float(scipy.linalg.eigh(c, eigvals_only=True, subset_by_index=[d - 1, d - 1])[0]) if d else 0.0
     k = d if dims is None else min(int(dims), d)
-    vals, vecs = scipy.linalg.eigh(c, subset_by_index=[d - k, d - 1], driver="evr" if k < d else "evd")
+    if k < d:  # only the top k eigenpairs (MRRR): the tridiagonal reduction and k vectors
+        vals, vecs = scipy.linalg.eigh(c, subset_by_index=[d - k, d - 1], driver="evr")
+    else:
+        vals, vecs = np.linalg.eigh(c)
     vals, vecs = vals[::-1], vecs[:, ::-1]
-    keep = vals > rel_tol * max(lam_max, np.finfo(np.float64).tiny)
+    keep = vals > rel_tol * max(float(vals[0]) if d else 0.0, np.finfo(np.float64).tiny)
     return vecs[:, keep] / np.sqrt(vals[keep])[None, :]
 
 
-def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6) -> dict:
+def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6, rotations=None) -> dict:
     """Every measure from the joint statistics, for all pairs of blocks: {name: (N, N) float64}.
 
       cka         linear CKA ‖C_AB‖²_F / (‖C_AA‖_F ‖C_BB‖_F), a similarity in [0, 1]; invariant to
@@ -277,19 +273,30 @@ def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6) -> 
                   a similarity in [0, 1], NOT symmetric (row = the side whose units weigh).
       procrustes  angular Procrustes distance arccos(‖C_AB‖_* / √(tr C_AA tr C_BB)) (Williams et al.
                   2021), a distance in [0, π/2] radians, 0 iff one side is an orthogonal map of the other
-                  up to scale and shift; ‖C_AB‖_* from the eigenvalues of the smaller Gram C_ABᵀC_AB.
+                  up to scale and shift; ‖C_AB‖_* from the eigenvalues of the smaller Gram C_ABᵀC_AB,
+                  or, when `rotations[(i, j)]` (i < j) holds the orthogonal factor R = U Vᵀ of C_ij
+                  (e.g. from the Procrustes maps, maps.scaled_procrustes), as tr(Rᵀ C_ij) without a
+                  decomposition.
     All in float64 from the float32 statistics, one LAPACK thread (see `lapack_threads`)."""
     n = len(state.dims)
     out = {k: np.zeros((n, n)) for k in ("cka", "svcca", "pwcca", "procrustes")}
+    cross = np.asarray(state.cross)  # one device-to-host copy, sliced on the host
+    o = stats.offsets(state)
+    scale = 1.0 / max(int(state.count), 1)
+
+    def _host_block(i, j):
+        return cross[o[i]:o[i + 1], o[j]:o[j + 1]].astype(np.float64) * scale
+
+    rotations = {} if rotations is None else rotations
     with lapack_threads(1):
-        diag = [_host_block(state, i, i) for i in range(n)]
+        diag = [_host_block(i, i) for i in range(n)]
         whiten = [_top_whitener(c, dims, rel_tol) for c in diag]
         frob = [np.linalg.norm(c) for c in diag]
         trace = [float(np.trace(c)) for c in diag]
         for i in range(n):
             out["svcca"][i, i] = out["pwcca"][i, i] = out["cka"][i, i] = 1.0
             for j in range(i + 1, n):
-                c_ij = _host_block(state, i, j)
+                c_ij = _host_block(i, j)
                 den = frob[i] * frob[j]
                 out["cka"][i, j] = out["cka"][j, i] = float(np.sum(c_ij * c_ij) / den) if den > 0 else 0.0
                 p_i, p_j = whiten[i], whiten[j]
@@ -299,8 +306,11 @@ def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6) -> 
                 for a, b, p, vecs in ((i, j, p_i, u), (j, i, p_j, vt.T)):
                     alpha = np.abs(diag[a] @ (p @ vecs)).sum(axis=0)  # Σ_j |⟨h_k, x_j⟩| up to a common factor
                     out["pwcca"][a, b] = float(np.sum(alpha * rho) / np.sum(alpha)) if alpha.sum() > 0 else 0.0
-                small = c_ij if c_ij.shape[0] <= c_ij.shape[1] else c_ij.T
-                nuclear = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(small @ small.T), 0.0, None))))
+                if (i, j) in rotations:
+                    nuclear = float(np.sum(np.asarray(rotations[(i, j)], np.float64) * c_ij))
+                else:
+                    small = c_ij if c_ij.shape[0] <= c_ij.shape[1] else c_ij.T
+                    nuclear = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(small @ small.T), 0.0, None))))
                 den = np.sqrt(trace[i] * trace[j])
                 cos = nuclear / den if den > 0 else 0.0
                 out["procrustes"][i, j] = out["procrustes"][j, i] = float(np.arccos(np.clip(cos, 0.0, 1.0)))
@@ -340,28 +350,38 @@ def _sparse_hsic(n, rows, cols, a, b):
     return (trace_term + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * float(col_a @ row_b) / (n - 2)) / (n * (n - 3))
 
 
-def _cknna_from_sets(xn, yn, nx, ny) -> float:
-    n, k = nx.shape
+def _knn_kernel(xn, sets):
+    """One model's side of CKNNA: its kNN entries (rows, cols; −1 dropped), their kernel values and
+    the unbiased HSIC of the kNN-masked kernel with itself."""
+    n, k = sets.shape
     rows = np.repeat(np.arange(n), k)
+    cols = sets.reshape(-1).astype(np.int64)
+    ok = cols >= 0
+    rows, cols = rows[ok], cols[ok]
+    vals = np.einsum("ij,ij->i", xn[rows], xn[cols])
+    return rows, cols, vals, _sparse_hsic(n, rows, cols, vals, vals)
 
-    def entries(sets):
-        cols = sets.reshape(-1).astype(np.int64)
-        ok = cols >= 0
-        return rows[ok], cols[ok]
 
-    rx, cx = entries(nx)
-    ry, cy = entries(ny)
-    kx = np.einsum("ij,ij->i", xn[rx], xn[cx])
-    ly = np.einsum("ij,ij->i", yn[ry], yn[cy])
-    both, ix, _ = np.intersect1d(rx * n + cx, ry * n + cy, assume_unique=True, return_indices=True)
-    r, c = both // n, both % n
-    kb = np.einsum("ij,ij->i", xn[r], xn[c])
-    lb = np.einsum("ij,ij->i", yn[r], yn[c])
-    h_xy = _sparse_hsic(n, r, c, kb, lb)
-    h_xx = _sparse_hsic(n, rx, cx, kx, kx)
-    h_yy = _sparse_hsic(n, ry, cy, ly, ly)
+def _cknna_from_sets(xn, yn, nx, ny, side_x=None, side_y=None) -> float:
+    n = nx.shape[0]
+    rx, cx, kx, h_xx = _knn_kernel(xn, nx) if side_x is None else side_x
+    ry, cy, ly, h_yy = _knn_kernel(yn, ny) if side_y is None else side_y
+    both, ix, iy = np.intersect1d(rx * n + cx, ry * n + cy, assume_unique=True, return_indices=True)
+    h_xy = _sparse_hsic(n, both // n, both % n, kx[ix], ly[iy])
     den = np.sqrt(max(h_xx, 0.0) * max(h_yy, 0.0))
     return float(h_xy / den) if den > 0 else 0.0
+
+
+@jax.jit
+def _hsic_side(x):
+    terms = _unbiased_hsic_terms(x)
+    return terms, _unbiased_hsic(terms, terms)
+
+
+@jax.jit
+def _debiased_from_sides(tx, hx, ty, hy):
+    den = jnp.sqrt(jnp.maximum(hx, 0.0) * jnp.maximum(hy, 0.0))
+    return jnp.where(den > 0, _unbiased_hsic(tx, ty) / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def feature_matrices(features, k: int = 10) -> dict:
@@ -373,12 +393,15 @@ def feature_matrices(features, k: int = 10) -> dict:
     normed = [f.astype(np.float64) / np.maximum(np.linalg.norm(f.astype(np.float64), axis=1, keepdims=True),
                                                 np.finfo(np.float64).tiny) for f in feats]
     sets = [np.asarray(knn_sets(f.astype(np.float32), k, backend="host")) for f in normed]
+    sides = [_knn_kernel(x, st) for x, st in zip(normed, sets)]  # each model's kNN kernel, once
+    hsic = [_hsic_side(jnp.asarray(f)) for f in feats]  # each model's HSIC terms and self-HSIC, once
     out = {key: np.eye(n_models) for key in ("cka_debiased", "mutual_knn", "cknna")}
     for i in range(n_models):
         for j in range(i + 1, n_models):
-            values = {"cka_debiased": float(debiased_cka(feats[i], feats[j])),
-                      "mutual_knn": float(_overlap(jnp.asarray(sets[i]), jnp.asarray(sets[j]))),
-                      "cknna": _cknna_from_sets(normed[i], normed[j], sets[i], sets[j])}
+            values = {"cka_debiased": float(_debiased_from_sides(*hsic[i], *hsic[j])),
+                      "mutual_knn": float(np.mean(np.sum((sets[i][:, :, None] == sets[j][:, None, :])
+                                                         & (sets[i][:, :, None] >= 0), axis=(1, 2))) / k),
+                      "cknna": _cknna_from_sets(normed[i], normed[j], sets[i], sets[j], sides[i], sides[j])}
             for key, v in values.items():
                 out[key][i, j] = out[key][j, i] = v
     return out

@@ -22,12 +22,13 @@ Settings, per ordered pair (A, B) — queries are embedded by A, the gallery by 
                (with two models, C = B, which is `mapped`);
   naive        queries truncated / zero-padded into B's width, no map (should sit at chance).
 `native` and `naive` do not depend on the map family; they are repeated under every family's key.
-Metrics (cosine similarity): verification over all pairs of distinct evaluation samples, genuine when
-their labels agree (embjax.verification: TAR at FAR, EER, ROC AUC; a pair i < j by sample index takes
-its query side from i), 10-fold accuracy over balanced sampled pairs (LFW protocol); leave-one-out
-retrieval (embjax.retrieval: Recall@k, mAP, MAP@R). Similarity (embjax.similarity): linear CKA, mean
-SVCCA and Procrustes distance from the fit statistics; debiased CKA and mutual k-NN on the evaluation
-features (debiased CKA needs per-sample fourth-order terms the statistics do not keep).
+Metrics (cosine similarity): verification over every ordered pair of distinct evaluation samples (query
+a against gallery b and b against a), genuine when their labels agree (embjax.verification.label_pairs:
+exact TAR at FAR, EER, ROC AUC), 10-fold accuracy over balanced pairs drawn without replacement, each in
+both orders (LFW protocol); leave-one-out retrieval (embjax.retrieval: Recall@k, mAP, MAP@R,
+R-precision). Similarity (embjax.similarity): linear CKA, SVCCA, PWCCA and Procrustes distance from the
+fit statistics; debiased CKA, mutual k-NN and CKNNA on the evaluation features (debiased CKA needs
+per-sample fourth-order terms the statistics do not keep).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import re
 import time
 import warnings
 
-import jax
 import numpy as np
 
 from experiments import common
@@ -184,54 +184,17 @@ def fit_maps(st, names, dims, config, families=FAMILIES, sweep_ranks=()) -> tupl
 # Metrics of one (queries, gallery) cell
 
 
-@functools.partial(jax.jit, static_argnames=("bins", "ks", "qb"))
-def _cell_states(q, g, labels, index, *, bins, ks, qb):
-    import jax.numpy as jnp
-
-    from embjax import retrieval, verification
-
-    n = q.shape[0]
-    qn = retrieval.normalize(q)
-    gn = retrieval.normalize(g)
-    pad = (-n) % qb
-    blocks = (jnp.pad(qn, ((0, pad), (0, 0))).reshape(-1, qb, q.shape[1]),
-              jnp.pad(labels, (0, pad)).reshape(-1, qb), jnp.pad(index, (0, pad)).reshape(-1, qb),
-              jnp.pad(jnp.ones((n,), bool), (0, pad)).reshape(-1, qb))
-
-    def step(carry, blk):
-        v, r = carry
-        qq, ql, qi, qm = blk
-        s = jnp.matmul(qq, gn.T, precision=jax.lax.Precision.HIGHEST)
-        v = verification.update_label_pairs(v, s, ql, qi, labels, index, qm, None)
-        r = retrieval.retrieval_update(r, s, ql, qi, labels, index, qm, None)
-        return (v, r), None
-
-    (v, r), _ = jax.lax.scan(step, (verification.init(bins), retrieval.init(ks)), blocks)
-    return v, r
-
-
 def kfold_pairs(labels: np.ndarray, per_fold: int, seed: int, folds: int = 10):
-    """Balanced pairs (i ≠ j) for the 10-fold protocol: each fold `per_fold` genuine + `per_fold`
-    impostor pairs, drawn with a fixed seed."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    by_label = {l: np.nonzero(labels == l)[0] for l in np.unique(labels)}
-    multi = [l for l, rows in by_label.items() if len(rows) > 1]
-    if not multi or len(by_label) < 2:
-        raise ValueError("the 10-fold protocol needs ≥ 2 evaluation classes and a class with ≥ 2 images")
-    pi, pj, same, fold = [], [], [], []
-    for f in range(folds):
-        for _ in range(per_fold):
-            l = multi[rng.integers(len(multi))]
-            a, b = rng.choice(by_label[l], 2, replace=False)
-            pi.append(a), pj.append(b), same.append(True), fold.append(f)
-        for _ in range(per_fold):
-            while True:
-                a, b = rng.integers(n, size=2)
-                if labels[a] != labels[b]:
-                    break
-            pi.append(a), pj.append(b), same.append(False), fold.append(f)
-    return np.asarray(pi), np.asarray(pj), np.asarray(same), np.asarray(fold)
+    """Balanced pairs for the 10-fold protocol: each fold `per_fold` genuine + `per_fold` impostor
+    pairs of distinct samples, drawn without replacement (no pair in two folds) with a fixed seed, each
+    listed in both orders (embjax.verification.sample_pairs)."""
+    from embjax import verification
+
+    return verification.sample_pairs(labels, per_fold, folds, seed)
+
+
+# Seconds spent ranking (leave-one-out retrieval) and scoring verification pairs in this process.
+METRIC_SECONDS = {"ranking": 0.0, "verification": 0.0}
 
 
 def cell_metrics(q, g, labels, index, config, pairs) -> tuple[dict, dict]:
@@ -240,20 +203,21 @@ def cell_metrics(q, g, labels, index, config, pairs) -> tuple[dict, dict]:
 
     from embjax import retrieval, verification
 
-    v, r = _cell_states(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32), jnp.asarray(labels, jnp.int32),
-                        jnp.asarray(index, jnp.int32), bins=int(config.verification_bins),
-                        ks=tuple(int(k) for k in config.recall_ks), qb=int(config.query_block))
     fars = tuple(float(f) for f in config.fars)
-    vm = verification.compute(v, fars)
+    t0 = time.perf_counter()
+    vm = verification.label_pairs(q, g, labels, index, fars=fars, bins=int(config.verification_bins))
+    t1 = time.perf_counter()
+    rm = retrieval.leave_one_out(q, labels, g, labels, query_index=index, gallery_index=index,
+                                 ks=tuple(int(k) for k in config.recall_ks), query_block=int(config.query_block))
+    METRIC_SECONDS["verification"] += t1 - t0
+    METRIC_SECONDS["ranking"] += time.perf_counter() - t1
     pi, pj, same, fold = pairs
     qn, gn = retrieval.normalize(jnp.asarray(q, jnp.float32)), retrieval.normalize(jnp.asarray(g, jnp.float32))
     scores = jnp.sum(qn[pi] * gn[pj], axis=1)
     _, acc = verification.kfold_accuracy(scores, same, fold)
     ver = {"tar_at_far": {_far_key(f): float(t) for f, t in zip(fars, np.asarray(vm["tar_at_far"]))},
            "eer": float(vm["eer"]), "roc_auc": float(vm["roc_auc"]), "kfold_accuracy": float(acc)}
-    far, tar, _ = verification.roc(v)
-    ver["_roc"] = _roc_points(np.asarray(far), np.asarray(tar))
-    rm = retrieval.compute(r)
+    ver["_roc"] = _roc_points(np.asarray(vm["far"]), np.asarray(vm["tar"]))
     ret = {k: float(v_) for k, v_ in rm.items() if k not in ("queries", "with_relevant")}
     return ver, ret
 
@@ -377,29 +341,17 @@ def run(config, workdir: str):
                             cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
                             grid[i][j] = _average_cells(cells)
                 out[(s, f)] = grid
-        print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s (ranking "
+              f"{METRIC_SECONDS['ranking']:.1f} s, verification pairs {METRIC_SECONDS['verification']:.1f} s)", flush=True)
         return {f"{s}|{f}": _cells_to_arrays(grid) for (s, f), grid in out.items()}
 
     cells = engine.memo("cells", evaluate_cells)
 
     # 5. Similarity: from the fit statistics, and on the evaluation features.
     def similarity_matrices():
-        cca_dims = int(config.cca_dims) or None
-        mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
-        sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
-        mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
-        for i in range(n):
-            for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
-                rotation = None
-                if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
-                    w = all_maps["procrustes"][(i, j)][0]
-                    rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
-                values = {"cka": similarity.linear_cka(fit, i, j),
-                          "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
-                          "cka_debiased": similarity.debiased_cka(native[i], native[j]),
-                          "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
-                for k, v in values.items():
-                    mat[k][i, j] = mat[k][j, i] = float(v)
+        mat = similarity.statistics_matrices(fit, dims=int(config.cca_dims) or None)
+        mat["cca"] = mat.pop("svcca")
+        mat.update(similarity.feature_matrices(native, k=int(config.mutual_knn_k)))
         return mat
 
     sim = engine.memo("similarity", similarity_matrices)
@@ -413,11 +365,13 @@ def run(config, workdir: str):
         pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
         families = tuple(config.curve_families)
         by_size = {f: {k: [] for k in CURVE_METRICS} for f in families}
+        curve_warnings = []
         for size in sizes:
             st = stats.init(dims)
             for lo in range(0, size, 512):
                 st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
-            fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
+            fam_maps, size_warnings, _ = fit_maps(st, names, dims, config, families=families)
+            curve_warnings.extend(f"fit-size curve, {size} samples: {w}" for w in size_warnings)
             for f in families:
                 vals = [_curve_values(*cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
                                                     native[j], labels, index, config, pairs)) for i, j in pairs_ij]
@@ -431,14 +385,18 @@ def run(config, workdir: str):
                 vals.append(_curve_values(*cell_metrics(native[i] @ w + b, native[j], labels, index, config, pairs)))
             for k in CURVE_METRICS:
                 by_rank[k].append(float(np.mean([v[k] for v in vals])))
-        return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
-                                                            for f, d in by_size.items()}},
+        for w in curve_warnings:
+            print(f"[warning] {w}", flush=True)
+        return {"fit_size": {"sizes": np.asarray(sizes), "warnings": np.asarray(curve_warnings, dtype=str),
+                             **{f: {k: np.asarray(v) for k, v in d.items()} for f, d in by_size.items()}},
                 "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
 
     curve = engine.memo("curves", curves)
 
     results = assemble(config, names, dims, fit, len(labels), cells, sim, curve, map_warnings, fit_desc, eval_desc)
-    results["meta"] = {"seconds": dict(engine.seconds), "store": engine.store_dir("eval")}
+    results["map_warnings"] = list(map_warnings) + [str(w) for w in np.asarray(curve["fit_size"].get("warnings", []))]
+    results["meta"] = {"seconds": dict(engine.seconds), "metric_seconds": dict(METRIC_SECONDS),
+                       "store": engine.store_dir("eval")}
     return results, engine
 
 
@@ -555,7 +513,7 @@ def write_report(run_dir: str, r: dict):
             r, f"TAR@FAR=1e-2, queries mapped A→B ({f}), gallery native B", r["verification"]["mapped"][f]["tar_at_far"]["0.01"])
         tables[f"mapped_{f}_recall_at_1"] = matrix_table(
             r, f"Recall@1, queries mapped A→B ({f}), gallery native B", r["retrieval"]["mapped"][f]["recall_at_1"])
-    for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn"):
+    for k in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn", "cknna"):
         tables[f"similarity_{k}"] = matrix_table(r, f"similarity: {k}", r["similarity"][k])
     figures = {
         "roc.png": functools.partial(_plot_roc, r),
@@ -565,6 +523,8 @@ def write_report(run_dir: str, r: dict):
     for k, title, lim in (("cka", "linear CKA (fit statistics)", (0, 1)),
                           ("cka_debiased", "debiased CKA (evaluation features)", (None, 1)),
                           ("cca", f"mean SVCCA ({r['config']['cca_dims']} dims, fit statistics)", (0, 1)),
+                          ("pwcca", f"PWCCA ({r['config']['cca_dims']} dims, row A's weights, fit statistics)", (0, 1)),
+                          ("cknna", f"CKNNA, k = {r['config']['mutual_knn_k']} (evaluation)", (None, 1)),
                           ("procrustes", "angular Procrustes distance (rad, fit statistics)", (0, None)),
                           ("mutual_knn", f"mutual {r['config']['mutual_knn_k']}-NN alignment (evaluation)", (0, 1))):
         figures[f"similarity_{k}.png"] = functools.partial(report.heatmap_matrix, r["similarity"][k], names, title,
@@ -577,11 +537,15 @@ def write_report(run_dir: str, r: dict):
         t = tables[key]
         md += [f"## {t.title}", ""] + ([t.note, ""] if t.note else []) + [t.markdown(), ""]
     md += ["## Figures", "", "![ROC](roc.png)", "![fit size](curve_fit_size.png)", "![rank](curve_rank.png)"]
-    md += [f"![{k}](similarity_{k}.png)" for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn")]
+    md += [f"![{k}](similarity_{k}.png)" for k in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn",
+                                                   "cknna")]
     if r.get("map_warnings"):
         md += ["", "## Map warnings", ""] + [f"- {w}" for w in r["map_warnings"]]
     secs = r.get("meta", {}).get("seconds", {})
-    md += ["", f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in secs.items())}.",
+    metric_secs = r.get("meta", {}).get("metric_seconds", {})
+    md += ["", f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in secs.items())}"
+           + (f" (in the metric cells: ranking {metric_secs['ranking']:.1f}, verification pairs "
+              f"{metric_secs['verification']:.1f})" if metric_secs else "") + ".",
            f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."]
     return report.write_run(run_dir, r, tables=tables, figures=figures, markdown="\n".join(md) + "\n")
 
