@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+import scipy.linalg  # noqa: F401  (loaded before any lapack_threads() block, so that its OpenBLAS is limited)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -400,6 +401,21 @@ def naive(d_src: int, d_dst: int, dtype=jnp.float32):
 # Constrained maps
 
 
+def lapack_threads(n: int = 1):
+    """Context manager holding the BLAS/LAPACK thread pools at `n` threads: NumPy's, SciPy's and
+    through SciPy's the one jax's CPU eigh / SVD call. OpenBLAS's threaded tridiagonal and bidiagonal
+    reductions run 8-10× slower than one thread when a 2-core machine is busy (one 1280² eigh: 25 s
+    against 3 s at load 22). Only libraries loaded when the block starts are limited; a no-op without
+    threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+
+
 def procrustes(state, src: int, dst: int, *, scale: bool = False):
     """Orthogonal (Procrustes) map: min ‖(X_A − μ_A) R − (X_B − μ_B)‖_F over R with R Rᵀ = I.
 
@@ -422,8 +438,9 @@ def procrustes(state, src: int, dst: int, *, scale: bool = False):
             f"maps.procrustes: source block {src} is wider ({d_a}) than target block {dst} ({d_b}); an "
             "isometry needs d_src ≤ d_dst. Use reduced_rank or affine for this pair."
         )
-    with jax.default_matmul_precision("highest"):
-        return _procrustes(_block(state, src, src), _block(state, src, dst), _mean(state, src), _mean(state, dst), scale)
+    with jax.default_matmul_precision("highest"), lapack_threads(1):
+        return jax.block_until_ready(_procrustes(_block(state, src, src), _block(state, src, dst), _mean(state, src),
+                                                 _mean(state, dst), scale))
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -517,19 +534,19 @@ def scaled_procrustes(state, src: int, dst: int):
     minimum-norm completion, so the map never depends on the SVD routine's null-space vectors.
     """
     _check_state(state, src, dst)
-    with jax.default_matmul_precision("highest"):
-        return _scaled_procrustes(_block(state, src, src), _block(state, src, dst), _block(state, dst, dst),
-                                  _mean(state, src), _mean(state, dst))
+    with jax.default_matmul_precision("highest"), lapack_threads(1):
+        return jax.block_until_ready(_scaled_procrustes(_block(state, src, src), _block(state, src, dst),
+                                                        _block(state, dst, dst), _mean(state, src), _mean(state, dst)))
 
 
 def scaled_procrustes_both(state, a: int, b: int):
     """`scaled_procrustes` in both directions from one SVD: ((W_ab, b_ab), (W_ba, b_ba)). The SVD of
     C_BA = C_ABᵀ is V Σ Uᵀ, so R_BA = R_ABᵀ and only the spreads swap."""
     _check_state(state, a, b)
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("highest"), lapack_threads(1):
         c_aa, c_bb = _block(state, a, a), _block(state, b, b)
         m_a, m_b = _mean(state, a), _mean(state, b)
-        w_ab, b_ab = _scaled_procrustes(c_aa, _block(state, a, b), c_bb, m_a, m_b)
+        w_ab, b_ab = jax.block_until_ready(_scaled_procrustes(c_aa, _block(state, a, b), c_bb, m_a, m_b))
         r = w_ab * jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny))
         s_ba = jnp.where(jnp.trace(c_bb) > 0, jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny)), 0.0)
         w_ba = r.T * s_ba

@@ -31,7 +31,8 @@ distance for every pair of blocks, float64 host LAPACK on one thread) and `featu
 (debiased CKA, mutual k-NN, CKNNA). Each measure's invariances and whether it is a similarity or a
 distance are stated where it is defined.
 
-Pure jax.numpy and NumPy / SciPy; imports only the pure embjax.stats and embjax.retrieval.
+Pure jax.numpy and NumPy / SciPy; imports only the pure embjax.stats, embjax.retrieval and
+embjax.maps (for `lapack_threads`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 import scipy.linalg  # loaded before any lapack_threads() block, so that its OpenBLAS is limited too
 
 from embjax import retrieval, stats
+from embjax.maps import lapack_threads
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -226,22 +228,9 @@ def _overlap(nx, ny):
 #
 # At 1280 dimensions the cost is decompositions: one symmetric eigendecomposition per model (SVCCA and
 # PWCCA) and one symmetric eigenvalue problem per pair (the Procrustes nuclear norm). They run in
-# float64 through NumPy/SciPy with the BLAS pool held at one thread: OpenBLAS's threaded tridiagonal
-# reduction runs 8-10× slower than one thread on a busy 2-core machine (25 s against 3 s for one
-# 1280² eigh at load 20; benchmarks/similarity_speed.py).
-
-
-def lapack_threads(n: int = 1):
-    """Context manager holding the BLAS/LAPACK thread pools (NumPy's and SciPy's, which jax's CPU
-    linear algebra also calls) at `n` threads; a no-op without threadpoolctl. Only libraries already
-    loaded when the block starts are limited."""
-    try:
-        import threadpoolctl
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+# float64 through NumPy/SciPy with the BLAS pool held at one thread (maps.lapack_threads): OpenBLAS's
+# threaded tridiagonal reduction runs 8-10× slower than one thread on a busy 2-core machine (25 s
+# against 3 s for one 1280² eigh at load 22).
 
 
 def _top_whitener(c: np.ndarray, dims, rel_tol: float):

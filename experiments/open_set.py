@@ -349,7 +349,11 @@ def run(config, workdir: str):
 
     # 5. Similarity: from the fit statistics, and on the evaluation features.
     def similarity_matrices():
-        mat = similarity.statistics_matrices(fit, dims=int(config.cca_dims) or None)
+        # The orthogonal factor of each C_ij comes with the Procrustes maps: no second SVD for the distance.
+        tr = [float(np.trace(stats.block(fit, i, i))) for i in range(n)]
+        rotations = {(i, j): w / np.sqrt(tr[j] / tr[i]) for (i, j), (w, _) in all_maps["procrustes"].items()
+                     if i < j and tr[i] > 0 and tr[j] > 0}
+        mat = similarity.statistics_matrices(fit, dims=int(config.cca_dims) or None, rotations=rotations)
         mat["cca"] = mat.pop("svcca")
         mat.update(similarity.feature_matrices(native, k=int(config.mutual_knn_k)))
         return mat
