@@ -41,15 +41,19 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from common import alternate, load_average, machine_line, median, now, peak_rss_mb, spread  # noqa: E402
+from common import (alternate, load_average, machine_line, median, now, peak_rss_mb, reset_peak_rss,  # noqa: E402
+                    rss_mb, spread)
 
 
 def clustered(n: int, d: int, classes: int, seed: int = 0, spread_: float = 2.0):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
-    centres = rng.standard_normal((classes, d)) / np.sqrt(d)
-    x = centres[labels] + spread_ * rng.standard_normal((n, d)) / np.sqrt(d)
-    return x.astype(np.float32), labels
+    centres = (rng.standard_normal((classes, d)) / np.sqrt(d)).astype(np.float32)
+    x = np.empty((n, d), np.float32)
+    for lo in range(0, n, 4096):  # in float32 chunks, so that generating never doubles the memory
+        hi = min(n, lo + 4096)
+        x[lo:hi] = centres[labels[lo:hi]] + spread_ * rng.standard_normal((hi - lo, d), np.float32) / np.sqrt(d)
+    return x, labels
 
 
 def numpy64_leave_one_out(x, labels, ks=(1, 5), block=500) -> dict:
@@ -93,6 +97,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", action="store_true", help="also time the jitted device path (slow on XLA:CPU)")
     p.add_argument("--scale", default="", help="N:D:Q: memory and time of Q queries against an N×D gallery")
+    p.add_argument("--spread", type=float, default=2.0, help="noise / centre spread of the clusters")
     args = p.parse_args()
 
     import jax
@@ -104,11 +109,12 @@ def main() -> None:
 
     if args.scale:
         n, d, q = (int(v) for v in args.scale.split(":"))
-        x, labels = clustered(n, d, args.classes)
+        x, labels = clustered(n, d, args.classes, spread_=args.spread)
+        reset = reset_peak_rss()
         print(f"# scale: {q} queries against {n} × {d} (gallery {x.nbytes / 2**30:.2f} GiB float32), "
-              f"peak RSS before ranking {peak_rss_mb():.0f} MB")
+              f"resident before ranking {rss_mb():.0f} MB (peak counter reset: {reset})")
         t0 = time.perf_counter()
-        got = retrieval.leave_one_out(x[:q], labels[:q], x, labels, backend="host", query_block=256)
+        got = retrieval.leave_one_out(x[:q], labels[:q], x, labels, backend="host")
         sec = time.perf_counter() - t0
         print(f"embjax host: {sec:.1f} s ({sec / q * 1e3:.2f} ms per query against {n}); peak RSS "
               f"{peak_rss_mb():.0f} MB; " + ", ".join(f"{k} {float(got[k]):.4f}" for k in METRIC_KEYS))

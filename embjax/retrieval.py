@@ -329,16 +329,35 @@ def _host_inputs(queries, gallery, metric, query_index, gallery_index, gallery_m
         raise ValueError(f"retrieval.{what}: query_index {q_idx.shape} / gallery_index {g_idx.shape} must have one "
                          f"entry per row ({q.shape[0]} / {g.shape[0]})")
     g_ok = np.ones(g.shape[0], bool) if gallery_mask is None else np.asarray(gallery_mask, bool).reshape(-1)
-    if metric == "cosine":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    if g_ok.shape != (g.shape[0],):
+        raise ValueError(f"retrieval.{what}: gallery_mask has {g_ok.size} entries for {g.shape[0]} gallery rows")
     return q, g, q_idx, g_idx, g_ok
+
+
+def _normalized_rows_inplace(x: np.ndarray) -> np.ndarray:
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return x
+
+
+def _query_blocks(q, q_idx, qb):
+    """(start, rows, block, block indices) with the last block zero-padded to qb rows (one compiled
+    shape), without copying the whole query array."""
+    for lo in range(0, q.shape[0], qb):
+        blk, idx = q[lo:lo + qb], q_idx[lo:lo + qb]
+        m = blk.shape[0]
+        if m < qb:
+            blk = np.concatenate([blk, np.zeros((qb - m, q.shape[1]), np.float32)])
+            idx = np.concatenate([idx, np.full(qb - m, -1, idx.dtype)])
+        yield lo, m, blk, idx
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
 def _eligible_scores(q, qi, g, gi, g_ok, *, metric):
     """One block's scores (XLA's CPU matmul beats a threaded BLAS on a busy machine), −∞ where the
-    gallery item is masked or is the query's own sample; −0.0 becomes +0.0 so equal scores are equal."""
+    gallery item is masked or is the query's own sample; −0.0 becomes +0.0 so equal scores are equal.
+    For cosine the query rows are normalised here and the gallery rows must come normalised."""
+    if metric == "cosine":
+        q = q / jnp.maximum(jnp.sqrt(jnp.sum(q * q, axis=1, keepdims=True)), jnp.finfo(jnp.float32).tiny)
     s = jnp.matmul(q, g.T, precision=_HIGHEST)
     if metric == "l2":
         s = -((jnp.sum(q * q, axis=1)[:, None] + jnp.sum(g * g, axis=1)[None, :]) - 2.0 * s)
@@ -360,22 +379,21 @@ def _leave_one_out_host(queries, query_labels, gallery, gallery_labels, metric, 
     # Gallery grouped by label (stable, so positions stay ordered within a group): the relevant items
     # of a query are then one contiguous slice of its score row.
     by_label = np.argsort(g_lab, kind="stable")
-    g, g_idx, g_ok, g_lab = g[by_label], g_idx[by_label], g_ok[by_label], g_lab[by_label]
+    g, g_idx, g_ok, g_lab = g[by_label], g_idx[by_label], g_ok[by_label], g_lab[by_label]  # g: the one copy
+    if metric == "cosine":
+        g = _normalized_rows_inplace(g)
     positions = by_label
     starts = np.searchsorted(g_lab, q_lab, side="left")
     ends = np.searchsorted(g_lab, q_lab, side="right")
     n_g, n_q = g.shape[0], q.shape[0]
     qb = min(qb, max(n_q, 1))
-    pad = (-n_q) % qb
-    q_pad = np.concatenate([q, np.zeros((pad, q.shape[1]), np.float32)])
-    qi_pad = np.concatenate([q_idx, np.full(pad, -1, q_idx.dtype)])
     g_j, gi_j, ok_j = jnp.asarray(g), jnp.asarray(g_idx), jnp.asarray(g_ok)
+    del g  # the device copy is the one used from here
     hits = np.zeros(len(ks), np.int64)
     ap = map_r = r_prec = 0.0
     with_relevant = 0
-    for lo in range(0, n_q, qb):
-        m = min(n_q, lo + qb) - lo
-        s = np.asarray(_eligible_scores(q_pad[lo:lo + qb], qi_pad[lo:lo + qb], g_j, gi_j, ok_j, metric=metric))[:m]
+    for lo, m, q_blk, qi_blk in _query_blocks(q, q_idx, qb):
+        s = np.asarray(_eligible_scores(q_blk, qi_blk, g_j, gi_j, ok_j, metric=metric))[:m]
         ordered = np.sort(s, axis=1)  # ascending; NumPy's vectorised float32 sort (no argsort)
         # Every query's relevant items, flattened: row r holds columns starts[r]..ends[r].
         a, b = starts[lo:lo + m], ends[lo:lo + m]
@@ -433,13 +451,12 @@ def _knn_host(queries, gallery, k, metric, query_index, gallery_index, gallery_m
     if n_q == 0 or kk == 0:
         return out_s, out_p.astype(np.int32)
     qb = min(qb, n_q)
-    pad = (-n_q) % qb
-    q_pad = np.concatenate([q, np.zeros((pad, q.shape[1]), np.float32)])
-    qi_pad = np.concatenate([q_idx, np.full(pad, -1, q_idx.dtype)])
+    if metric == "cosine":
+        g = _normalized_rows_inplace(g.copy())
     g_j, gi_j, ok_j = jnp.asarray(g), jnp.asarray(g_idx), jnp.asarray(g_ok)
-    for lo in range(0, n_q, qb):
-        m = min(n_q, lo + qb) - lo
-        s = np.asarray(_eligible_scores(q_pad[lo:lo + qb], qi_pad[lo:lo + qb], g_j, gi_j, ok_j, metric=metric))[:m]
+    del g
+    for lo, m, q_blk, qi_blk in _query_blocks(q, q_idx, qb):
+        s = np.asarray(_eligible_scores(q_blk, qi_blk, g_j, gi_j, ok_j, metric=metric))[:m]
         # A partition (O(N) per row) finds the kk best; where the kk-th score is tied with one left
         # out, the row is redone with a stable sort so that the lower gallery position wins the tie.
         cols = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
