@@ -406,7 +406,10 @@ def lapack_threads(n: int = 1):
     through SciPy's the one jax's CPU eigh / SVD call. OpenBLAS's threaded tridiagonal and bidiagonal
     reductions run 8-10× slower than one thread when a 2-core machine is busy (one 1280² eigh: 25 s
     against 3 s at load 22). Only libraries loaded when the block starts are limited; a no-op without
-    threadpoolctl."""
+    threadpoolctl. The setting is process-wide: enter it only from host code with no jax computation in
+    flight (an asynchronously dispatched jax LAPACK call whose thread count changed mid-way could round
+    differently), which is why the jax paths of this module do not use it; OPENBLAS_NUM_THREADS=1 at
+    process start has the same speed effect everywhere."""
     try:
         import threadpoolctl
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
@@ -438,9 +441,8 @@ def procrustes(state, src: int, dst: int, *, scale: bool = False):
             f"maps.procrustes: source block {src} is wider ({d_a}) than target block {dst} ({d_b}); an "
             "isometry needs d_src ≤ d_dst. Use reduced_rank or affine for this pair."
         )
-    with jax.default_matmul_precision("highest"), lapack_threads(1):
-        return jax.block_until_ready(_procrustes(_block(state, src, src), _block(state, src, dst), _mean(state, src),
-                                                 _mean(state, dst), scale))
+    with jax.default_matmul_precision("highest"):
+        return _procrustes(_block(state, src, src), _block(state, src, dst), _mean(state, src), _mean(state, dst), scale)
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -534,19 +536,19 @@ def scaled_procrustes(state, src: int, dst: int):
     minimum-norm completion, so the map never depends on the SVD routine's null-space vectors.
     """
     _check_state(state, src, dst)
-    with jax.default_matmul_precision("highest"), lapack_threads(1):
-        return jax.block_until_ready(_scaled_procrustes(_block(state, src, src), _block(state, src, dst),
-                                                        _block(state, dst, dst), _mean(state, src), _mean(state, dst)))
+    with jax.default_matmul_precision("highest"):
+        return _scaled_procrustes(_block(state, src, src), _block(state, src, dst), _block(state, dst, dst),
+                                  _mean(state, src), _mean(state, dst))
 
 
 def scaled_procrustes_both(state, a: int, b: int):
     """`scaled_procrustes` in both directions from one SVD: ((W_ab, b_ab), (W_ba, b_ba)). The SVD of
     C_BA = C_ABᵀ is V Σ Uᵀ, so R_BA = R_ABᵀ and only the spreads swap."""
     _check_state(state, a, b)
-    with jax.default_matmul_precision("highest"), lapack_threads(1):
+    with jax.default_matmul_precision("highest"):
         c_aa, c_bb = _block(state, a, a), _block(state, b, b)
         m_a, m_b = _mean(state, a), _mean(state, b)
-        w_ab, b_ab = jax.block_until_ready(_scaled_procrustes(c_aa, _block(state, a, b), c_bb, m_a, m_b))
+        w_ab, b_ab = _scaled_procrustes(c_aa, _block(state, a, b), c_bb, m_a, m_b)
         r = w_ab * jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny))
         s_ba = jnp.where(jnp.trace(c_bb) > 0, jnp.sqrt(jnp.trace(c_aa) / jnp.maximum(jnp.trace(c_bb), jnp.finfo(c_aa.dtype).tiny)), 0.0)
         w_ba = r.T * s_ba

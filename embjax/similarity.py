@@ -269,7 +269,8 @@ def statistics_matrices(state, dims: int | None = 32, rel_tol: float = 1e-6, rot
     All in float64 from the float32 statistics, one LAPACK thread (see `lapack_threads`)."""
     n = len(state.dims)
     out = {k: np.zeros((n, n)) for k in ("cka", "svcca", "pwcca", "procrustes")}
-    cross = np.asarray(state.cross)  # one device-to-host copy, sliced on the host
+    cross = np.asarray(state.cross)  # one device-to-host copy, sliced on the host (the host code below
+    # runs under lapack_threads(1); see maps.lapack_threads for why no jax computation may be in flight)
     o = stats.offsets(state)
     scale = 1.0 / max(int(state.count), 1)
 
