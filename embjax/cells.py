@@ -3,15 +3,14 @@
 A cell is a query embedding against a gallery embedding of the same samples (open-set evaluation:
 model A's or a mapped embedding against model B's). `cell_metrics` gives TAR at FAR, EER, ROC AUC and
 the 10-fold accuracy over `kfold_pairs` (embjax.verification) and Recall@k, mAP, MAP@R (embjax.retrieval)
-from one blocked pass over all pairs of distinct samples; `average_cells` and `cells_to_arrays` combine
+(exact over every ordered pair of distinct samples); `average_cells` and `cells_to_arrays` combine
 and store them. Pure: arrays in, numbers out.
 """
 
 from __future__ import annotations
 
-import functools
+import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,69 +19,39 @@ from embjax import retrieval, verification
 CURVE_METRICS = ("recall_at_1", "map", "tar_at_far_0.01", "eer")
 
 
-@functools.partial(jax.jit, static_argnames=("bins", "ks", "qb"))
-def cell_states(q, g, labels, index, *, bins, ks, qb):
-    """(verification histograms, retrieval sums) of every pair of distinct samples, queries `q` against
-    gallery `g` (cosine), in blocks of `qb` queries."""
-    n = q.shape[0]
-    qn = retrieval.normalize(q)
-    gn = retrieval.normalize(g)
-    pad = (-n) % qb
-    blocks = (jnp.pad(qn, ((0, pad), (0, 0))).reshape(-1, qb, q.shape[1]),
-              jnp.pad(labels, (0, pad)).reshape(-1, qb), jnp.pad(index, (0, pad)).reshape(-1, qb),
-              jnp.pad(jnp.ones((n,), bool), (0, pad)).reshape(-1, qb))
+# Seconds spent ranking (leave-one-out retrieval) and scoring verification pairs in this process.
+METRIC_SECONDS = {"ranking": 0.0, "verification": 0.0}
 
-    def step(carry, blk):
-        v, r = carry
-        qq, ql, qi, qm = blk
-        s = jnp.matmul(qq, gn.T, precision=jax.lax.Precision.HIGHEST)
-        v = verification.update_label_pairs(v, s, ql, qi, labels, index, qm, None)
-        r = retrieval.retrieval_update(r, s, ql, qi, labels, index, qm, None)
-        return (v, r), None
-
-    (v, r), _ = jax.lax.scan(step, (verification.init(bins), retrieval.init(ks)), blocks)
-    return v, r
 
 def kfold_pairs(labels: np.ndarray, per_fold: int, seed: int, folds: int = 10):
-    """Balanced pairs (i ≠ j) for the 10-fold protocol: each fold `per_fold` genuine + `per_fold`
-    impostor pairs, drawn with a fixed seed."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    by_label = {l: np.nonzero(labels == l)[0] for l in np.unique(labels)}
-    multi = [l for l, rows in by_label.items() if len(rows) > 1]
-    if not multi or len(by_label) < 2:
-        raise ValueError("the 10-fold protocol needs ≥ 2 evaluation classes and a class with ≥ 2 images")
-    pi, pj, same, fold = [], [], [], []
-    for f in range(folds):
-        for _ in range(per_fold):
-            l = multi[rng.integers(len(multi))]
-            a, b = rng.choice(by_label[l], 2, replace=False)
-            pi.append(a), pj.append(b), same.append(True), fold.append(f)
-        for _ in range(per_fold):
-            while True:
-                a, b = rng.integers(n, size=2)
-                if labels[a] != labels[b]:
-                    break
-            pi.append(a), pj.append(b), same.append(False), fold.append(f)
-    return np.asarray(pi), np.asarray(pj), np.asarray(same), np.asarray(fold)
+    """Balanced pairs for the 10-fold protocol: each fold `per_fold` genuine + `per_fold` impostor
+    pairs of distinct samples, drawn without replacement (no pair in two folds) with a fixed seed, each
+    listed in both orders (embjax.verification.sample_pairs)."""
+    return verification.sample_pairs(labels, per_fold, folds, seed)
+
 
 def cell_metrics(q, g, labels, index, pairs, *, bins: int, ks, query_block: int, fars) -> tuple[dict, dict]:
-    """(verification metrics, retrieval metrics) of queries `q` against gallery `g` (rows = samples)."""
-    v, r = cell_states(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32), jnp.asarray(labels, jnp.int32),
-                       jnp.asarray(index, jnp.int32), bins=int(bins), ks=tuple(int(k) for k in ks), qb=int(query_block))
+    """(verification metrics, retrieval metrics) of queries `q` against gallery `g` (rows = samples):
+    exact verification over every ordered pair of distinct samples (binned beyond
+    verification.EXACT_LIMIT pairs), leave-one-out retrieval, and the 10-fold accuracy over `pairs`."""
     fars = tuple(float(f) for f in fars)
-    vm = verification.compute(v, fars)
+    t0 = time.perf_counter()
+    vm = verification.label_pairs(q, g, labels, index, fars=fars, bins=int(bins))
+    t1 = time.perf_counter()
+    rm = retrieval.leave_one_out(q, labels, g, labels, query_index=index, gallery_index=index,
+                                 ks=tuple(int(k) for k in ks), query_block=int(query_block))
+    METRIC_SECONDS["verification"] += t1 - t0
+    METRIC_SECONDS["ranking"] += time.perf_counter() - t1
     pi, pj, same, fold = pairs
     qn, gn = retrieval.normalize(jnp.asarray(q, jnp.float32)), retrieval.normalize(jnp.asarray(g, jnp.float32))
     scores = jnp.sum(qn[pi] * gn[pj], axis=1)
     _, acc = verification.kfold_accuracy(scores, same, fold)
     ver = {"tar_at_far": {far_key(f): float(t) for f, t in zip(fars, np.asarray(vm["tar_at_far"]))},
            "eer": float(vm["eer"]), "roc_auc": float(vm["roc_auc"]), "kfold_accuracy": float(acc)}
-    far, tar, _ = verification.roc(v)
-    ver["_roc"] = roc_points(np.asarray(far), np.asarray(tar))
-    rm = retrieval.compute(r)
+    ver["_roc"] = roc_points(np.asarray(vm["far"]), np.asarray(vm["tar"]))
     ret = {k: float(v_) for k, v_ in rm.items() if k not in ("queries", "with_relevant")}
     return ver, ret
+
 
 def far_key(f: float) -> str:
     return f"{f:g}"

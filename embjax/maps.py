@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+import scipy.linalg  # noqa: F401  (loaded before any lapack_threads() block, so that its OpenBLAS is limited)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -400,12 +401,38 @@ def naive(d_src: int, d_dst: int, dtype=jnp.float32):
 # Constrained maps
 
 
+def lapack_threads(n: int = 1):
+    """Context manager holding the BLAS/LAPACK thread pools at `n` threads: NumPy's, SciPy's and
+    through SciPy's the one jax's CPU eigh / SVD call. OpenBLAS's threaded tridiagonal and bidiagonal
+    reductions run 8-10× slower than one thread when a 2-core machine is busy (one 1280² eigh: 25 s
+    against 3 s at load 22). Only libraries loaded when the block starts are limited; a no-op without
+    threadpoolctl. The setting is process-wide: enter it only from host code with no jax computation in
+    flight (an asynchronously dispatched jax LAPACK call whose thread count changed mid-way could round
+    differently), which is why the jax paths of this module do not use it; OPENBLAS_NUM_THREADS=1 at
+    process start has the same speed effect everywhere."""
+    try:
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+
+
 def procrustes(state, src: int, dst: int, *, scale: bool = False):
     """Orthogonal (Procrustes) map: min ‖(X_A − μ_A) R − (X_B − μ_B)‖_F over R with R Rᵀ = I.
 
     R = U Vᵀ from the SVD C_AB = U Σ Vᵀ. Requires d_src ≤ d_dst, so that R is an isometry of the source
     space into the target space (square orthogonal when the widths match). With `scale=True`, W = s R
     with the optimal s = tr Σ / tr C_AA. b = μ_B − μ_A W in both cases.
+
+    Where the statistics leave R free (C_AB of rank r below the width, e.g. fewer fit samples than
+    dimensions), every R = U_r V_rᵀ + U_⊥ Q V_⊥ᵀ with Q orthogonal fits equally well, and the SVD
+    routine's arbitrary null-space vectors would pick one. The map is R = U_r V_rᵀ (Q = 0, the
+    minimum-norm member of that set's convex hull): directions outside the span of the fit data map
+    to zero, and no number depends on the LAPACK build. Singular values at or below
+    max(d_A, d_B) · ε · σ_max (numerically zero, NumPy's matrix_rank rule) count as null; with C_AB of
+    full rank this is the usual orthogonal map.
     """
     _check_state(state, src, dst)
     d_a, d_b = state.dims[src], state.dims[dst]
@@ -421,7 +448,7 @@ def procrustes(state, src: int, dst: int, *, scale: bool = False):
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _procrustes(c_aa, c_ab, mean_a, mean_b, scale):
     u, sv, vt = jnp.linalg.svd(c_ab, full_matrices=False)
-    r = jnp.matmul(u, vt, precision=_HIGHEST)
+    r = _span_rotation(u, sv, vt)
     if scale:
         tr = jnp.trace(c_aa)
         r = r * jnp.where(tr > 0, jnp.sum(sv) / jnp.where(tr > 0, tr, 1.0), 0.0)
@@ -504,7 +531,9 @@ def scaled_procrustes(state, src: int, dst: int):
     first d_B columns of R, whose best value over matrices with orthonormal columns is U Vᵀ; d_A < d_B
     is the transpose. Back in B's units: W = (σ_B / σ_A) R, b = μ_B − μ_A W. Unlike `procrustes`,
     the scale is fixed by the two spreads rather than fitted, and the source may be wider (then the
-    map is a projection followed by a rotation, not an isometry).
+    map is a projection followed by a rotation, not an isometry). Where C_AB has rank below the
+    width, R = U_r V_rᵀ over its numerically non-zero singular values (see `procrustes`): the
+    minimum-norm completion, so the map never depends on the SVD routine's null-space vectors.
     """
     _check_state(state, src, dst)
     with jax.default_matmul_precision("highest"):
@@ -526,10 +555,16 @@ def scaled_procrustes_both(state, a: int, b: int):
         return (w_ab, b_ab), (w_ba, m_a - jnp.matmul(m_b, w_ba, precision=_HIGHEST))
 
 
+def _span_rotation(u, sv, vt):
+    """U_r V_rᵀ over the singular values above the numerical-zero level (see `procrustes`)."""
+    tol = max(u.shape[0], vt.shape[1]) * jnp.finfo(sv.dtype).eps * jnp.max(sv)
+    return jnp.matmul(u * (sv > tol)[None, :], vt, precision=_HIGHEST)
+
+
 @jax.jit
 def _scaled_procrustes(c_aa, c_ab, c_bb, mean_a, mean_b):
-    u, _, vt = jnp.linalg.svd(c_ab, full_matrices=False)
-    r = jnp.matmul(u, vt, precision=_HIGHEST)
+    u, sv, vt = jnp.linalg.svd(c_ab, full_matrices=False)
+    r = _span_rotation(u, sv, vt)
     tr_a, tr_b = jnp.trace(c_aa), jnp.trace(c_bb)
     s = jnp.where(tr_a > 0, jnp.sqrt(tr_b / jnp.where(tr_a > 0, tr_a, 1.0)), 0.0)
     w = r * s

@@ -22,12 +22,13 @@ Settings, per ordered pair (A, B) — queries are embedded by A, the gallery by 
                (with two models, C = B, which is `mapped`);
   naive        queries truncated / zero-padded into B's width, no map (should sit at chance).
 `native` and `naive` do not depend on the map family; they are repeated under every family's key.
-Metrics (cosine similarity): verification over all pairs of distinct evaluation samples, genuine when
-their labels agree (embjax.verification: TAR at FAR, EER, ROC AUC; a pair i < j by sample index takes
-its query side from i), 10-fold accuracy over balanced sampled pairs (LFW protocol); leave-one-out
-retrieval (embjax.retrieval: Recall@k, mAP, MAP@R). Similarity (embjax.similarity): linear CKA, mean
-SVCCA and Procrustes distance from the fit statistics; debiased CKA and mutual k-NN on the evaluation
-features (debiased CKA needs per-sample fourth-order terms the statistics do not keep).
+Metrics (cosine similarity): verification over every ordered pair of distinct evaluation samples (query
+a against gallery b and b against a), genuine when their labels agree (embjax.verification.label_pairs:
+exact TAR at FAR, EER, ROC AUC), 10-fold accuracy over balanced pairs drawn without replacement, each in
+both orders (LFW protocol); leave-one-out retrieval (embjax.retrieval: Recall@k, mAP, MAP@R,
+R-precision). Similarity (embjax.similarity): linear CKA, SVCCA, PWCCA and Procrustes distance from the
+fit statistics; debiased CKA, mutual k-NN and CKNNA on the evaluation features (debiased CKA needs
+per-sample fourth-order terms the statistics do not keep).
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def run(config, workdir: str):
                                                     index, pairs, metric_kw, ranks, rank_sweep))
 
     results = assemble(config, names, dims, fit, len(labels), grids, sim, curve, map_warnings, fit_desc, eval_desc)
-    results["meta"] = {"seconds": dict(engine.seconds), "store": engine.store_dir("eval")}
+    results["map_warnings"] += [str(w) for w in np.asarray(curve["fit_size"].get("warnings", []))]
+    results["meta"] = {"seconds": dict(engine.seconds), "metric_seconds": dict(cells.METRIC_SECONDS),
+                       "store": engine.store_dir("eval")}
     return results, engine
 
 
@@ -241,31 +244,25 @@ def evaluate_cells(native, mapped, dims, labels, index, pairs, metric_kw):
                         hub_cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
                         grid[i][j] = cells.average_cells(hub_cells)
             out[(s, f)] = grid
-    print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s (ranking "
+          f"{cells.METRIC_SECONDS['ranking']:.1f} s, verification pairs {cells.METRIC_SECONDS['verification']:.1f} s)",
+          flush=True)
     return {f"{s}|{f}": cells.cells_to_arrays(grid) for (s, f), grid in out.items()}
 
 
 def similarity_matrices(config, fit, native, procrustes):
-    """Linear CKA, mean SVCCA, Procrustes distance (fit statistics), debiased CKA and mutual k-NN (features)."""
+    """Linear CKA, SVCCA, PWCCA, angular Procrustes distance (fit statistics); debiased CKA, mutual k-NN
+    and CKNNA (evaluation features). embjax.similarity states each measure's invariances."""
     from embjax import similarity, stats
 
     n = len(native)
-    cca_dims = int(config.cca_dims) or None
-    mat = {k: np.zeros((n, n)) for k in ("cka", "cca", "procrustes", "cka_debiased", "mutual_knn")}
-    sets = [np.asarray(similarity.knn_sets(x, int(config.mutual_knn_k))) for x in native]
-    mat["cca"] = np.asarray(similarity.mean_cca_matrix(fit, dims=cca_dims))
-    for i in range(n):
-        for j in range(i, n):  # every measure is symmetric in (A, B): the lower triangle is mirrored
-            rotation = None
-            if i != j:  # the orthogonal factor of C_ij, from the Procrustes map: no second SVD
-                w = procrustes[(i, j)][0]
-                rotation = w / np.sqrt(np.trace(stats.block(fit, j, j)) / np.trace(stats.block(fit, i, i)))
-            values = {"cka": similarity.linear_cka(fit, i, j),
-                      "procrustes": similarity.procrustes_distance(fit, i, j, rotation=rotation),
-                      "cka_debiased": similarity.debiased_cka(native[i], native[j]),
-                      "mutual_knn": similarity.mutual_knn(neighbours_x=sets[i], neighbours_y=sets[j])}
-            for k, v in values.items():
-                mat[k][i, j] = mat[k][j, i] = float(v)
+    # The orthogonal factor of each C_ij comes with the Procrustes maps: no second SVD for the distance.
+    tr = [float(np.trace(stats.block(fit, i, i))) for i in range(n)]
+    rotations = {(i, j): w / np.sqrt(tr[j] / tr[i]) for (i, j), (w, _) in procrustes.items()
+                 if i < j and tr[i] > 0 and tr[j] > 0}
+    mat = similarity.statistics_matrices(fit, dims=int(config.cca_dims) or None, rotations=rotations)
+    mat["cca"] = mat.pop("svcca")
+    mat.update(similarity.feature_matrices(native, k=int(config.mutual_knn_k)))
     return mat
 
 
@@ -280,11 +277,13 @@ def curves(config, fit_store, names, dims, native, labels, index, pairs, metric_
     pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
     families = tuple(config.curve_families)
     by_size = {f: {k: [] for k in cells.CURVE_METRICS} for f in families}
+    curve_warnings = []  # small fit sizes are ridge-regularised by maps.affine: said, never silent
     for size in sizes:
         st = stats.init(dims)
         for lo in range(0, size, 512):
             st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
-        fam_maps, _, _ = fit_maps(st, names, dims, config, families=families)
+        fam_maps, size_warnings, _ = fit_maps(st, names, dims, config, families=families)
+        curve_warnings.extend(f"fit-size curve, {size} samples: {w}" for w in size_warnings)
         for f in families:
             vals = [cells.curve_values(*cells.cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
                                                 native[j], labels, index, pairs, **metric_kw)) for i, j in pairs_ij]
@@ -298,7 +297,9 @@ def curves(config, fit_store, names, dims, native, labels, index, pairs, metric_
             vals.append(cells.curve_values(*cells.cell_metrics(native[i] @ w + b, native[j], labels, index, pairs, **metric_kw)))
         for k in cells.CURVE_METRICS:
             by_rank[k].append(float(np.mean([v[k] for v in vals])))
-    return {"fit_size": {"sizes": np.asarray(sizes), **{f: {k: np.asarray(v) for k, v in d.items()}
+    for w in curve_warnings:
+        print(f"[warning] {w}", flush=True)
+    return {"fit_size": {"sizes": np.asarray(sizes), "warnings": np.asarray(curve_warnings, dtype=str), **{f: {k: np.asarray(v) for k, v in d.items()}
                                                         for f, d in by_size.items()}},
             "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
 
@@ -382,7 +383,7 @@ def write_report(run_dir: str, r: dict):
             r, f"TAR@FAR=1e-2, queries mapped A→B ({f}), gallery native B", r["verification"]["mapped"][f]["tar_at_far"]["0.01"])
         tables[f"mapped_{f}_recall_at_1"] = matrix_table(
             r, f"Recall@1, queries mapped A→B ({f}), gallery native B", r["retrieval"]["mapped"][f]["recall_at_1"])
-    for k in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn"):
+    for k in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn", "cknna"):
         tables[f"similarity_{k}"] = matrix_table(r, f"similarity: {k}", r["similarity"][k])
     figures = {
         "roc.png": functools.partial(report.roc_figure, r),
@@ -392,6 +393,8 @@ def write_report(run_dir: str, r: dict):
     for k, title, lim in (("cka", "linear CKA (fit statistics)", (0, 1)),
                           ("cka_debiased", "debiased CKA (evaluation features)", (None, 1)),
                           ("cca", f"mean SVCCA ({r['config']['cca_dims']} dims, fit statistics)", (0, 1)),
+                          ("pwcca", f"PWCCA ({r['config']['cca_dims']} dims, row A's weights, fit statistics)", (0, 1)),
+                          ("cknna", f"CKNNA, k = {r['config']['mutual_knn_k']} (evaluation)", (None, 1)),
                           ("procrustes", "angular Procrustes distance (rad, fit statistics)", (0, None)),
                           ("mutual_knn", f"mutual {r['config']['mutual_knn_k']}-NN alignment (evaluation)", (0, 1))):
         figures[f"similarity_{k}.png"] = functools.partial(report.heatmap_matrix, r["similarity"][k], names, title,
@@ -400,7 +403,9 @@ def write_report(run_dir: str, r: dict):
              f"every metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all "
              "pairs of distinct images (cosine similarity). Command: `" + r.get("meta", {}).get("command", "") + "`"]
     outro = ((["## Map warnings", "\n".join(f"- {w}" for w in r["map_warnings"])] if r.get("map_warnings") else [])
-             + [f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in r.get('meta', {}).get('seconds', {}).items())}.\n"
+             + [f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in r.get('meta', {}).get('seconds', {}).items())}"
+                + (" (in the metric cells: ranking {ranking:.1f}, verification pairs {verification:.1f})".format(
+                    **r["meta"]["metric_seconds"]) if r.get("meta", {}).get("metric_seconds") else "") + ".\n"
                 f"Evaluation features (native and mapped): `{r.get('meta', {}).get('store', '')}`."])
     return report.write_run(run_dir, r, tables=tables, figures=figures, intro=intro, outro=outro,
                             title=f"Open-set verification and retrieval: {', '.join(names)}")

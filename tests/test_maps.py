@@ -378,3 +378,28 @@ def test_scaled_procrustes_matches_zero_padded_reference(widths):
         # Same SVD bound as above, on the reverse map's coefficients.
         np.testing.assert_allclose(np.asarray(w_ba), np.asarray(w_rev), atol=1e-4 * np.abs(np.asarray(w_rev)).max())
         np.testing.assert_allclose(np.asarray(b_ba), np.asarray(b_rev), atol=1e-4 * (1 + np.abs(np.asarray(b_rev)).max()))
+
+
+def test_procrustes_with_fewer_samples_than_dims_is_the_minimum_norm_completion():
+    # 20 samples of 48 dims: C_AB has rank ≤ 19, and U Vᵀ over the full thin SVD would carry ~29
+    # arbitrary null-space directions. The map must be U_r V_rᵀ over the non-zero singular values,
+    # whatever SVD routine computed it: compared with a float64 NumPy reference.
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((20, 48))
+    y = x @ np.linalg.qr(rng.standard_normal((48, 48)))[0] + 0.1 * rng.standard_normal((20, 48))
+    state = _state([x, y])
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    u, s, vt = np.linalg.svd(xc.T @ yc)
+    r = int(np.sum(s > 48 * np.finfo(np.float32).eps * s[0]))
+    assert r == 19
+    ref = u[:, :r] @ vt[:r]
+    scale = np.sqrt(np.trace(yc.T @ yc) / np.trace(xc.T @ xc))
+    w, _ = maps.scaled_procrustes(state, 0, 1)
+    # float32 statistics, singular values well separated from the null space (σ_19 / σ_1 ≈ 1e-2 ≫ 48 ε):
+    # the kept vectors carry ~1e-5 error.
+    np.testing.assert_allclose(np.asarray(w) / scale, ref, atol=2e-4)
+    w_p, _ = maps.procrustes(state, 0, 1)
+    np.testing.assert_allclose(np.asarray(w_p), ref, atol=2e-4)
+    assert np.linalg.matrix_rank(np.asarray(w_p), tol=1e-3) == r  # not completed to an orthogonal matrix
+    # On the fit data's span it is the orthogonal map: the fitted values agree with any completion's.
+    np.testing.assert_allclose(xc @ np.asarray(w_p), xc @ (u @ vt), atol=2e-3 * np.abs(xc @ (u @ vt)).max())

@@ -31,13 +31,18 @@ def test_class_specs_and_disjoint_subsets():
         data.class_filter("cats", "fit_classes")
 
 
-def test_kfold_pairs_are_balanced_and_valid():
-    labels = np.repeat(np.arange(5), 7)
+def test_kfold_pairs_are_balanced_valid_and_disjoint():
+    labels = np.repeat(np.arange(5), 12)  # 330 genuine pairs for the 300 asked
     pi, pj, same, fold = cells.kfold_pairs(labels, 30, seed=0)
-    assert len(pi) == 600 and np.all(np.bincount(fold) == 60)
+    # 10 folds × (30 genuine + 30 impostor) unordered pairs, each listed in both orders.
+    assert len(pi) == 1200 and np.all(np.bincount(fold) == 120)
     assert np.all(pi != pj)
     np.testing.assert_array_equal(labels[pi] == labels[pj], same)
-    assert same.sum() == 300
+    assert same.sum() == 600
+    folds_of = {}
+    for a, b, f in zip(pi, pj, fold):
+        folds_of.setdefault((min(a, b), max(a, b)), set()).add(int(f))
+    assert len(folds_of) == 600 and all(len(v) == 1 for v in folds_of.values())
 
 
 def _env(cache):
@@ -67,7 +72,7 @@ def test_sigkill_mid_pass_resumes_to_identical_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = _results(ref_dir)
     assert reference["models"] == ["zoo_resnet_v1", "zoo_mobilenet_v2"] and reference["num_eval"] == 120
-    for key in ("cka", "cka_debiased", "cca", "procrustes", "mutual_knn"):
+    for key in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn", "cknna"):
         assert np.shape(reference["similarity"][key]) == (2, 2)
     for s in open_set.SETTINGS:
         for f in open_set.FAMILIES:

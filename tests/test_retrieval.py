@@ -125,3 +125,101 @@ def test_perfect_and_merge():
         retrieval.merge(a, retrieval.init((1, 5)))
     with pytest.raises(ValueError, match="unknown metric"):
         retrieval.knn(x, x, 1, "dot")
+
+
+# --------------------------------------------------------------------------------------------------
+# The host ranking (counting, no full sort) against independent implementations of the references'
+# definitions, on data with exact ties and lone queries
+
+
+def _tied_set(rng, n, d, classes):
+    """Rows with four entries ±0.5 (unit norm exactly) and small-integer copies for l2: every score is
+    exact in float32 whatever the summation order, and equal rows / equal distances tie exactly."""
+    rows = np.zeros((n, d), np.float32)
+    for a in range(n):
+        cols = rng.choice(d, 4, replace=False)
+        rows[a, cols] = rng.choice([-0.5, 0.5], 4)
+    labels = rng.integers(0, classes, n)
+    labels[:3] = [100, 101, 102]  # three lone queries
+    return rows, labels
+
+
+def _pml_reference(s, ql, gl, eligible):
+    """pytorch-metric-learning's AccuracyCalculator definitions, written out: for each query the
+    eligible gallery in a stable descending sort; R = same-label items; lone queries skipped;
+    precision_at_1, r_precision, mean_average_precision_at_r; plus CMC hit@k and full-ranking AP."""
+    out = {"p1": [], "rp": [], "mapr": [], "ap": [], "hit5": []}
+    for a in range(s.shape[0]):
+        keep = np.flatnonzero(eligible[a])
+        order = keep[np.argsort(-s[a, keep], kind="stable")]
+        rel = gl[order] == ql[a]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        prec = np.cumsum(rel) / np.arange(1, rel.size + 1)
+        out["p1"].append(float(rel[0]))
+        out["rp"].append(rel[:r].sum() / r)
+        out["mapr"].append((prec[:r] * rel[:r]).sum() / r)
+        out["ap"].append((prec * rel).sum() / r)
+        out["hit5"].append(float(rel[:5].any()))
+    return {k: np.mean(v) for k, v in out.items()}, len(out["p1"])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_host_ranking_matches_reference_definitions_with_ties(metric):
+    rng = np.random.default_rng(11)
+    x, labels = _tied_set(rng, 260, 7, 5)
+    q = x if metric == "cosine" else (2 * x).astype(np.float32)  # l2 on integers: exact too
+    s = _scores64(q, q, metric)
+    mask = rng.random(260) > 0.15  # some gallery rows take no part
+    eligible = mask[None, :] & ~np.eye(260, dtype=bool)
+    ref, counted = _pml_reference(s, labels, labels, eligible)
+    assert len(np.unique(s[0])) < 60  # plenty of exact ties
+    for backend in ("host", "device"):
+        got = retrieval.leave_one_out(q, labels, q, labels, metric=metric, ks=(1, 5), backend=backend,
+                                      query_block=37, gallery_mask=mask)
+        assert int(got["with_relevant"]) == counted and int(got["queries"]) == 260
+        # Exact scores and the same tie rule: only the final float division (and, on the device, a
+        # float32 sum of ≤ 260 terms in [0, 1], ~3e-5 at worst) separates them.
+        tol = 1e-12 if backend == "host" else 3e-5
+        assert float(got["recall_at_1"]) == pytest.approx(ref["p1"], abs=tol)
+        assert float(got["recall_at_5"]) == pytest.approx(ref["hit5"], abs=tol)
+        assert float(got["r_precision"]) == pytest.approx(ref["rp"], abs=tol)
+        assert float(got["map_at_r"]) == pytest.approx(ref["mapr"], abs=tol)
+        assert float(got["map"]) == pytest.approx(ref["ap"], abs=tol)
+
+
+def test_host_ranking_matches_sklearn_ap_without_ties_and_cross_gallery():
+    rng = np.random.default_rng(12)
+    x, labels = _clustered(rng, 400, 16, 8, spread=2.5)
+    labels[5] = 77  # a lone query
+    y = x @ rng.standard_normal((16, 16)).astype(np.float32)
+    perm = rng.permutation(400)
+    got = retrieval.leave_one_out(x[perm], labels[perm], y, labels, query_index=perm, backend="host", ks=(1, 3),
+                                  query_block=64)
+    recall, m_ap, map_r, sk_map, counted = _reference_metrics(x[perm], labels[perm], perm, y, labels,
+                                                             np.arange(400), "cosine", (1, 3))
+    assert int(got["with_relevant"]) == counted == 399
+    # Float32 scores against float64: neighbours closer than ~1e-7 may swap, nothing else.
+    np.testing.assert_allclose([float(got["recall_at_1"]), float(got["recall_at_3"])], recall, atol=1e-9)
+    assert float(got["map"]) == pytest.approx(sk_map, abs=1e-6)  # scikit-learn's AP: ml-fct's definition
+    assert float(got["map"]) == pytest.approx(m_ap, abs=1e-6)
+    assert float(got["map_at_r"]) == pytest.approx(map_r, abs=1e-6)
+
+
+def test_host_knn_matches_device_with_ties_and_rejects_nan():
+    rng = np.random.default_rng(13)
+    x, _ = _tied_set(rng, 150, 6, 3)
+    mask = rng.random(150) > 0.2
+    s_h, p_h = retrieval.knn(x, x, 12, backend="host", query_block=40, gallery_mask=mask)
+    s_d, p_d = retrieval.knn(x, x, 12, backend="device", gallery_block=32, gallery_mask=mask)
+    np.testing.assert_array_equal(p_h, np.asarray(p_d))  # same tie rule: lower gallery position first
+    np.testing.assert_array_equal(s_h, np.asarray(s_d))
+    ref = _scores64(x, x, "cosine")
+    ref[:, ~mask] = -np.inf
+    np.fill_diagonal(ref, -np.inf)
+    np.testing.assert_array_equal(p_h, np.argsort(-ref, axis=1, kind="stable")[:, :12])
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="row 7"):
+        retrieval.leave_one_out(bad, np.zeros(150), x, np.zeros(150), backend="host")

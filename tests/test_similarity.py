@@ -150,3 +150,94 @@ def test_mutual_knn_matches_bruteforce():
     assert got == pytest.approx(ref, abs=2e-3)
     assert 0.05 < ref < 0.9
     assert float(similarity.mutual_knn(x, 2.0 * x, k)) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# All measures at once (statistics_matrices, feature_matrices) against float64 NumPy
+
+
+def _pwcca_reference(x, y, dims):
+    """Morcos et al.'s projection weighting, written out on the samples: CCA between the leading `dims`
+    principal components of each side (QR form), canonical variates h_k of x's side, weights
+    Σ_j |⟨h_k, x_j⟩| over x's centred units."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+
+    def top(a):
+        _, _, vt = np.linalg.svd(a, full_matrices=False)
+        return a @ vt[:dims].T
+    px, py = top(xc), top(yc)
+    qx, rx = np.linalg.qr(px)
+    qy, _ = np.linalg.qr(py)
+    u, rho, _ = np.linalg.svd(qx.T @ qy)
+    h = qx @ u[:, :rho.size]  # canonical variates of x's side (orthonormal columns)
+    alpha = np.abs(h.T @ xc).sum(axis=1)
+    return rho.mean(), (alpha * rho).sum() / alpha.sum()
+
+
+def test_statistics_matrices_match_numpy():
+    rng = np.random.default_rng(8)
+    x, y = _latent_pair(rng, n=4000, dx=12, dy=9)
+    z = 2.0 * x @ _rotation(rng, 12) + 1.0
+    st = _state([x, y, z])
+    got = similarity.statistics_matrices(st, dims=4)
+    svcca_ref, pwcca_ref = _pwcca_reference(x, y, 4)
+    _, pwcca_ref_yx = _pwcca_reference(y, x, 4)
+    # float32 statistics of O(10) features from 4,000 samples: ~1e-6 relative in C, whitening squares a
+    # condition number ≲ 1e2: 1e-4 covers it.
+    assert got["svcca"][0, 1] == got["svcca"][1, 0] == pytest.approx(svcca_ref, abs=1e-4)
+    assert got["pwcca"][0, 1] == pytest.approx(pwcca_ref, abs=1e-4)
+    assert got["pwcca"][1, 0] == pytest.approx(pwcca_ref_yx, abs=1e-4)
+    assert got["pwcca"][0, 1] != pytest.approx(got["pwcca"][1, 0], abs=1e-3)  # PWCCA is not symmetric
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    cka_ref = np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    assert got["cka"][0, 1] == pytest.approx(cka_ref, abs=1e-5)
+    nuc = np.linalg.svd(xc.T @ yc, compute_uv=False).sum()
+    assert got["procrustes"][0, 1] == pytest.approx(np.arccos(nuc / (np.linalg.norm(xc) * np.linalg.norm(yc))), abs=1e-5)
+    # Invariances: z is a rotated, scaled, shifted x.
+    assert got["procrustes"][0, 2] == pytest.approx(0.0, abs=2e-3)  # arccos near 1: √(2·1e-6)
+    assert got["cka"][0, 2] == pytest.approx(1.0, abs=1e-5)
+    assert got["svcca"][0, 2] == pytest.approx(1.0, abs=1e-4) and got["pwcca"][2, 0] == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(np.diag(got["svcca"]), 1.0) and np.allclose(np.diag(got["procrustes"]), 0.0)
+
+
+def _cknna_reference(x, y, k):
+    """The Platonic Representation code's definition with dense n×n matrices: cosine kernels, top-k
+    masks with the diagonal excluded, unbiased HSIC of the masked kernels."""
+    def kernel(a):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        return a @ a.T
+
+    def mask(kern):
+        kk = kern.copy()
+        np.fill_diagonal(kk, -np.inf)
+        top = np.argsort(-kk, axis=1, kind="stable")[:, :k]
+        m = np.zeros_like(kern)
+        np.put_along_axis(m, top, 1.0, axis=1)
+        return m
+
+    def hsic(a, b):
+        n = a.shape[0]
+        a, b = a.copy(), b.copy()
+        np.fill_diagonal(a, 0)
+        np.fill_diagonal(b, 0)
+        return (np.sum(a * b.T) + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2 * np.sum(a @ b) / (n - 2)) / (n * (n - 3))
+    kx, ky = kernel(x), kernel(y)
+    mx, my = mask(kx), mask(ky)
+    m = mx * my
+    return hsic(m * kx, m * ky) / np.sqrt(hsic(mx * kx, mx * kx) * hsic(my * ky, my * ky))
+
+
+def test_cknna_and_feature_matrices_match_dense_reference():
+    rng = np.random.default_rng(9)
+    x, y = _latent_pair(rng, n=250, noise=0.8)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    ref = _cknna_reference(x.astype(np.float64), y.astype(np.float64), 10)
+    # Neighbour sets from float32 scores may differ from float64 only at near-ties of the k-th score.
+    assert similarity.cknna(x, y, 10) == pytest.approx(ref, abs=2e-3)
+    assert 0.05 < ref < 0.95
+    assert similarity.cknna(x, 3.0 * x @ _rotation(rng, x.shape[1]).astype(np.float32), 10) == pytest.approx(1.0, abs=1e-6)
+    got = similarity.feature_matrices([x, y], k=10)
+    assert got["cknna"][0, 1] == got["cknna"][1, 0] == pytest.approx(ref, abs=2e-3)
+    # The same neighbour sets; mutual_knn averages in float32 (~1e-8 here), feature_matrices in float64.
+    assert got["mutual_knn"][0, 1] == pytest.approx(float(similarity.mutual_knn(x, y, 10)), abs=1e-6)
+    assert got["cka_debiased"][0, 1] == pytest.approx(_debiased_reference(x - x.mean(0), y - y.mean(0)), abs=1e-4)

@@ -124,3 +124,81 @@ def test_bad_input():
         verification.update(verification.init(10), np.zeros(3), np.zeros(4, bool))
     with pytest.raises(ValueError, match="folds"):
         verification.kfold_accuracy(np.zeros(5), np.zeros(5, bool), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact metrics, both directions, disjoint k-fold pairs
+
+
+def test_exact_roc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(5)
+    # Scores on a coarse grid: many genuine/impostor ties, which the exact curve must treat as sklearn does.
+    gen = np.round(rng.normal(0.5, 0.2, 2500), 2).astype(np.float32)
+    imp = np.round(rng.normal(0.0, 0.2, 30000), 2).astype(np.float32)
+    scores = np.r_[gen, imp].astype(np.float64)
+    same = np.r_[np.ones(gen.size, bool), np.zeros(imp.size, bool)]
+    fpr, tpr, thr = roc_curve(same, scores, drop_intermediate=False)
+    far, tar, threshold = verification.roc_exact(gen, imp)
+    # Every ROC point and threshold, not a binned approximation: counts over exact float32 scores.
+    np.testing.assert_allclose(far, fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tar, tpr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(threshold[1:], thr[1:])
+    fars = (1e-1, 1e-2, 1e-3, 1e-4)
+    got = verification.exact_metrics(gen, imp, fars)
+    for f, t in zip(fars, got["tar_at_far"]):
+        assert t == tpr[fpr <= f].max()  # the largest FAR not above the target, exactly
+    assert got["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-12)
+    assert got["eer"] == pytest.approx(_eer_reference(fpr, tpr), abs=1e-12)
+
+
+def test_label_pairs_both_directions_and_binned_fallback():
+    rng = np.random.default_rng(6)
+    n, d = 90, 6
+    labels = rng.integers(0, 4, n)
+    x = (rng.standard_normal((4, d))[labels] + rng.standard_normal((n, d))).astype(np.float32)
+    y = (x @ rng.standard_normal((d, d)) + 0.3 * rng.standard_normal((n, d))).astype(np.float32)  # "mapped" queries
+    perm = rng.permutation(n)
+    got = verification.label_pairs(y, x, labels, fars=(0.1, 0.01), block=17)
+    # The reference: every ordered pair a ≠ b, query a from y, gallery b from x, in float64.
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = yn.astype(np.float64) @ xn.T.astype(np.float64)
+    off = ~np.eye(n, dtype=bool)
+    same = (labels[:, None] == labels[None, :])[off]
+    fpr, tpr, _ = roc_curve(same, s[off], drop_intermediate=False)
+    assert got["exact"] and got["genuine"] == same.sum() and got["impostor"] == (~same).sum()
+    assert got["roc_auc"] == pytest.approx(roc_auc_score(same, s[off]), abs=1e-6)  # float32 scores vs float64
+    assert got["eer"] == pytest.approx(_eer_reference(fpr, tpr), abs=2e-3)  # one ROC step: 1/#impostor pairs
+    # The sample order does not matter any more (each unordered pair counts in both directions).
+    shuffled = verification.label_pairs(y[perm], x[perm], labels[perm], fars=(0.1, 0.01))
+    assert shuffled["roc_auc"] == pytest.approx(got["roc_auc"], abs=1e-9)
+    np.testing.assert_array_equal(shuffled["tar_at_far"], got["tar_at_far"])
+    # Beyond exact_limit: the histograms over the same ordered pairs, within a bin of the exact curve.
+    binned = verification.label_pairs(y, x, labels, fars=(0.1, 0.01), exact_limit=10)
+    assert not binned["exact"] and binned["genuine"] == got["genuine"]
+    assert binned["roc_auc"] == pytest.approx(got["roc_auc"], abs=1e-3)
+    assert np.all(binned["tar_at_far"] <= got["tar_at_far"] + 1e-7)
+    # The streaming update counts the same ordered pairs with both_directions=True.
+    st = verification.update_label_pairs(verification.init(1 << 16), s.astype(np.float32), labels, np.arange(n),
+                                         labels, np.arange(n), both_directions=True)
+    assert int(verification.counts(st)[0]) == got["genuine"]
+
+
+def test_sample_pairs_are_disjoint_across_folds():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 12, 300)
+    i, j, same, fold = verification.sample_pairs(labels, 200, 10, seed=3)
+    assert i.size == 2 * 2 * 200 * 10  # genuine + impostor, each in both orders
+    assert np.all(i != j) and np.array_equal(same, labels[i] == labels[j])
+    unordered = {}
+    for a, b, f in zip(i, j, fold):
+        unordered.setdefault((min(a, b), max(a, b)), set()).add(int(f))
+    assert all(len(fs) == 1 for fs in unordered.values())  # no pair in two folds
+    assert len(unordered) == 2 * 200 * 10  # and none drawn twice
+    # Nearly every genuine pair requested: the enumerating branch, still disjoint.
+    small = np.repeat(np.arange(4), 6)  # 4 classes × 15 genuine pairs = 60
+    i, j, same, fold = verification.sample_pairs(small, 5, 10, seed=0, both_orders=False)
+    keys = {(min(a, b), max(a, b)) for a, b in zip(i, j)}
+    assert len(keys) == i.size == 100
+    with pytest.raises(ValueError, match="genuine"):
+        verification.sample_pairs(small, 7, 10)
