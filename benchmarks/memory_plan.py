@@ -38,7 +38,34 @@ def _args(argv):
     ap.add_argument("--image", type=int, default=331)
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     ap.add_argument("--backbone", default=None, help="a registry model whose forward is compiled alone")
+    ap.add_argument("--canonical", type=int, default=0, metavar="K",
+                    help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
     return ap.parse_args(argv)
+
+
+def canonical_plan(widths, k: int) -> dict:
+    """The canonical-space solves of embjax.canonical at the given widths and hub width k, compiled on
+    one device from shapes only: GCCA (whitening, the whitened joint covariance, its eigenvectors,
+    encoders and decoders) and generalized Procrustes (the starting eigenvectors; the alternating
+    rotations with encoders and decoders). The statistics C (D × D) are an argument of each."""
+    import jax
+    import jax.numpy as jnp
+
+    from embjax import canonical
+
+    dims, total = tuple(widths), sum(widths)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    count, scalar = jax.ShapeDtypeStruct((), jnp.int32), f32()
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        out[f"GCCA, k = {k}"] = analyse(canonical._gcca.lower(f32(total, total), count, scalar, scalar, dims=dims,
+                                                                 k_max=k).compile())
+        out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
+            f32(total, total), f32(total), dims=dims, k_max=k).compile())
+        out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
+            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, dims=dims,
+            iters=500).compile())
+    return out
 
 
 _DTYPE_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "u8": 1, "s8": 1}
@@ -160,6 +187,14 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(f"{r[k] / GIB:.2f} GiB" for k in
                                           ("arguments", "outputs", "aliased", "temporaries", "peak"))
               + f" | {r['allreduce'] / 2**20:.1f} MiB |", flush=True)
+
+    if a.canonical:
+        print(f"\ncanonical-space solves, one device, D = {total} (statistics C: {total * total * 4 / GIB:.2f} GiB)")
+        print("| solve | arguments | outputs | aliased | temporaries | peak |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, r in canonical_plan(widths, a.canonical).items():
+            print(f"| {name} | " + " | ".join(f"{r[key] / GIB:.2f} GiB" for key in
+                                              ("arguments", "outputs", "aliased", "temporaries", "peak")), flush=True)
 
     if a.backbone:
         from embjax.models import registry
