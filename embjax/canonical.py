@@ -28,9 +28,13 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   the convex objective ‖Σ y_i R_i‖², so it never decreases it. Encoders and decoders are again least
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
-Memory: beyond the statistics C (D × D) a method holds one D × D workspace (GCCA: B, then its
-eigenvectors in the same buffer; Procrustes: the initial eigenvectors) and D × k arrays (the rotations,
-encoders, decoders). benchmarks/memory_plan.py compiles both at the thesis' width and prints the peak.
+Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
+1024`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
+that its eigendecomposition then overwrites with the eigenvectors, but XLA's CPU eigensolver works on a
+copy of that buffer, so the peak is C + 2 D × D (5.12 GiB) during the eigendecomposition and C + 1 D × D
+otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.95 GiB
+(4.0 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
+and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """
@@ -97,22 +101,48 @@ def _block_rows(cross, dims):
     return [(int(o[i]), int(o[i + 1])) for i in range(len(dims))]
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
-def _gcca(cross, count, ridge, cond_limit, *, dims, k_max):
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _whitening(cross, count, ridge, cond_limit, *, dims):
+    """Per block (W_i, W_i^{-1}) of Σ_ii = C_ii / n (pseudo-inverse square roots)."""
     n = jnp.maximum(count, 1).astype(cross.dtype)
+    return tuple(_spectral(cross[a:b, a:b] / n, ridge, cond_limit)[:2] for a, b in _block_rows(cross, dims))
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "i"), donate_argnums=0)
+def _whitened_row(work, cross, count, whiten, *, dims, i):
+    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D)."""
     blocks = _block_rows(cross, dims)
-    spec = [_spectral(cross[a:b, a:b] / n, ridge, cond_limit) for a, b in blocks]
-    # The whitened joint covariance B = W Σ W, written block row by block row into one D × D buffer.
-    work = jnp.zeros_like(cross)
-    for (a, b), (w_i, _, _) in zip(blocks, spec):
-        row = _mm(w_i, cross[a:b] / n)
-        row = jnp.concatenate([_mm(row[:, c:e], w_j) for (c, e), (w_j, _, _) in zip(blocks, spec)], axis=1)
-        work = work.at[a:b].set(row)
-    vecs, vals = jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)  # ascending
+    a, b = blocks[i]
+    row = _mm(whiten[i][0], cross[a:b] / jnp.maximum(count, 1).astype(cross.dtype))
+    row = jnp.concatenate([_mm(row[:, c:e], w_j) for (c, e), (w_j, _) in zip(blocks, whiten)], axis=1)
+    return work.at[a:b].set(row)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _eigh_in_place(work):
+    """Eigenvectors (in the donated buffer of `work`) and eigenvalues, ascending; B's lower triangle."""
+    return jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
+def _gcca_maps(vecs, vals, whiten, *, dims, k_max):
     top = vecs[:, ::-1][:, :k_max]
     lam = jnp.sqrt(jnp.maximum(vals[::-1][:k_max], 0.0))
-    enc = tuple(_mm(w_i, top[a:b]) * lam for (a, b), (w_i, _, _) in zip(blocks, spec))
-    dec = tuple((_mm(sq_j, top[a:b]) * lam).T for (a, b), (_, sq_j, _) in zip(blocks, spec))
+    blocks = _block_rows(vecs, dims)
+    enc = tuple(_mm(w_i, top[a:b]) * lam for (a, b), (w_i, _) in zip(blocks, whiten))
+    dec = tuple((_mm(sq_j, top[a:b]) * lam).T for (a, b), (_, sq_j) in zip(blocks, whiten))
+    return enc, dec
+
+
+def _gcca(cross, count, ridge, cond_limit, *, dims, k_max):
+    """Encoders, decoders (at width k_max) and eigenvalues (descending). Beyond C, one D × D buffer: B is
+    written into it block row by block row, then overwritten by its eigenvectors."""
+    whiten = _whitening(cross, count, ridge, cond_limit, dims=dims)
+    work = jnp.zeros_like(cross)
+    for i in range(len(dims)):
+        work = _whitened_row(work, cross, count, whiten, dims=dims, i=i)
+    vecs, vals = _eigh_in_place(work)
+    enc, dec = _gcca_maps(vecs, vals, whiten, dims=dims, k_max=k_max)
     return enc, dec, vals[::-1]
 
 
