@@ -74,7 +74,7 @@ def canonical_plan(widths, k: int) -> dict:
         out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
             f32(total, total), f32(total), dims=dims, k_max=k).compile())
         out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
-            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, dims=dims,
+            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
             iters=500).compile())
     return out
 

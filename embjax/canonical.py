@@ -183,28 +183,39 @@ def _pca_start(cross, scale, *, dims, k_max):
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "iters"))
-def _gpa(cross, count, scale, start, ridge, cond_limit, tol, *, dims, iters):
+def _gpa(cross, count, scale, start, ridge, cond_limit, tol, tol_objective, *, dims, iters):
     blocks = _block_rows(cross, dims)
     n = jnp.maximum(count, 1).astype(cross.dtype)
     # q = [s_i R_i]: the consensus is h = x_cat q / N (centred); Cov(y_i, h) ∝ s_i C_i· q.
     q = jnp.concatenate([scale[a:b, None] * _polar(start[a:b]) for a, b in blocks])
     unscale = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
 
+    def objective(q):  # tr Cov(Σ_i y_i R_i), exactly, at rotations q
+        return sum(jnp.sum(q[a:b] * _mm(cross[a:b], q)) for a, b in blocks) / n
+
     def sweep(carry):
-        q, _, it = carry
+        q, _, old, it = carry
         change = jnp.zeros((), cross.dtype)
         for a, b in blocks:
             rot = _polar(_mm(cross[a:b], q) * scale[a:b, None] / n)
             step = rot - q[a:b] * unscale[a:b, None]
             change = jnp.maximum(change, jnp.sqrt(jnp.sum(step * step) / min(b - a, q.shape[1])))
             q = q.at[a:b].set(scale[a:b, None] * rot)
-        return q, change, it + 1
+        new = objective(q)
+        return q, change, new, it + 1
 
-    def going(carry):
-        _, change, it = carry
-        return (it < iters) & (change > tol)
+    inf = jnp.asarray(jnp.inf, cross.dtype)
 
-    q, _, it = jax.lax.while_loop(going, sweep, (q, jnp.asarray(jnp.inf, cross.dtype), 0))
+    def body(carry):
+        q, change, obj, prev, it = carry
+        q, change, new, it = sweep((q, change, obj, it))
+        return q, change, new, obj, it
+
+    def cond(carry):
+        _, change, obj, prev, it = carry
+        return (it < iters) & (change > tol) & ((it < 2) | (obj - prev > tol_objective * jnp.abs(obj)))
+
+    q, _, _, _, it = jax.lax.while_loop(cond, body, (q, inf, objective(q), -inf, 0))
     # Least squares onto and from h: E_i = Σ_ii⁺ Cov(x_i, h), D_j = Cov(h)⁺ Cov(h, x_j).
     cov_xh = [_mm(cross[a:b], q) / n for a, b in blocks]
     cov_h = sum(_mm(q[a:b].T, g) for (a, b), g in zip(blocks, cov_xh))
@@ -216,18 +227,21 @@ def _gpa(cross, count, scale, start, ridge, cond_limit, tol, *, dims, iters):
 
 
 def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None,
-               iters: int = 500, tol: float | None = None):
+               iters: int = 500, tol: float | None = None, tol_objective: float | None = None):
     """Generalized Procrustes hubs at every rank in `ranks` (one alternating solve per rank, each started
     from the top principal directions of the scaled joint covariance).
 
     Returns ({k: Hub}, {k: {"objective", "iterations"}}): the objective is tr Cov(Σ_i y_i R_i) = N² tr Cov(h)
     at the final rotations; the sweeps stop when no rotation moves by more than `tol` (root mean square
-    per column, default √eps of the dtype) or after `iters`.
+    per column, default √eps of the dtype), or when a sweep raises the objective by no more than
+    `tol_objective` relative (default 10 eps: rounding; directions the objective does not see can keep
+    rotations moving without changing the hub), or after `iters` (tol_objective = -inf: stop on the rotations alone).
     """
     ranks = _check(state, ranks, "procrustes")
     dtype = state.cross.dtype
     cond = maps_lib.default_cond_limit(dtype) if cond_limit is None else cond_limit
     tol = float(np.sqrt(jnp.finfo(dtype).eps)) if tol is None else tol
+    tol_objective = 10 * float(jnp.finfo(dtype).eps) if tol_objective is None else tol_objective
     dims = tuple(state.dims)
     with jax.default_matmul_precision("highest"):
         tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(state.cross[a:b, a:b])) for a, b in _block_rows(state.cross, dims)])
@@ -235,7 +249,8 @@ def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: floa
         start = _pca_start(state.cross, scale, dims=dims, k_max=max(ranks))
         hubs, info = {}, {}
         for k in ranks:
-            enc, dec, obj, it = _gpa(state.cross, state.count, scale, start[:, :k], ridge, cond, tol, dims=dims, iters=iters)
+            enc, dec, obj, it = _gpa(state.cross, state.count, scale, start[:, :k], ridge, cond, tol, tol_objective,
+                                  dims=dims, iters=iters)
             hubs[k] = Hub(enc, dec, _means(state))
             info[k] = {"objective": float(obj), "iterations": int(it)}
     return hubs, info
