@@ -16,6 +16,7 @@ replaced). Nothing is executed: shapes only.
 
     ./launch.sh bench memory_plan                      # 8 devices, batch 512
     ./launch.sh bench memory_plan --devices 4 --batch 256 --backbone resnet152_v1
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical   # embjax.canonical's solves alone
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
 """
@@ -40,6 +41,7 @@ def _args(argv):
     ap.add_argument("--backbone", default=None, help="a registry model whose forward is compiled alone")
     ap.add_argument("--canonical", type=int, default=0, metavar="K",
                     help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
+    ap.add_argument("--only-canonical", action="store_true", help="with --canonical: skip the engine's steps")
     return ap.parse_args(argv)
 
 
@@ -108,6 +110,17 @@ def analyse(compiled, live: int = 0) -> dict:
             "peak": args + out - alias + temp + live, "allreduce": allreduce_bytes(compiled.as_text())}
 
 
+def _print_canonical(widths, k: int) -> None:
+    total = sum(widths)
+    print(f"\ncanonical-space solves, one device, D = {total} (statistics C: {total * total * 4 / GIB:.2f} GiB)")
+    print("| solve | arguments | outputs | aliased | temporaries | peak (with C) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in canonical_plan(widths, k).items():
+        print(f"| {name} | " + " | ".join(f"{r[key] / GIB:.2f} GiB" for key in
+                                          ("arguments", "outputs", "aliased", "temporaries", "peak")) + " |",
+              flush=True)
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -159,6 +172,9 @@ def main(argv=None) -> int:
     init = jax.eval_shape(lambda: stats.init(widths))
     fold = lambda s, out, b, aux: stats.update(s, [out[nm]["pre_logits"] for nm in names], b["mask"])  # noqa: E731
 
+    if a.canonical and a.only_canonical:
+        _print_canonical(widths, a.canonical)
+        return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, init=init, fold=fold, merge=stats.merge)
     step = extract.make_step(members, fit, mesh)
@@ -201,12 +217,7 @@ def main(argv=None) -> int:
               + f" | {r['allreduce'] / 2**20:.1f} MiB |", flush=True)
 
     if a.canonical:
-        print(f"\ncanonical-space solves, one device, D = {total} (statistics C: {total * total * 4 / GIB:.2f} GiB)")
-        print("| solve | arguments | outputs | aliased | temporaries | peak |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, r in canonical_plan(widths, a.canonical).items():
-            print(f"| {name} | " + " | ".join(f"{r[key] / GIB:.2f} GiB" for key in
-                                              ("arguments", "outputs", "aliased", "temporaries", "peak")), flush=True)
+        _print_canonical(widths, a.canonical)
 
     if a.backbone:
         from embjax.models import registry

@@ -29,11 +29,11 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
 Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
-1024`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
+1024 --only-canonical`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
 that its eigendecomposition then overwrites with the eigenvectors, but XLA's CPU eigensolver works on a
 copy of that buffer, so the peak is C + 2 D × D (5.12 GiB) during the eigendecomposition and C + 1 D × D
-otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.95 GiB
-(4.0 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
+otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.82 GiB
+(3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
 and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
