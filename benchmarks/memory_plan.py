@@ -16,6 +16,7 @@ replaced). Nothing is executed: shapes only.
 
     ./launch.sh bench memory_plan                      # 8 devices, batch 512
     ./launch.sh bench memory_plan --devices 4 --batch 256 --backbone resnet152_v1
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical   # embjax.canonical's solves alone
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
 """
@@ -38,7 +39,46 @@ def _args(argv):
     ap.add_argument("--image", type=int, default=331)
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     ap.add_argument("--backbone", default=None, help="a registry model whose forward is compiled alone")
+    ap.add_argument("--canonical", type=int, default=0, metavar="K",
+                    help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
+    ap.add_argument("--only-canonical", action="store_true", help="with --canonical: skip the engine's steps")
     return ap.parse_args(argv)
+
+
+def canonical_plan(widths, k: int) -> dict:
+    """The canonical-space solves of embjax.canonical at the given widths and hub width k, compiled on
+    one device from shapes only: GCCA (whitening, the whitened joint covariance, its eigenvectors,
+    encoders and decoders) and generalized Procrustes (the starting eigenvectors; the alternating
+    rotations with encoders and decoders). The statistics C (D × D) are live throughout: in "peak" they
+    are counted whether or not a step takes them as an argument."""
+    import jax
+    import jax.numpy as jnp
+
+    from embjax import canonical
+
+    dims, total = tuple(widths), sum(widths)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    count, scalar = jax.ShapeDtypeStruct((), jnp.int32), f32()
+    whiten = tuple((f32(d, d), f32(d, d)) for d in dims)
+    c_bytes = total * total * 4
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        # GCCA runs as four compiled steps; C stays alive through all of them (added where not an argument).
+        out["GCCA 1: whitening of every block"] = analyse(canonical._whitening.lower(
+            f32(total, total), count, scalar, scalar, dims=dims).compile())
+        widest = max(range(len(dims)), key=lambda i: dims[i])
+        out["GCCA 2: a block row of B into the workspace (widest)"] = analyse(canonical._whitened_row.lower(
+            f32(total, total), f32(total, total), count, whiten, dims=dims, i=widest).compile())
+        out["GCCA 3: eigenvectors in the workspace"] = analyse(
+            canonical._eigh_in_place.lower(f32(total, total)).compile(), live=c_bytes)
+        out[f"GCCA 4: encoders, decoders, k = {k}"] = analyse(canonical._gcca_maps.lower(
+            f32(total, total), f32(total), whiten, dims=dims, k_max=k).compile(), live=c_bytes)
+        out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
+            f32(total, total), f32(total), dims=dims, k_max=k).compile())
+        out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
+            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
+            iters=500).compile())
+    return out
 
 
 _DTYPE_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8, "pred": 1, "u8": 1, "s8": 1}
@@ -61,12 +101,24 @@ def allreduce_bytes(hlo: str) -> int:
     return total
 
 
-def analyse(compiled) -> dict:
+def analyse(compiled, live: int = 0) -> dict:
+    """XLA's memory analysis of a compiled step; `live`: bytes the caller holds that are not arguments."""
     m = compiled.memory_analysis()
     args, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                               m.temp_size_in_bytes)
     return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp,
-            "peak": args + out - alias + temp, "allreduce": allreduce_bytes(compiled.as_text())}
+            "peak": args + out - alias + temp + live, "allreduce": allreduce_bytes(compiled.as_text())}
+
+
+def _print_canonical(widths, k: int) -> None:
+    total = sum(widths)
+    print(f"\ncanonical-space solves, one device, D = {total} (statistics C: {total * total * 4 / GIB:.2f} GiB)")
+    print("| solve | arguments | outputs | aliased | temporaries | peak (with C) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in canonical_plan(widths, k).items():
+        print(f"| {name} | " + " | ".join(f"{r[key] / GIB:.2f} GiB" for key in
+                                          ("arguments", "outputs", "aliased", "temporaries", "peak")) + " |",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -120,6 +172,9 @@ def main(argv=None) -> int:
     init = jax.eval_shape(lambda: stats.init(widths))
     fold = lambda s, out, b, aux: stats.update(s, [out[nm]["pre_logits"] for nm in names], b["mask"])  # noqa: E731
 
+    if a.canonical and a.only_canonical:
+        _print_canonical(widths, a.canonical)
+        return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, init=init, fold=fold, merge=stats.merge)
     step = extract.make_step(members, fit, mesh)
@@ -160,6 +215,9 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(f"{r[k] / GIB:.2f} GiB" for k in
                                           ("arguments", "outputs", "aliased", "temporaries", "peak"))
               + f" | {r['allreduce'] / 2**20:.1f} MiB |", flush=True)
+
+    if a.canonical:
+        _print_canonical(widths, a.canonical)
 
     if a.backbone:
         from embjax.models import registry

@@ -35,3 +35,11 @@ def test_thesis_gpu_script_runs_tiny_on_cpu():
     row = next(line for line in out.splitlines() if line.startswith("| embjax float32"))
     assert float(row.rstrip(" |").split("|")[-1]) < 1e-3, row
     assert re.search(r"would take \d+\.\d+ h", out)
+
+
+def test_memory_plan_compiles_the_canonical_solves_at_a_toy_size():
+    out = _run("benchmarks/memory_plan.py", "--devices", "1", "--batch", "8", "--widths", "64,96,128",
+               "--canonical", "16", "--only-canonical")
+    rows = [line for line in out.splitlines() if line.startswith("| GCCA") or line.startswith("| Procrustes")]
+    assert len(rows) == 6, out
+    assert all(line.rstrip().endswith("GiB |") for line in rows), rows

@@ -1,0 +1,305 @@
+"""A canonical space shared by N models, solved from their joint statistics alone.
+
+Given the one-pass statistics of embjax.stats (count n, means μ, centred cross-products C of the
+concatenated features x = [x_1 … x_N]), this module finds a k-dimensional "hub" variable h shared by all
+N models, and for each model an encoder (d_i → k) and a decoder (k → d_i):
+
+    encode_i(x_i) = (x_i − μ_i) E_i          E_i: least squares of h on x_i,   (d_i, k)
+    decode_j(h)   = h D_j + μ_j              D_j: least squares of x_j on h,   (k, d_j)
+
+so that any source s reaches any target t through the hub with N encoders and N decoders instead of
+N(N − 1) direct maps: the composition x_s ↦ (x_s − μ_s) E_s D_t + μ_t is an affine map (W = E_s D_t,
+b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_maps`). Two hubs:
+
+* Generalized CCA (MAXVAR, `gcca`). With each block whitened, W_i = Σ_ii^{-1/2} (Σ = C / n; a relative
+  ridge, or a pseudo-inverse square root beyond `cond_limit`, for singular blocks), the whitened joint
+  covariance B has blocks B_ij = W_i Σ_ij W_j. Its top-k eigenvectors V (eigenvalues Λ) define the
+  shared variable h = Σ_i (x_i − μ_i) W_i V_i Λ^{-1/2}, the unit-variance k-vector closest to all N
+  feature spaces at once (it maximises the summed squared projections onto every model's span). From
+  B V = V Λ both least-squares maps are closed form without touching C again:
+      E_i = W_i V_i Λ^{1/2},      D_j = Λ^{1/2} V_jᵀ W_j^{-1},
+  hence E_s D_t = W_s (V Λ Vᵀ)_st W_t^{-1}: at full rank k = D this is W_s B_st W_t^{-1} = Σ_ss^{-1} Σ_st,
+  exactly the direct (ridge) least-squares map.
+* Generalized Procrustes (`procrustes`). Each model's centred features scaled to unit total variance,
+  y_i = (x_i − μ_i) / √tr Σ_ii, are rotated by R_i (d_i × k, orthonormal columns, or orthonormal rows
+  when k > d_i) onto their common mean h = Σ_i y_i R_i / N, alternating rotations and mean. For a
+  rotation update every inner product needed is a block of C: Cov(y_i, h) = Σ_j s_i s_j C_ij R_j / (nN).
+  The update R_i ← polar(Cov(y_i, h)) (block by block, Gauss-Seidel) maximises, for the current h,
+  the convex objective ‖Σ y_i R_i‖², so it never decreases it. Encoders and decoders are again least
+  squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
+
+Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
+1024 --only-canonical`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
+that its eigendecomposition then overwrites with the eigenvectors, but XLA's CPU eigensolver works on a
+copy of that buffer, so the peak is C + 2 D × D (5.12 GiB) during the eigendecomposition and C + 1 D × D
+otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.82 GiB
+(3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
+and decoders are D × k.
+
+Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embjax import maps as maps_lib
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@flax.struct.dataclass
+class Hub:
+    """A k-dimensional canonical space: per model an encoder (d_i, k), a decoder (k, d_i) and a mean."""
+
+    encoders: tuple
+    decoders: tuple
+    means: tuple
+
+    @property
+    def rank(self) -> int:
+        return int(self.encoders[0].shape[1])
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _check(state, ranks, name: str) -> tuple[int, ...]:
+    for field in ("count", "mean", "cross", "dims"):
+        if not hasattr(state, field):
+            raise TypeError(f"canonical.{name}: expected an embjax.stats.Stats state, got {type(state).__name__}")
+    if int(state.count) < 2:
+        raise ValueError(f"canonical.{name}: the statistics hold {int(state.count)} sample(s); at least 2 are needed")
+    width = sum(state.dims)
+    ranks = tuple(int(k) for k in ranks)
+    if not ranks or any(not 1 <= k <= width for k in ranks):
+        raise ValueError(f"canonical.{name}: ranks must be integers in [1, {width}] (the joint width), got {ranks}")
+    return ranks
+
+
+def _spectral(c_ii, ridge, cond_limit):
+    """(Σ + λI)^{-1/2}, (Σ + λI)^{1/2} and (Σ + λI)^{-1} of one block, with λ = ridge · tr Σ / d, as
+    pseudo-inverses: eigenvalues below λ_max / cond_limit count as zero (dead units, constant features)."""
+    d = c_ii.shape[0]
+    vals, vecs = jnp.linalg.eigh(c_ii)
+    vals = vals + ridge * jnp.trace(c_ii) / d
+    keep = vals > jnp.max(vals) / cond_limit
+    safe = jnp.where(keep, vals, 1.0)
+    scaled = lambda f: _mm(vecs * jnp.where(keep, f(safe), 0.0), vecs.T)  # noqa: E731
+    return scaled(jax.lax.rsqrt), scaled(jnp.sqrt), scaled(lambda v: 1.0 / v)
+
+
+def _block_rows(cross, dims):
+    o = np.cumsum((0,) + tuple(dims))
+    return [(int(o[i]), int(o[i + 1])) for i in range(len(dims))]
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _whitening(cross, count, ridge, cond_limit, *, dims):
+    """Per block (W_i, W_i^{-1}) of Σ_ii = C_ii / n (pseudo-inverse square roots)."""
+    n = jnp.maximum(count, 1).astype(cross.dtype)
+    return tuple(_spectral(cross[a:b, a:b] / n, ridge, cond_limit)[:2] for a, b in _block_rows(cross, dims))
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "i"), donate_argnums=0)
+def _whitened_row(work, cross, count, whiten, *, dims, i):
+    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D)."""
+    blocks = _block_rows(cross, dims)
+    a, b = blocks[i]
+    row = _mm(whiten[i][0], cross[a:b] / jnp.maximum(count, 1).astype(cross.dtype))
+    row = jnp.concatenate([_mm(row[:, c:e], w_j) for (c, e), (w_j, _) in zip(blocks, whiten)], axis=1)
+    return work.at[a:b].set(row)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _eigh_in_place(work):
+    """Eigenvectors (in the donated buffer of `work`) and eigenvalues, ascending; B's lower triangle."""
+    return jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
+def _gcca_maps(vecs, vals, whiten, *, dims, k_max):
+    top = vecs[:, ::-1][:, :k_max]
+    lam = jnp.sqrt(jnp.maximum(vals[::-1][:k_max], 0.0))
+    blocks = _block_rows(vecs, dims)
+    enc = tuple(_mm(w_i, top[a:b]) * lam for (a, b), (w_i, _) in zip(blocks, whiten))
+    dec = tuple((_mm(sq_j, top[a:b]) * lam).T for (a, b), (_, sq_j) in zip(blocks, whiten))
+    return enc, dec
+
+
+def _gcca(cross, count, ridge, cond_limit, *, dims, k_max):
+    """Encoders, decoders (at width k_max) and eigenvalues (descending). Beyond C, one D × D buffer: B is
+    written into it block row by block row, then overwritten by its eigenvectors."""
+    whiten = _whitening(cross, count, ridge, cond_limit, dims=dims)
+    work = jnp.zeros_like(cross)
+    for i in range(len(dims)):
+        work = _whitened_row(work, cross, count, whiten, dims=dims, i=i)
+    vecs, vals = _eigh_in_place(work)
+    enc, dec = _gcca_maps(vecs, vals, whiten, dims=dims, k_max=k_max)
+    return enc, dec, vals[::-1]
+
+
+def _means(state):
+    return tuple(state.mean[a:b] for a, b in _block_rows(state.cross, state.dims))
+
+
+def gcca(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None):
+    """Generalized CCA (MAXVAR) hubs at every rank in `ranks`, from one eigendecomposition.
+
+    Returns ({k: Hub}, eigenvalues of the whitened joint covariance, descending; they lie in [0, N] and
+    a latent shared by all N models gives an eigenvalue near N). `ridge` is relative (λ_i = ridge ·
+    tr Σ_ii / d_i); eigenvalues of a block below its largest / cond_limit (default 1e6 in float32, 1e12
+    in float64) are treated as zero.
+    """
+    ranks = _check(state, ranks, "gcca")
+    cond = maps_lib.default_cond_limit(state.cross.dtype) if cond_limit is None else cond_limit
+    with jax.default_matmul_precision("highest"):
+        enc, dec, vals = _gcca(state.cross, state.count, ridge, cond, dims=tuple(state.dims), k_max=max(ranks))
+    means = _means(state)
+    hubs = {k: Hub(tuple(e[:, :k] for e in enc), tuple(d[:k] for d in dec), means) for k in ranks}
+    return hubs, vals
+
+
+def _polar(a):
+    """The orthonormal factor U Vᵀ of a = U S Vᵀ: the maximiser of tr(Rᵀ a) over R with orthonormal
+    columns (rows when a is wide)."""
+    u, _, vt = jnp.linalg.svd(a, full_matrices=False)
+    return _mm(u, vt)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
+def _pca_start(cross, scale, *, dims, k_max):
+    """Top-k_max eigenvectors of the scaled joint covariance (the consensus' starting point)."""
+    work = cross * scale[:, None] * scale[None, :]
+    vecs = jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)[0]
+    return vecs[:, ::-1][:, :k_max]
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "iters"))
+def _gpa(cross, count, scale, start, ridge, cond_limit, tol, tol_objective, *, dims, iters):
+    blocks = _block_rows(cross, dims)
+    n = jnp.maximum(count, 1).astype(cross.dtype)
+    # q = [s_i R_i]: the consensus is h = x_cat q / N (centred); Cov(y_i, h) ∝ s_i C_i· q.
+    q = jnp.concatenate([scale[a:b, None] * _polar(start[a:b]) for a, b in blocks])
+    unscale = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+    def objective(q):  # tr Cov(Σ_i y_i R_i), exactly, at rotations q
+        return sum(jnp.sum(q[a:b] * _mm(cross[a:b], q)) for a, b in blocks) / n
+
+    def sweep(carry):
+        q, _, old, it = carry
+        change = jnp.zeros((), cross.dtype)
+        for a, b in blocks:
+            rot = _polar(_mm(cross[a:b], q) * scale[a:b, None] / n)
+            step = rot - q[a:b] * unscale[a:b, None]
+            change = jnp.maximum(change, jnp.sqrt(jnp.sum(step * step) / min(b - a, q.shape[1])))
+            q = q.at[a:b].set(scale[a:b, None] * rot)
+        new = objective(q)
+        return q, change, new, it + 1
+
+    inf = jnp.asarray(jnp.inf, cross.dtype)
+
+    def body(carry):
+        q, change, obj, prev, it = carry
+        q, change, new, it = sweep((q, change, obj, it))
+        return q, change, new, obj, it
+
+    def cond(carry):
+        _, change, obj, prev, it = carry
+        return (it < iters) & (change > tol) & ((it < 2) | (obj - prev > tol_objective * jnp.abs(obj)))
+
+    q, _, _, _, it = jax.lax.while_loop(cond, body, (q, inf, objective(q), -inf, 0))
+    # Least squares onto and from h: E_i = Σ_ii⁺ Cov(x_i, h), D_j = Cov(h)⁺ Cov(h, x_j).
+    cov_xh = [_mm(cross[a:b], q) / n for a, b in blocks]
+    cov_h = sum(_mm(q[a:b].T, g) for (a, b), g in zip(blocks, cov_xh))
+    obj = jnp.trace(cov_h)  # tr Cov(Σ_i y_i R_i) at the final rotations
+    inv_h = _spectral(cov_h, 0.0, cond_limit)[2]
+    enc = tuple(_mm(_spectral(cross[a:b, a:b] / n, ridge, cond_limit)[2], g) for (a, b), g in zip(blocks, cov_xh))
+    dec = tuple(_mm(inv_h, g.T) for g in cov_xh)
+    return enc, dec, obj, it
+
+
+def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None,
+               iters: int = 500, tol: float | None = None, tol_objective: float | None = None):
+    """Generalized Procrustes hubs at every rank in `ranks` (one alternating solve per rank, each started
+    from the top principal directions of the scaled joint covariance).
+
+    Returns ({k: Hub}, {k: {"objective", "iterations"}}): the objective is tr Cov(Σ_i y_i R_i) = N² tr Cov(h)
+    at the final rotations; the sweeps stop when no rotation moves by more than `tol` (root mean square
+    per column, default √eps of the dtype), or when a sweep raises the objective by no more than
+    `tol_objective` relative (default 10 eps: rounding; directions the objective does not see can keep
+    rotations moving without changing the hub), or after `iters` (tol_objective = -inf: stop on the rotations alone).
+    """
+    ranks = _check(state, ranks, "procrustes")
+    dtype = state.cross.dtype
+    cond = maps_lib.default_cond_limit(dtype) if cond_limit is None else cond_limit
+    tol = float(np.sqrt(jnp.finfo(dtype).eps)) if tol is None else tol
+    tol_objective = 10 * float(jnp.finfo(dtype).eps) if tol_objective is None else tol_objective
+    dims = tuple(state.dims)
+    with jax.default_matmul_precision("highest"):
+        tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(state.cross[a:b, a:b])) for a, b in _block_rows(state.cross, dims)])
+        scale = jnp.where(tr > 0, jax.lax.rsqrt(jnp.where(tr > 0, tr / state.count, 1.0)), 0.0).astype(dtype)
+        start = _pca_start(state.cross, scale, dims=dims, k_max=max(ranks))
+        hubs, info = {}, {}
+        for k in ranks:
+            enc, dec, obj, it = _gpa(state.cross, state.count, scale, start[:, :k], ridge, cond, tol, tol_objective,
+                                  dims=dims, iters=iters)
+            hubs[k] = Hub(enc, dec, _means(state))
+            info[k] = {"objective": float(obj), "iterations": int(it)}
+    return hubs, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Using a hub
+
+
+def encode(hub: Hub, i: int, x: jax.Array) -> jax.Array:
+    """Model i's features (rows) in the hub: (x − μ_i) E_i."""
+    return _mm(x - hub.means[i], hub.encoders[i])
+
+
+def decode(hub: Hub, j: int, h: jax.Array) -> jax.Array:
+    """Hub coordinates back into model j's feature space: h D_j + μ_j."""
+    return _mm(h, hub.decoders[j]) + hub.means[j]
+
+
+def compose(hub: Hub, src: int, dst: int):
+    """source → hub → target as one affine map (W, b), x_dst ≈ x_src W + b: W = E_s D_t, b = μ_t − μ_s W."""
+    w = _mm(hub.encoders[src], hub.decoders[dst])
+    return w, hub.means[dst] - _mm(hub.means[src], w)
+
+
+def pair_maps(hub: Hub) -> dict:
+    """{(s, t): (W, b)} for every ordered pair s ≠ t, the form of maps.affine_all (one compiled call)."""
+    with jax.default_matmul_precision("highest"):
+        return _pair_maps(hub)
+
+
+@jax.jit
+def _pair_maps(hub: Hub) -> dict:
+    n = len(hub.encoders)
+    return {(s, t): compose(hub, s, t) for s in range(n) for t in range(n) if s != t}
+
+
+def intrinsic_dim(ranks: Sequence[int], change: Sequence[float], direct: float, tolerance: float = 0.01):
+    """The smallest rank whose score (e.g. mean relative change of accuracy over all ordered pairs) is
+    within `tolerance` of the direct maps' score (1 point of relative change = 0.01); None if none is."""
+    for k, c in sorted(zip(ranks, change)):
+        if np.isfinite(c) and abs(c - direct) <= tolerance:
+            return int(k)
+    return None
+
+
+def rank_curve(width: int, d_max: int) -> list[int]:
+    """Ranks 1, 2, 4, … below the widest model, the widest model's width, then up to the joint width."""
+    ks = [1 << p for p in range(int(np.log2(max(d_max, 1))) + 1) if (1 << p) < d_max]
+    ks += [d_max, width]
+    mids = [k for k in (2 * d_max, 4 * d_max) if k < width]
+    return sorted(set(ks + mids))
