@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models.efficientnet import EfficientNetLite, lite_stages, small_efficientnet_lite
 from embjax.models.convert import efficientnet_lite as el
 from embjax.weights import store, torch_pth
@@ -278,14 +279,14 @@ def test_converter_reports_every_mismatch():
     del sd["_blocks.3._bn1.running_var"]
     sd["_blocks.99._project_conv.weight"] = np.zeros((8, 8, 1, 1), np.float32)
     sd["_conv_head.weight"] = sd["_conv_head.weight"][:, :-1]
-    with pytest.raises(el.StateDictMismatchError) as e:
+    with pytest.raises(WeightMismatchError) as e:
         el.convert_efficientnet_lite(sd, 0)
     msg = str(e.value)
     assert "_blocks.3._bn1.running_var" in msg and "missing" in msg
     assert "_blocks.99._project_conv.weight" in msg and "unexpected" in msg
     assert "_conv_head.weight" in msg and "wrong shape" in msg
     # ... and Lite0's state dict does not pass for Lite1 (depth 1.1 has five more blocks).
-    with pytest.raises(el.StateDictMismatchError, match="missing"):
+    with pytest.raises(WeightMismatchError, match="missing"):
         el.convert_efficientnet_lite(torch_pth.load_state_dict(el.pretrained_path(0)), 1)
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import registry
 from embjax.weights import h5
 from embjax.models.convert import keras_resnet
@@ -171,7 +172,7 @@ def test_load_weights_from_an_orbax_directory_checks_the_tree(tmp_path):
     store.save_variables(tmp_path / "mnv2", variables)
     loaded = registry.load_weights("zoo_mobilenet_v2", tmp_path / "mnv2")
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded, variables))
-    with pytest.raises(h5.WeightMismatchError, match="zoo_resnet_v1"):  # another model's checkpoint
+    with pytest.raises(WeightMismatchError, match="zoo_resnet_v1"):  # another model's checkpoint
         registry.load_weights("zoo_resnet_v1", tmp_path / "mnv2")
 
 
@@ -195,7 +196,7 @@ def test_load_weights_errors(tmp_path):
     weights = _resnet50_keras_like()
     del weights["conv2_block1_0_bn"]
     _write_legacy_h5(tmp_path / "short.h5", weights)
-    with pytest.raises(h5.WeightMismatchError, match="conv2_block1_0_bn"):
+    with pytest.raises(WeightMismatchError, match="conv2_block1_0_bn"):
         registry.load_weights("resnet50_v1", tmp_path / "short.h5")
 
 

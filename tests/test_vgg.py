@@ -7,6 +7,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax import fne  # noqa: E402
 from embjax.models import registry, vgg as vgg_lib  # noqa: E402
 from embjax.weights import h5  # noqa: E402
@@ -69,12 +70,12 @@ def test_h5_file_round_trip(keras_model, tmp_path):
 def test_converter_reports_problems(keras_model):
     weights = h5.layer_weights_of(keras_model)
     # At 224 px fc1 must take 7·7·512 inputs: the 64-px weights are reported by name, not loaded.
-    with pytest.raises(h5.WeightMismatchError, match="fc1"):
+    with pytest.raises(WeightMismatchError, match="fc1"):
         keras_vgg.convert_vgg16(weights)
     broken = {k: v for k, v in weights.items() if k != "block4_conv2"}
-    with pytest.raises(h5.WeightMismatchError, match="block4_conv2"):
+    with pytest.raises(WeightMismatchError, match="block4_conv2"):
         keras_vgg.convert_vgg16(broken, input_size=SIZE)
-    with pytest.raises(h5.WeightMismatchError, match="_notop"):
+    with pytest.raises(WeightMismatchError, match="_notop"):
         keras_vgg.convert_vgg16({k: v for k, v in weights.items() if k.startswith("block")}, input_size=SIZE)
 
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from embjax.models import folding
+from embjax.models import layers
 
 __all__ = [
     "StageConfig",
@@ -224,7 +224,7 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         conv = lambda *a, **k: nn.Conv(*a, use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype,
                                        **k)
-        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+        bn = lambda name: layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
                                            param_dtype=self.param_dtype, momentum=self.momentum,
                                            epsilon=self.epsilon)
         in_channels = x.shape[-1]
@@ -278,11 +278,11 @@ class EfficientNetLite(nn.Module):
     def __call__(self, x, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"EfficientNetLite expects NHWC images, got shape {x.shape}")
-        folding.check_inference("EfficientNetLite", self.fold_bn, train)
+        layers.check_inference("EfficientNetLite", self.fold_bn, train)
         stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
         dropout = LITE_VARIANTS.get(self.variant, (0, 0, 0, 0.0))[3] if self.dropout_rate is None \
             else self.dropout_rate
-        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+        bn = lambda name: layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
                                            param_dtype=self.param_dtype, momentum=self.momentum,
                                            epsilon=self.epsilon)
         out = {}

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 Dtype = Any
 
@@ -285,7 +285,7 @@ class InceptionV3(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionV3")
-        folding.check_inference("InceptionV3", self.fold_bn, train)
+        layers.check_inference("InceptionV3", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
                   min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
@@ -395,7 +395,7 @@ class InceptionResNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-        folding.check_inference("InceptionResNetV2", self.fold_bn, train)
+        layers.check_inference("InceptionResNetV2", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
                   min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
@@ -448,7 +448,7 @@ class SmallInception(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        folding.check_inference("SmallInception", self.fold_bn, train)
+        layers.check_inference("SmallInception", self.fold_bn, train)
         conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype,
                                  fold_bn=self.fold_bn)
         out = {}

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 from embjax.models.inception import ConvBN, slim_depth
 
 Dtype = Any
@@ -283,7 +283,7 @@ class SlimInception(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("SlimInception", self.fold_bn, train)
+        layers.check_inference("SlimInception", self.fold_bn, train)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
         min_size = MIN_INPUT_SIZE[self.architecture]

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -70,7 +70,7 @@ class IBasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         def bn(name, keep=False):
-            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+            return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
                                      param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         def conv(features, kernel, strides, padding, name):
@@ -108,7 +108,7 @@ class IResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("IResNet", self.fold_bn, train)
+        layers.check_inference("IResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"IResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         side = 16 * self.fc_grid
@@ -120,7 +120,7 @@ class IResNet(nn.Module):
                              f"stage_widths {tuple(self.stage_widths)}")
 
         def bn(name, keep=False, dtype=self.dtype):
-            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=dtype,
+            return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=dtype,
                                      param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         out = {}

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from embjax.models import folding
+from embjax.models import layers
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2 (Sandler et al., Table 2).
 IMAGENET_BLOCKS = (
@@ -115,7 +115,7 @@ class InvertedResidual(nn.Module):
     fold_bn: bool = False  # inference: each BatchNorm folded into the conv before it
 
     def bn(self, train, name):
-        return folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
+        return layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
                                  momentum=self.bn_momentum, epsilon=self.epsilon)
 
     @nn.compact
@@ -174,13 +174,13 @@ class MobileNetV2(nn.Module):
             raise ValueError(
                 f"MobileNetV2 expects NHWC images (batch, height, width, channels), got shape {x.shape}"
             )
-        folding.check_inference("MobileNetV2", self.fold_bn, train)
+        layers.check_inference("MobileNetV2", self.fold_bn, train)
         bn = dict(
             momentum=self.bn_momentum, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype
         )
         conv = dict(use_bias=self.fold_bn, kernel_init=_KERNEL_INIT, dtype=self.dtype,
                     param_dtype=self.param_dtype)
-        bn_or_folded = lambda name: folding.batchnorm(self.fold_bn, name, train=train, **bn)
+        bn_or_folded = lambda name: layers.batchnorm(self.fold_bn, name, train=train, **bn)
         x = x.astype(self.dtype)
         out = {}
         x = nn.Conv(

@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 Dtype = Any
 
@@ -70,9 +70,9 @@ PNASNET_5 = dict(
 
 
 def _bn(train: bool, dtype, name: str, fold_bn: bool = False, keep: bool = False):
-    """The BatchNorm called `name` (folding.batchnorm with this family's constants); `keep` where no
+    """The BatchNorm called `name` (layers.batchnorm with this family's constants); `keep` where no
     single conv precedes it."""
-    return folding.batchnorm(fold_bn, name, train=train, keep=keep, dtype=dtype, momentum=BN_MOMENTUM,
+    return layers.batchnorm(fold_bn, name, train=train, keep=keep, dtype=dtype, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON)
 
 
@@ -275,7 +275,7 @@ class NASNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("NASNet", self.fold_bn, train)
+        layers.check_inference("NASNet", self.fold_bn, train)
         _check_input(x, "NASNet")
         if self.pool_padding not in ("tf", "keras"):
             raise ValueError(f"pool_padding must be 'tf' or 'keras', not {self.pool_padding!r}")
@@ -326,7 +326,7 @@ class PNASNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("PNASNet", self.fold_bn, train)
+        layers.check_inference("PNASNet", self.fold_bn, train)
         _check_input(x, "PNASNet")
         out: dict = {}
         x = _stem(x, self.stem_filters, train, self.dtype, out, self.fold_bn)

@@ -571,7 +571,7 @@ def get(name: str) -> ModelSpec:
 
 def check_variables(name: str, variables: Mapping) -> dict:
     """`variables` if their tree matches `get(name).build()` leaf for leaf; WeightMismatchError otherwise."""
-    from embjax.weights.h5 import check_shapes
+    from embjax.models.convert.framework import check_shapes
 
     check_shapes(get(name).init_shapes(), variables, f"weights for {name}")
     return dict(variables)

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 # Blocks per stage of the standard depths (He et al. 2016, Table 1) and whether they use bottlenecks.
 STAGE_SIZES = {
@@ -89,7 +89,7 @@ class _Block(nn.Module):
         )
 
     def bn(self, train, name, keep=False):
-        return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+        return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
                                  param_dtype=self.param_dtype, momentum=self.bn_momentum, epsilon=self.epsilon)
 
     def preactivation_bn(self, train):
@@ -196,7 +196,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     # Inference mode without BatchNorm ops: each BatchNorm folded into the conv before it, v2's
-    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold makes the variables).
+    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold_variables makes the variables).
     fold_bn: bool = False
 
     def _check(self):
@@ -222,7 +222,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         self._check()
-        folding.check_inference("ResNet", self.fold_bn, train)
+        layers.check_inference("ResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         v2 = self.version == 2
@@ -300,7 +300,7 @@ class ResNet(nn.Module):
             out[f"stage{i + 1}"] = x
 
         if v2 and self.fold_bn:
-            x = nn.relu(folding.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
+            x = nn.relu(layers.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
         elif v2:
             x = nn.BatchNorm(
                 use_running_average=not train,

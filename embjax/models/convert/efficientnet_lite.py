@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embjax.weights.h5 import WeightMismatchError
+from embjax.models.convert.framework import WeightMismatchError
 from embjax.models.efficientnet import LITE_VARIANTS, EfficientNetLite
 
 __all__ = [
     "PRETRAINED_VARIANTS",
     "PREPROCESSING",
-    "StateDictMismatchError",
     "PretrainedWeightsUnavailable",
     "torch_name_map",
     "convert_efficientnet_lite",
@@ -57,15 +56,6 @@ PREPROCESSING: dict[int, dict[str, Any]] = {
     }
     for v, (_, _, res, _) in LITE_VARIANTS.items()
 }
-
-
-class StateDictMismatchError(WeightMismatchError):
-    """The state dict does not fit the architecture: lists every missing, extra and mis-shaped entry. A
-    WeightMismatchError, the one mismatch type every converter raises."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()):
-        ValueError.__init__(self, message)
-        self.problems = list(problems) or [message]
 
 
 class PretrainedWeightsUnavailable(FileNotFoundError):
@@ -121,7 +111,7 @@ def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray], variant: int
                               num_classes: int = 1000, **module_kwargs) -> dict[str, Any]:
     """Flax variables {"params", "batch_stats"} (float32 NumPy) for EfficientNetLite(variant, ...).
 
-    Every problem is collected before raising one StateDictMismatchError that lists them all: keys the
+    Every problem is collected before raising one WeightMismatchError that lists them all: keys the
     architecture needs but the state dict lacks, keys it has but nothing uses, tensors whose shape does
     not fit, and Flax variables no key fills.
     """
@@ -161,8 +151,8 @@ def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray], variant: int
         if items:
             problems.append(f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
     if problems:
-        raise StateDictMismatchError(f"state dict does not fit EfficientNet-Lite{variant} "
-                                     f"({len(entries)} tensors expected): " + "; ".join(problems))
+        raise WeightMismatchError(f"state dict does not fit EfficientNet-Lite{variant} ({len(entries)} tensors "
+                                  "expected)", problems)
     return variables
 
 
