@@ -20,8 +20,8 @@ and wherever a layer's output is formed, the family calls `tap(self, name, x, *k
   adds the kinds to that name instead of making a second one (a block whose output is its last
   convolution's), so no two layer names refer to the same array.
 
-`named_layers(module, sample)` traces the module once (jax.eval_shape: nothing is computed) and returns
-its `Layer`s in network order; `embjax.fne` chooses from them. Extra outputs cost nothing in a jitted
+`named_layers(module, sample)` (or `traced_layers(apply, *args)`) traces the model once (jax.eval_shape:
+nothing is computed) and returns its `Layer`s in network order; `embjax.fne` chooses from them. Extra outputs cost nothing in a jitted
 pass: the engine returns only the keys a pass asks for and XLA drops the rest. Called eagerly (tests),
 the returned dict keeps every tapped activation alive until it is dropped.
 """
@@ -166,21 +166,28 @@ def exposes_layers(call):
     return wrapper
 
 
-def named_layers(module: nn.Module, sample) -> tuple[Layer, ...]:
-    """The named layer outputs of `module` applied to `sample` (an array or jax.ShapeDtypeStruct; only its
-    shape matters), in network order. Traced with jax.eval_shape: nothing is computed."""
-    sample = jax.ShapeDtypeStruct(jnp.shape(sample), jnp.result_type(sample))
+def traced_layers(fun, *args) -> tuple[tuple[Layer, ...], Any]:
+    """(named layers, output shapes) of `fun(*args)`, a function that applies one model (a module's apply
+    or the engine's member apply, preprocessing included). Traced with jax.eval_shape: nothing is
+    computed; a fresh function each call, so no cached trace skips the recording."""
     recorded: list = []
     token = _RECORDER.set(recorded)
     try:
-        jax.eval_shape(lambda x: module.init(jax.random.key(0), x), sample)  # a fresh function: never cached
+        shapes = jax.eval_shape(lambda *a: fun(*a), *args)
     finally:
         _RECORDER.reset(token)
     if not recorded:
-        raise ValueError(f"{type(module).__name__} names no layers: its __call__ is not decorated with "
-                         "embjax.models.layers.exposes_layers")
-    return recorded[-1]  # the outermost model finishes last
+        raise ValueError(f"{getattr(fun, '__qualname__', fun)} names no layers: the model's __call__ is not "
+                         "decorated with embjax.models.layers.exposes_layers")
+    return recorded[-1], shapes  # the outermost model finishes last
+
+
+def named_layers(module: nn.Module, sample) -> tuple[Layer, ...]:
+    """The named layer outputs of `module` applied to `sample` (an array or jax.ShapeDtypeStruct; only its
+    shape matters), in network order."""
+    sample = jax.ShapeDtypeStruct(jnp.shape(sample), jnp.result_type(sample))
+    return traced_layers(lambda x: module.init(jax.random.key(0), x), sample)[0]
 
 
 __all__ = ["KINDS", "ScaleShift", "identity", "batchnorm", "check_inference", "Layer", "tap", "exposes_layers",
-           "named_layers"]
+           "traced_layers", "named_layers"]

@@ -41,7 +41,10 @@ def base() -> ml_collections.ConfigDict:
     c.image_size = ml_collections.config_dict.placeholder(int)  # host-side square size for tfds images
     c.download = False  # let tfds download and prepare a missing dataset
     c.num_classes = 10
-    # The embedding (embjax.fne): which outputs (pre- or post-activation), thresholds, degenerate features.
+    # The embedding (embjax.fne): which layers ("conv": every convolution and fully connected layer, the
+    # paper's; "block": block outputs, fewer features), pre- or post-activation, thresholds, degenerate
+    # features.
+    c.layer_set = "conv"
     c.activation = "post"
     c.low, c.high = -0.25, 0.15
     c.degenerate_rtol = 1e-4
