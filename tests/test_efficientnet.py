@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
+from embjax.models import registry
 from embjax.models.efficientnet import EfficientNetLite, lite_stages, small_efficientnet_lite
 from embjax.models.convert import efficientnet_lite as el
 from embjax.weights import store, torch_pth
@@ -148,9 +149,8 @@ def _photos():
 
 
 def _preprocessed(variant):
-    pp = el.PREPROCESSING[variant]
-    return jnp.stack([el.preprocess(im, pp["size"], pp["crop_fraction"], pp["mean"], pp["std"],
-                                    pp["resize"], pp["antialias"]) for im in _photos()])
+    spec = registry.get(f"efficientnet_lite{variant}")
+    return jnp.concatenate([spec.preprocess(im[None]) for im in _photos()])
 
 
 _cache = {}
@@ -322,28 +322,6 @@ def test_pretrained_errors(monkeypatch):
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
-
-
-def test_preprocess_crop_and_normalization():
-    # 10x16 image whose centre 8x8 square (rows 1-8, cols 4-11 for crop 0.8: int(0.8*10) = 8,
-    # offsets (10-8+1)//2 = 1 and (16-8+1)//2 = 4) is 200 and everything else 0.
-    img = np.zeros((10, 16, 3), np.uint8)
-    img[1:9, 4:12] = 200
-    out = el.preprocess(img, size=8, crop_fraction=0.8, mean=(127.0,) * 3, std=(128.0,) * 3)
-    assert out.shape == (8, 8, 3) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(out), (200 - 127) / 128)  # crop exactly the bright square
-    batch = el.preprocess(np.stack([img, img]), size=4, crop_fraction=0.8, mean=(0, 0, 0), std=(1, 1, 1))
-    assert batch.shape == (2, 4, 4, 3)
-    # Resizing a constant keeps it constant (bicubic weights sum to 1), to float32 rounding: 200 * 2^-23.
-    np.testing.assert_allclose(np.asarray(batch), 200.0, rtol=1e-6)
-    with pytest.raises(ValueError, match="crop_fraction"):
-        el.preprocess(img, 8, 0.0, (0,) * 3, (1,) * 3)
-
-
-def test_preprocessing_constants():
-    assert el.PREPROCESSING[0]["size"] == 224 and el.PREPROCESSING[0]["crop_fraction"] == 224 / 256
-    assert el.PREPROCESSING[2]["size"] == 260 and el.PREPROCESSING[4]["size"] == 300
-    assert el.PREPROCESSING[1]["mean"] == (127.0,) * 3 and el.PREPROCESSING[1]["std"] == (128.0,) * 3
 
 
 # --- small configuration, dtype, training ------------------------------------------------------------

