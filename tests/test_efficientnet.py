@@ -65,8 +65,16 @@ def test_output_shapes_any_size():
     # Every block's output; the last block of each group is that group's stage output.
     block_sizes = [(29, 36)] * 1 + [(15, 18)] * 2 + [(8, 9)] * 2 + [(4, 5)] * 6 + [(2, 3)] * 5
     block_channels = [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320]
+    inputs = [(29, 36)] + block_sizes[:-1]
     for i, ((h, w), c) in enumerate(zip(block_sizes, block_channels)):
         expect[f"block_{i}"] = (2, h, w, c)
+        # Every convolution inside the block: expansion (not in block 0) at the input's size, depthwise
+        # (strided) and projection at the block's.
+        hidden = 32 if i == 0 else 6 * ([32] + block_channels)[i]
+        if i:
+            expect[f"block_{i}/expand_conv"] = (2, *inputs[i], hidden)
+        expect[f"block_{i}/depthwise_conv"] = (2, h, w, hidden)
+        expect[f"block_{i}/project_conv"] = (2, h, w, c)
     assert {k: v.shape for k, v in out.items()} == expect
 
 
@@ -121,7 +129,8 @@ def _block_groups(sd):
 
 
 def numpy_reference(sd, x):
-    """Float64 NumPy EfficientNet-Lite forward from a PyTorch state dict; returns stage outputs too."""
+    """Float64 NumPy EfficientNet-Lite forward from a PyTorch state dict; returns every named output (stage
+    outputs, and every convolution inside the blocks) too."""
     sd = {k: v.astype(np.float64) for k, v in sd.items()}
     relu6 = lambda v: np.clip(v, 0.0, 6.0)
     out = {}
@@ -131,9 +140,11 @@ def numpy_reference(sd, x):
         p = f"_blocks.{i}."
         h = x
         if p + "_expand_conv.weight" in sd:
-            h = relu6(_np_bn(_np_conv(h, sd[p + "_expand_conv.weight"]), sd, p + "_bn0"))
-        h = relu6(_np_bn(_np_conv(h, sd[p + "_depthwise_conv.weight"], s, depthwise=True), sd, p + "_bn1"))
-        h = _np_bn(_np_conv(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
+            h = out[f"block_{i}/expand_conv"] = relu6(_np_bn(_np_conv(h, sd[p + "_expand_conv.weight"]), sd,
+                                                             p + "_bn0"))
+        h = out[f"block_{i}/depthwise_conv"] = relu6(_np_bn(_np_conv(h, sd[p + "_depthwise_conv.weight"], s,
+                                                                     depthwise=True), sd, p + "_bn1"))
+        h = out[f"block_{i}/project_conv"] = _np_bn(_np_conv(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
         x = out[f"block_{i}"] = h + x if (s == 1 and h.shape == x.shape) else h
         out[f"stage{group + 1}"] = x  # the last block of the group writes last
     out["head_preact"] = _np_bn(_np_conv(x, sd["_conv_head.weight"]), sd, "_bn1")
