@@ -10,13 +10,13 @@ a bias, the BatchNorm is gone) and `fold_variables(module, variables, sample)` t
 unfolded one: every named intermediate is taken after its BatchNorm (or has none), and a folded layer's
 output *is* that BatchNorm's output.
 
-A BatchNorm whose input is not a linear layer's output cannot be folded that way. In this registry that
-is ResNet-v2's pre-activation BatchNorm (`preact_bn` of every block, and `post_bn`): its input is the
-residual stream x, which also flows on raw through the identity shortcut, into the named `stage*`
-outputs and, for the stem, through a max-pool; and a ReLU separates it from the convolutions that read
-it, so it cannot be pushed forward into them either. Such a BatchNorm becomes `ScaleShift`, the same
-affine map with s and t precomputed (embjax.models.layers.ScaleShift): one multiply-add per element that XLA fuses into the ReLU after it,
-instead of BatchNorm's subtract, rsqrt and two multiplies.
+A BatchNorm whose input is not a linear layer's output cannot be folded that way. In this registry that is
+ResNet-v2's pre-activation BatchNorm (`preact_bn` of every block, and `post_bn`): its input is the residual
+stream x, which also flows on raw through the identity shortcut, into the named `stage*` outputs and, for
+the stem, through a max-pool; and a ReLU separates it from the convolutions that read it, so it cannot be
+pushed forward into them either. Such a BatchNorm becomes `ScaleShift`, the same affine map with s and t
+precomputed (embjax.models.layers.ScaleShift): one multiply-add per element that XLA fuses into the ReLU
+after it, instead of BatchNorm's subtract, rsqrt and two multiplies.
 
 The zoo's ResNet-v2 shows why the module, not the transform, decides which BatchNorms stay: its stem has
 no max-pool, so the first `preact_bn` reads the stem convolution's output directly, yet that output is

@@ -21,9 +21,9 @@ and wherever a layer's output is formed, the family calls `tap(self, name, x, *k
   convolution's), so no two layer names refer to the same array.
 
 `named_layers(module, sample)` (or `traced_layers(apply, *args)`) traces the model once (jax.eval_shape:
-nothing is computed) and returns its `Layer`s in network order; `embjax.fne` chooses from them. Extra outputs cost nothing in a jitted
-pass: the engine returns only the keys a pass asks for and XLA drops the rest. Called eagerly (tests),
-the returned dict keeps every tapped activation alive until it is dropped.
+nothing is computed) and returns its `Layer`s in network order; `embjax.fne` chooses from them. Extra
+outputs cost nothing in a jitted pass: the engine returns only the keys a pass asks for and XLA drops the
+rest. Called eagerly (tests), the returned dict keeps every tapped activation alive until it is dropped.
 """
 from __future__ import annotations
 

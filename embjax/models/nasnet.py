@@ -26,8 +26,9 @@ under its TF-Slim name (`cell_0` … and, for NASNet, `reduction_cell_0`, `reduc
 and `logits`. Named layers (embjax.models.layers): the cells (block) and every convolution after its
 BatchNorm, in these networks' ReLU → conv → BatchNorm order the output the next layer rectifies: each
 separable convolution of a stack as one layer (`cell_0/comb_iter_0_left/stack/separable_1`), the 1×1
-projections (`cell_0/beginning_1x1`, `cell_0/prev_1x1`, `.../comb_iter_1_right/conv`) and the two
-paths of a factorized reduction (`cell_0/prev_reduction/path1_conv`, each its half of `final_path_bn`). NHWC inputs scaled to [-1, 1]; any size of at least 32×32; the ImageNet models run at 331.
+projections (`cell_0/beginning_1x1`, `cell_0/prev_1x1`, `.../comb_iter_1_right/conv`) and the two paths of a
+factorized reduction (`cell_0/prev_reduction/path1_conv`, each its half of `final_path_bn`). NHWC inputs
+scaled to [-1, 1]; any size of at least 32×32; the ImageNet models run at 331.
 
 `fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
 every BatchNorm that follows a convolution (the stem's, each separable stack's after its pointwise
