@@ -27,6 +27,7 @@ pytestmark = pytest.mark.highest_precision
 
 from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import inception  # noqa: E402
+from embjax.models import layers as model_layers  # noqa: E402
 from embjax.models.convert import keras_inception  # noqa: E402
 from keras_helpers import fast_keras_init  # noqa: E402
 
@@ -275,7 +276,10 @@ def test_small_inception_shapes_and_cost(small_variables):
         "pre_logits": (3, 128),
         "logits": (3, 10),
     }
-    assert {k: v.shape for k, v in out.items()} == expected
+    # Besides the blocks, every ConvBN's output is a named layer (embjax.models.layers): 17 convolutions.
+    convs = {layer.name: layer.shape for layer in model_layers.named_layers(model, x) if "conv" in layer.kinds}
+    assert len(convs) == 17 and all(n.startswith(("stem_conv", "mixed")) for n in convs)
+    assert {k: v.shape for k, v in out.items()} == {**expected, **convs}
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(small_variables))
     cost = jax.jit(model.apply).lower(small_variables, x[:1]).cost_analysis()
     assert 2e6 < cost["flops"] <= 10e6  # the zoo's budget per image; 9.3 MFLOPs when written
