@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax.models import folding, inception, inception_slim, iresnet, nasnet, registry, resnet
+from embjax.models import folding, inception, inception_slim, iresnet, layers, nasnet, registry, resnet
 from embjax.models.convert.framework import WeightMismatchError
 
 # Folded and unfolded programs differ only in float32 rounding: the folded kernel K·s is rounded once
@@ -102,9 +102,9 @@ class PreactDenseBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("PreactDenseBN", self.fold_bn, train)
+        layers.check_inference("PreactDenseBN", self.fold_bn, train)
         bn = dict(use_running_average=not train, epsilon=self.epsilon)
-        pre = folding.ScaleShift(name="pre_bn") if self.fold_bn else nn.BatchNorm(name="pre_bn", **bn)
+        pre = layers.ScaleShift(name="pre_bn") if self.fold_bn else nn.BatchNorm(name="pre_bn", **bn)
         y = nn.Dense(5, name="dense")(nn.relu(pre(x)))
         return {"out": y if self.fold_bn else nn.BatchNorm(name="bn", **bn)(y)}
 
