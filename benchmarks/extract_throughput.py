@@ -6,7 +6,7 @@ For each model (ResNet-50 v1 and EfficientNet-Lite0 at 224 px by default) the be
   images in, float32 pre-logits and logits out, preprocessing on the device), in float32 and bfloat16,
   each compiled with XLA's defaults and with YNNPACK fusions off (`_eigen`, see EIGEN_OPTIONS; also
   float32 with YNNPACK only for elementwise fusions, `_eltwise`); and the inference-mode module with every
-  BatchNorm folded into its convolution (`f32_folded`: `embjax.models.folding.fold`, what the engine
+  BatchNorm folded into its convolution (`f32_folded`: `embjax.models.folding`, what the engine
   loads by default), compiled with XLA's defaults and with the engine's options (`f32_folded_eigen`);
   and that folded module as the engine applies it (`f32_folded_matmul`, `bf16_folded_matmul`: the engine's
   options, and `embjax.models.conv_matmul.on_cpu()` running the convolutions its RULE picks as matmuls);
@@ -228,7 +228,11 @@ def embjax_extract(model: Model, config: str, batch_size: int, compiler_options:
         from embjax.models import folding
 
         t0 = time.perf_counter()
-        module, variables = folding.fold(model.spec.name, model.variables, **overrides)
+        module = model.spec.build(**overrides)
+        spec = model.spec
+        sample = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
+        variables = folding.fold_variables(module, model.variables, sample)
+        module = folding.fold_module(module)
         fold_s = time.perf_counter() - t0
     else:
         module, variables = model.spec.build(**overrides), model.variables

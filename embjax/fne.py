@@ -4,8 +4,9 @@ discretized to {-1, 0, 1}.
 
 This module owns the method's arithmetic, and nothing else (no model, file or device code):
 
-1. `embedding_layers(family, keys, activation)`: which named outputs of a registry model make up the
-   embedding (every convolutional block in network order; VGG16's fixed list in `EMBEDDING_LAYERS`).
+1. `embedding_layers(layers, layer_set, activation)`: which named layers of a model make up the
+   embedding, in network order (the paper's: every convolution and fully connected layer, each
+   spatially averaged; or, as an option, the block outputs).
 2. `pool(outputs, layers)`: spatial average pooling of each (B, H, W, C) output, fully connected (B, C)
    outputs as they are, concatenated in the listed order into (B, D) float32.
 3. Per-feature mean and standard deviation streamed over the training split: `embjax.moments`
@@ -41,7 +42,6 @@ key and are read as they are either way.
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import flax.struct
@@ -55,61 +55,51 @@ from embjax import moments
 LOW, HIGH = -0.25, 0.15
 DEGENERATE_RTOL = 1e-4  # see "Degenerate features" in the module docstring
 
-_VGG16_CONVS = (
-    "block1_conv1", "block1_conv2",
-    "block2_conv1", "block2_conv2",
-    "block3_conv1", "block3_conv2", "block3_conv3",
-    "block4_conv1", "block4_conv2", "block4_conv3",
-    "block5_conv1", "block5_conv2", "block5_conv3",
-)
 PREACT_SUFFIX = "_preact"  # a module's pre-activation output of layer k is named k + PREACT_SUFFIX
 
-# family -> the post-activation keys of the embedding, in network order, where the family fixes them.
-# VGG16: 13 convolutions + fc6 + fc7 = 64·2 + 128·2 + 256·3 + 512·6 + 4096·2 = 12,416 features.
-EMBEDDING_LAYERS: dict[str, tuple[str, ...]] = {"vgg16": (*_VGG16_CONVS, "fc1", "fc2")}
-# Outputs that are never part of the embedding: the classifier (the paper stops at fc7) and pre_logits,
-# which is the pooled last feature map of every family but VGG (where it is fc2 itself).
-_NOT_EMBEDDED = ("logits", "pre_logits")
+# Which named layers (embjax.models.layers: name, kinds, shape, in network order) make up the embedding.
+# "conv" is the paper's: every convolution and fully connected layer. "block" is the smaller one: the
+# block (stage, cell, Inception block) outputs, plus the stem and head convolutions where a family
+# names them as blocks too.
+LAYER_SETS = {"conv": ("conv", "fc"), "block": ("block",)}
 
 
-def _natural_key(name: str):
-    """'stem' < 'block_2' < 'block_10' < 'head': numbers compared as numbers, stem first, head last."""
-    rank = {"stem": 0, "head": 2, "last_conv": 2}.get(name, 1)
-    return rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def embedding_layers(layers, layer_set: str = "conv", activation: str = "post", keys=()) -> tuple[str, ...]:
+    """Output keys whose pooled values make up the full-network embedding, in network order.
 
-
-def embedding_layers(family: str, keys, activation: str = "post") -> tuple[str, ...]:
-    """Output keys whose pooled values make up the full-network embedding of a model of `family`.
-
-    `keys`: the names of the outputs the model returns (e.g. `jax.eval_shape` of its apply). VGG16's
-    layers are fixed (`EMBEDDING_LAYERS`); every other family embeds every intermediate its module
-    returns, in network order: EfficientNet-Lite its stem, every block and its head (its stage outputs
-    are the groups' last blocks, so they are not counted twice); ResNet, Inception and
-    MobileNet the stem and the stage (or mixed) outputs, which is every block they return. `activation` is
-    "post" (default, see the module docstring) or "pre"; "pre" reads `<key>_preact` where the module
-    returns one and the key itself where it does not (a layer with no nonlinearity at its end).
+    `layers`: the model's named layers in network order, objects with `name`, `kinds` and `shape`
+    (`embjax.models.layers.named_layers`). `layer_set` "conv" (default, the paper's: every convolution
+    and fully connected layer; pooling layers, block outputs and the classifier are not layers of it)
+    or "block" (block outputs: fewer, wider-spaced layers, for memory). A 2-D output is taken as it is
+    only if it is a fully connected layer's; a flattened map is never taken for one. `activation`:
+    "post" (default, see the module docstring) or "pre", which reads `<name>_preact` where `keys` (the
+    model's output keys) has one and the name itself where it does not (a layer with no nonlinearity).
     """
     if activation not in ("post", "pre"):
         raise ValueError(f"fne: activation must be 'post' or 'pre', got {activation!r}")
-    keys = list(keys)
-    if family in EMBEDDING_LAYERS:
-        post = EMBEDDING_LAYERS[family]
-        missing = [k for k in post if k not in keys]
-        if missing:
-            raise KeyError(f"fne: a {family} model should return {missing}; it returns {sorted(keys)}")
-    else:
-        skip = set(_NOT_EMBEDDED)
-        if any(re.fullmatch(r"block_\d+", k) for k in keys):
-            skip |= {k for k in keys if re.fullmatch(r"stage\d+", k)}  # aliases of each group's last block
-        post = tuple(sorted((k for k in keys if k not in skip and not k.endswith(PREACT_SUFFIX)),
-                            key=_natural_key))
-        if not post:
-            raise ValueError(f"fne: a {family} model returns no intermediate to embed (only {sorted(keys)})")
+    if layer_set not in LAYER_SETS:
+        raise ValueError(f"fne: layer_set must be one of {sorted(LAYER_SETS)}, got {layer_set!r}")
+    layers = list(layers)
+    chosen = [layer for layer in layers if set(layer.kinds) & set(LAYER_SETS[layer_set])]
+    if not chosen:
+        raise ValueError(f"fne: the model names no {layer_set} layers (its layers: "
+                         f"{sorted({k for layer in layers for k in layer.kinds})} kinds)")
+    names = [layer.name for layer in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fne: layer names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    flat = [layer.name for layer in chosen if len(layer.shape) == 2 and "fc" not in layer.kinds]
+    bad = [layer.name for layer in chosen if len(layer.shape) not in (2, 4)]
+    if flat or bad:
+        raise ValueError(f"fne: only (batch, h, w, c) maps and fully connected (batch, c) outputs are pooled; "
+                         f"{flat + bad} are neither")
     if activation == "post":
-        return tuple(post)
-    if family in ("resnet_v1", "resnet_v2", "inception_v3", "inception_resnet_v2", "mobilenet_v2"):
-        raise ValueError(f"fne: the {family} modules return no pre-activation outputs; use activation='post'")
-    return tuple(k + PREACT_SUFFIX if k + PREACT_SUFFIX in keys else k for k in post)
+        return tuple(names)
+    keys = set(keys)
+    pre = tuple(n + PREACT_SUFFIX if n + PREACT_SUFFIX in keys else n for n in names)
+    if pre == tuple(names):
+        raise ValueError("fne: the model returns no pre-activation output for any of these layers; use "
+                         "activation='post'")
+    return pre
 
 
 def layer_widths(outputs: Mapping[str, jax.Array], layers: Sequence[str]) -> tuple[int, ...]:
@@ -197,7 +187,7 @@ __all__ = [
     "LOW",
     "HIGH",
     "DEGENERATE_RTOL",
-    "EMBEDDING_LAYERS",
+    "LAYER_SETS",
     "PREACT_SUFFIX",
     "embedding_layers",
     "layer_widths",

@@ -76,16 +76,17 @@ def parse_sizes(text, available: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def embedding_plan(member, image_shape, activation: str):
+def embedding_plan(member, image_shape, activation: str, layer_set: str = "conv"):
     """(layers, widths) of `member`'s full-network embedding, from an abstract evaluation (no compute)."""
     import jax
     import jax.numpy as jnp
 
     from embjax import fne
+    from embjax.models import layers as model_layers
 
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
-    out = jax.eval_shape(member.apply, member.variables, x)
-    layers = fne.embedding_layers(member.spec.family, out.keys(), activation)
+    named, out = model_layers.traced_layers(member.apply, member.variables, x)
+    layers = fne.embedding_layers(named, layer_set, activation, keys=out.keys())
     return layers, fne.layer_widths(out, layers)
 
 
@@ -109,7 +110,7 @@ def run(config, workdir: str):
             raise ValueError(f"split '{split}' of {config.dataset} is empty")
     sizes = parse_sizes(config.train_sizes, len(train_src))
     image_shape = getattr(train_src, "image_shape", None) or np.shape(train_src[0][0])
-    plans = {m.name: embedding_plan(m, image_shape, config.activation) for m in ms}
+    plans = {m.name: embedding_plan(m, image_shape, config.activation, config.layer_set) for m in ms}
     # The training split's int8 embedding is derived from the stored pooled features, streamed through an
     # identity member per backbone.
     pooled_members = [members.identity(f"pooled_{m.name}", sum(plans[m.name][1])) for m in ms]
@@ -322,8 +323,10 @@ def markdown(results: dict, tabs: dict) -> str:
         "",
         f"Backbones {', '.join(results['backbones'])} ({c['weights']} weights) on {results['dataset']}: "
         f"training subsets {', '.join(map(str, results['train_sizes']))} of `{results['train_split']}`, "
-        f"tested on `{results['test_split']}` ({results['num_test']} images). Embedding: every layer's "
-        f"{c['activation']}-activation output spatially averaged, standardized with the subset's own "
+        f"tested on `{results['test_split']}` ({results['num_test']} images). Embedding: "
+        + ("every convolution's and fully connected layer's" if c.get("layer_set", "conv") == "conv"
+           else "every block's")
+        + f" {c['activation']}-activation output spatially averaged, standardized with the subset's own "
         f"statistics, discretized with thresholds {c['low']} / {c['high']} (embjax.fne); classifier: "
         "one-vs-rest squared-hinge linear SVM (embjax.svm, scikit-learn LinearSVC's objective).",
         "",

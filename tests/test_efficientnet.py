@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
+from embjax.models import registry
 from embjax.models.efficientnet import EfficientNetLite, lite_stages, small_efficientnet_lite
 from embjax.models.convert import efficientnet_lite as el
 from embjax.weights import store, torch_pth
@@ -63,8 +65,16 @@ def test_output_shapes_any_size():
     # Every block's output; the last block of each group is that group's stage output.
     block_sizes = [(29, 36)] * 1 + [(15, 18)] * 2 + [(8, 9)] * 2 + [(4, 5)] * 6 + [(2, 3)] * 5
     block_channels = [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320]
+    inputs = [(29, 36)] + block_sizes[:-1]
     for i, ((h, w), c) in enumerate(zip(block_sizes, block_channels)):
         expect[f"block_{i}"] = (2, h, w, c)
+        # Every convolution inside the block: expansion (not in block 0) at the input's size, depthwise
+        # (strided) and projection at the block's.
+        hidden = 32 if i == 0 else 6 * ([32] + block_channels)[i]
+        if i:
+            expect[f"block_{i}/expand_conv"] = (2, *inputs[i], hidden)
+        expect[f"block_{i}/depthwise_conv"] = (2, h, w, hidden)
+        expect[f"block_{i}/project_conv"] = (2, h, w, c)
     assert {k: v.shape for k, v in out.items()} == expect
 
 
@@ -119,7 +129,8 @@ def _block_groups(sd):
 
 
 def numpy_reference(sd, x):
-    """Float64 NumPy EfficientNet-Lite forward from a PyTorch state dict; returns stage outputs too."""
+    """Float64 NumPy EfficientNet-Lite forward from a PyTorch state dict; returns every named output (stage
+    outputs, and every convolution inside the blocks) too."""
     sd = {k: v.astype(np.float64) for k, v in sd.items()}
     relu6 = lambda v: np.clip(v, 0.0, 6.0)
     out = {}
@@ -129,9 +140,11 @@ def numpy_reference(sd, x):
         p = f"_blocks.{i}."
         h = x
         if p + "_expand_conv.weight" in sd:
-            h = relu6(_np_bn(_np_conv(h, sd[p + "_expand_conv.weight"]), sd, p + "_bn0"))
-        h = relu6(_np_bn(_np_conv(h, sd[p + "_depthwise_conv.weight"], s, depthwise=True), sd, p + "_bn1"))
-        h = _np_bn(_np_conv(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
+            h = out[f"block_{i}/expand_conv"] = relu6(_np_bn(_np_conv(h, sd[p + "_expand_conv.weight"]), sd,
+                                                             p + "_bn0"))
+        h = out[f"block_{i}/depthwise_conv"] = relu6(_np_bn(_np_conv(h, sd[p + "_depthwise_conv.weight"], s,
+                                                                     depthwise=True), sd, p + "_bn1"))
+        h = out[f"block_{i}/project_conv"] = _np_bn(_np_conv(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
         x = out[f"block_{i}"] = h + x if (s == 1 and h.shape == x.shape) else h
         out[f"stage{group + 1}"] = x  # the last block of the group writes last
     out["head_preact"] = _np_bn(_np_conv(x, sd["_conv_head.weight"]), sd, "_bn1")
@@ -147,9 +160,8 @@ def _photos():
 
 
 def _preprocessed(variant):
-    pp = el.PREPROCESSING[variant]
-    return jnp.stack([el.preprocess(im, pp["size"], pp["crop_fraction"], pp["mean"], pp["std"],
-                                    pp["resize"], pp["antialias"]) for im in _photos()])
+    spec = registry.get(f"efficientnet_lite{variant}")
+    return jnp.concatenate([spec.preprocess(im[None]) for im in _photos()])
 
 
 _cache = {}
@@ -278,14 +290,14 @@ def test_converter_reports_every_mismatch():
     del sd["_blocks.3._bn1.running_var"]
     sd["_blocks.99._project_conv.weight"] = np.zeros((8, 8, 1, 1), np.float32)
     sd["_conv_head.weight"] = sd["_conv_head.weight"][:, :-1]
-    with pytest.raises(el.StateDictMismatchError) as e:
+    with pytest.raises(WeightMismatchError) as e:
         el.convert_efficientnet_lite(sd, 0)
     msg = str(e.value)
     assert "_blocks.3._bn1.running_var" in msg and "missing" in msg
     assert "_blocks.99._project_conv.weight" in msg and "unexpected" in msg
     assert "_conv_head.weight" in msg and "wrong shape" in msg
     # ... and Lite0's state dict does not pass for Lite1 (depth 1.1 has five more blocks).
-    with pytest.raises(el.StateDictMismatchError, match="missing"):
+    with pytest.raises(WeightMismatchError, match="missing"):
         el.convert_efficientnet_lite(torch_pth.load_state_dict(el.pretrained_path(0)), 1)
 
 
@@ -321,28 +333,6 @@ def test_pretrained_errors(monkeypatch):
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
-
-
-def test_preprocess_crop_and_normalization():
-    # 10x16 image whose centre 8x8 square (rows 1-8, cols 4-11 for crop 0.8: int(0.8*10) = 8,
-    # offsets (10-8+1)//2 = 1 and (16-8+1)//2 = 4) is 200 and everything else 0.
-    img = np.zeros((10, 16, 3), np.uint8)
-    img[1:9, 4:12] = 200
-    out = el.preprocess(img, size=8, crop_fraction=0.8, mean=(127.0,) * 3, std=(128.0,) * 3)
-    assert out.shape == (8, 8, 3) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(out), (200 - 127) / 128)  # crop exactly the bright square
-    batch = el.preprocess(np.stack([img, img]), size=4, crop_fraction=0.8, mean=(0, 0, 0), std=(1, 1, 1))
-    assert batch.shape == (2, 4, 4, 3)
-    # Resizing a constant keeps it constant (bicubic weights sum to 1), to float32 rounding: 200 * 2^-23.
-    np.testing.assert_allclose(np.asarray(batch), 200.0, rtol=1e-6)
-    with pytest.raises(ValueError, match="crop_fraction"):
-        el.preprocess(img, 8, 0.0, (0,) * 3, (1,) * 3)
-
-
-def test_preprocessing_constants():
-    assert el.PREPROCESSING[0]["size"] == 224 and el.PREPROCESSING[0]["crop_fraction"] == 224 / 256
-    assert el.PREPROCESSING[2]["size"] == 260 and el.PREPROCESSING[4]["size"] == 300
-    assert el.PREPROCESSING[1]["mean"] == (127.0,) * 3 and el.PREPROCESSING[1]["std"] == (128.0,) * 3
 
 
 # --- small configuration, dtype, training ------------------------------------------------------------

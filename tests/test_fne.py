@@ -145,26 +145,42 @@ def test_embed_matches_float64_pipeline():
 
 
 def test_embedding_layers_efficientnet_lite():
+    from embjax.models import layers as model_layers
     from embjax.models.efficientnet import EfficientNetLite, lite_stages
 
     for variant in (0, 1, 2):
         module = EfficientNetLite(variant=variant)
-        out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0],
-                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+        x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+        named = model_layers.named_layers(module, x)
+        out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x)
         blocks = sum(g.repeats for g in lite_stages(variant))
-        post = fne.embedding_layers("efficientnet_lite", out.keys())
-        assert post == ("stem", *(f"block_{i}" for i in range(blocks)), "head")
-        pre = fne.embedding_layers("efficientnet_lite", out.keys(), activation="pre")
-        assert pre == ("stem_preact", *(f"block_{i}" for i in range(blocks)), "head_preact")
+        post = fne.embedding_layers(named)
+        # stem, then per block [expand,] depthwise, project (block 0 has no expansion), then head.
+        convs = [f"block_{i}/{c}" for i in range(blocks) for c in ("expand_conv", "depthwise_conv", "project_conv")
+                 if (i, c) != (0, "expand_conv")]
+        assert post == ("stem", *convs, "head")
         widths = fne.layer_widths(out, post)
-        # Lite0: 32 + 16 + 24·2 + 40·2 + 80·3 + 112·3 + 192·4 + 320 + 1280 = 3,120; Lite1 repeats one more
-        # block in each middle group (+24 + 40 + 80 + 112 + 192); Lite2 also widens them (48, 88, 120, 208, 352):
-        # 32 + 16 + 24·3 + 48·3 + 88·4 + 120·4 + 208·5 + 352 + 1280 = 3,768.
-        assert sum(widths) == {0: 3120, 1: 3568, 2: 3768}[variant]
+        # Lite0, by hand: stem 32; block 0: 32 + 16; per later block with input c, hidden 6c, output o:
+        # 6c + 6c + o; head 1280. 32 + 48 + (96+96+24) + (144+144+24) + (144+144+40) + (240+240+40)
+        # + (240+240+80) + 2·(480+480+80) + (480+480+112) + 2·(672+672+112) + (672+672+192)
+        # + 3·(1152+1152+192) + (1152+1152+320) + 1280 = 21,008.
+        assert variant != 0 or sum(widths) == 21_008
+        # The block set is the former one: stem, every block, head (Lite0: 32 + 16 + 24·2 + 40·2 + 80·3
+        # + 112·3 + 192·4 + 320 + 1280 = 3,120; Lite1 repeats one more block in each middle group
+        # (+24 + 40 + 80 + 112 + 192); Lite2 also widens them (48, 88, 120, 208, 352): 3,768).
+        block = fne.embedding_layers(named, "block")
+        assert sum(fne.layer_widths(out, block)) == {0: 3120, 1: 3568, 2: 3768}[variant]
+        assert block[0] == "stem" and block[-1] == "head" and len(block) == blocks + 2
+        pre = fne.embedding_layers(named, activation="pre", keys=out.keys())
+        assert pre == ("stem_preact", *convs, "head_preact")
     with pytest.raises(ValueError, match="post"):
-        fne.embedding_layers("resnet_v1", ["stem", "stage1"], activation="pre")
+        fne.embedding_layers([model_layers.Layer("stage1", ("block",), (1, 4, 4, 8))], "block", activation="pre",
+                             keys=["stage1"])
     with pytest.raises(ValueError, match="activation"):
-        fne.embedding_layers("resnet_v1", ["stem"], activation="both")
-    # Inception-like keys come out in network order, not string order.
-    keys = ["mixed10", "mixed2", "stem", "mixed0", "logits", "pre_logits"]
-    assert fne.embedding_layers("inception_v3", keys) == ("stem", "mixed0", "mixed2", "mixed10")
+        fne.embedding_layers(named, activation="both")
+    with pytest.raises(ValueError, match="layer_set"):
+        fne.embedding_layers(named, "every")
+    # A flattened map is never taken as a fully connected output; only kind fc is.
+    flat = [model_layers.Layer("pre_fc", ("conv",), (1, 25088))]
+    with pytest.raises(ValueError, match="pre_fc"):
+        fne.embedding_layers(flat)

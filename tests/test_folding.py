@@ -1,6 +1,7 @@
 """BatchNorm folding (embjax.models.folding): folded against unfolded outputs for every family.
 
-Every registered family runs through `folding.fold` with random weights and random BatchNorm statistics
+Every registered family runs through the transform (`fold` below: `folding.fold_module` and
+`folding.fold_variables` on the spec's module) with random weights and random BatchNorm statistics
 (means far from 0, variances far from 1, so no BatchNorm is close to an identity), and every named
 output (stem, stages / mixed blocks, head, pre_logits, logits) is compared. The transform's arithmetic
 and its epsilon are checked against float64 NumPy on a layer pair small enough to write out by hand.
@@ -12,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax.models import folding, inception, inception_slim, iresnet, nasnet, registry, resnet
-from embjax.weights.h5 import WeightMismatchError
+from embjax.models import folding, inception, inception_slim, iresnet, layers, nasnet, registry, resnet
+from embjax.models.convert.framework import WeightMismatchError
 
 # Folded and unfolded programs differ only in float32 rounding: the folded kernel K·s is rounded once
 # per weight (2^-24 ≈ 6e-8 relative), the unfolded BatchNorm rounds (y − μ), the rsqrt and two products
@@ -26,6 +27,14 @@ from embjax.weights.h5 import WeightMismatchError
 # wrong fold gives (an epsilon of 1e-3 instead of 1.001e-5 moves each ResNet layer by ~5e-4 at these
 # variances, a dropped mean or shift by O(1)).
 RTOL = 1e-4
+
+
+def fold(name, variables, **build_overrides):
+    """(folded module, folded variables) of registry model `name`: the transform on the spec's module."""
+    spec = registry.get(name)
+    module = spec.build(**build_overrides)
+    sample = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
+    return folding.fold_module(module), folding.fold_variables(module, variables, sample)
 
 
 def random_variables(module, x, seed):
@@ -93,9 +102,9 @@ class PreactDenseBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        folding.check_inference("PreactDenseBN", self.fold_bn, train)
+        layers.check_inference("PreactDenseBN", self.fold_bn, train)
         bn = dict(use_running_average=not train, epsilon=self.epsilon)
-        pre = folding.ScaleShift(name="pre_bn") if self.fold_bn else nn.BatchNorm(name="pre_bn", **bn)
+        pre = layers.ScaleShift(name="pre_bn") if self.fold_bn else nn.BatchNorm(name="pre_bn", **bn)
         y = nn.Dense(5, name="dense")(nn.relu(pre(x)))
         return {"out": y if self.fold_bn else nn.BatchNorm(name="bn", **bn)(y)}
 
@@ -152,7 +161,7 @@ def test_zoo_models_fold(name):
     module = registry.get(name).build()
     x = jnp.asarray(np.random.default_rng(2).normal(0.0, 1.0, (4, 28, 28, 1)), jnp.float32)
     variables = random_variables(module, x, seed=3)
-    folded_module, folded = folding.fold(name, variables)
+    folded_module, folded = fold(name, variables)
     assert folded_module.fold_bn and set(folded) == {"params"}
     assert count_batchnorms(module, variables, x)[0] > 0
     assert count_batchnorms(folded_module, folded, x) == (0, 0)
@@ -163,7 +172,7 @@ def test_resnet50_v1_full_size_folds():
     module = registry.get("resnet50_v1").build()
     x = jnp.asarray(np.random.default_rng(4).normal(0.0, 1.0, (2, 64, 64, 3)), jnp.float32)
     variables = random_variables(module, x, seed=5)
-    folded_module, folded = folding.fold("resnet50_v1", variables)
+    folded_module, folded = fold("resnet50_v1", variables)
     # 53 conv + BatchNorm pairs, every one folded: the 53 kernels and 53 biases, plus the classifier.
     assert len(jax.tree.leaves(folded)) == 2 * 53 + 2
     assert_same_outputs(module, variables, folded_module, folded, x)
@@ -288,7 +297,7 @@ def test_imagenet_models_fold(name, size):
     module = registry.get(name).build()
     x = jnp.asarray(np.random.default_rng(12).normal(0.0, 1.0, (2, size, size, 3)), jnp.float32)
     variables = random_variables(module, x, seed=13)
-    folded_module, folded = folding.fold(name, variables)
+    folded_module, folded = fold(name, variables)
     assert_same_outputs(module, variables, folded_module, folded, x)
 
 
@@ -308,7 +317,7 @@ def test_every_registered_model_folds_to_its_modules_shapes():
         x = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
         shapes = jax.eval_shape(spec.build().init, jax.random.key(0), x)
         variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
-        folded_module, folded = folding.fold(name, variables)
+        folded_module, folded = fold(name, variables)
         assert "batch_stats" not in folded
         calls = []
 
@@ -331,12 +340,12 @@ def test_errors_name_the_problem():
     x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
     variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(module.init, jax.random.key(0), x))
     with pytest.raises(WeightMismatchError, match="missing batch_stats/conv1_bn/mean"):
-        folding.fold("zoo_resnet_v1", {"params": variables["params"]})
+        fold("zoo_resnet_v1", {"params": variables["params"]})
     with pytest.raises(folding.FoldingError, match="'params', 'batch_stats'"):
-        folding.fold("zoo_resnet_v1", {"batch_stats": variables["batch_stats"]})
+        fold("zoo_resnet_v1", {"batch_stats": variables["batch_stats"]})
     with pytest.raises(folding.FoldingError, match="already folded"):
-        folding.fold("zoo_resnet_v1", variables, fold_bn=True)
-    folded_module, folded = folding.fold("zoo_resnet_v1", variables)
+        fold("zoo_resnet_v1", variables, fold_bn=True)
+    folded_module, folded = fold("zoo_resnet_v1", variables)
     with pytest.raises(ValueError, match="fold_bn=True.*train=True"):
         folded_module.apply(folded, jnp.zeros((1, 28, 28, 1)), train=True)
     with pytest.raises(folding.FoldingError, match="no fold_bn field"):
@@ -344,7 +353,7 @@ def test_errors_name_the_problem():
     other = registry.get("zoo_resnet_v2").build()
     wrong = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(other.init, jax.random.key(0), x))
     with pytest.raises(WeightMismatchError, match="variables of ResNet to fold"):
-        folding.fold("zoo_resnet_v1", wrong)
+        fold("zoo_resnet_v1", wrong)
 
 
 def test_fold_passes_build_overrides_and_keeps_float32_variables():
@@ -352,7 +361,7 @@ def test_fold_passes_build_overrides_and_keeps_float32_variables():
     module = registry.get("zoo_efficientnet_lite").build()
     x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
     variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), jax.eval_shape(module.init, jax.random.key(0), x))
-    folded_module, folded = folding.fold("zoo_efficientnet_lite", variables, dtype=jnp.bfloat16)
+    folded_module, folded = fold("zoo_efficientnet_lite", variables, dtype=jnp.bfloat16)
     assert folded_module.dtype == jnp.bfloat16 and folded_module.fold_bn
     assert {leaf.dtype for leaf in jax.tree.leaves(folded)} == {np.dtype(np.float32)}
     out = jax.eval_shape(folded_module.apply, folded, x)

@@ -71,9 +71,14 @@ def test_report_and_stored_embedding(baseline):
     for e in results["embeddings"]:
         for n in ("60", "240"):
             assert 0.0 <= acc[e][n] <= 1.0
-    # The small EfficientNet-Lite returns stem, 7 blocks and head: 16 + 16+24+24+40+40+64+64 + 192 widths.
-    assert results["dims"][MODEL] == {"fne": 480, "fne_standardized": 480, "last_layer": 192, "last_layer_l2": 192}
-    assert list(results["layers"][MODEL]) == ["stem", *(f"block_{i}" for i in range(7)), "head"]
+    # Every convolution of the small EfficientNet-Lite (the default layer set): the stem (16), block 0's
+    # depthwise and projection (16 + 16; no expansion), then per block with input c, hidden 3c, output o:
+    # 3c + 3c + o (c, o = 16, 24 | 24, 24 | 24, 40 | 40, 40 | 40, 64 | 64, 64), and the head (192):
+    # 16 + 32 + 120 + 168 + 184 + 280 + 304 + 448 + 192 = 1,744 features in 22 layers.
+    assert results["dims"][MODEL] == {"fne": 1744, "fne_standardized": 1744, "last_layer": 192, "last_layer_l2": 192}
+    convs = [f"block_{i}/{c}" for i in range(7) for c in ("expand_conv", "depthwise_conv", "project_conv")
+             if (i, c) != (0, "expand_conv")]
+    assert list(results["layers"][MODEL]) == ["stem", *convs, "head"]
     assert results["num_train"] == 240 and results["num_test"] == 120
     for f in ("report.md", "results.json", "accuracy.md", "embedding.md"):
         assert os.path.isfile(os.path.join(run_dir, f))
@@ -87,7 +92,7 @@ def test_report_and_stored_embedding(baseline):
     assert np.array_equal(train.index, np.arange(240)) and np.array_equal(test.index, np.arange(120))
     for n in (60, 240):
         stored = test.array(f"{MODEL}/fne_n{n}")
-        assert stored.dtype == np.int8 and stored.shape == (120, 480)
+        assert stored.dtype == np.int8 and stored.shape == (120, 1744)
         x = train.array(f"{MODEL}/pooled")[:n].astype(np.float64)
         mu, sd = x.mean(0), x.std(0)
         dead = sd <= 1e-4 * np.abs(mu)
@@ -102,7 +107,7 @@ def test_report_and_stored_embedding(baseline):
         z_train = np.where(dead, 0.0, (train.array(f"{MODEL}/pooled") - mu) / np.where(dead, 1.0, sd))
         ref_train = np.where(z_train > fne.HIGH, 1, np.where(z_train < fne.LOW, -1, 0))
         stored_train = train_fne.array(f"{MODEL}/fne_n{n}")
-        assert stored_train.dtype == np.int8 and stored_train.shape == (240, 480)
+        assert stored_train.dtype == np.int8 and stored_train.shape == (240, 1744)
         near = np.minimum(np.abs(z_train - fne.HIGH), np.abs(z_train - fne.LOW)) < 1e-4
         assert np.array_equal(stored_train[~near], ref_train[~near])
         np.testing.assert_allclose(results["sparsity"][MODEL][str(n)], np.mean(stored == 0), atol=1e-6)

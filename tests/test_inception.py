@@ -25,7 +25,9 @@ keras = pytest.importorskip("keras")
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
 pytestmark = pytest.mark.highest_precision
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import inception  # noqa: E402
+from embjax.models import layers as model_layers  # noqa: E402
 from embjax.models.convert import keras_inception  # noqa: E402
 from keras_helpers import fast_keras_init  # noqa: E402
 
@@ -169,7 +171,7 @@ def test_converter_reports_every_missing_extra_and_misshaped_parameter(keras_v3)
     weights["dense_extra"] = [np.zeros((3, 3), np.float32)]
     weights[convs[5]] = [np.zeros((1, 1, 192, 65), np.float32)]  # mixed0/branch1x1 has 64 filters
     weights[convs[6]] = weights[convs[6]] + [np.zeros(48, np.float32)]  # a bias the port does not have
-    with pytest.raises(keras_inception.KerasConversionError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         keras_inception.convert_inception_v3(weights)
     message = str(info.value)
     assert isinstance(info.value, ValueError)
@@ -186,7 +188,7 @@ def test_converter_rejects_a_batchnorm_with_scale_and_a_missing_head(keras_irv2)
     gamma = np.ones_like(weights["conv_7b_bn"][0])
     weights["conv_7b_bn"] = [gamma] + weights["conv_7b_bn"]
     del weights["predictions"]
-    with pytest.raises(keras_inception.KerasConversionError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         keras_inception.convert_inception_resnet_v2(weights)
     message = str(info.value)
     assert "'conv_7b_bn' has 4 weights, expected 3" in message
@@ -196,12 +198,12 @@ def test_converter_rejects_a_batchnorm_with_scale_and_a_missing_head(keras_irv2)
 
 def test_converter_refuses_other_weights_and_non_dicts(keras_irv2):
     """Inception-ResNet-v2 weights offered as Inception-v3: hundreds of problems, all kept, 60 shown."""
-    with pytest.raises(keras_inception.KerasConversionError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         keras_inception.convert_inception_v3(keras_irv2["weights"])
     assert len(info.value.problems) > 100
     assert any(p.startswith("extra Keras layer 'block35_1_conv'") for p in info.value.problems)
     assert "more" in str(info.value).splitlines()[-1]
-    with pytest.raises(keras_inception.KerasConversionError, match="read_keras_weights"):
+    with pytest.raises(WeightMismatchError, match="read_keras_weights"):
         keras_inception.convert_inception_v3("inception_v3_weights.h5")
 
 
@@ -274,7 +276,10 @@ def test_small_inception_shapes_and_cost(small_variables):
         "pre_logits": (3, 128),
         "logits": (3, 10),
     }
-    assert {k: v.shape for k, v in out.items()} == expected
+    # Besides the blocks, every ConvBN's output is a named layer (embjax.models.layers): 17 convolutions.
+    convs = {layer.name: layer.shape for layer in model_layers.named_layers(model, x) if "conv" in layer.kinds}
+    assert len(convs) == 17 and all(n.startswith(("stem_conv", "mixed")) for n in convs)
+    assert {k: v.shape for k, v in out.items()} == {**expected, **convs}
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(small_variables))
     cost = jax.jit(model.apply).lower(small_variables, x[:1]).cost_analysis()
     assert 2e6 < cost["flops"] <= 10e6  # the zoo's budget per image; 9.3 MFLOPs when written

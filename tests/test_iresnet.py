@@ -6,8 +6,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import iresnet, registry
-from embjax.weights import h5, torch_pth
+from embjax.weights import torch_pth
 from embjax.models.convert import insightface
 
 torch = pytest.importorskip("torch")
@@ -129,14 +130,14 @@ def test_converter_reports_every_problem():
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     del state["layer2.1.conv1.weight"]
     state["extra.weight"] = np.zeros(3)
-    with pytest.raises(h5.WeightMismatchError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         insightface.convert_iresnet(state)
     text = str(info.value)
     assert "missing layer2.1.conv1.weight" in text and "unexpected extra.weight" in text
-    with pytest.raises(h5.WeightMismatchError, match="stage_sizes"):
+    with pytest.raises(WeightMismatchError, match="stage_sizes"):
         insightface.convert_iresnet({k: v.numpy() for k, v in model.state_dict().items()},
                                     stage_sizes=(3, 4, 14, 3))
-    with pytest.raises(h5.WeightMismatchError, match="architecture"):
+    with pytest.raises(WeightMismatchError, match="architecture"):
         insightface.convert_iresnet({"conv1.weight": np.zeros((8, 3, 3, 3))})
 
 
@@ -158,7 +159,7 @@ def test_registry_converter_checks_depth(tmp_path):
     model = _randomize(TorchIResNet(**SMALL), 2)
     path = tmp_path / "backbone.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(h5.WeightMismatchError, match="stage_sizes"):
+    with pytest.raises(WeightMismatchError, match="stage_sizes"):
         registry.load_weights("iresnet50", path)
 
 

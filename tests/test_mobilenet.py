@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
 pytestmark = pytest.mark.highest_precision
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import mobilenet as mobilenet_lib  # noqa: E402
 from embjax.weights import h5  # noqa: E402
 from embjax.models.convert import keras_mobilenet  # noqa: E402
@@ -87,7 +88,7 @@ def test_renamed_layers_pair_by_position(keras_weights_alpha1):
 
 
 def test_wrong_alpha_and_missing_layers_are_named(keras_weights_alpha1):
-    with pytest.raises(h5.WeightMismatchError, match="alpha 1.4") as info:
+    with pytest.raises(WeightMismatchError, match="alpha 1.4") as info:
         keras_mobilenet.convert_mobilenet_v2(keras_weights_alpha1, alpha=1.4)
     assert "params/Conv1/kernel: shape (3, 3, 3, 32), expected (3, 3, 3, 48)" in info.value.problems
     broken = dict(keras_weights_alpha1)
@@ -95,12 +96,12 @@ def test_wrong_alpha_and_missing_layers_are_named(keras_weights_alpha1):
     broken["block_3_expand"] = [np.zeros((1, 1, 24, 7), np.float32)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one layer short: no positional pairing may be attempted
-        with pytest.raises(h5.WeightMismatchError) as info:
+        with pytest.raises(WeightMismatchError) as info:
             keras_mobilenet.convert_mobilenet_v2(broken, alpha=1.0)
     message = str(info.value)
     assert "block_7_depthwise_BN" in message and "block_3/expand/kernel: shape (1, 1, 24, 7)" in message
     notop = {k: v for k, v in keras_weights_alpha1.items() if k != "predictions"}
-    with pytest.raises(h5.WeightMismatchError, match="no_top"):
+    with pytest.raises(WeightMismatchError, match="no_top"):
         keras_mobilenet.convert_mobilenet_v2(notop, alpha=1.0)
 
 

@@ -19,6 +19,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import nasnet  # noqa: E402
 from embjax.weights import h5  # noqa: E402
 from embjax.models.convert import keras_nasnet  # noqa: E402
@@ -116,7 +117,7 @@ def test_converter_reports_missing_extra_and_misshaped_layers(keras_nasnet_case)
     weights["dense_extra"] = [np.zeros((3, 3), np.float32)]
     dw, pw = weights["separable_conv_1_reduction_right1_stem_1"]
     weights["separable_conv_1_reduction_right1_stem_1"] = [dw, pw[..., :-1]]
-    with pytest.raises(h5.WeightMismatchError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         keras_nasnet.convert_nasnet(weights)
     message = str(info.value)
     assert "missing Keras layer 'separable_conv_2_bn_normal_left5_3'" in message
@@ -129,7 +130,7 @@ def test_converter_reports_missing_extra_and_misshaped_layers(keras_nasnet_case)
 def test_converter_refuses_a_headless_file(keras_nasnet_case):
     weights = dict(keras_nasnet_case["weights"])
     del weights["predictions"]
-    with pytest.raises(h5.WeightMismatchError, match="no-top"):
+    with pytest.raises(WeightMismatchError, match="no-top"):
         keras_nasnet.convert_nasnet(weights)
 
 

@@ -1,4 +1,5 @@
 """The model registry: names, specs, preprocessing against Keras' own functions, and weight loading."""
+import dataclasses
 import os
 
 import h5py
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import registry
 from embjax.weights import h5
 from embjax.models.convert import keras_resnet
@@ -103,20 +105,24 @@ def test_channels_are_matched():
         zoo.preprocess(np.zeros((28, 28, 1), np.uint8))
 
 
-def test_efficientnet_lite_preprocessing_agrees_with_its_weights_module():
-    from embjax.models.convert import efficientnet_lite
-
-    images = _pixels((2, 300, 260, 3), seed=3)
-    for variant in range(5):
+def test_efficientnet_lite_preprocessing_is_the_tf_releases():
+    # The TF reference's eval preprocessing (efficientnet/lite: MEAN_RGB = 127, STDDEV_RGB = 128,
+    # CROP_PADDING = 32, bicubic without antialias), written out here rather than imported.
+    for variant, size in enumerate((224, 240, 260, 280, 300)):
         spec = registry.get(f"efficientnet_lite{variant}")
-        ref = dict(efficientnet_lite.PREPROCESSING[variant])
-        assert (spec.input_size, spec.crop_fraction, spec.mean, spec.std) == (
-            ref["size"], ref["crop_fraction"], tuple(ref["mean"]), tuple(ref["std"]))
-        assert (spec.resize_method, spec.antialias, spec.channel_order) == (
-            ref["resize"], ref["antialias"], ref["channel_order"])
-    want = efficientnet_lite.preprocess(
-        images, size=224, crop_fraction=224 / 256, mean=(127.0,) * 3, std=(128.0,) * 3, method="bicubic")
-    np.testing.assert_allclose(registry.get("efficientnet_lite0").preprocess(images), want, atol=1e-5)
+        assert (spec.input_size, spec.crop_fraction, spec.mean, spec.std, spec.pixel_scale) == (
+            size, size / (size + 32), (127.0,) * 3, (128.0,) * 3, 1.0)
+        assert (spec.resize_method, spec.antialias, spec.channel_order) == ("bicubic", False, "RGB")
+    # A planted image: the centre 8x8 square (rows 1-8, cols 4-11 for crop 0.8: int(0.8*10) = 8, offsets
+    # (10-8+1)//2 = 1 and (16-8+1)//2 = 4) is 200, everything else 0; cropped exactly, no resize.
+    img = np.zeros((1, 10, 16, 3), np.uint8)
+    img[:, 1:9, 4:12] = 200
+    small = dataclasses.replace(registry.get("efficientnet_lite0"), input_size=8, crop_fraction=0.8)
+    np.testing.assert_array_equal(np.asarray(small.preprocess(img)), np.full((1, 8, 8, 3), (200 - 127) / 128,
+                                                                             np.float32))
+    # Resizing a constant keeps it constant (bicubic weights sum to 1), to float32 rounding: 73/128 * 2^-23.
+    smaller = dataclasses.replace(small, input_size=4)
+    np.testing.assert_allclose(np.asarray(smaller.preprocess(img)), (200 - 127) / 128, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +177,7 @@ def test_load_weights_from_an_orbax_directory_checks_the_tree(tmp_path):
     store.save_variables(tmp_path / "mnv2", variables)
     loaded = registry.load_weights("zoo_mobilenet_v2", tmp_path / "mnv2")
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded, variables))
-    with pytest.raises(h5.WeightMismatchError, match="zoo_resnet_v1"):  # another model's checkpoint
+    with pytest.raises(WeightMismatchError, match="zoo_resnet_v1"):  # another model's checkpoint
         registry.load_weights("zoo_resnet_v1", tmp_path / "mnv2")
 
 
@@ -195,7 +201,7 @@ def test_load_weights_errors(tmp_path):
     weights = _resnet50_keras_like()
     del weights["conv2_block1_0_bn"]
     _write_legacy_h5(tmp_path / "short.h5", weights)
-    with pytest.raises(h5.WeightMismatchError, match="conv2_block1_0_bn"):
+    with pytest.raises(WeightMismatchError, match="conv2_block1_0_bn"):
         registry.load_weights("resnet50_v1", tmp_path / "short.h5")
 
 

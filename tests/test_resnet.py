@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
 pytestmark = pytest.mark.highest_precision
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax.models import resnet as resnet_lib  # noqa: E402
 from embjax.weights import h5  # noqa: E402
 from embjax.models.convert import keras_resnet  # noqa: E402
@@ -115,7 +116,7 @@ def test_converter_reports_every_mismatch():
     del weights["conv3_block2_1_bn"]
     weights["conv4_block1_2_conv"][0] = np.zeros((3, 3, 256, 99))
     weights["unrelated_dense"] = [np.zeros((4, 4))]
-    with pytest.raises(h5.WeightMismatchError) as info:
+    with pytest.raises(WeightMismatchError) as info:
         keras_resnet.convert_resnet(weights, depth=50, version=1)
     message = str(info.value)
     assert "conv3_block2_1_bn" in message and "unrelated_dense" in message
@@ -126,7 +127,7 @@ def test_converter_reports_every_mismatch():
 def test_converter_names_a_notop_file():
     weights = _tiny_keras_like_weights()
     del weights["predictions"]
-    with pytest.raises(h5.WeightMismatchError, match="resnet50_weights_tf_dim_ordering_tf_kernels.h5"):
+    with pytest.raises(WeightMismatchError, match="resnet50_weights_tf_dim_ordering_tf_kernels.h5"):
         keras_resnet.convert_resnet(weights, depth=50, version=1)
 
 

@@ -25,7 +25,7 @@ import pytest
 from embjax.models import inception, inception_slim, mobilenet, registry, resnet
 from embjax.weights import tf_checkpoint
 from embjax.models.convert import tf_slim
-from embjax.weights.h5 import WeightMismatchError
+from embjax.models.convert.framework import WeightMismatchError
 
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
 pytestmark = pytest.mark.highest_precision
@@ -212,7 +212,7 @@ def test_load_weights_reads_and_converts_a_saved_model_directory():
 def test_full_size_name_maps_cover_every_variable_once(name, name_map):
     # The fixtures are reduced networks; this checks the full-size trees (50 ResNet units, 20 block17,
     # Block8 as block8_10, expanded_conv_16): every Flax leaf has a TF-Slim name and no two share one.
-    from embjax.weights.h5 import flatten_tree
+    from embjax.models.convert.framework import flatten_tree
 
     leaves = flatten_tree(registry.get(name).init_shapes())
     slim_names = {}
@@ -281,7 +281,7 @@ _PUBLISHED_NAMES = {
 def _synthetic_checkpoint(name, prefix=""):
     """{TF-Slim name: array} for the full-size spec `name`, names and TF-Slim layouts from its name map,
     each variable the constant 1, 2, 3, ... (a zero-memory broadcast view); and {Flax path: that constant}."""
-    from embjax.weights.h5 import flatten_tree
+    from embjax.models.convert.framework import flatten_tree
 
     name_map = _NAS_SLIM[name]
     arrays, constants = {}, {}
@@ -296,7 +296,7 @@ def _synthetic_checkpoint(name, prefix=""):
 
 @pytest.mark.parametrize("name", sorted(_NAS_SLIM))
 def test_full_size_checkpoint_names_fill_every_variable_exactly_once(name):
-    from embjax.weights.h5 import flatten_tree
+    from embjax.models.convert.framework import flatten_tree
 
     prefix = "module/" if name != "inception_v4_slim" else ""  # a TF-Hub prefix, found for unscoped nets too
     arrays, constants = _synthetic_checkpoint(name, prefix)

@@ -23,7 +23,7 @@ import timm_reference
 from embjax.models import inception_slim, nasnet, registry
 from embjax.weights import safetensors_io
 from embjax.models.convert import timm_models
-from embjax.weights.h5 import WeightMismatchError
+from embjax.models.convert.framework import WeightMismatchError
 
 # Parity with independent references: the tolerances assume exact float32 matmuls (see conftest.py).
 pytestmark = pytest.mark.highest_precision

@@ -7,7 +7,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from embjax.models.convert.framework import WeightMismatchError  # noqa: E402
 from embjax import fne  # noqa: E402
+from embjax.models import layers as model_layers  # noqa: E402
 from embjax.models import registry, vgg as vgg_lib  # noqa: E402
 from embjax.weights import h5  # noqa: E402
 from embjax.models.convert import keras_vgg  # noqa: E402
@@ -69,12 +71,12 @@ def test_h5_file_round_trip(keras_model, tmp_path):
 def test_converter_reports_problems(keras_model):
     weights = h5.layer_weights_of(keras_model)
     # At 224 px fc1 must take 7·7·512 inputs: the 64-px weights are reported by name, not loaded.
-    with pytest.raises(h5.WeightMismatchError, match="fc1"):
+    with pytest.raises(WeightMismatchError, match="fc1"):
         keras_vgg.convert_vgg16(weights)
     broken = {k: v for k, v in weights.items() if k != "block4_conv2"}
-    with pytest.raises(h5.WeightMismatchError, match="block4_conv2"):
+    with pytest.raises(WeightMismatchError, match="block4_conv2"):
         keras_vgg.convert_vgg16(broken, input_size=SIZE)
-    with pytest.raises(h5.WeightMismatchError, match="_notop"):
+    with pytest.raises(WeightMismatchError, match="_notop"):
         keras_vgg.convert_vgg16({k: v for k, v in weights.items() if k.startswith("block")}, input_size=SIZE)
 
 
@@ -84,11 +86,13 @@ def test_registry_spec_and_the_papers_12416_features():
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     out = jax.eval_shape(spec.build().apply, spec.init_shapes(), x)
     assert out["pre_logits"].shape == (1, spec.feature_dim) == (1, 4096)
+    named = model_layers.named_layers(spec.build(), x)
     for activation in ("post", "pre"):
-        layers = fne.embedding_layers("vgg16", out.keys(), activation)
-        assert len(layers) == 15  # 13 convolutions + fc6 + fc7
+        layers = fne.embedding_layers(named, "conv", activation, keys=out.keys())
+        assert len(layers) == 15  # 13 convolutions + fc6 + fc7, no pools
         # 64·2 + 128·2 + 256·3 + 512·6 + 4096·2 (Garcia-Gasulla et al.'s VGG16 embedding)
         assert sum(fne.layer_widths(out, layers)) == 12_416
-    assert fne.embedding_layers("vgg16", out.keys(), "pre")[0] == "block1_conv1_preact"
+    assert fne.embedding_layers(named, "conv", "pre", keys=out.keys())[0] == "block1_conv1_preact"
+    assert fne.embedding_layers(named)[-2:] == ("fc1", "fc2")
     with pytest.raises(ValueError, match="multiples of 32"):
         spec.build().apply(spec.init_shapes(), jnp.zeros((1, 100, 100, 3)))

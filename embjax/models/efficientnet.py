@@ -13,8 +13,12 @@ zero-padding, so `padding="tf_same"` (the default) is the one that matches the w
 `__call__(x, train=False)` takes NHWC images (any size; stride-2 layers round up) and returns a dict:
 
     stem       (B, H/2, W/2, 32)       stem conv + BN + ReLU6 (stem_preact: before the ReLU6)
-    block_<i>  output of every block, i counting over all blocks (16 for Lite0; the full-network
-               embedding reads them)
+    block_<i>/expand_conv, block_<i>/depthwise_conv, block_<i>/project_conv
+               every convolution of block i after its BatchNorm (and ReLU6; the projection has none):
+               the full-network embedding's layers (embjax.models.layers; no expand_conv where the
+               expansion ratio is 1)
+    block_<i>  output of every block, i counting over all blocks (16 for Lite0); where a block has no
+               residual add, its output is its project_conv's, named once as block_<i>/project_conv
     stage1..7  output of each block group (16, 24, 40, 80, 112, 192, 320 channels for Lite0; strides
                2, 4, 8, 16, 16, 32, 32 relative to the input): the group's last block_<i>
     head       (B, H/32, W/32, 1280)   1x1 head conv + BN + ReLU6 (head_preact: before the ReLU6)
@@ -42,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from embjax.models import folding
+from embjax.models import layers
 
 __all__ = [
     "StageConfig",
@@ -224,7 +228,7 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         conv = lambda *a, **k: nn.Conv(*a, use_bias=self.fold_bn, dtype=self.dtype, param_dtype=self.param_dtype,
                                        **k)
-        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+        bn = lambda name: layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
                                            param_dtype=self.param_dtype, momentum=self.momentum,
                                            epsilon=self.epsilon)
         in_channels = x.shape[-1]
@@ -232,12 +236,12 @@ class MBConv(nn.Module):
         h = x
         if self.expand_ratio != 1:
             h = conv(hidden, (1, 1), name="expand_conv")(h)
-            h = nn.relu6(bn("expand_bn")(h))
+            h = layers.tap(self, "expand_conv", nn.relu6(bn("expand_bn")(h)), "conv")
         h = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.depthwise_impl, dtype=self.dtype,
                           param_dtype=self.param_dtype, use_bias=self.fold_bn, name="depthwise_conv")(h)
-        h = nn.relu6(bn("depthwise_bn")(h))
+        h = layers.tap(self, "depthwise_conv", nn.relu6(bn("depthwise_bn")(h)), "conv")
         h = conv(self.out_channels, (1, 1), name="project_conv")(h)
-        h = bn("project_bn")(h)
+        h = layers.tap(self, "project_conv", bn("project_bn")(h), "conv")  # linear bottleneck: no activation
         if self.stride == 1 and in_channels == self.out_channels:
             h = h + x
         return h
@@ -275,14 +279,15 @@ class EfficientNetLite(nn.Module):
         return out
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"EfficientNetLite expects NHWC images, got shape {x.shape}")
-        folding.check_inference("EfficientNetLite", self.fold_bn, train)
+        layers.check_inference("EfficientNetLite", self.fold_bn, train)
         stages = lite_stages(self.variant) if self.stages is None else tuple(self.stages)
         dropout = LITE_VARIANTS.get(self.variant, (0, 0, 0, 0.0))[3] if self.dropout_rate is None \
             else self.dropout_rate
-        bn = lambda name: folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
+        bn = lambda name: layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype,
                                            param_dtype=self.param_dtype, momentum=self.momentum,
                                            epsilon=self.epsilon)
         out = {}
@@ -293,7 +298,7 @@ class EfficientNetLite(nn.Module):
         x = bn("stem_bn")(x)
         out["stem_preact"] = x
         x = nn.relu6(x)
-        out["stem"] = x
+        out["stem"] = layers.tap(None, "stem", x, "conv", "block")
         index = 0
         for stage_number, s in enumerate(stages, start=1):
             for r in range(s.repeats):
@@ -301,7 +306,7 @@ class EfficientNetLite(nn.Module):
                            epsilon=self.epsilon, momentum=self.momentum, padding=self.padding,
                            depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                            fold_bn=self.fold_bn, name=f"block_{index}")(x, train)
-                out[f"block_{index}"] = x
+                out[f"block_{index}"] = layers.tap(None, f"block_{index}", x, "block")
                 index += 1
             out[f"stage{stage_number}"] = x
         x = nn.Conv(self.head_channels, (1, 1), use_bias=self.fold_bn, dtype=self.dtype,
@@ -309,7 +314,7 @@ class EfficientNetLite(nn.Module):
         x = bn("head_bn")(x)
         out["head_preact"] = x
         x = nn.relu6(x)
-        out["head"] = x
+        out["head"] = layers.tap(None, "head", x, "conv", "block")
         # Pool with float32 accumulation: a bfloat16 sum over 49+ positions would lose ~2 digits.
         pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         out["pre_logits"] = pre_logits

@@ -3,19 +3,20 @@
 At inference a BatchNorm is a fixed per-channel affine map, y = s·x + t with s = γ / sqrt(var + ε) and
 t = β − μ·s. When x comes straight out of a convolution or dense layer, x = K∗u + b, the map folds into
 that layer: K' = K·s (scaling the kernel's output-channel axis, its last) and b' = s·(b − μ) + β, and the
-BatchNorm disappears from the program. `fold(name, variables)` returns the registry model's module built
-with `fold_bn=True` (each family's module has that field: a conv that a BatchNorm follows gets a bias,
-the BatchNorm is gone) and the folded variables, `{"params": ...}` with no `batch_stats`. The module
-returns the same dict of named outputs as the unfolded one: every named intermediate is taken after its
-BatchNorm (or has none), and a folded layer's output *is* that BatchNorm's output.
+BatchNorm disappears from the program. A pure transform of (module, variables): `fold_module(module)` is
+the module with `fold_bn=True` (each family's module has that field: a conv that a BatchNorm follows gets
+a bias, the BatchNorm is gone) and `fold_variables(module, variables, sample)` the folded variables,
+`{"params": ...}` with no `batch_stats`. The folded module returns the same dict of named outputs as the
+unfolded one: every named intermediate is taken after its BatchNorm (or has none), and a folded layer's
+output *is* that BatchNorm's output.
 
-A BatchNorm whose input is not a linear layer's output cannot be folded that way. In this registry that
-is ResNet-v2's pre-activation BatchNorm (`preact_bn` of every block, and `post_bn`): its input is the
-residual stream x, which also flows on raw through the identity shortcut, into the named `stage*`
-outputs and, for the stem, through a max-pool; and a ReLU separates it from the convolutions that read
-it, so it cannot be pushed forward into them either. Such a BatchNorm becomes `ScaleShift`, the same
-affine map with s and t precomputed: one multiply-add per element that XLA fuses into the ReLU after it,
-instead of BatchNorm's subtract, rsqrt and two multiplies.
+A BatchNorm whose input is not a linear layer's output cannot be folded that way. In this registry that is
+ResNet-v2's pre-activation BatchNorm (`preact_bn` of every block, and `post_bn`): its input is the residual
+stream x, which also flows on raw through the identity shortcut, into the named `stage*` outputs and, for
+the stem, through a max-pool; and a ReLU separates it from the convolutions that read it, so it cannot be
+pushed forward into them either. Such a BatchNorm becomes `ScaleShift`, the same affine map with s and t
+precomputed (embjax.models.layers.ScaleShift): one multiply-add per element that XLA fuses into the ReLU
+after it, instead of BatchNorm's subtract, rsqrt and two multiplies.
 
 The zoo's ResNet-v2 shows why the module, not the transform, decides which BatchNorms stay: its stem has
 no max-pool, so the first `preact_bn` reads the stem convolution's output directly, yet that output is
@@ -39,46 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-class ScaleShift(nn.Module):
-    """x·scale + bias per channel (last axis): an inference BatchNorm no preceding layer can absorb."""
-
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        x, scale, bias = nn.dtypes.promote_dtype(x, scale, bias, dtype=self.dtype)
-        return x * scale + bias
-
-
-def identity(x):
-    """What a folded module calls where the unfolded one applies a BatchNorm that follows a layer."""
-    return x
-
-
-def batchnorm(fold_bn: bool, name: str, *, train: bool = False, keep: bool = False, dtype: Any = jnp.float32,
-              param_dtype: Any = jnp.float32, **batchnorm_kwargs):
-    """What a family's module applies where it has the BatchNorm `name`: that BatchNorm (running averages
-    unless `train`; `batchnorm_kwargs` are the family's momentum, epsilon, ...), or, in the folded mode,
-    nothing (`identity`: folded into the layer before it) or, with `keep` (its input is not a layer's
-    output), a ScaleShift under the same name."""
-    if fold_bn:
-        return ScaleShift(dtype, param_dtype, name=name) if keep else identity
-    return nn.BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name,
-                        **batchnorm_kwargs)
-
-
-def check_inference(module_name: str, fold_bn: bool, train: bool) -> None:
-    """A folded module has no batch statistics to use or update: refuse train=True by name."""
-    if fold_bn and train:
-        raise ValueError(
-            f"{module_name} was built with fold_bn=True (BatchNorm folded into the convolutions, for "
-            "inference only) and cannot run with train=True; train the unfolded module instead"
-        )
+from embjax.models.convert.framework import check_shapes
+from embjax.models.layers import ScaleShift
 
 
 class FoldingError(ValueError):
@@ -190,8 +153,11 @@ def fold_variables(module, variables: Mapping, sample) -> dict:
     turned into a ScaleShift's scale and bias where the folded module keeps one (see the module docstring),
     checked against the folded module's shapes (WeightMismatchError naming every leaf that does not fit).
     """
-    from embjax.weights.h5 import check_shapes
+    from embjax.models.convert.framework import check_shapes
 
+    if getattr(module, "fold_bn", False):
+        raise FoldingError(f"{type(module).__name__}: fold_variables takes the unfolded module and its variables; "
+                           "this module is already folded (fold_bn=True)")
     if "params" not in variables:
         raise FoldingError("fold_variables needs the module's variables {'params', 'batch_stats'}; got keys "
                            f"{sorted(variables)}")
@@ -252,22 +218,4 @@ def fold_module(module):
     return module.clone(fold_bn=True)
 
 
-def fold(name: str, variables: Mapping, **build_overrides) -> tuple[Any, dict]:
-    """(inference module, folded variables) for registry model `name` and its unfolded `variables`.
-
-    `build_overrides` go to the spec's `build` (e.g. dtype=jnp.bfloat16); the variables stay float32.
-    The engine's one call: `module, variables = folding.fold(name, variables)`.
-    """
-    from embjax.models import registry
-
-    spec = registry.get(name)
-    module = spec.build(**build_overrides)
-    if getattr(module, "fold_bn", False):
-        raise FoldingError(f"{name}: fold takes the unfolded module's variables; the module built with "
-                           f"{build_overrides} is already folded")
-    sample = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
-    return fold_module(module), fold_variables(module, variables, sample)
-
-
-__all__ = ["ScaleShift", "BatchNormSite", "FoldingError", "batchnorm_sites", "scale_shift_paths",
-           "fold_variables", "fold_module", "fold", "identity", "batchnorm", "check_inference"]
+__all__ = ["BatchNormSite", "FoldingError", "batchnorm_sites", "scale_shift_paths", "fold_variables", "fold_module"]

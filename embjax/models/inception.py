@@ -17,6 +17,10 @@ needed when True) and returns a dict of named outputs:
 - `SmallInception` (`small_inception()`, for 28×28 grayscale Fashion-MNIST): `stem`, `mixed0`,
   `mixed1`, `mixed2`, `pre_logits` (batch, 128), `logits`.
 
+Named layers (embjax.models.layers): every `ConvBN` after its BatchNorm and ReLU, named by its path
+(`stem/conv1`, `mixed0/branch5x5_2`, `block35_3/branch2_1`, ...), the linear 1×1 `conv` of every
+Inception-ResNet block before its scaled residual add (`block35_3/conv`), and the block outputs above.
+
 `pre_logits` is the global average pool of the last feature map, the input of the classifier; it is
 float32 whatever the computation dtype, since it is the embedding the studies measure.
 Both ImageNet models accept any spatial size of at least 75×75 (Keras' minimum: smaller inputs shrink a
@@ -33,7 +37,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 Dtype = Any
 
@@ -84,18 +88,17 @@ class ConvBN(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        if self.fold_bn:
-            return nn.relu(x) if self.relu else x
-        # The ReLU follows directly, so a BatchNorm scale would be redundant with the next conv.
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            use_scale=False,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
-        return nn.relu(x) if self.relu else x
+        if not self.fold_bn:
+            # The ReLU follows directly, so a BatchNorm scale would be redundant with the next conv.
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                use_scale=False,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                dtype=self.dtype,
+                name="bn",
+            )(x)
+        return layers.tap(self, "", nn.relu(x) if self.relu else x, "conv")  # named by this module's path
 
 
 def _avg_pool_same(x):
@@ -261,6 +264,12 @@ class InceptionE(nn.Module):
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+def _block(out: dict, name: str, x):
+    """out[name] = x, a block output among the named layers (embjax.models.layers)."""
+    out[name] = layers.tap(None, name, x, "block")
+    return x
+
+
 def _classifier(x, num_classes: int, dtype: Dtype, out: dict) -> dict:
     # Global average pooling in float32 whatever the computation dtype: it is the embedding we measure.
     out["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -283,21 +292,23 @@ class InceptionV3(nn.Module):
     fold_bn: bool = False
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionV3")
-        folding.check_inference("InceptionV3", self.fold_bn, train)
+        layers.check_inference("InceptionV3", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
                   min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
-        x = out["stem"] = InceptionStem(**kw, name="stem")(x, train)
+        x = _block(out, "stem", InceptionStem(**kw, name="stem")(x, train))
         for i, pool_features in enumerate((32, 64, 64)):
-            x = out[f"mixed{i}"] = InceptionA(pool_features=pool_features, **kw, name=f"mixed{i}")(x, train)
-        x = out["mixed3"] = ReductionA(**kw, name="mixed3")(x, train)
+            block = InceptionA(pool_features=pool_features, **kw, name=f"mixed{i}")
+            x = _block(out, f"mixed{i}", block(x, train))
+        x = _block(out, "mixed3", ReductionA(**kw, name="mixed3")(x, train))
         for i, c7 in zip(range(4, 8), (128, 160, 160, 192)):
-            x = out[f"mixed{i}"] = InceptionC(channels_7x7=c7, **kw, name=f"mixed{i}")(x, train)
-        x = out["mixed8"] = ReductionB(**kw, name="mixed8")(x, train)
+            x = _block(out, f"mixed{i}", InceptionC(channels_7x7=c7, **kw, name=f"mixed{i}")(x, train))
+        x = _block(out, "mixed8", ReductionB(**kw, name="mixed8")(x, train))
         for i in (9, 10):
-            x = out[f"mixed{i}"] = InceptionE(**kw, name=f"mixed{i}")(x, train)
+            x = _block(out, f"mixed{i}", InceptionE(**kw, name=f"mixed{i}")(x, train))
         return _classifier(x, self.num_classes, self.dtype, out)
 
 
@@ -348,6 +359,7 @@ class InceptionResNetBlock(nn.Module):
         up = nn.Conv(x.shape[-1], (1, 1), use_bias=True, dtype=self.dtype, name="conv")(
             jnp.concatenate(branches, axis=-1)
         )
+        up = layers.tap(self, "conv", up, "conv")  # linear: no BatchNorm, no activation before the scaled add
         x = x + up * self.scale
         return nn.relu(x) if self.relu else x
 
@@ -393,9 +405,10 @@ class InceptionResNetV2(nn.Module):
     repeats: Sequence[int] = (10, 20, 10)  # block35, block17, block8 (the last block8 included)
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         _check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-        folding.check_inference("InceptionResNetV2", self.fold_bn, train)
+        layers.check_inference("InceptionResNetV2", self.fold_bn, train)
         kw = dict(epsilon=self.epsilon, dtype=self.dtype, depth_multiplier=self.depth_multiplier,
                   min_depth=self.min_depth, fold_bn=self.fold_bn)
         out = {}
@@ -412,19 +425,19 @@ class InceptionResNetV2(nn.Module):
                     **kw,
                     name=f"{block_type}_{i}",
                 )(x, train)
-            out[block_type] = x
-            return x
+            return _block(out, block_type, x)
 
-        x = out["stem"] = InceptionStem(**kw, name="stem")(x, train)
-        x = out["mixed_5b"] = InceptionA(branch1x1=96, pool_features=64, **kw, name="mixed_5b")(x, train)
+        x = _block(out, "stem", InceptionStem(**kw, name="stem")(x, train))
+        x = _block(out, "mixed_5b", InceptionA(branch1x1=96, pool_features=64, **kw, name="mixed_5b")(x, train))
         x = residual_group(x, "block35")
-        x = out["mixed_6a"] = ReductionA(branch3x3=384, dbl=(256, 256, 384), **kw, name="mixed_6a")(x, train)
+        reduction = ReductionA(branch3x3=384, dbl=(256, 256, 384), **kw, name="mixed_6a")
+        x = _block(out, "mixed_6a", reduction(x, train))
         x = residual_group(x, "block17")
-        x = out["mixed_7a"] = Reduction7a(**kw, name="mixed_7a")(x, train)
+        x = _block(out, "mixed_7a", Reduction7a(**kw, name="mixed_7a")(x, train))
         x = residual_group(x, "block8")
         d = functools.partial(slim_depth, multiplier=self.depth_multiplier, min_depth=self.min_depth)
-        x = out["conv_7b"] = ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype, fold_bn=self.fold_bn,
-                                    name="conv_7b")(x, train)
+        x = _block(out, "conv_7b", ConvBN(d(1536), (1, 1), epsilon=self.epsilon, dtype=self.dtype,
+                                          fold_bn=self.fold_bn, name="conv_7b")(x, train))
         return _classifier(x, self.num_classes, self.dtype, out)
 
 
@@ -446,14 +459,15 @@ class SmallInception(nn.Module):
     fold_bn: bool = False
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         _check_input(x, 8, "SmallInception")
-        folding.check_inference("SmallInception", self.fold_bn, train)
+        layers.check_inference("SmallInception", self.fold_bn, train)
         conv = functools.partial(ConvBN, epsilon=self.epsilon, momentum=self.bn_momentum, dtype=self.dtype,
                                  fold_bn=self.fold_bn)
         out = {}
         x = conv(24, (3, 3), name="stem_conv")(x, train)
-        x = out["stem"] = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = _block(out, "stem", nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME"))
 
         b1 = conv(16, (1, 1), name="mixed0_branch1x1")(x, train)
         b3 = conv(12, (1, 1), name="mixed0_branch3x3_1")(x, train)
@@ -462,7 +476,7 @@ class SmallInception(nn.Module):
         bd = conv(16, (3, 3), name="mixed0_branch3x3dbl_2")(bd, train)
         bd = conv(16, (3, 3), name="mixed0_branch3x3dbl_3")(bd, train)
         bp = conv(16, (1, 1), name="mixed0_branch_pool")(_avg_pool_same(x), train)
-        x = out["mixed0"] = jnp.concatenate([b1, b3, bd, bp], axis=-1)
+        x = _block(out, "mixed0", jnp.concatenate([b1, b3, bd, bp], axis=-1))
 
         # SAME padding on the stride-2 paths keeps 14 -> 7 exactly (VALID would give 6).
         b3 = conv(40, (3, 3), strides=2, name="mixed1_branch3x3")(x, train)
@@ -470,14 +484,14 @@ class SmallInception(nn.Module):
         bd = conv(24, (3, 3), name="mixed1_branch3x3dbl_2")(bd, train)
         bd = conv(24, (3, 3), strides=2, name="mixed1_branch3x3dbl_3")(bd, train)
         bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-        x = out["mixed1"] = jnp.concatenate([b3, bd, bp], axis=-1)
+        x = _block(out, "mixed1", jnp.concatenate([b3, bd, bp], axis=-1))
 
         b1 = conv(32, (1, 1), name="mixed2_branch1x1")(x, train)
         b3 = conv(32, (1, 1), name="mixed2_branch3x3_1")(x, train)
         b3a = conv(24, (1, 3), name="mixed2_branch3x3_2a")(b3, train)
         b3b = conv(24, (3, 1), name="mixed2_branch3x3_2b")(b3, train)
         bp = conv(48, (1, 1), name="mixed2_branch_pool")(_avg_pool_same(x), train)
-        x = out["mixed2"] = jnp.concatenate([b1, b3a, b3b, bp], axis=-1)
+        x = _block(out, "mixed2", jnp.concatenate([b1, b3a, b3b, bp], axis=-1))
         return _classifier(x, self.num_classes, self.dtype, out)
 
 

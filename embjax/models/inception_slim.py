@@ -18,8 +18,11 @@ globally), and the classifier is a Dense layer `logits` (TF-Slim's 1×1 convolut
 
 Outputs (dict): every TF-Slim end point (`Conv2d_1a_7x7`, `MaxPool_2a_3x3`, …, `Mixed_5c` for v1/v2;
 `Conv2d_1a_3x3` … `Mixed_7d` for v4), `stem` (the same array as the end point before the first
-Inception block: `MaxPool_3a_3x3` for v1/v2, `Mixed_5a` for v4), `pre_logits` (float32; 1024 for v1/v2,
-1536 for v4) and `logits`.
+Inception block: `MaxPool_3a_3x3` for v1/v2, `Mixed_5a` for v4; an alias, so not among the named layers),
+`pre_logits` (float32; 1024 for v1/v2, 1536 for v4) and `logits`. Named layers (embjax.models.layers):
+every convolution after its BatchNorm and ReLU (`Mixed_4b/Branch_1/Conv2d_0b_3x3`; a stem convolution
+is also an end point, kinds conv and block), v2's separable stem convolution as one layer, the
+max-pool end points (kind pool: never part of an embedding) and the Inception blocks (block).
 NHWC inputs scaled to [-1, 1].
 
 `fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
@@ -36,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 from embjax.models.inception import ConvBN, slim_depth
 
 Dtype = Any
@@ -206,7 +209,7 @@ class SeparableConv(nn.Module):
         x = nn.Conv(c * self.depth_multiplier, tuple(self.kernel_size), strides=self.strides, padding="SAME",
                     feature_group_count=c, use_bias=False, dtype=self.dtype, name="depthwise")(x)
         x = nn.Conv(self.features, (1, 1), use_bias=True, dtype=self.dtype, name="pointwise")(x)
-        return nn.relu(x)
+        return layers.tap(self, "", nn.relu(x), "conv")  # one layer (TF-Slim's), named by this module's path
 
 
 def _apply_layer(layer, x, train: bool, dtype, depth=lambda w: w, parent_name: str | None = None,
@@ -282,8 +285,9 @@ class SlimInception(nn.Module):
     fold_bn: bool = False  # inference: every BatchNorm folded into its convolution (module docstring)
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
-        folding.check_inference("SlimInception", self.fold_bn, train)
+        layers.check_inference("SlimInception", self.fold_bn, train)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
         min_size = MIN_INPUT_SIZE[self.architecture]
@@ -299,10 +303,12 @@ class SlimInception(nn.Module):
         for name, spec in ARCHITECTURES[self.architecture]:
             if isinstance(spec[0], str):  # a single layer
                 x = _apply_layer(spec, x, train, self.dtype, depth, name, self.fold_bn)
+                kind = "pool" if spec[0] in ("max", "avg") else "block"  # a conv end point: conv and block
             else:
                 x = Block(spec, self.dtype, self.depth_multiplier, self.min_depth, self.fold_bn, name=name)(x, train)
-            out[name] = x
-        out["stem"] = out[STEM_END[self.architecture]]
+                kind = "block"
+            out[name] = layers.tap(None, name, x, kind)
+        out["stem"] = out[STEM_END[self.architecture]]  # an alias of that end point, not a named layer
         out["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(out["pre_logits"])
         return out

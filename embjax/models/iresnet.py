@@ -16,7 +16,11 @@ epsilon 1e-5. The fully connected layer reads the flattened map in (H, W, C) ord
 
 There is no classifier: ArcFace's margin head is a training-only loss, so the registry lists these
 models with num_classes None. Returned features: `stem`, `stage1`..`stage4`, `pre_fc` (the flattened
-map after the final BN) and `pre_logits` (the embedding, float32). Module and parameter names mirror
+map after the final BN: 25,088 values of an unpooled 7×7×512 map, not a layer of its own, so not among
+the named layers) and `pre_logits` (the embedding, float32; among the named layers as `fc`, the fully
+connected layer after its BatchNorm); and every convolution's output after its BatchNorm (and PReLU,
+where one follows), named by its weights' path (`layer1_0/conv1`, `layer1_0/downsample_conv`, ...; the
+named layers of embjax.models.layers). Module and parameter names mirror
 insightface's state-dict names (`conv1`, `bn1`, `prelu`, `layer1_0/bn1`, `layer1_0/downsample_conv`,
 `bn2`, `fc`, `features`).
 
@@ -33,7 +37,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -70,7 +74,7 @@ class IBasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         def bn(name, keep=False):
-            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+            return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
                                      param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         def conv(features, kernel, strides, padding, name):
@@ -80,13 +84,13 @@ class IBasicBlock(nn.Module):
         y = bn("bn1", keep=True)(x)
         y = conv(self.planes, 3, 1, _PAD1, "conv1")(y)
         y = bn("bn2")(y)
-        y = PReLU(param_dtype=self.param_dtype, name="prelu")(y)
+        y = layers.tap(self, "conv1", PReLU(param_dtype=self.param_dtype, name="prelu")(y), "conv")
         y = conv(self.planes, 3, self.strides, _PAD1, "conv2")(y)
-        y = bn("bn3")(y)
+        y = layers.tap(self, "conv2", bn("bn3")(y), "conv")  # no activation before the residual add
         shortcut = x
         if self.project:
             shortcut = conv(self.planes, 1, self.strides, "VALID", "downsample_conv")(x)
-            shortcut = bn("downsample_bn")(shortcut)
+            shortcut = layers.tap(self, "downsample_conv", bn("downsample_bn")(shortcut), "conv")
         return y + shortcut
 
 
@@ -107,8 +111,9 @@ class IResNet(nn.Module):
     fold_bn: bool = False  # inference: BatchNorm folded into the layer before it (see the module docstring)
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
-        folding.check_inference("IResNet", self.fold_bn, train)
+        layers.check_inference("IResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"IResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         side = 16 * self.fc_grid
@@ -120,7 +125,7 @@ class IResNet(nn.Module):
                              f"stage_widths {tuple(self.stage_widths)}")
 
         def bn(name, keep=False, dtype=self.dtype):
-            return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=dtype,
+            return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=dtype,
                                      param_dtype=self.param_dtype, momentum=0.9, epsilon=EPSILON)
 
         out = {}
@@ -128,21 +133,21 @@ class IResNet(nn.Module):
         x = nn.Conv(self.stem_width, (3, 3), padding=_PAD1, use_bias=self.fold_bn, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="conv1")(x)
         x = PReLU(param_dtype=self.param_dtype, name="prelu")(bn("bn1")(x))
-        out["stem"] = x
+        out["stem"] = layers.tap(None, "stem", x, "conv", "block")
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(blocks):
                 strides = 2 if j == 0 else 1
                 project = j == 0  # stride 2 in every stage's first block, so it always projects
                 x = IBasicBlock(width, strides, project, dtype=self.dtype, param_dtype=self.param_dtype,
                                 fold_bn=self.fold_bn, name=f"layer{i + 1}_{j}")(x, train=train)
-            out[f"stage{i + 1}"] = x
+            out[f"stage{i + 1}"] = layers.tap(None, f"stage{i + 1}", x, "block")
         x = bn("bn2", keep=True)(x)
         # Flatten and the fully connected layer in float32: the embedding is what the studies accumulate.
         x = x.astype(jnp.float32).reshape(x.shape[0], -1)
         out["pre_fc"] = x
         x = nn.Dense(self.num_features, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(x)
         x = bn("features", dtype=jnp.float32)(x)
-        out["pre_logits"] = x
+        out["pre_logits"] = layers.tap(None, "fc", x, "fc", "block")  # the embedding: fc + its BatchNorm
         return out
 
 

@@ -17,7 +17,11 @@ Layout choices follow Keras (the pretrained files we convert are Keras'):
 Parameter names mirror Keras layer names (`Conv1`, `bn_Conv1`, `expanded_conv` / `depthwise`,
 `block_3` / `expand_BN`, `Conv_1`, `Conv_1_bn`, `predictions`). Returned features: `stem`, `stage1`..
 `stage7` (the outputs of the seven bottleneck groups of the paper's Table 2), `last_conv` (after
-`Conv_1` + BN + ReLU6), `pre_logits` (global average pool, float32) and `logits`.
+`Conv_1` + BN + ReLU6), `pre_logits` (global average pool, float32) and `logits`; and every
+convolution of every block after its BatchNorm (and ReLU6; the projection has none), named by its weights'
+path (`expanded_conv/depthwise`, `block_1/expand`, ...; the named layers of embjax.models.layers). A group
+whose last block has no residual add (stage1, stage7) ends in that block's projection, so its stage
+output is named once among the layers, as the projection.
 
 `fold_bn=True` is the inference mode without BatchNorm ops: every conv (depthwise included) carries its
 BatchNorm folded into kernel and bias (embjax.models.folding makes the variables). Every named output is
@@ -31,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from embjax.models import folding
+from embjax.models import layers
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2 (Sandler et al., Table 2).
 IMAGENET_BLOCKS = (
@@ -115,7 +119,7 @@ class InvertedResidual(nn.Module):
     fold_bn: bool = False  # inference: each BatchNorm folded into the conv before it
 
     def bn(self, train, name):
-        return folding.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
+        return layers.batchnorm(self.fold_bn, name, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
                                  momentum=self.bn_momentum, epsilon=self.epsilon)
 
     @nn.compact
@@ -126,7 +130,7 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expand:
             y = nn.Conv(self.expansion * in_channels, (1, 1), name="expand", **conv)(y)
-            y = relu6(self.bn(train, "expand_BN")(y))
+            y = layers.tap(self, "expand", relu6(self.bn(train, "expand_BN")(y)), "conv")
         channels = y.shape[-1]
         if self.strides == 1:
             padding = ((1, 1), (1, 1))
@@ -134,9 +138,9 @@ class InvertedResidual(nn.Module):
             padding = (same_pad(y.shape[1], 3, self.strides), same_pad(y.shape[2], 3, self.strides))
         y = Depthwise(self.strides, padding, self.depthwise_impl, self.dtype, self.param_dtype,
                       use_bias=self.fold_bn, name="depthwise")(y)
-        y = relu6(self.bn(train, "depthwise_BN")(y))
+        y = layers.tap(self, "depthwise", relu6(self.bn(train, "depthwise_BN")(y)), "conv")
         y = nn.Conv(self.filters, (1, 1), name="project", **conv)(y)
-        y = self.bn(train, "project_BN")(y)
+        y = layers.tap(self, "project", self.bn(train, "project_BN")(y), "conv")  # linear: no activation
         if self.strides == 1 and in_channels == self.filters:
             y = x + y
         return y
@@ -167,6 +171,7 @@ class MobileNetV2(nn.Module):
         return make_divisible(self.last_filters * self.alpha) if self.alpha > 1.0 else self.last_filters
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         if self.alpha <= 0:
             raise ValueError(f"MobileNetV2 alpha (width multiplier) must be positive, got {self.alpha}")
@@ -174,13 +179,13 @@ class MobileNetV2(nn.Module):
             raise ValueError(
                 f"MobileNetV2 expects NHWC images (batch, height, width, channels), got shape {x.shape}"
             )
-        folding.check_inference("MobileNetV2", self.fold_bn, train)
+        layers.check_inference("MobileNetV2", self.fold_bn, train)
         bn = dict(
             momentum=self.bn_momentum, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype
         )
         conv = dict(use_bias=self.fold_bn, kernel_init=_KERNEL_INIT, dtype=self.dtype,
                     param_dtype=self.param_dtype)
-        bn_or_folded = lambda name: folding.batchnorm(self.fold_bn, name, train=train, **bn)
+        bn_or_folded = lambda name: layers.batchnorm(self.fold_bn, name, train=train, **bn)
         x = x.astype(self.dtype)
         out = {}
         x = nn.Conv(
@@ -192,7 +197,7 @@ class MobileNetV2(nn.Module):
             **conv,
         )(x)
         x = relu6(bn_or_folded("bn_Conv1")(x))
-        out["stem"] = x
+        out["stem"] = layers.tap(None, "stem", x, "conv", "block")
 
         block_id = 0
         for group, (t, c, n, s) in enumerate(self.blocks):
@@ -212,11 +217,11 @@ class MobileNetV2(nn.Module):
                     name="expanded_conv" if block_id == 0 else f"block_{block_id}",
                 )(x, train=train)
                 block_id += 1
-            out[f"stage{group + 1}"] = x
+            out[f"stage{group + 1}"] = layers.tap(None, f"stage{group + 1}", x, "block")
 
         x = nn.Conv(self.feature_dim, (1, 1), name="Conv_1", **conv)(x)
         x = relu6(bn_or_folded("Conv_1_bn")(x))
-        out["last_conv"] = x
+        out["last_conv"] = layers.tap(None, "last_conv", x, "conv", "block")
         # Pool in float32: the embedding statistics need the digits a bfloat16 mean would lose.
         pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         out["pre_logits"] = pre_logits

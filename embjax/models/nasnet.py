@@ -23,7 +23,12 @@ trained network; "keras" reproduces keras.applications bit for bit and exists fo
 Outputs (dict): `stem` (the stem convolution after BatchNorm), `cell_stem_0`, `cell_stem_1`, every cell
 under its TF-Slim name (`cell_0` … and, for NASNet, `reduction_cell_0`, `reduction_cell_1`), `pre_logits`
 (global average of the ReLU of the last cell, float32; 4032 for NASNet-A-Large, 4320 for PNASNet-5-Large)
-and `logits`. NHWC inputs scaled to [-1, 1]; any size of at least 32×32; the ImageNet models run at 331.
+and `logits`. Named layers (embjax.models.layers): the cells (block) and every convolution after its
+BatchNorm, in these networks' ReLU → conv → BatchNorm order the output the next layer rectifies: each
+separable convolution of a stack as one layer (`cell_0/comb_iter_0_left/stack/separable_1`), the 1×1
+projections (`cell_0/beginning_1x1`, `cell_0/prev_1x1`, `.../comb_iter_1_right/conv`) and the two paths of a
+factorized reduction (`cell_0/prev_reduction/path1_conv`, each its half of `final_path_bn`). NHWC inputs
+scaled to [-1, 1]; any size of at least 32×32; the ImageNet models run at 331.
 
 `fold_bn=True` is the inference mode without BatchNorm ops (embjax.models.folding makes its variables):
 every BatchNorm that follows a convolution (the stem's, each separable stack's after its pointwise
@@ -39,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 Dtype = Any
 
@@ -70,9 +75,9 @@ PNASNET_5 = dict(
 
 
 def _bn(train: bool, dtype, name: str, fold_bn: bool = False, keep: bool = False):
-    """The BatchNorm called `name` (folding.batchnorm with this family's constants); `keep` where no
+    """The BatchNorm called `name` (layers.batchnorm with this family's constants); `keep` where no
     single conv precedes it."""
-    return folding.batchnorm(fold_bn, name, train=train, keep=keep, dtype=dtype, momentum=BN_MOMENTUM,
+    return layers.batchnorm(fold_bn, name, train=train, keep=keep, dtype=dtype, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON)
 
 
@@ -111,7 +116,7 @@ class StackedSeparable(nn.Module):
             x = nn.relu(x)
             x = SeparableConv(self.features, self.kernel, strides, self.dtype, self.fold_bn,
                               name=f"separable_{i}")(x)
-            x = _bn(train, self.dtype, f"bn_sep_{i}", self.fold_bn)(x)
+            x = layers.tap(self, f"separable_{i}", _bn(train, self.dtype, f"bn_sep_{i}", self.fold_bn)(x), "conv")
         return x
 
 
@@ -148,7 +153,7 @@ class CellOperation(nn.Module):
             if self.strides > 1 or width != self.features:
                 x = nn.relu(x)
                 x = _conv1x1(self.features, self.dtype, "conv", self.strides, bias=fold_bn)(x)
-                x = _bn(train, self.dtype, "bn", fold_bn)(x)
+                x = layers.tap(self, "conv", _bn(train, self.dtype, "bn", fold_bn)(x), "conv")
             return x
         kind = op.split("_")[0]
         if kind not in ("max", "avg") or not op.endswith("_pool_3x3"):
@@ -161,7 +166,7 @@ class CellOperation(nn.Module):
             x = nn.avg_pool(x, (3, 3), strides=(self.strides,) * 2, padding="SAME", count_include_pad=False)
         if width != self.features:
             x = _conv1x1(self.features, self.dtype, "conv", bias=fold_bn)(x)
-            x = _bn(train, self.dtype, "bn", fold_bn)(x)
+            x = layers.tap(self, "conv", _bn(train, self.dtype, "bn", fold_bn)(x), "conv")
         return x
 
 
@@ -183,7 +188,11 @@ class FactorizedReduction(nn.Module):
         path1 = _conv1x1(half, self.dtype, "path1_conv")(path1)
         path2 = _conv1x1(self.features - half, self.dtype, "path2_conv")(path2)
         concatenated = jnp.concatenate([path1, path2], axis=-1)
-        return _bn(train, self.dtype, "final_path_bn", self.fold_bn, keep=True)(concatenated)
+        y = _bn(train, self.dtype, "final_path_bn", self.fold_bn, keep=True)(concatenated)
+        # Each path's output after its half of the shared BatchNorm (per channel, so the halves are its own).
+        layers.tap(self, "path1_conv", y[..., :half], "conv")
+        layers.tap(self, "path2_conv", y[..., half:], "conv")
+        return y
 
 
 class Cell(nn.Module):
@@ -208,9 +217,9 @@ class Cell(nn.Module):
             prev = FactorizedReduction(self.features, self.dtype, fold_bn, name="prev_reduction")(prev, train)
         elif prev.shape[-1] != self.features:
             prev = _conv1x1(self.features, self.dtype, "prev_1x1", bias=fold_bn)(nn.relu(prev))
-            prev = _bn(train, self.dtype, "prev_bn", fold_bn)(prev)
+            prev = layers.tap(self, "prev_1x1", _bn(train, self.dtype, "prev_bn", fold_bn)(prev), "conv")
         h = _conv1x1(self.features, self.dtype, "beginning_1x1", bias=fold_bn)(nn.relu(x))
-        h = _bn(train, self.dtype, "beginning_bn", fold_bn)(h)
+        h = layers.tap(self, "beginning_1x1", _bn(train, self.dtype, "beginning_bn", fold_bn)(h), "conv")
 
         states = [h, prev]
         for i in range(len(self.operations) // 2):
@@ -247,7 +256,7 @@ def _check_input(x, model: str):
 
 def _stem(x, stem_filters: int, train: bool, dtype, out: dict, fold_bn: bool):
     x = nn.Conv(stem_filters, (3, 3), strides=2, padding="VALID", use_bias=fold_bn, dtype=dtype, name="stem_conv")(x)
-    x = out["stem"] = _bn(train, dtype, "stem_bn", fold_bn)(x)
+    x = out["stem"] = layers.tap(None, "stem", _bn(train, dtype, "stem_bn", fold_bn)(x), "conv", "block")
     return x
 
 
@@ -274,8 +283,9 @@ class NASNet(nn.Module):
     fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (see the module docstring)
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
-        folding.check_inference("NASNet", self.fold_bn, train)
+        layers.check_inference("NASNet", self.fold_bn, train)
         _check_input(x, "NASNet")
         if self.pool_padding not in ("tf", "keras"):
             raise ValueError(f"pool_padding must be 'tf' or 'keras', not {self.pool_padding!r}")
@@ -287,7 +297,7 @@ class NASNet(nn.Module):
         for i in range(2):
             x = Cell(int(self.num_conv_filters * scaling), **NASNET_A_REDUCTION, strides=2, **cell,
                      name=f"cell_stem_{i}")(x, outputs[-2], train)
-            out[f"cell_stem_{i}"] = x
+            out[f"cell_stem_{i}"] = layers.tap(None, f"cell_stem_{i}", x, "block")
             outputs.append(x)
             scaling *= 2
         scaling = 1.0
@@ -300,11 +310,11 @@ class NASNet(nn.Module):
                 r = reductions.index(cell_num)
                 x = Cell(int(self.num_conv_filters * scaling), **NASNET_A_REDUCTION, strides=2, **cell,
                          name=f"reduction_cell_{r}")(x, outputs[-2], train)
-                out[f"reduction_cell_{r}"] = x
+                out[f"reduction_cell_{r}"] = layers.tap(None, f"reduction_cell_{r}", x, "block")
                 outputs.append(x)
             x = Cell(int(self.num_conv_filters * scaling), **NASNET_A_NORMAL, **cell,
                      name=f"cell_{cell_num}")(x, prev, train)
-            out[f"cell_{cell_num}"] = x
+            out[f"cell_{cell_num}"] = layers.tap(None, f"cell_{cell_num}", x, "block")
             outputs.append(x)
         return _head(x, self.num_classes, self.dtype, out)
 
@@ -325,8 +335,9 @@ class PNASNet(nn.Module):
     fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (see the module docstring)
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
-        folding.check_inference("PNASNet", self.fold_bn, train)
+        layers.check_inference("PNASNet", self.fold_bn, train)
         _check_input(x, "PNASNet")
         out: dict = {}
         x = _stem(x, self.stem_filters, train, self.dtype, out, self.fold_bn)
@@ -335,7 +346,7 @@ class PNASNet(nn.Module):
         for i in range(2):
             x = Cell(int(self.num_conv_filters * scaling), **PNASNET_5, strides=2, dtype=self.dtype,
                      fold_bn=self.fold_bn, name=f"cell_stem_{i}")(x, outputs[-2], train)
-            out[f"cell_stem_{i}"] = x
+            out[f"cell_stem_{i}"] = layers.tap(None, f"cell_stem_{i}", x, "block")
             outputs.append(x)
             scaling *= 2
         scaling = 1.0
@@ -347,7 +358,7 @@ class PNASNet(nn.Module):
                 strides = 2
             x = Cell(int(self.num_conv_filters * scaling), **PNASNET_5, strides=strides, dtype=self.dtype,
                      fold_bn=self.fold_bn, name=f"cell_{cell_num}")(x, outputs[-2], train)
-            out[f"cell_{cell_num}"] = x
+            out[f"cell_{cell_num}"] = layers.tap(None, f"cell_{cell_num}", x, "block")
             outputs.append(x)
         return _head(x, self.num_classes, self.dtype, out)
 

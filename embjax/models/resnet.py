@@ -30,7 +30,9 @@ become precomputed per-channel `ScaleShift`s under the same names.
 Parameter names mirror Keras layer names (`conv1_conv`, `conv2_block1` / `1_conv`, `post_bn`,
 `predictions`) so the converter's name map reads as the identity it is. Returned features: `stem` (after
 the max-pool), `stage1`..`stageN` (Keras' conv2..conv{N+1} outputs), `pre_logits` (global average pool,
-float32) and `logits`.
+float32) and `logits`; and every convolution's output after its BatchNorm and ReLU (where it has them),
+named by its weights' path: `conv1_conv` (the stem conv, before the max-pool), `conv2_block1/0_conv`
+(a projection shortcut), `conv2_block1/1_conv`, ... (the named layers of embjax.models.layers).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embjax.models import folding
+from embjax.models import layers
 
 # Blocks per stage of the standard depths (He et al. 2016, Table 1) and whether they use bottlenecks.
 STAGE_SIZES = {
@@ -89,8 +91,12 @@ class _Block(nn.Module):
         )
 
     def bn(self, train, name, keep=False):
-        return folding.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
+        return layers.batchnorm(self.fold_bn, name, train=train, keep=keep, dtype=self.dtype,
                                  param_dtype=self.param_dtype, momentum=self.bn_momentum, epsilon=self.epsilon)
+
+    def tap(self, name, x):
+        """A convolution's output after its BatchNorm and ReLU (where it has them), named `<block>/<name>`."""
+        return layers.tap(self, name, x, "conv")
 
     def preactivation_bn(self, train):
         """v2's BatchNorm on the residual stream: no conv to fold into, a precomputed ScaleShift instead."""
@@ -112,10 +118,10 @@ class BottleneckV1(_Block):
         shortcut = x[:, :: self.strides, :: self.strides, :]  # TF-Slim's strided identity (subsample)
         if self.project:
             shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(x)
-            shortcut = self.bn(train, "0_bn")(shortcut)
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, s1, "1_conv", b)(x)))
-        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, s3, "2_conv", b)(y)))
-        y = self.bn(train, "3_bn")(self.conv(4 * self.filters, 1, 1, "3_conv", b)(y))
+            shortcut = self.tap("0_conv", self.bn(train, "0_bn")(shortcut))
+        y = self.tap("1_conv", nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, s1, "1_conv", b)(x))))
+        y = self.tap("2_conv", nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, s3, "2_conv", b)(y))))
+        y = self.tap("3_conv", self.bn(train, "3_bn")(self.conv(4 * self.filters, 1, 1, "3_conv", b)(y)))
         return nn.relu(shortcut + y)
 
 
@@ -127,9 +133,11 @@ class BasicV1(_Block):
         b = self.bn_conv_bias
         shortcut = x
         if self.project:
-            shortcut = self.bn(train, "0_bn")(self.conv(self.filters, 1, self.strides, "0_conv", b)(x))
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 3, self.strides, "1_conv", b)(x)))
-        y = self.bn(train, "2_bn")(self.conv(self.filters, 3, 1, "2_conv", b)(y))
+            shortcut = self.tap("0_conv", self.bn(train, "0_bn")(self.conv(self.filters, 1, self.strides, "0_conv",
+                                                                           b)(x)))
+        y = self.tap("1_conv", nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 3, self.strides, "1_conv",
+                                                                         b)(x))))
+        y = self.tap("2_conv", self.bn(train, "2_bn")(self.conv(self.filters, 3, 1, "2_conv", b)(y)))
         return nn.relu(shortcut + y)
 
 
@@ -145,12 +153,14 @@ class BottleneckV2(_Block):
         b = self.conv_bias
         preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
-            shortcut = self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(preact)
+            shortcut = self.tap("0_conv", self.conv(4 * self.filters, 1, self.strides, "0_conv", b)(preact))
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
-        y = nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv", self.fold_bn)(preact)))
-        y = nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv", self.fold_bn)(y)))
-        y = self.conv(4 * self.filters, 1, 1, "3_conv", b)(y)
+        y = self.tap("1_conv", nn.relu(self.bn(train, "1_bn")(self.conv(self.filters, 1, 1, "1_conv",
+                                                                         self.fold_bn)(preact))))
+        y = self.tap("2_conv", nn.relu(self.bn(train, "2_bn")(self.conv(self.filters, 3, self.strides, "2_conv",
+                                                                         self.fold_bn)(y))))
+        y = self.tap("3_conv", self.conv(4 * self.filters, 1, 1, "3_conv", b)(y))
         return shortcut + y
 
 
@@ -162,12 +172,12 @@ class BasicV2(_Block):
         b = self.conv_bias
         preact = nn.relu(self.preactivation_bn(train)(x))
         if self.project:
-            shortcut = self.conv(self.filters, 1, self.strides, "0_conv", b)(preact)
+            shortcut = self.tap("0_conv", self.conv(self.filters, 1, self.strides, "0_conv", b)(preact))
         else:
             shortcut = x[:, :: self.strides, :: self.strides, :]
         y = self.conv(self.filters, 3, self.strides, "1_conv", self.fold_bn)(preact)
-        y = nn.relu(self.bn(train, "1_bn")(y))
-        y = self.conv(self.filters, 3, 1, "2_conv", b)(y)
+        y = self.tap("1_conv", nn.relu(self.bn(train, "1_bn")(y)))
+        y = self.tap("2_conv", self.conv(self.filters, 3, 1, "2_conv", b)(y))
         return shortcut + y
 
 
@@ -196,7 +206,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     # Inference mode without BatchNorm ops: each BatchNorm folded into the conv before it, v2's
-    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold makes the variables).
+    # pre-activation ones precomputed as ScaleShift (embjax.models.folding.fold_variables makes the variables).
     fold_bn: bool = False
 
     def _check(self):
@@ -220,9 +230,10 @@ class ResNet(nn.Module):
         return max(1, int(round(channels * self.width)))
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         self._check()
-        folding.check_inference("ResNet", self.fold_bn, train)
+        layers.check_inference("ResNet", self.fold_bn, train)
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
         v2 = self.version == 2
@@ -262,12 +273,13 @@ class ResNet(nn.Module):
             )(x)
         if not v2:
             x = nn.relu(x)
+        x = layers.tap(None, "conv1_conv", x, "conv")
         if self.stem_pool and slim:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")  # TF "SAME": -inf, at the end
         elif self.stem_pool:
             # Keras pads with zeros, not -inf: identical after a ReLU (v1), not for v2's raw stem output.
             x = nn.max_pool(_pad(x, (1, 1)), (3, 3), strides=(2, 2), padding="VALID")
-        out["stem"] = x
+        out["stem"] = layers.tap(None, "stem", x, "block")
 
         block_cls = {
             (1, True): BottleneckV1,
@@ -297,10 +309,10 @@ class ResNet(nn.Module):
                     name=f"conv{i + 2}_block{j + 1}",
                     **common,
                 )(x, train=train)
-            out[f"stage{i + 1}"] = x
+            out[f"stage{i + 1}"] = layers.tap(None, f"stage{i + 1}", x, "block")
 
         if v2 and self.fold_bn:
-            x = nn.relu(folding.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
+            x = nn.relu(layers.ScaleShift(self.dtype, self.param_dtype, name="post_bn")(x))
         elif v2:
             x = nn.BatchNorm(
                 use_running_average=not train,

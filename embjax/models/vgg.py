@@ -7,7 +7,8 @@ classifier `predictions`. There is no dropout and no BatchNorm: keras.applicatio
 Parameter names are the Keras layer names, so the converter's map is the identity.
 
 `__call__(x)` takes NHWC images whose sides are multiples of 32 (224 for the ImageNet weights: fc1's
-kernel fixes the flattened size) and returns every layer by its Keras name:
+kernel fixes the flattened size) and returns every layer by its Keras name (the convolutions, pools and
+fully connected layers are its named layers, embjax.models.layers):
 
     block<b>_conv<i>         post-ReLU convolution output (what Keras' layer of that name outputs)
     block<b>_conv<i>_preact  the same before its ReLU
@@ -23,6 +24,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from embjax.models import layers
+
 # (block, convolutions, channels) of configuration D.
 VGG16_BLOCKS: tuple[tuple[int, int, int], ...] = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 
@@ -37,6 +40,7 @@ class VGG(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
+    @layers.exposes_layers
     def __call__(self, x, train: bool = False):
         del train  # no BatchNorm, no dropout: the same computation either way
         if x.ndim != 4:
@@ -55,13 +59,13 @@ class VGG(nn.Module):
                 x = nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
                             name=name)(x)
                 out[f"{name}_preact"] = x
-                x = out[name] = nn.relu(x)
-            x = out[f"block{block}_pool"] = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = layers.tap(None, name, nn.relu(x), "conv")
+            x = layers.tap(None, f"block{block}_pool", nn.max_pool(x, (2, 2), strides=(2, 2)), "pool")
         x = x.reshape(x.shape[0], -1)
         for name in ("fc1", "fc2"):
             x = out[f"{name}_preact"] = nn.Dense(self.fc_width, dtype=self.dtype, param_dtype=self.param_dtype,
                                                  name=name)(x)
-            x = out[name] = nn.relu(x)
+            x = layers.tap(None, name, nn.relu(x), "fc")
         out["pre_logits"] = x.astype(jnp.float32)
         out["logits"] = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                                  name="predictions")(out["pre_logits"])

@@ -35,7 +35,10 @@ def study_base() -> ml_collections.ConfigDict:
     c.train_sizes = "-1"  # comma-separated (a string, so --config.train_sizes=100,1000 works)
     c.download = False  # let tfds download and prepare a missing dataset
     c.num_classes = 10
-    # The embedding (embjax.fne): which outputs (pre- or post-activation), thresholds, degenerate features.
+    # The embedding (embjax.fne): which layers ("conv": every convolution and fully connected layer, the
+    # paper's; "block": block outputs, fewer features), pre- or post-activation, thresholds, degenerate
+    # features.
+    c.layer_set = "conv"
     c.activation = "post"
     c.low, c.high = -0.25, 0.15
     c.degenerate_rtol = 1e-4

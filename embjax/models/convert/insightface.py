@@ -10,7 +10,7 @@ order; Flax flattens (H, W, C), so its columns are permuted before transposing.
 The architecture (blocks per stage, widths, embedding size) is read from the state dict itself, so one
 converter serves iresnet18..200 and any smaller test configuration; the result is then checked leaf by
 leaf against `jax.eval_shape` of the module, and every problem is reported at once
-(embjax.weights.h5.WeightMismatchError). `num_batches_tracked` counters are ignored.
+(embjax.models.convert.framework.WeightMismatchError). `num_batches_tracked` counters are ignored.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models.iresnet import IResNet
-from embjax.weights.h5 import WeightMismatchError, check_shapes
+from embjax.models.convert.framework import WeightMismatchError, check_shapes
 
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 

@@ -12,7 +12,7 @@ port's convolutions listed below in that same creation order; every shape is the
 named layers (`block35_1_conv`, `conv_7b`, `conv_7b_bn`, `predictions`) are matched by name.
 
 Layouts need no transposition: Keras Conv2D kernels are HWIO and Dense kernels (in, out), like Flax.
-Every missing, extra or mis-shaped parameter is reported at once in a `KerasConversionError`.
+Every missing, extra or mis-shaped parameter is reported at once in a `WeightMismatchError`.
 """
 from __future__ import annotations
 
@@ -25,24 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import inception
-from embjax.weights.h5 import WeightMismatchError
+from embjax.models.convert.framework import WeightMismatchError
 
 _AUTO_CONV = re.compile(r"^conv2d(?:_(\d+))?$")
 _AUTO_BN = re.compile(r"^batch_normalization(?:_(\d+))?$")
 # The classifier input is at least 75 px, so shapes are derived at that size (they do not depend on it).
 _SHAPE_PROBE = 75
-_SHOWN = 60  # problems spelled out in an error message
 
 Path = tuple[str, ...]
-
-
-class KerasConversionError(WeightMismatchError):
-    """Keras weights that do not fit the Flax port; `problems` (and the message) list every one. A
-    WeightMismatchError, the one mismatch type every converter raises."""
-
-    def __init__(self, message: str, problems: Sequence[str]):
-        ValueError.__init__(self, message)
-        self.problems = list(problems)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,11 +233,8 @@ def _convert(
 ) -> dict:
     if not isinstance(layer_weights, Mapping):
         problem = f"expected {{layer name: [weights]}}, got {type(layer_weights).__name__}"
-        raise KerasConversionError(
-            f"{model_name} converter: {problem}; read a .h5 file with "
-            "embjax.weights.h5.read_keras_weights first.",
-            [problem],
-        )
+        raise WeightMismatchError(
+            f"{model_name} converter (read a .h5 file with embjax.weights.h5.read_keras_weights first)", [problem])
     errors: list[str] = []
     layers = {name: [np.asarray(w) for w in ws] for name, ws in layer_weights.items() if len(ws) > 0}
 
@@ -315,13 +302,10 @@ def _convert(
 
     if errors:
         # Weights of another architecture give hundreds of lines; `problems` keeps them all.
-        shown = errors[:_SHOWN] + ([f"... and {len(errors) - _SHOWN} more"] if len(errors) > _SHOWN else [])
-        raise KerasConversionError(
-            f"Keras {model_name} weights do not fit embjax.models.inception.{model_cls.__name__} "
-            f"({len(errors)} problem(s); auto-named layers are matched in natural order of their numeric "
-            "suffix, so one missing layer shifts every later one):\n  " + "\n  ".join(shown),
-            errors,
-        )
+        raise WeightMismatchError(
+            f"Keras {model_name} weights do not fit embjax.models.inception.{model_cls.__name__} (auto-named "
+            "layers are matched in natural order of their numeric suffix, so one missing layer shifts every "
+            "later one)", errors)
 
     variables: dict[str, dict] = {}
     for collection in ("params", "batch_stats"):

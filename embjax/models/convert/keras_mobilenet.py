@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import mobilenet as mobilenet_lib
-from embjax.weights.h5 import LayerMap, WeightMismatchError, convert_layers
+from embjax.models.convert.framework import LayerMap, WeightMismatchError, convert_layers
 
 # The head is 'predictions' in Keras >= 2.3 and 'Logits' in the original keras-applications code.
 _HEAD_NAMES = ("predictions", "Logits")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import nasnet as nasnet_lib
-from embjax.weights.h5 import LayerMap, WeightMismatchError, convert_layers
+from embjax.models.convert.framework import LayerMap, WeightMismatchError, convert_layers
 
 # Keras separable-block names -> (comb_iter index, side) in the Flax cell, per cell kind.
 _NORMAL_SEPARABLES = {"normal_left1": (0, "left"), "normal_right1": (0, "right"), "normal_left2": (1, "left"),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import resnet as resnet_lib
-from embjax.weights.h5 import LayerMap, WeightMismatchError, convert_layers
+from embjax.models.convert.framework import LayerMap, WeightMismatchError, convert_layers
 
 KERAS_DEPTHS = (50, 101, 152)
 

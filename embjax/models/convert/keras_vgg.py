@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import vgg as vgg_lib
-from embjax.weights.h5 import LayerMap, WeightMismatchError, convert_layers
+from embjax.models.convert.framework import LayerMap, WeightMismatchError, convert_layers
 
 KERAS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 

@@ -23,7 +23,7 @@ TF-Slim scope (`name map` functions below), and each leaf one variable in it: co
 (1, 1, C, K) in TF-Slim, -> Dense `kernel` (C, K); depthwise `depthwise_weights` (h, w, C, M) ->
 (h, w, 1, C * M) (channel c * M + m, as Flax's grouped convolution orders them); separable convolutions'
 `pointwise_weights` -> the pointwise conv's `kernel`. All problems are collected (missing variables, unexpected ones under the network's
-scope, mis-shaped ones through `embjax.weights.h5.shape_problems`, the project's one shape check) and
+scope, mis-shaped ones through `embjax.models.convert.framework.shape_problems`, the project's one shape check) and
 raised together as one `WeightMismatchError`.
 
 Names are found wherever the network's scope starts (a TF-Hub module may put `module/` in front); for the
@@ -48,7 +48,7 @@ from embjax.models import inception_slim as inception_slim_lib
 from embjax.models import mobilenet as mobilenet_lib
 from embjax.models import nasnet as nasnet_lib
 from embjax.models import resnet as resnet_lib
-from embjax.weights.h5 import WeightMismatchError, flatten_tree, shape_problems
+from embjax.models.convert.framework import WeightMismatchError, flatten_tree, shape_problems
 
 __all__ = [
     "convert_resnet",

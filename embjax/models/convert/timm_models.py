@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embjax.models import inception_slim, nasnet
-from embjax.weights.h5 import WeightMismatchError, flatten_tree
+from embjax.models.convert.framework import WeightMismatchError, flatten_tree
 
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
