@@ -26,24 +26,18 @@ from experiments import common
 
 
 def fit_pass(config, workdir):
-    """Members, engine and the fit pass's joint statistics, built as the affine study builds them."""
-    from embjax import extract, members, stats
+    """Engine (with its members) and the fit pass's joint statistics, exactly as the affine study's."""
+    from embjax import data, extract, stats
 
     fit_src, eval_src = affine.sources(config)
-    ms = members.load(config.models, config.weights, weight_files=common.to_dict(config.weight_files),
-                      dtype=config.dtype, zoo_data=functools.cache(lambda: affine.all_rows(fit_src)),
-                      zoo_config=common.to_dict(config.zoo), dataset_tag=f"{config.dataset}:{config.fit_split}",
-                      minimum=2, input_sizes=affine.input_sizes(config), fold_batchnorm=config.fold_batchnorm)
-    engine = extract.Engine(ms, workdir, batch_size=config.batch_size, fingerprint=common.fingerprint(config),
-                            checkpoint_every=config.checkpoint_every, prefetch=config.prefetch,
-                            progress_seconds=config.progress_seconds, config=common.to_dict(config),
-                            precision="float32" if config.dtype == "float32" else None)
+    engine = common.engine(config, workdir, zoo_data=functools.cache(lambda: data.all_rows(fit_src)),
+                           dataset_tag=f"{config.dataset}:{config.fit_split}", minimum=2)
+    ms = engine.members
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
-    features = {n: ("pre_logits",) for n in names}
     fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, init=stats.init(dims), dataset=config.dataset,
-        fold=lambda s, out, batch, aux: stats.update(s, [out[n]["pre_logits"] for n in names], batch["mask"]),
-        merge=stats.merge, store={f"{n}/pre_logits": "float32" for n in names} if config.heads == "linear" else {}))
+        "fit", fit_src, config.fit_split, {n: ("pre_logits",) for n in names}, dataset=config.dataset,
+        accumulator=stats.accumulator(dims, lambda out, batch, aux: [out[n]["pre_logits"] for n in names]),
+        store={f"{n}/pre_logits": "float32" for n in names} if config.heads == "linear" else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
     return ms, engine, fit, eval_src
@@ -101,6 +95,7 @@ def run(config, workdir: str):
     import jax
 
     from embjax import canonical, evaluate, extract
+    from embjax.accumulator import Accumulator
 
     ms, engine, fit, eval_src = fit_pass(config, workdir)
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
@@ -110,15 +105,14 @@ def run(config, workdir: str):
     heads = scoring_heads(config, ms, engine)
     # One vmapped evaluation over the stacked families: the step compiles one family, not F of them.
     update = jax.vmap(evaluate.update, in_axes=(0, None, None, 0, None, None))
-
-    def fold_eval(state, out, batch, aux):
-        feats = [out[n]["pre_logits"] for n in names]
-        return update(state, feats, aux["heads"], aux["maps"], batch["label"], batch["mask"])
-
-    init = jax.tree.map(lambda *a: jax.numpy.stack(a), *[evaluate.init(dims)] * len(families))
+    hub_eval = Accumulator(
+        empty=lambda: jax.tree.map(lambda *a: jax.numpy.stack(a), *[evaluate.init(dims)] * len(families)),
+        update=lambda state, out, batch, aux: update(state, [out[n]["pre_logits"] for n in names], aux["heads"],
+                                                     aux["maps"], batch["label"], batch["mask"]),
+        merge=jax.vmap(evaluate.merge))
     ev = engine.run(extract.Pass(
         "eval", eval_src, config.eval_split, {n: ("pre_logits",) for n in names}, dataset=config.dataset,
-        init=init, fold=fold_eval, aux={"maps": stacked, "heads": heads}, merge=jax.vmap(evaluate.merge)))
+        accumulator=hub_eval, aux={"maps": stacked, "heads": heads}))
     scores = {k: {key: np.asarray(v) for key, v in evaluate.compute(jax.tree.map(lambda a: a[f], ev)).items()}
               for f, k in enumerate(families)}
     off = ~np.eye(len(names), dtype=bool)

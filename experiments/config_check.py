@@ -264,7 +264,7 @@ FIELDS: dict[str, dict[str, Callable]] = {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=1),
         "train_split": SPLIT, "test_split": SPLIT, "num_classes": Int(lo=2), "download": Bool(),
         "train_sizes": Numbers(lambda n: Int(lo=-1)(n) if n == -1 else POSITIVE(n), text=True),
-        "activation": Choice(("pre", "post")), "low": Float(), "high": Float(), "degenerate_rtol": WEIGHT,
+        "activation": Choice(("pre", "post")), "layer_set": Choice(("conv", "block")), "low": Float(), "high": Float(), "degenerate_rtol": WEIGHT,
         "svm.C": RATE, "svm.tol": RATE, "svm.max_iter": POSITIVE, "svm.solver": Choice(("dual_cd", "lbfgs")),
     },
     "backward_compatible": {
@@ -279,6 +279,17 @@ FIELDS: dict[str, dict[str, Callable]] = {
         "bct.influence_weight": WEIGHT, "bct.normalize": Choice(("none", "unit", "old_norm")),
         "bct.compare_unnormalized": Bool(), "l2_weight": WEIGHT, "maps.ridge": WEIGHT, "maps.fit_samples": NONNEG,
         "retrieval_metric": Choice(("cosine", "l2")),
+    },
+    "canonical_space": {
+        **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=2),
+        "fit_split": SPLIT, "eval_split": SPLIT, "input_size": NONNEG, "native_size_models": Models(empty=True),
+        "num_classes": POSITIVE, "heads": Choice(("native", "linear")), "ridge": WEIGHT,
+        "fold_batchnorm": Bool(), "precision_check_images": NONNEG,
+        **{f"linear_head.{k}": v for k, v in TRAINING.items()},
+        "methods": Text(empty=False, pattern=r"(gcca|procrustes)(\s*,\s*(gcca|procrustes))*",
+                        form="comma-separated hubs: gcca, procrustes"),
+        "ranks": Text(pattern=r"(\d+(\s*,\s*\d+)*)?", form="comma-separated hub widths, or empty for the curve"),
+        "hub_ridge": WEIGHT, "tolerance": WEIGHT, "procrustes_iters": POSITIVE,
     },
     "extract": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=1), "split": SPLIT,
@@ -490,6 +501,7 @@ _NEED_MODELS = (_zoo_models, _extract_outputs)  # rules about the models: after 
 
 RULES: dict[str, tuple] = {
     "affine_equivalence": (_zoo_models, _weight_files),
+    "canonical_space": (_zoo_models, _weight_files),
     "open_set": (_zoo_models, _weight_files, _open_set_classes),
     "full_network_embedding": (_zoo_models, _weight_files, _fne_thresholds),
     "backward_compatible": (_bct_classes,),
