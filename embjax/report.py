@@ -5,7 +5,7 @@ report.md and results.json; a directory is complete exactly when it holds result
 written into `<run_dir>.partial`, renamed to `run_dir`, and only then does results.json get its final
 name), `heatmap_matrix`, `plain` (JSON-ready results, finite numbers only), and the open-set study's
 figures (`roc_figure`, `fit_size_figure`, `rank_figure`). The affine-equivalence tables (Tables 5.1-5.3,
-the thesis side by side) are in embjax.affine_report; their names are still reachable here.
+the thesis side by side) are in embjax.affine_report, which builds on this module.
 """
 from __future__ import annotations
 
@@ -256,18 +256,3 @@ def rank_figure(r, path):
         ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
     fig.tight_layout()
     fig.savefig(path)
-
-
-# The affine-equivalence report lives in embjax.affine_report; its names are forwarded for callers that
-# reach them through this module.
-_AFFINE = {"REFERENCE_DIR", "FAMILIES", "FAMILY_TITLES", "MATRIX_KEYS", "MINUS", "thesis_table", "validate",
-           "change_text", "cell_text", "table_5_1", "family_table", "thesis_side_by_side", "matrix_table",
-           "mean_penalty", "thesis_mean_penalty", "summary_text", "heatmap", "write"}
-
-
-def __getattr__(name: str):
-    if name in _AFFINE:
-        from embjax import affine_report
-
-        return getattr(affine_report, name)
-    raise AttributeError(f"module 'embjax.report' has no attribute {name!r}")

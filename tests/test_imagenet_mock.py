@@ -15,7 +15,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from embjax import report
+from embjax import affine_report, report
 from experiments import affine_equivalence as study
 from experiments.configs import affine_equivalence as configs
 
@@ -44,7 +44,7 @@ def test_imagenet_config_on_mock_data(tmp_path):
     # Logit maps reproduce source logits exactly: each row equals its source's unmapped accuracy.
     np.testing.assert_array_equal(logit, np.repeat(np.diag(logit)[:, None], 2, axis=1))
     run_dir = report.new_run_dir(str(tmp_path), name="imagenet")
-    report.write(run_dir, results)
+    affine_report.write(run_dir, results)
     with open(os.path.join(run_dir, "results.json")) as f:
         saved = json.load(f)
     assert saved["config"]["dataset"] == "imagenet2012"

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from embjax import report
+from embjax import affine_report, report
 
 MODELS = ["resnet152_v1", "inception_v3", "mobilenet_v2_140", "zoo_resnet_v1"]
 THESIS = ["ResNet-v1-152", "Inception-v3", "MobileNet-v2-1.4-224", None]
@@ -55,7 +55,7 @@ def read_csv(path):
 def test_writes_every_file_and_the_json_round_trips(tmp_path):
     results = make_results()
     run_dir = tmp_path / "run"
-    written = report.write(run_dir, results)
+    written = affine_report.write(run_dir, results)
     for key, path in written.items():
         assert os.path.isfile(path), key
         assert os.path.dirname(path) == str(run_dir)
@@ -80,7 +80,7 @@ def test_writes_every_file_and_the_json_round_trips(tmp_path):
 
 def test_table_cells_match_an_independent_formatting(tmp_path):
     results = make_results()
-    report.write(tmp_path / "run", results)
+    affine_report.write(tmp_path / "run", results)
     rows = read_csv(tmp_path / "run" / "table_5_2_affine.csv")
     assert rows[0][1:] == MODELS
     acc = results["affine"]["accuracy"]
@@ -103,12 +103,12 @@ def test_table_cells_match_an_independent_formatting(tmp_path):
 @pytest.mark.parametrize("relative,text", [(-0.0321, "\u22123.2%"), (0.004, "+0.4%"), (0.0004, "0.0%"),
                                            (-0.0004, "0.0%"), (0.0, "0.0%"), (-1.0, "\u2212100.0%"), (None, "n/a")])
 def test_change_text(relative, text):
-    assert report.change_text(relative) == text
+    assert affine_report.change_text(relative) == text
 
 
 def test_cell_text_like_the_thesis():
     # Thesis Table 5.2, MobileNet-v2 features into the Inception-v1 classifier: 68.17 against 74.60 unmapped.
-    assert report.cell_text(0.6817, 0.6817 / 0.7460 - 1) == "68.17 (\u22128.6%)"
+    assert affine_report.cell_text(0.6817, 0.6817 / 0.7460 - 1) == "68.17 (\u22128.6%)"
 
 
 @pytest.mark.parametrize("where,value", [(("affine", "r2", 1, 2), float("nan")),
@@ -120,7 +120,7 @@ def test_non_finite_numbers_are_refused_and_nothing_is_left(tmp_path, where, val
     results[family][key] = np.array(results[family][key])
     results[family][key][i, j] = value
     with pytest.raises(report.ReportError, match=rf"{family}\.{key}.*\[{i}\]\[{j}\]"):
-        report.write(tmp_path / "run", results)
+        affine_report.write(tmp_path / "run", results)
     assert os.listdir(tmp_path) == []
 
 
@@ -128,7 +128,7 @@ def test_non_finite_outside_matrices_is_named(tmp_path):
     results = make_results()
     results["meta"]["seconds"]["total"] = float("nan")
     with pytest.raises(report.ReportError, match=r"meta\.seconds\.total"):
-        report.write(tmp_path / "run", results)
+        affine_report.write(tmp_path / "run", results)
     assert os.listdir(tmp_path) == []
 
 
@@ -136,11 +136,9 @@ def test_a_crash_mid_write_leaves_no_directory(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    from embjax import affine_report
-
     monkeypatch.setattr(affine_report, "heatmap", boom)  # the affine tables' module draws it
     with pytest.raises(RuntimeError, match="disk full"):
-        report.write(tmp_path / "run", make_results())
+        affine_report.write(tmp_path / "run", make_results())
     assert os.listdir(tmp_path) == []
 
 
@@ -148,11 +146,11 @@ def test_a_stale_partial_is_replaced_and_an_existing_run_is_not_overwritten(tmp_
     stale = tmp_path / "run.partial"
     stale.mkdir()
     (stale / "junk").write_text("x")
-    report.write(tmp_path / "run", make_results())
+    affine_report.write(tmp_path / "run", make_results())
     assert sorted(os.listdir(tmp_path)) == ["run"]
     assert not (tmp_path / "run" / "junk").exists()
     with pytest.raises(FileExistsError, match="already exists"):
-        report.write(tmp_path / "run", make_results())
+        affine_report.write(tmp_path / "run", make_results())
 
 
 @pytest.mark.parametrize("mutate,needle", [
@@ -169,7 +167,7 @@ def test_bad_results_are_refused_with_a_clear_message(tmp_path, mutate, needle):
     results = make_results()
     mutate(results)
     with pytest.raises(report.ReportError, match=needle):
-        report.write(tmp_path / "run", results)
+        affine_report.write(tmp_path / "run", results)
     assert os.listdir(tmp_path) == []
 
 
@@ -180,14 +178,14 @@ def test_zero_accuracy_source_gets_no_relative_change(tmp_path):
     acc[2, :] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
         results["affine"]["relative_change"] = acc / np.diag(acc)[:, None] - 1  # row 2: NaN (0/0)
-    report.write(tmp_path / "run", results)
+    affine_report.write(tmp_path / "run", results)
     with open(tmp_path / "run" / "results.json") as f:
         assert json.load(f)["affine"]["relative_change"][2] == [None] * 4
     assert read_csv(tmp_path / "run" / "table_5_2_affine.csv")[3][1] == "0.00 (n/a)"
     # Anywhere else a NaN relative change is still refused.
     results["affine"]["relative_change"][1, 3] = np.nan
     with pytest.raises(report.ReportError, match=r"affine\.relative_change.*\[1\]\[3\]"):
-        report.write(tmp_path / "run2", results)
+        affine_report.write(tmp_path / "run2", results)
 
 
 def test_undefined_relative_change_prints_na(tmp_path):
@@ -196,30 +194,30 @@ def test_undefined_relative_change_prints_na(tmp_path):
     acc[1, :] = 0.0  # a source with zero accuracy has no relative change
     rel = [[None if i == 1 else float(acc[i, j] / acc[i, i] - 1) for j in range(4)] for i in range(4)]
     results["naive"]["relative_change"] = rel
-    report.write(tmp_path / "run", results)
+    affine_report.write(tmp_path / "run", results)
     rows = read_csv(tmp_path / "run" / "table_naive.csv")
     assert rows[2][1] == "0.00 (n/a)"
 
 
 def test_thesis_tables_read_the_published_numbers():
-    t2 = report.thesis_table(2)
+    t2 = affine_report.thesis_table(2)
     assert len(t2["models"]) == 10 and t2["models"][2] == "MobileNet-v2-1.4-224"
     # Thesis Table 5.2: Inception-v1 features into the MobileNet-v2 classifier, 68.17%.
     assert t2["accuracy"][0][2] == pytest.approx(0.6817, abs=1e-12)
-    t3 = report.thesis_table(3)
+    t3 = affine_report.thesis_table(3)
     for k, row in enumerate(t3["accuracy"]):
         assert all(v == row[k] for v in row)  # logit maps: every cell is the unmapped source
         assert row[k] == t2["accuracy"][k][k]
-    t1 = report.thesis_table(1)
+    t1 = affine_report.thesis_table(1)
     assert t1["feature_dims"][t1["models"].index("NASNet-Large")] == 4032
     assert t1["local_top1"][0] == pytest.approx(0.711, abs=1e-12)
     with pytest.raises(ValueError, match="5.4"):
-        report.thesis_table(4)
+        affine_report.thesis_table(4)
 
 
 def test_thesis_cells_beside_ours(tmp_path):
     results = make_results(thesis=True)
-    report.write(tmp_path / "run", results)
+    affine_report.write(tmp_path / "run", results)
     rows = read_csv(tmp_path / "run" / "table_5_2_affine_vs_thesis.csv")
     # Only models the thesis has: the zoo model is left out.
     assert rows[0][1:] == MODELS[:3]
@@ -234,7 +232,7 @@ def test_thesis_cells_beside_ours(tmp_path):
     t51 = read_csv(tmp_path / "run" / "table_5_1.csv")
     assert t51[1][-3:] == ["ResNet-v1-152", "2048", "78.78"]
     assert t51[4][-3:] == ["", "", ""]
-    summary = report.summary_text(results)
+    summary = affine_report.summary_text(results)
     # Mean thesis penalty over the 6 ordered pairs of its three models, recomputed here from the CSV cells.
     cells = {(0, 1): 76.47, (0, 2): 76.94, (1, 0): 77.9, (1, 2): 77.91, (2, 0): 71.57, (2, 1): 70.56}
     diag = {0: 78.78, 1: 78.88, 2: 74.60}
@@ -244,13 +242,13 @@ def test_thesis_cells_beside_ours(tmp_path):
 
 def test_summary_text_has_table_5_1_and_mean_penalties():
     results = make_results()
-    text = report.summary_text(results)
+    text = affine_report.summary_text(results)
     for m in MODELS:
         assert m in text
     for family in ("affine", "logit", "naive"):
         acc = results[family]["accuracy"]
         off = [acc[i, j] / acc[i, i] - 1 for i in range(4) for j in range(4) if i != j]
-        assert f"{family}" in text and report.change_text(float(np.mean(off))) in text
+        assert f"{family}" in text and affine_report.change_text(float(np.mean(off))) in text
     assert "over 12 pairs" in text
 
 

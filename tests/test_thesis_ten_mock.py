@@ -20,7 +20,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from embjax import report  # noqa: E402
+from embjax import affine_report, report  # noqa: E402
 from experiments import affine_equivalence as study  # noqa: E402
 from experiments.configs import affine_equivalence as configs  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_all_ten_thesis_cnns_at_331_px_on_mock_imagenet(tmp_path):
     assert np.asarray(results["affine"]["r2"])[off].min() > 0.999
 
     run_dir = report.new_run_dir(str(tmp_path), name="imagenet")
-    report.write(run_dir, results)
+    affine_report.write(run_dir, results)
     with open(os.path.join(run_dir, "results.json")) as f:
         saved = json.load(f)
     assert saved["reference"]["thesis_names"] == [configs.THESIS_NAMES[n] for n in names]
