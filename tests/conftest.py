@@ -1,5 +1,10 @@
-"""Shared pytest set-up: a private cache and home for the whole run, and "highest" matmul precision only
-where a test asks for it.
+"""Shared pytest set-up: the two tiers, a private cache and home for the whole run, and "highest" matmul
+precision only where a test asks for it.
+
+Tiers: `./launch.sh test` runs the everyday tier, `pytest -m "not slow"`; `./launch.sh test all` (what CI
+runs) runs every test. A test belongs to the whole tier only when it carries `pytest.mark.slow`, and every
+test of a `test_fuzz_*.py` file gets that mark here: full-size parity against PyTorch, Keras and
+TensorFlow, the ten thesis CNNs at 331 px, the study runs killed from outside, the fuzz files.
 
 Precision: the library's pure math requests float32 precision on its own dots (checked in
 test_precision.py), so the suite runs at JAX's default precision. The parity tests of converted models
@@ -45,6 +50,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "highest_precision: run under jax.default_matmul_precision('highest') (parity tests whose "
         "tolerances assume exact float32 matmuls)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_fuzz_"):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_unconfigure(config):
