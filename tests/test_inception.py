@@ -124,6 +124,7 @@ def _assert_parity(module, variables, case):
     return out
 
 
+@pytest.mark.slow  # full-size parity: the whole tier
 def test_inception_v3_matches_keras(keras_v3):
     variables = keras_inception.convert_inception_v3(keras_v3["weights"])
     out = _assert_parity(inception.InceptionV3(num_classes=17), variables, keras_v3)
@@ -131,6 +132,7 @@ def test_inception_v3_matches_keras(keras_v3):
     assert out["stem"].shape == (2, 8, 10, 192)  # 83x99 -> 41x49 -> 39x47 -> 19x23 -> 17x21 -> 8x10
 
 
+@pytest.mark.slow  # full-size parity: the whole tier
 def test_inception_resnet_v2_matches_keras(keras_irv2):
     variables = keras_inception.convert_inception_resnet_v2(keras_irv2["weights"])
     out = _assert_parity(inception.InceptionResNetV2(num_classes=17), variables, keras_irv2)
