@@ -196,7 +196,7 @@ def _tiny_config(**overrides):
 @pytest.mark.parametrize("overrides,needle", [
     (dict(models="zoo_resnet_v1,no_such_model"), "no_such_model"),
     (dict(weights="files"), "weight_files"),
-    (dict(weights="zoo", models="zoo_resnet_v1,resnet50_v1"), "resnet50_v1"),
+    (dict(weights="zoo", models="resnet50_v1,zoo_resnet_v1"), "resnet50_v1"),  # fails before training any
     (dict(data_dir="/nonexistent/fmnist"), "/nonexistent/fmnist"),
     (dict(eval_split="test[:0]"), "empty"),
 ])

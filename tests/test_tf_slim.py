@@ -294,6 +294,7 @@ def _synthetic_checkpoint(name, prefix=""):
     return arrays, constants
 
 
+@pytest.mark.slow  # full-size synthetic checkpoints: the whole tier (the name maps above are everyday)
 @pytest.mark.parametrize("name", sorted(_NAS_SLIM))
 def test_full_size_checkpoint_names_fill_every_variable_exactly_once(name):
     from embjax.weights.h5 import flatten_tree
@@ -314,6 +315,7 @@ def test_full_size_checkpoint_names_fill_every_variable_exactly_once(name):
     registry.check_variables(name, variables)
 
 
+@pytest.mark.slow  # two full-size synthetic checkpoints: the whole tier
 def test_nas_converter_refuses_missing_extra_and_misshaped_variables_by_name():
     arrays, _ = _synthetic_checkpoint("pnasnet_large_slim")
     del arrays["cell_3/comb_iter_2/right/separable_3x3_2/pointwise_weights"]
