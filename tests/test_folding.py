@@ -261,9 +261,8 @@ def test_iresnet_folds_and_keeps_the_residual_stream_batchnorms():
     assert kept == {(b, "bn1") for b in blocks} | {("bn2",)}
 
 
-@pytest.mark.parametrize("architecture,size", [  # everyday: v1; v2 and v4 (same fold code) in the whole tier
-    ("inception_v1", 32), pytest.param("inception_v2", 32, marks=pytest.mark.slow),
-    pytest.param("inception_v4", 75, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 12-22 s each to compile: the whole tier (test_zoo_models_fold covers folding everyday)
+@pytest.mark.parametrize("architecture,size", [("inception_v1", 32), ("inception_v2", 32), ("inception_v4", 75)])
 def test_slim_inception_folds(architecture, size):
     # Every BatchNorm of TF-Slim's Inception v1/v2/v4 follows its conv: all fold, none stays.
     module = inception_slim.SlimInception(architecture, num_classes=11, depth_multiplier=0.05, min_depth=8)
@@ -271,9 +270,8 @@ def test_slim_inception_folds(architecture, size):
     assert fold_and_compare(module, x, seed=17) == set()
 
 
-@pytest.mark.parametrize("family,pool_padding", [  # everyday: NASNet-A; the others in the whole tier
-    ("nasnet", "tf"), pytest.param("nasnet", "keras", marks=pytest.mark.slow),
-    pytest.param("pnasnet", "tf", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 20 s each to compile: the whole tier (test_zoo_models_fold covers folding everyday)
+@pytest.mark.parametrize("family,pool_padding", [("nasnet", "tf"), ("nasnet", "keras"), ("pnasnet", "tf")])
 def test_nas_cells_fold(family, pool_padding):
     # Separable stacks (depthwise → pointwise → BN), 1×1 projections and the stem fold; a factorized
     # reduction's final_path_bn normalizes a concatenation of two convs and stays as ScaleShift.

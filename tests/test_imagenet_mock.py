@@ -13,6 +13,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from embjax import report
@@ -20,6 +21,7 @@ from experiments import affine_equivalence as study
 from experiments.configs import affine_equivalence as configs
 
 
+@pytest.mark.slow  # two ImageNet CNNs compiled for two passes (about a minute of CPU): the whole tier
 def test_imagenet_config_on_mock_data(tmp_path):
     config = configs.get_config("imagenet")
     config.models = "mobilenet_v2_140,efficientnet_lite0"
