@@ -77,6 +77,23 @@ def _matmul_precision(request):
         jax.config.update("jax_default_matmul_precision", before)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """One worker runs many modules: without this its resident memory grows with every module's compiled
+    programs (a 2-worker everyday run reached 3.7 GB per worker). After a module, JAX's compilation
+    caches are dropped, garbage collected, and freed heap handed back to the system."""
+    yield
+    import ctypes
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is freed, just not returned
+        pass
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_write_locations():
     """The directory every redirected location lives in; fails the run if something reset them."""
