@@ -2,7 +2,9 @@
 # embjax launcher: sets itself up on a fresh machine, then runs one command.
 #
 #   ./launch.sh                    the main job: the affine-equivalence study on the offline default (zoo)
-#   ./launch.sh test [pytest args] the whole test suite
+#   ./launch.sh test [pytest args] the everyday tests (pytest -m 'not slow'; minutes, under 4 GB a process)
+#   ./launch.sh test all [args]    every test (what CI runs): full-size parity, 331-px thesis CNNs, kill
+#                                  tests, fuzz files; needs about 16 GB of memory
 #   ./launch.sh STUDY [flags]      experiments/STUDY.py with absl flags (e.g. --config=...), for any study in
 #                                  experiments/ (affine_equivalence, extract, ...); `study` = affine_equivalence
 #   ./launch.sh bench NAME [args]  benchmarks/NAME.py (installs the benchmark extra: PyTorch CPU, psutil)
@@ -68,8 +70,11 @@ case "$cmd" in
   test)
     ensure_venv "test,weights"
     ensure_fashion_mnist
-    # One worker per core; a module's tests stay on one worker so its fixtures are built once.
-    exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile "$@"
+    # Everyday tier: every test not marked slow. `test all`: every test (tests/conftest.py says which are
+    # slow). One worker per core; a module's tests stay on one worker so its fixtures are built once.
+    tier=(-m "not slow")
+    if [ "${1:-}" = all ]; then tier=(); shift; fi
+    exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile ${tier[@]+"${tier[@]}"} "$@"
     ;;
   bench)
     name=${1:?usage: ./launch.sh bench NAME [args]}

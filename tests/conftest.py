@@ -1,5 +1,10 @@
-"""Shared pytest set-up: a private cache and home for the whole run, and "highest" matmul precision only
-where a test asks for it.
+"""Shared pytest set-up: the two tiers, a private cache and home for the whole run, and "highest" matmul
+precision only where a test asks for it.
+
+Tiers: `./launch.sh test` runs the everyday tier, `pytest -m "not slow"`; `./launch.sh test all` (what CI
+runs) runs every test. A test belongs to the whole tier only when it carries `pytest.mark.slow`, and every
+test of a `test_fuzz_*.py` file gets that mark here: full-size parity against PyTorch, Keras and
+TensorFlow, the ten thesis CNNs at 331 px, the study runs killed from outside, the fuzz files.
 
 Precision: the library's pure math requests float32 precision on its own dots (checked in
 test_precision.py), so the suite runs at JAX's default precision. The parity tests of converted models
@@ -47,6 +52,12 @@ def pytest_configure(config):
         "tolerances assume exact float32 matmuls)")
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_fuzz_"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(_PRIVATE, ignore_errors=True)
 
@@ -64,6 +75,23 @@ def _matmul_precision(request):
                 yield
     finally:
         jax.config.update("jax_default_matmul_precision", before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """One worker runs many modules: without this its resident memory grows with every module's compiled
+    programs (a 2-worker everyday run reached 3.7 GB per worker). After a module, JAX's compilation
+    caches are dropped, garbage collected, and freed heap handed back to the system."""
+    yield
+    import ctypes
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is freed, just not returned
+        pass
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Benchmark scripts, not library code: each run is a subprocess paying the JAX import and compilation.
+pytestmark = pytest.mark.slow
 
 
 def _run(*args):

@@ -3,9 +3,11 @@ prepared here without TensorFlow), and padded, masked, sharded, resumable, prefe
 import gc
 import gzip
 import io
+import queue
 import struct
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -273,13 +275,39 @@ def test_prefetch_reraises_the_worker_error_with_the_batch_named():
     assert not it._thread.is_alive()
 
 
-def test_prefetch_is_bounded_and_stops_on_close_and_on_garbage_collection():
+def test_prefetch_is_bounded_and_stops_on_close_and_on_garbage_collection(monkeypatch):
+    # The prefetch thread's queue reports every put that finds it full, with the samples read and the
+    # batches the consumer had taken by then. While that put waits the thread reads nothing more, so the
+    # bound is checked at moments the test knows, not after a guessed wait: t batches taken, two queued
+    # and one built and waiting to be queued is (t + 3) x 10 samples. An unbounded queue is never full:
+    # the wait below then fails.
+    from embjax.data import pipeline
+
     src = PlainSource(1000)
+    events, taken, seen = [], [0], threading.Condition()
+
+    class WatchedQueue(queue.Queue):
+        def put(self, item, block=True, timeout=None):
+            if self.full():
+                with seen:
+                    events.append((taken[0], len(src.read)))
+                    seen.notify_all()
+            return super().put(item, block, timeout)
+
+        def get(self, block=True, timeout=None):
+            item = super().get(block, timeout)
+            with seen:
+                taken[0] += 1
+            return item
+
+    monkeypatch.setattr(pipeline, "queue", types.SimpleNamespace(Queue=WatchedQueue, Full=queue.Full,
+                                                                 Empty=queue.Empty))
     it = data.batches(src, 10, prefetch=2)
     next(it)
-    time.sleep(0.3)
-    # One batch consumed, two queued and at most one more built and waiting to be queued: 4 x 10 samples.
-    assert len(src.read) <= 40
+    with seen:  # the timeout only keeps a broken bound from hanging the suite
+        assert seen.wait_for(lambda: any(t == 1 for t, _ in events), timeout=120), events
+        assert all(read <= (t + 3) * 10 for t, read in events), events
+        assert len(src.read) == 40, events  # one taken, the thread waiting to queue the fourth batch
     thread = it._thread
     it.close()
     assert not thread.is_alive()

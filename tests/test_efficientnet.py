@@ -178,7 +178,7 @@ def _lite_on_photos(variant):
     return _cache[variant]
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_real_weights_classify_photos(variant):
     _, _, _, out = _lite_on_photos(variant)
     top = np.argmax(out["logits"], axis=-1)

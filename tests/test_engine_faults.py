@@ -82,6 +82,7 @@ def _assert_identical(state, want):
         np.testing.assert_array_equal(v, want[k], err_msg=k)
 
 
+@pytest.mark.slow  # a child process (JAX import, compilation) per case: the whole tier
 @pytest.mark.parametrize("mode,resumes_at", [("meta", 2), ("commit", 2), ("rename", 2), ("after_rename", 4)])
 def test_killed_inside_a_checkpoint_write_resumes_to_identical_results(tmp_path, whole, mode, resumes_at):
     proc = _child(mode, tmp_path)

@@ -4,19 +4,18 @@ The toy study (written to a file and run as a subprocess, like any study) has tw
 Fashion-MNIST test[:300] with two zoo backbones (random weights): per-model means and variances of the
 pre-logit features (embjax.moments), and a feature-store dump of two intermediates of different shapes
 (float16 and float32). It prints one progress line per batch; the test kills it once a chosen batch is
-done, runs it again, and compares everything with an uninterrupted run.
+done, runs it again, and compares everything with an uninterrupted run. Whole tier only: four runs, each
+paying the JAX import and compilation; the everyday tier's kill -9 resume is tests/test_study.py's.
 """
 
 import os
-import re
-import signal
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import study_runner as runner
 
 TOY = textwrap.dedent('''
     import sys
@@ -55,31 +54,25 @@ TOY = textwrap.dedent('''
 ''')
 
 
-def _env(cache):
-    env = dict(os.environ, EMBJAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _run(script, workdir, out, cache, kill_at=None):
-    proc = subprocess.Popen([sys.executable, str(script), str(workdir), str(out)], cwd=ROOT, env=_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_at and re.search(kill_at, line):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=600)
-    text = "".join(lines)
+    cmd = [sys.executable, str(script), str(workdir), str(out)]
     if kill_at:
-        assert proc.returncode == -signal.SIGKILL, text[-3000:]
-    else:
-        assert proc.returncode == 0 and "toy done" in text, text[-3000:]
-    return text
+        return runner.kill_at(cmd, kill_at, cache)
+    proc = runner.run(cmd, cache)
+    assert "toy done" in proc.stdout, proc.stdout[-3000:]
+    return proc.stdout
 
 
+def _newest(workdir, name):
+    """The newest checkpoint the killed run left for pass `name`: where the rerun must resume (the run goes
+    on for a moment after the line that triggered the kill, so this is read from the disk)."""
+    assert not runner.checkpoints(workdir / "passes" / name), f"the kill landed after pass '{name}' finished"
+    steps = runner.checkpoints(workdir / "checkpoints" / name)
+    assert steps and steps[0] < 10, steps
+    return steps[0]
+
+
+@pytest.mark.slow
 def test_toy_study_killed_mid_pass_resumes_to_identical_output(tmp_path):
     script = tmp_path / "toy_study.py"
     script.write_text(TOY)
@@ -87,15 +80,17 @@ def test_toy_study_killed_mid_pass_resumes_to_identical_output(tmp_path):
     _run(script, tmp_path / "whole", tmp_path / "whole.npz", cache)
 
     killed = tmp_path / "killed"
-    # 10 batches per pass; checkpoints after 3, 6 and 9. Kill in the first pass after batch 5 (the
-    # checkpoint of batch 3 holds), then in the second pass after batch 8 (checkpoint 6 holds).
-    _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[means .*\] batch 5/10")
+    # 10 batches per pass; checkpoints after 3, 6 and 9. Kill in the first pass after batch 4 (the
+    # checkpoint of batch 3 holds), then in the second pass after batch 7 (checkpoint 6 holds).
+    _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[means .*\] batch 4/10")
     assert not os.path.exists(killed / "store" / "means" / "manifest.json")
-    text = _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[centred .*\] batch 8/10")
-    assert "[resume] pass 'means': 3/10 batches already done" in text
+    means_at = _newest(killed, "means")
+    text = _run(script, killed, tmp_path / "k.npz", cache, kill_at=r"\[centred .*\] batch 7/10")
+    assert f"[resume] pass 'means': {means_at}/10 batches already done" in text
+    centred_at = _newest(killed, "centred")
     text = _run(script, killed, tmp_path / "killed.npz", cache)
     assert "[resume] pass 'means' finished earlier" in text
-    assert "[resume] pass 'centred': 6/10 batches already done" in text
+    assert f"[resume] pass 'centred': {centred_at}/10 batches already done" in text
 
     whole, resumed = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
     assert sorted(whole.files) == sorted(resumed.files)

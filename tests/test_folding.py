@@ -168,6 +168,7 @@ def test_zoo_models_fold(name):
     assert_same_outputs(module, variables, folded_module, folded, x)
 
 
+@pytest.mark.slow  # the full ResNet-50 layout; test_zoo_models_fold covers the module at the zoo's size
 def test_resnet50_v1_full_size_folds():
     module = registry.get("resnet50_v1").build()
     x = jnp.asarray(np.random.default_rng(4).normal(0.0, 1.0, (2, 64, 64, 3)), jnp.float32)
@@ -269,6 +270,7 @@ def test_iresnet_folds_and_keeps_the_residual_stream_batchnorms():
     assert kept == {(b, "bn1") for b in blocks} | {("bn2",)}
 
 
+@pytest.mark.slow  # 12-22 s each to compile: the whole tier (test_zoo_models_fold covers folding everyday)
 @pytest.mark.parametrize("architecture,size", [("inception_v1", 32), ("inception_v2", 32), ("inception_v4", 75)])
 def test_slim_inception_folds(architecture, size):
     # Every BatchNorm of TF-Slim's Inception v1/v2/v4 follows its conv: all fold, none stays.
@@ -277,6 +279,7 @@ def test_slim_inception_folds(architecture, size):
     assert fold_and_compare(module, x, seed=17) == set()
 
 
+@pytest.mark.slow  # about 20 s each to compile: the whole tier (test_zoo_models_fold covers folding everyday)
 @pytest.mark.parametrize("family,pool_padding", [("nasnet", "tf"), ("nasnet", "keras"), ("pnasnet", "tf")])
 def test_nas_cells_fold(family, pool_padding):
     # Separable stacks (depthwise → pointwise → BN), 1×1 projections and the stem fold; a factorized

@@ -4,47 +4,32 @@ Fashion-MNIST images), and its resume after SIGKILL in the middle of a pass.
 Each run is a subprocess of `python -m experiments.full_network_embedding`, as a user starts it; runs share
 a persistent XLA compilation cache. Random weights: these tests check the bookkeeping and arithmetic of the
 study (the stored int8 embedding, the statistics, the report), not the accuracy of pretrained features.
+The kill -9 test (whole tier only) kills the run when it reports a batch of the statistics pass
+(tests/study_runner.py).
 """
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import study_runner as runner
+
 CONFIG = "--config=experiments/configs/full_network_embedding.py:tiny"
 MODEL = "zoo_efficientnet_lite"
 
 
-def _env(cache):
-    env = dict(os.environ, EMBJAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env.pop("EMBJAX_TRACEBACK", None)
-    return env
-
-
 def _cmd(workdir, *args):
-    return [sys.executable, "-m", "experiments.full_network_embedding", CONFIG, f"--workdir={workdir}", *args]
+    return runner.study("full_network_embedding", workdir, CONFIG, *args)
 
 
 def run_study(workdir, cache, *args):
-    proc = subprocess.run(_cmd(workdir, *args), cwd=ROOT, env=_env(cache), capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"study failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return runner.run(_cmd(workdir, *args), cache)
 
 
 def load_results(workdir):
-    runs = sorted(d for d in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, d, "results.json")))
-    assert runs, f"no finished report under {workdir}: {os.listdir(workdir)}"
-    with open(os.path.join(workdir, runs[-1], "results.json")) as f:
-        return json.load(f), os.path.join(workdir, runs[-1])
+    results, run_dir = runner.results(workdir)
+    return results, str(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -113,29 +98,19 @@ def test_report_and_stored_embedding(baseline):
         np.testing.assert_allclose(results["sparsity"][MODEL][str(n)], np.mean(stored == 0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_pass_gives_identical_results(baseline, tmp_path, cache):
     results, _, _, _ = baseline
     workdir = tmp_path / "killed"
-    checkpoints = workdir / "state" / "checkpoints" / f"stats_{MODEL}"
-    finished = workdir / "state" / "passes" / f"stats_{MODEL}"
-    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        # Kill -9 as soon as the first mid-pass checkpoint of the statistics pass is on disk.
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    # (the engine creates the finished-pass directory up front; a finished pass has a step in it)
-    assert not (finished.is_dir() and any(p.name.isdigit() for p in finished.iterdir())), \
-        "the pass finished before the kill: nothing was resumed mid-pass"
+    name = f"stats_{MODEL}"
+    # Kill -9 when the statistics pass reports batch 4 of its 30 (its first checkpoint, after batch 3, is
+    # on disk by then); the rerun resumes from the newest checkpoint the killed run left.
+    runner.kill_at(_cmd(workdir), rf"\[{name} .*\] batch 4/30", cache)
+    assert not runner.pass_finished(workdir, name), "the pass finished before the kill: nothing was resumed"
+    steps = runner.pass_checkpoints(workdir, name)
+    assert steps, "no checkpoint of the statistics pass after batch 4"
     out = run_study(workdir, cache)
-    assert f"[resume] pass 'stats_{MODEL}'" in out.stdout
+    assert f"[resume] pass '{name}': {steps[0]}/30 batches already done" in out.stdout
     resumed, _ = load_results(workdir)
     # Same batches folded in the same order by the same compiled steps: bit-identical numbers.
     for key in ("accuracy", "sparsity", "degenerate_features", "dims"):

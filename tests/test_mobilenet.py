@@ -53,7 +53,7 @@ def _keras_mobilenet(alpha, size, classes=5, seed=0):
     return model
 
 
-@pytest.mark.parametrize("alpha,size", [(1.0, 67), (1.4, 64)])
+@pytest.mark.parametrize("alpha,size", [(1.0, 67), pytest.param(1.4, 64, marks=pytest.mark.slow)])
 def test_mobilenet_v2_matches_keras(alpha, size):
     model = _keras_mobilenet(alpha, size)
     layers = [model.layers[n] if isinstance(n, int) else model.get_layer(n) for n in STAGE_OUTPUTS.values()]

@@ -292,6 +292,7 @@ def test_without_heads_and_without_labels(tmp_path):
         _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
 
 
+@pytest.mark.slow  # a benchmark script in a subprocess: the whole tier
 def test_benchmark_runs_at_a_toy_size(tmp_path):
     """benchmarks/own_features.py end to end (both contestants, a growth point each), in seconds."""
     pytest.importorskip("sklearn")

@@ -46,6 +46,7 @@ def _parity(keras_fn, depth, version, keras_names, seed):
         assert err < RTOL, f"{ours} ({theirs}): relative error {err:.2e}"
 
 
+@pytest.mark.slow  # full-size parity: the whole tier
 def test_resnet50_v1_matches_keras():
     names = {
         "stem": "pool1_pool",
@@ -59,6 +60,7 @@ def test_resnet50_v1_matches_keras():
     _parity(keras.applications.ResNet50, 50, 1, names, seed=0)
 
 
+@pytest.mark.slow  # full-size parity: the whole tier
 def test_resnet50_v2_matches_keras():
     names = {
         "stem": "pool1_pool",

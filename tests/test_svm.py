@@ -132,6 +132,7 @@ _SHARDED = textwrap.dedent(
 
 
 @pytest.mark.highest_precision  # the in-process fit matches the child script's precision
+@pytest.mark.slow  # a child process with 4 fake devices: the whole tier
 def test_sharded_over_four_devices_matches_one(tmp_path):
     rng = np.random.default_rng(7)
     x, y = _problem(rng, 250, 12, 3)

@@ -83,8 +83,9 @@ def _max_relative_error(ours, theirs):
     return float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
 
 
-@pytest.mark.parametrize(
-    "network", ["resnet_v1_152", "resnet_v2_152", "inception_v1", "inception_v2", "inception_v3",
+@pytest.mark.parametrize(  # everyday: one network per converter; v2 ResNet and Inception-v1 in the whole tier
+    "network", ["resnet_v1_152", pytest.param("resnet_v2_152", marks=pytest.mark.slow),
+                pytest.param("inception_v1", marks=pytest.mark.slow), "inception_v2", "inception_v3",
                 "inception_resnet_v2", "mobilenet_v2"]
 )
 def test_converted_weights_reproduce_tensorflow_layer_by_layer(network):
@@ -294,6 +295,7 @@ def _synthetic_checkpoint(name, prefix=""):
     return arrays, constants
 
 
+@pytest.mark.slow  # full-size synthetic checkpoints: the whole tier (the name maps above are everyday)
 @pytest.mark.parametrize("name", sorted(_NAS_SLIM))
 def test_full_size_checkpoint_names_fill_every_variable_exactly_once(name):
     from embjax.models.convert.framework import flatten_tree
@@ -314,6 +316,7 @@ def test_full_size_checkpoint_names_fill_every_variable_exactly_once(name):
     registry.check_variables(name, variables)
 
 
+@pytest.mark.slow  # two full-size synthetic checkpoints: the whole tier
 def test_nas_converter_refuses_missing_extra_and_misshaped_variables_by_name():
     arrays, _ = _synthetic_checkpoint("pnasnet_large_slim")
     del arrays["cell_3/comb_iter_2/right/separable_3x3_2/pointwise_weights"]

@@ -76,6 +76,7 @@ def inception_v4_case():
     return _fixture("inception_v4")  # 42.7M random weights: drawn once for the module
 
 
+@pytest.mark.slow  # full-size parity: the whole tier (the reduced PNASNet below is everyday)
 def test_inception_v4_matches_timm(inception_v4_case, tmp_path):
     meta, ref, state_dict, x = inception_v4_case
     variables = timm_models.convert_timm_inception_v4(state_dict)

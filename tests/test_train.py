@@ -3,39 +3,35 @@ weights; the data-parallel step on 2 (fake CPU) devices follows the 1-device run
 
 The run that is killed and resumed, and the 2-device run, are subprocesses: the kill must hit a separate
 process, and 2 devices need XLA_FLAGS=--xla_force_host_platform_device_count set before JAX starts. The
-uninterrupted reference runs in this process (one interpreter start-up less).
+uninterrupted reference runs in this process (one interpreter start-up less). Whole tier only (three
+child processes); the everyday tier's kill -9 resume is tests/test_study.py's.
 """
 
-import os
 import runpy
-import signal
-import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+import study_runner as runner
 from embjax import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A small BatchNorm network trained through bct.make_loss (the BCT variant, so the influence path is
 # exercised too) on random data whose labels a linear head can predict. The test owns the data source:
-# it sleeps a little per batch so that the run lasts long enough to be killed mid-way (fault injection
-# from the test, nothing in train.py knows about it).
+# asked for a batch number `block_at` (counted from 1), it waits on its stdin, which the test holds open
+# and never writes, so the run stops there until the test, which saw the step line before it, kills it
+# (fault injection from the test, nothing in train.py knows about it; no clock involved).
 _SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import sys
     import jax
     import numpy as np
     import flax.linen as nn
     from embjax import bct, train
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as the in-process reference run
-    workdir, out_path, devices, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    workdir, out_path, devices, block_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     assert jax.device_count() == devices, jax.devices()
 
     class Net(nn.Module):
@@ -57,8 +53,13 @@ _SCRIPT = textwrap.dedent(
                                          new_classes=[2], new_class_means=np.ones((1, 6), np.float32))
     loss = bct.make_loss(net, lambda x: x.astype(np.float32), "bct", influence=influence, weight=0.5)
 
+    fetched = 0
+
     def get_batch(idx):
-        time.sleep(sleep)
+        global fetched
+        fetched += 1
+        if fetched == block_at:
+            sys.stdin.readline()  # blocks until the test kills this process (or closes the pipe)
         return {"image": images[idx], "label": labels[idx]}
 
     cfg = train.TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, checkpoint_every=4, log_seconds=0.0)
@@ -71,13 +72,14 @@ _SCRIPT = textwrap.dedent(
 TOTAL_STEPS = 3 * (256 // 32)
 
 
-def _start(tmp_path, workdir, out, devices=1, sleep=0.0):
+def _cmd(tmp_path, workdir, out, devices=1, block_at=0):
     script = tmp_path / "train_toy.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, str(script), str(workdir), str(out), str(devices), str(sleep)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    return [sys.executable, str(script), str(workdir), str(out), str(devices), str(block_at)]
+
+
+def _run(tmp_path, workdir, out, devices=1):
+    return runner.run(_cmd(tmp_path, workdir, out, devices), devices=devices).stdout
 
 
 def _run_here(tmp_path, workdir, out, capsys):
@@ -91,12 +93,6 @@ def _run_here(tmp_path, workdir, out, capsys):
     finally:
         sys.argv = argv
     return capsys.readouterr().out
-
-
-def _finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
 
 
 def _load(path):
@@ -115,33 +111,20 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
         train.epoch_batches(10, 32, seed=0, epoch=0)
 
 
+@pytest.mark.slow
 @pytest.mark.highest_precision  # the in-process reference matches the child scripts' precision
 def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path, capsys):
     one_device_log = _run_here(tmp_path, tmp_path / "ref", tmp_path / "ref.npz", capsys)
 
-    victim = _start(tmp_path, tmp_path / "run", tmp_path / "run.npz", sleep=0.15)
-    seen = []
-    deadline = time.time() + 240
-    killed_after = None
-    for line in victim.stdout:
-        seen.append(line)
-        # Step lines read "[toy] epoch e/3  step s/24 ..."; kill once a checkpoint (every 4 steps) is
-        # behind us and the run is not finished: between steps 9 and 11 the latest checkpoint is 8.
-        if "step " in line and "/24" in line:
-            step = int(line.split("step ")[1].split("/")[0])
-            if step >= 9:
-                os.kill(victim.pid, signal.SIGKILL)
-                killed_after = step
-                break
-        assert time.time() < deadline, "".join(seen)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "".join(seen)
-    assert killed_after is not None and killed_after < TOTAL_STEPS
+    # Step lines read "[toy] epoch e/3  step s/24 ..."; checkpoints every 4 steps. The run waits when it
+    # asks for batch 11, so it can finish step 10 at most; the test kills it when step 10 is reported.
+    # The newest checkpoint is then 8, whatever the machine's speed.
+    runner.kill_at(_cmd(tmp_path, tmp_path / "run", tmp_path / "run.npz", block_at=11), r"step 10/24 ")
     assert not (tmp_path / "run.npz").exists()
+    assert runner.checkpoints(tmp_path / "run") == [8, 4]
 
-    resumed = _start(tmp_path, tmp_path / "run", tmp_path / "run.npz")
-    log = _finish(resumed)
-    assert "resuming from step 8/24" in log or "resuming from step 12/24" in log, log
+    log = _run(tmp_path, tmp_path / "run", tmp_path / "run.npz")
+    assert "resuming from step 8/24" in log, log
     want, got = _load(tmp_path / "ref.npz"), _load(tmp_path / "run.npz")
     assert want.keys() == got.keys() and any("batch_stats" in k for k in got)
     for k in want:
@@ -154,7 +137,7 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path, capsys):
         np.testing.assert_array_equal(v, want[k])
 
     # Data parallel: the same run on 2 (fake CPU) devices follows the 1-device one.
-    two_device_log = _finish(_start(tmp_path, tmp_path / "two", tmp_path / "two.npz", devices=2))
+    two_device_log = _run(tmp_path, tmp_path / "two", tmp_path / "two.npz", devices=2)
     _check_two_devices_follow_one(one_device_log, two_device_log)
 
 
