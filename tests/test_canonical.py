@@ -136,6 +136,7 @@ def _planted(rng, n, dims, k, noise):
     return z, [z @ a + c + noise * rng.standard_normal((n, a.shape[1])) for a, c in mix], mix
 
 
+@pytest.mark.slow  # minutes of compilation over the rank curve on a 2-core CPU: the whole tier
 @pytest.mark.parametrize("method", ["gcca", "procrustes"])
 def test_planted_canonical_space(method):
     """N = 4 models whose features are random affine images of one k = 4 latent plus noise of std 0.01.

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a study subprocess (zoo models, both hubs at three ranks): the whole tier
 def test_tiny_study_writes_every_key_and_full_width_gcca_matches_direct(tmp_path):
     cmd = [sys.executable, "-m", "experiments.canonical_space", f"--workdir={tmp_path}",
            "--config.models=zoo_resnet_v1,zoo_resnet_v2", "--config.fit_split=train[:512]",

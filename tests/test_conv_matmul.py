@@ -142,7 +142,8 @@ def test_zoo_models_as_matmuls(name):
     assert_rewrite_matches(*inference_module(module, x, seed=3), x)
 
 
-@pytest.mark.parametrize("family", ["iresnet", "inception_v1", "inception_v4", "nasnet", "pnasnet", "vgg"])
+@pytest.mark.parametrize("family", ["iresnet", "inception_v1", "inception_v4", *(
+    pytest.param(f, marks=pytest.mark.slow) for f in ("nasnet", "pnasnet")), "vgg"])  # NAS: 40-50 s to trace
 def test_other_families_as_matmuls(family):
     # Reduced widths of the thesis' and face models' families (the full layouts repeat the same layers).
     small = dict(num_classes=9, num_cells=3, num_conv_filters=8, stem_filters=12)
