@@ -293,8 +293,9 @@ FIELDS: dict[str, dict[str, Callable]] = {
     },
     "extract": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=1), "split": SPLIT,
-        "zoo_split": SPLIT, "outputs": Text(empty=False, pattern=r"[A-Za-z0-9_]+(\s*,\s*[A-Za-z0-9_]+)*\s*,?",
-                                            form="comma-separated output names such as pre_logits,logits"),
+        "zoo_split": SPLIT, "outputs": Text(empty=False, pattern=r"[A-Za-z0-9_/]+(\s*,\s*[A-Za-z0-9_/]+)*\s*,?",
+                                            form="comma-separated output names such as pre_logits,logits or "
+                                                 "block_3/expand_conv"),
         "store_dtype": Choice(("float32", "float16", "int8")),
     },
     # experiments.features has plain flags (no config): --FLAG=VALUE
