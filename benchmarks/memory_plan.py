@@ -170,19 +170,18 @@ def main(argv=None) -> int:
     variables = abstract([m.variables for m in members], rep)
     feats = {nm: ("pre_logits",) for nm in names}
     init = jax.eval_shape(lambda: stats.init(widths))
-    fold = lambda s, out, b, aux: stats.update(s, [out[nm]["pre_logits"] for nm in names], b["mask"])  # noqa: E731
+    fit_acc = stats.accumulator(widths, lambda out, b, aux: [out[nm]["pre_logits"] for nm in names])
 
     if a.canonical and a.only_canonical:
         _print_canonical(widths, a.canonical)
         return 0
     results = {}
-    fit = extract.Pass("fit", None, "train", feats, init=init, fold=fold, merge=stats.merge)
+    fit = extract.Pass("fit", None, "train", feats, accumulator=fit_acc)
     step = extract.make_step(members, fit, mesh)
     results["fit (per-device partials)"] = analyse(step.lower(
         stacked(init), jax.ShapeDtypeStruct((n_dev, n), jnp.bool_, sharding=shard), variables, None, batch).compile())
-    replicated = extract.make_step(members, extract.Pass("fit", None, "train", feats, init=init, fold=fold), mesh)
-    results["fit (replicated, reduced per batch)"] = analyse(replicated.lower(
-        abstract(init, rep), jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=rep), variables, None, batch).compile())
+    # The engine has no replicated mode any more (every accumulator carries its merge); the per-batch
+    # reduction a replicated state would cost is shown by tests/test_no_allreduce.py's control.
 
     # Evaluation: the three thesis families as the affine study holds them (affine dense, one (d, D)
     # block row per source; logit factored; naive as slices) and every model's head.
@@ -199,12 +198,11 @@ def main(argv=None) -> int:
     aux = abstract({"heads": {k: heads for k in families}, "maps": families}, rep)
     ev_init = jax.eval_shape(lambda: {k: evaluate.init(widths) for k in families})
 
-    def fold_eval(s, out, b, aux):
-        f = [out[nm]["pre_logits"] for nm in names]
-        return {k: evaluate.update(s[k], f, aux["heads"][k], aux["maps"][k], b["label"], b["mask"]) for k in s}
+    def family(k):
+        return evaluate.accumulator(widths, lambda out, b, aux: ([out[nm]["pre_logits"] for nm in names],
+                                                                 aux["heads"][k], aux["maps"][k]))
 
-    ev = extract.Pass("eval", None, "validation", feats, init=ev_init, fold=fold_eval,
-                      merge=lambda x, y: {k: evaluate.merge(x[k], y[k]) for k in x})
+    ev = extract.Pass("eval", None, "validation", feats, accumulator={k: family(k) for k in families})
     results["eval (3 families)"] = analyse(extract.make_step(members, ev, mesh).lower(
         stacked(ev_init), jax.ShapeDtypeStruct((n_dev, n), jnp.bool_, sharding=shard), variables, aux,
         batch).compile())

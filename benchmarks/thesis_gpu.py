@@ -212,9 +212,8 @@ def main(argv=None) -> int:
                                                    [m for m in thesis_models() if m in registry.names()])
     ms = members_lib.load(names, "random")
     dims = [m.feature_dim for m in ms]
-    p = extract.Pass("fit", None, "train", {m.name: ("pre_logits",) for m in ms}, init=stats.init(dims),
-                     fold=lambda s, out, b, aux: stats.update(s, [out[m.name]["pre_logits"] for m in ms], b["mask"]),
-                     merge=stats.merge)
+    p = extract.Pass("fit", None, "train", {m.name: ("pre_logits",) for m in ms},
+                     accumulator=stats.accumulator(dims, lambda out, b, aux: [out[m.name]["pre_logits"] for m in ms]))
     mesh = extract.make_mesh()
     n_dev = mesh.devices.size
     step = extract.make_step(ms, p, mesh)
