@@ -21,6 +21,7 @@ import pytest
 from embjax.weights import limits, tf_checkpoint
 from embjax.weights.limits import Limits
 from embjax.weights.tf_checkpoint import TFCheckpointError
+from test_tf_checkpoint import _field as field, _varint as varint  # the protobuf encoders
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf")
 MAGIC = 0xDB4775248B80FB57
@@ -82,24 +83,6 @@ def read_or_error(path, named, seconds=SECOND, peak=PEAK, **kwargs):
 
 # ---------------------------------------------------------------------------------------------------
 # A small writer of the wire formats
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, wire: int, payload) -> bytes:
-    key = varint(number << 3 | wire)
-    if wire == 0:
-        return key + varint(payload)
-    if wire == 5:
-        return key + struct.pack("<I", payload)
-    return key + varint(len(payload)) + payload
 
 
 def encode(fields) -> bytes:
