@@ -1,7 +1,7 @@
 """Configs of the backward-compatibility study: `--config=experiments/configs/backward_compatible.py:NAME`.
 
 NAME is one of
-  fashion_mnist  (default) old model zoo_resnet_v1 trained one epoch on classes 0-4 of Fashion-MNIST,
+  fashion_mnist  (default) old model zoo_resnet_v1 trained one epoch (batches of 512) on classes 0-4,
                  new model zoo_inception (another family, twice the width and FLOPs) one epoch on all ten
                  classes: the paper's half-the-classes protocol; leave-one-out retrieval on the 10,000
                  test images.
@@ -73,7 +73,10 @@ def fashion_mnist() -> ml_collections.ConfigDict:
     # model alone is clearly stronger (new/new at least 10 points of top-1 above old/old; measured in
     # docs/backward_compatible.md), the situation in which a model update is worth making compatible.
     c.held_out_classes = ()
+    # One epoch in batches of 512 (46 steps): with batches of 128 the old model reached 76.9% top-1
+    # against the new model's 85.4%, under the 10-point gap; with 512, 73.7% (docs/backward_compatible.md).
     c.old_train.epochs = 1
+    c.old_train.batch_size = 512
     c.new_train.epochs = 1
     c.maps.fit_samples = 20000
     c.eval_split = "test"
