@@ -1,8 +1,8 @@
 r"""Open-set verification and retrieval through mapped embeddings ("Exploring the Interchangeability of
 CNN Embedding Spaces", face-recognition part), with representation similarity from the same pass.
 
-  python -m experiments.open_set                                     # EfficientNet-Lite0/1/2, Fashion-MNIST
-  python -m experiments.open_set --config=experiments/configs/open_set.py:zoo
+  python -m experiments.open_set                                     # the five zoo models, Fashion-MNIST
+  python -m experiments.open_set --config=experiments/configs/open_set.py:effnet_lite
   python -m experiments.open_set --config=experiments/configs/open_set.py:lfw --config.data_dir=/data/tfds
 
 Maps are fit without labels on images of some classes (identities); every metric is measured on images
@@ -416,4 +416,4 @@ def summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, write_report, "open_set.py", "effnet_lite", "experiments.open_set", summary)
+    common.main(run, write_report, "open_set.py", "zoo", "experiments.open_set", summary)

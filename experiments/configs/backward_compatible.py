@@ -1,10 +1,10 @@
 """Configs of the backward-compatibility study: `--config=experiments/configs/backward_compatible.py:NAME`.
 
 NAME is one of
-  fashion_mnist  (default) old model zoo_resnet_v1 trained on classes 0-4 of Fashion-MNIST, new model
-                 zoo_inception (another family, twice the width and FLOPs) trained on classes 0-7; classes
-                 8-9 are held out of all training and evaluated as classes unseen by both. Runs on a 2-core
-                 CPU within the study's 20-minute budget.
+  fashion_mnist  (default) old model zoo_resnet_v1 trained one epoch (batches of 512) on classes 0-4,
+                 new model zoo_inception (another family, twice the width and FLOPs) one epoch on all ten
+                 classes: the paper's half-the-classes protocol; leave-one-out retrieval on the 10,000
+                 test images.
   imagenet       the paper's setting: ResNet-18 (old) on a random half of imagenet2012's training split,
                  ResNet-50 (new) on all of it, trained from scratch; leave-one-out retrieval on validation.
                  Needs the data (tfds manual_dir) and accelerators.
@@ -65,11 +65,18 @@ def study_base() -> ml_collections.ConfigDict:
 def fashion_mnist() -> ml_collections.ConfigDict:
     c = study_base()
     c.name = "fashion_mnist"
-    c.held_out_classes = (8, 9)
-    # Sized for this project's 2-core CPU (timings in docs/backward_compatible.md): four trainings (the
-    # old model, and the new model three times: independent, BCT, L2) plus the passes and the retrieval
-    # fit the study's 20-minute budget.
-    c.old_train.epochs = 2
+    # The paper's protocol at Fashion-MNIST scale (Shen et al.; Apple ml-fct on CIFAR-100: the old model
+    # trained on half the classes, the new one on all of them): the old model sees every training image of
+    # classes 0-4 for one epoch, the new model (another family, twice the width) every training image of
+    # all ten classes. Nothing is held out: as in the paper, the gap between old and new comes from what
+    # the old model never saw (half the classes) and its smaller capacity and training, so that the new
+    # model alone is clearly stronger (new/new at least 10 points of top-1 above old/old; measured in
+    # docs/backward_compatible.md), the situation in which a model update is worth making compatible.
+    c.held_out_classes = ()
+    # One epoch in batches of 512 (46 steps): with batches of 128 the old model reached 76.9% top-1
+    # against the new model's 85.4%, under the 10-point gap; with 512, 73.7% (docs/backward_compatible.md).
+    c.old_train.epochs = 1
+    c.old_train.batch_size = 512
     c.new_train.epochs = 1
     c.maps.fit_samples = 20000
     c.eval_split = "test"
