@@ -151,6 +151,52 @@ def logit_maps(heads, pinvs, dims: Sequence[int], dtype=jnp.float32) -> LogitMap
                      pinvs=jnp.stack([jnp.pad(jnp.asarray(p, dtype), ((0, 0), (0, d_max - p.shape[1]))) for p in pinvs]))
 
 
+@flax.struct.dataclass
+class MlpMaps:
+    """Maps with one hidden layer (embjax.learned_maps' `learned_mlp` family), f(x) = x W + b +
+    relu(x W1 + b1) W2, for every ordered pair: the affine parts as `AffineMaps`, and per source s the
+    first layers of its maps to all N targets side by side, w1[s] (d_s, N·h) and b1[s] (N·h,), and the
+    second layers w2[s] (N, h, d_max), zero beyond each target's width and at target s (the unmapped
+    model). Made by `mlp_maps`."""
+
+    affine: AffineMaps
+    w1: tuple
+    b1: tuple
+    w2: tuple
+
+
+def mlp_maps(maps: Mapping, dims: Sequence[int], dtype=jnp.float32) -> MlpMaps:
+    """MlpMaps from a dict {(src, dst): (W, b, W1, b1, W2)} covering every src ≠ dst, one hidden width h
+    for all pairs."""
+    dims = tuple(int(d) for d in dims)
+    n, d_max = len(dims), max(dims)
+    hidden = {int(v[2].shape[1]) for k, v in maps.items() if k[0] != k[1]}
+    if len(hidden) != 1:
+        raise ValueError(f"evaluate.mlp_maps: every pair needs the same hidden width, got {sorted(hidden)}")
+    (h,) = hidden
+    w1, b1, w2 = [], [], []
+    for s, d_s in enumerate(dims):
+        cols, bias, second = [], [], []
+        for t, d_t in enumerate(dims):
+            if t == s:
+                cols.append(jnp.zeros((d_s, h), dtype))
+                bias.append(jnp.zeros((h,), dtype))
+                second.append(jnp.zeros((h, d_max), dtype))
+                continue
+            _, _, a, c, e = maps[(s, t)]
+            if tuple(a.shape) != (d_s, h) or tuple(c.shape) != (h,) or tuple(e.shape) != (h, d_t):
+                raise ValueError(f"evaluate.mlp_maps: map ({s}, {t}) has W1 {tuple(a.shape)}, b1 {tuple(c.shape)}, "
+                                 f"W2 {tuple(e.shape)}; expected ({d_s}, {h}), ({h},), ({h}, {d_t})")
+            cols.append(jnp.asarray(a, dtype))
+            bias.append(jnp.asarray(c, dtype))
+            second.append(jnp.pad(jnp.asarray(e, dtype), ((0, 0), (0, d_max - d_t))))
+        w1.append(jnp.concatenate(cols, axis=1))
+        b1.append(jnp.concatenate(bias))
+        w2.append(jnp.stack(second))
+    affine = stack_maps({k: v[:2] for k, v in maps.items()}, dims, dtype)
+    return MlpMaps(affine=affine, w1=tuple(w1), b1=tuple(b1), w2=tuple(w2))
+
+
 def _mapped(maps, s: int, x: jax.Array, dims: Sequence[int], d_max: int) -> jax.Array:
     """(N, batch, d_max): source s's features mapped into every target's space (zero beyond its width);
     target s is the unmapped source."""
@@ -160,6 +206,11 @@ def _mapped(maps, s: int, x: jax.Array, dims: Sequence[int], d_max: int) -> jax.
     cols = jnp.arange(d_max)[None, :]
     if isinstance(maps, NaiveMaps):
         return jnp.where((cols < width)[:, None, :], x_pad[None], 0)
+    if isinstance(maps, MlpMaps):
+        hidden = jax.nn.relu(jnp.matmul(x, maps.w1[s], precision=_HIGHEST) + maps.b1[s])
+        hidden = hidden.reshape(x.shape[0], n, -1)  # (batch, N, h)
+        return (_mapped(maps.affine, s, x, dims, d_max)
+                + jnp.einsum("bnh,nhd->nbd", hidden, maps.w2[s], precision=_HIGHEST))
     if isinstance(maps, LogitMaps):
         z = jnp.matmul(x, maps.kernels[s], precision=_HIGHEST) + maps.biases[s]  # source logits
         y = jnp.einsum("tbc,tcd->tbd", z[None] - maps.biases[:, None, :], maps.pinvs, precision=_HIGHEST)
@@ -219,7 +270,8 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
       heads: list of (kernel (d_i, classes), bias (classes,)), one per model, same classes for all.
       maps: dict {(src, dst): (W (d_src, d_dst), b (d_dst,))} for every src ≠ dst (the diagonal means the
         unmapped model and is ignored), `stack_maps(maps, dims)` of such a dict (AffineMaps), `NaiveMaps()` (truncate /
-        zero-pad, no matrices) or `logit_maps(heads, pinvs, dims)` (the logit family, factored).
+        zero-pad, no matrices), `logit_maps(heads, pinvs, dims)` (the logit family, factored) or
+        `mlp_maps(...)` (learned maps with one hidden layer).
       labels: (batch,) integer class labels.
       mask: optional (batch,) bool, True for real rows of a padded batch; padded rows count nowhere,
         whatever their contents.
@@ -234,11 +286,12 @@ def update(state: EvalState, feats, heads, maps, labels, mask=None) -> EvalState
     dtype = state.sse.dtype
     if isinstance(maps, Mapping):
         maps = stack_maps(maps, dims, dtype)
-    elif not isinstance(maps, (NaiveMaps, LogitMaps, AffineMaps)):
-        raise ValueError(f"evaluate.update: `maps` must be a dict of (W, b) pairs, stack_maps(...), NaiveMaps() or "
-                         f"logit_maps(...), not {type(maps).__name__}")
-    if isinstance(maps, AffineMaps):
-        shapes = [(tuple(w.shape), tuple(b.shape)) for w, b in zip(maps.weights, maps.biases)]
+    elif not isinstance(maps, (NaiveMaps, LogitMaps, AffineMaps, MlpMaps)):
+        raise ValueError(f"evaluate.update: `maps` must be a dict of (W, b) pairs, stack_maps(...), NaiveMaps(), "
+                         f"logit_maps(...) or mlp_maps(...), not {type(maps).__name__}")
+    if isinstance(maps, (AffineMaps, MlpMaps)):
+        stacked = maps.affine if isinstance(maps, MlpMaps) else maps
+        shapes = [(tuple(w.shape), tuple(b.shape)) for w, b in zip(stacked.weights, stacked.biases)]
         want = [((d, sum(dims)), (sum(dims),)) for d in dims]
         if shapes != want:
             raise ValueError(f"evaluate.update: stacked maps have (W, b) shapes {shapes}; for dims {tuple(dims)} "

@@ -123,6 +123,10 @@ class Engine:
         return tuple(jax.device_put(a, NamedSharding(self.mesh, P(DATA_AXIS, *[None] * (np.ndim(a) - 1))))
                      for a in arrays)
 
+    def log(self, msg: str) -> None:
+        """Prints `msg` where the engine prints its progress (process 0)."""
+        self._log(msg)
+
     def sibling(self, name: str, members: Sequence[Member], **overrides) -> "Engine":
         """An engine over other members (the same models at another precision, say) with this engine's
         settings but `overrides`, keeping its state in `<workdir>/engines/<name>` (removed by `finish`)."""

@@ -17,6 +17,7 @@ arrays.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -102,15 +103,7 @@ def fit(params: dict, x, y=None, *, loss: str = "regression", head=None, labels=
         raise ValueError("learned_maps.fit: the task loss needs the target head (kernel, bias) and one label per row")
     y = jnp.zeros((n, 0), x.dtype) if y is None else jnp.asarray(y)
     labels = jnp.zeros((n,), jnp.int32) if labels is None else jnp.asarray(labels)
-    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
-    loss_fn = LOSSES[loss]
-
-    @jax.jit
-    def step(params, state, idx):
-        value, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx], head, labels[idx])
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
+    opt, step = _step(loss, float(learning_rate), float(weight_decay))
     state: Any = opt.init(params)
     rng = np.random.default_rng(seed)
     history, start = [], time.perf_counter()
@@ -119,7 +112,121 @@ def fit(params: dict, x, y=None, *, loss: str = "regression", head=None, labels=
         order = rng.permutation(n)
         values = []
         for i in range(0, n - batch_size + 1, batch_size):
-            params, state, value = step(params, state, jnp.asarray(order[i:i + batch_size]))
+            params, state, value = step(params, state, x, y, head, labels, jnp.asarray(order[i:i + batch_size]))
             values.append(value)
         history.append(float(np.mean(jax.device_get(values))))
     return params, {"loss": history, "seconds": time.perf_counter() - start}
+
+
+@functools.cache
+def _step(loss: str, learning_rate: float, weight_decay: float):
+    """The optimizer and one jitted AdamW step; the data are arguments (not constants baked into the
+    program), so maps of the same shapes share one compilation."""
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    loss_fn = LOSSES[loss]
+
+    @jax.jit
+    def step(params, state, x, y, head, labels, idx):
+        value, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx], head, labels[idx])
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    return opt, step
+
+
+def as_affine(params: dict) -> tuple[jax.Array, jax.Array]:
+    """(W, b) of a linear map (dense or low rank); an MLP's affine part."""
+    w = params["w"] if "w" in params else _mm(params["u"], params["v"])
+    return w, params["b"]
+
+
+FAMILIES = ("learned", "learned_mlp")
+
+
+def fit_pairs(feats, labels, heads, affine: dict, family: str, *, loss: str = "task", hidden: int = 256,
+              rank: int = 0, epochs: int = 3, batch_size: int = 512, learning_rate: float = 1e-3,
+              weight_decay: float = 0.0, seed: int = 0, log=None) -> tuple[dict, dict]:
+    """A learned map for every ordered pair (s, t), s != t, of the models whose fit features are `feats`
+    (one (n, d_i) array per model, row k the same sample in every model), each started at the closed-form
+    `affine[(s, t)]` = (W, b). `family`: "learned" (linear) or "learned_mlp" (affine part plus one hidden
+    layer of width `hidden`); `rank` > 0 factors the linear part to rank min(rank, d_s, d_t). `loss`:
+    "task" (the target's frozen head `heads[t]` = (kernel, bias) against `labels`) or "regression" (the
+    target's features). Every pair sees the same minibatches (one permutation per epoch from `seed`).
+
+    All pairs train at once: each pair's parameters are zero-padded to the largest shape of any pair and
+    the AdamW step is vmapped over pairs, so one program serves every pair. The padding stays exactly zero
+    (its inputs, and the head rows it meets, are zero, so its gradients are zero and AdamW leaves it) and
+    each pair's map is `fit`'s update rule on its own data. Returns ({(s, t): params at their own shapes},
+    {"seconds": training seconds, "loss": {(s, t): per-epoch mean loss}})."""
+    if family not in FAMILIES:
+        raise ValueError(f"learned_maps.fit_pairs: family must be one of {FAMILIES}, got {family!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"learned_maps.fit_pairs: loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    start = time.perf_counter()
+    dims = [int(f.shape[1]) for f in feats]
+    n_models, d, rows = len(feats), max(dims), int(feats[0].shape[0])
+    if any(int(f.shape[0]) != rows for f in feats) or (loss == "task" and len(labels) != rows):
+        raise ValueError("learned_maps.fit_pairs: every model needs one feature row per sample (and one label each)")
+    pairs = [(s, t) for s in range(n_models) for t in range(n_models) if s != t]
+    inits = []
+    for s, t in pairs:
+        w, b = affine[(s, t)]
+        r = min(rank, *np.shape(w)) if rank > 0 else None
+        inits.append(init_linear(w, b, r) if family == "learned"
+                     else init_mlp(w, b, hidden, jax.random.fold_in(jax.random.key(seed), s * n_models + t), r))
+    shapes = [jax.tree.map(np.shape, p) for p in inits]
+    params = jax.tree.map(lambda *leaves: jnp.stack(_pad_all(leaves)), *inits)
+    x = jnp.stack([jnp.pad(jnp.asarray(f, jnp.float32), ((0, 0), (0, d - f.shape[1]))) for f in feats])
+    if loss == "task":
+        kernels = jnp.stack([jnp.pad(jnp.asarray(k, jnp.float32), ((0, d - np.shape(k)[0]), (0, 0))) for k, _ in heads])
+        biases = jnp.stack([jnp.asarray(c, jnp.float32) for _, c in heads])
+    else:
+        kernels = biases = jnp.zeros((n_models, 0), jnp.float32)
+    labels = jnp.zeros((rows,), jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+    src, dst = (jnp.asarray([p[k] for p in pairs]) for k in (0, 1))
+    opt, step = _pairs_step(loss, float(learning_rate), float(weight_decay))
+    state = jax.vmap(opt.init)(params)
+    rng = np.random.default_rng(seed)
+    batch_size = min(batch_size, rows)
+    history = []
+    for epoch in range(epochs):
+        order = rng.permutation(rows)
+        values = []
+        for i in range(0, rows - batch_size + 1, batch_size):
+            params, state, value = step(params, state, x, labels, kernels, biases, src, dst,
+                                        jnp.asarray(order[i:i + batch_size]))
+            values.append(value)
+        history.append(np.mean(np.asarray(jax.device_get(values)), axis=0))  # (pairs,)
+        if log is not None:
+            log(f"[learned] {family}: epoch {epoch + 1}/{epochs}, mean loss over {len(pairs)} pairs "
+                f"{float(np.mean(history[-1])):.4f}")
+    params = jax.device_get(params)
+    out = {pair: jax.tree.map(lambda a, shape, k=k: a[k][tuple(slice(0, n) for n in shape)], params, shapes[k],
+                              is_leaf=lambda v: isinstance(v, np.ndarray))
+           for k, pair in enumerate(pairs)}
+    losses = {pair: [float(h[k]) for h in history] for k, pair in enumerate(pairs)}
+    return out, {"seconds": time.perf_counter() - start, "loss": losses}
+
+
+def _pad_all(leaves):
+    """The arrays zero-padded at the end of every axis to the largest shape among them."""
+    target = np.max([np.shape(a) for a in leaves], axis=0)
+    return [jnp.pad(jnp.asarray(a), [(0, int(m) - n) for n, m in zip(np.shape(a), target)]) for a in leaves]
+
+
+@functools.cache
+def _pairs_step(loss: str, learning_rate: float, weight_decay: float):
+    """The optimizer and one jitted AdamW step of every pair at once (vmapped over pairs): pair p reads
+    the rows `idx` of source src[p]'s padded features and of target dst[p]'s features or head."""
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    loss_fn = LOSSES[loss]
+
+    def one(params, state, x, labels, kernels, biases, s, t, idx):
+        head = (kernels[t], biases[t]) if loss == "task" else None
+        y = x[t][idx] if loss == "regression" else None
+        value, grads = jax.value_and_grad(loss_fn)(params, x[s][idx], y, head, labels[idx])
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    pairs = jax.vmap(one, in_axes=(0, 0, None, None, None, None, 0, 0, None))
+    return opt, jax.jit(pairs)

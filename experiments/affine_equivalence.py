@@ -8,8 +8,10 @@ r"""The affine-equivalence study (McNeely-White 2020, Tables 5.1-5.3 and the sec
 Two passes on the engine (embjax.extract):
   1. fit:  the joint statistics (embjax.stats) of every model's pre-logit features over the fit split;
   2. maps: affine (least squares), logit (classifier weights only) and naive (truncate / zero-pad) maps
-           for every ordered pair (logit and naive in factored form: no N² matrices on the devices); with `heads="linear"`, a linear head per backbone trained on the fit
-           features the first pass kept in the feature store;
+           for every ordered pair (logit and naive in factored form: no N² matrices on the devices); with
+           `heads="linear"`, a linear head per backbone trained on the fit features the first pass kept in
+           the feature store; with `learned.families`, learned maps (embjax.learned_maps: `learned`
+           linear, `learned_mlp` one hidden layer) trained on those features from the affine maps;
   3. eval: every pair's mapped features through the target's head on the evaluation split (embjax.evaluate).
 See experiments/common.py for the command-line flags, resume and multi-host options.
 """
@@ -17,12 +19,14 @@ See experiments/common.py for the command-line flags, resume and multi-host opti
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 
 from experiments import common
 
 FAMILIES = ("affine", "logit", "naive")
+LEARNED = ("learned", "learned_mlp")
 
 
 def sources(config):
@@ -47,6 +51,10 @@ def run(config, workdir: str):
     ms = engine.members
     names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
     linear = config.heads == "linear"
+    learned_families = tuple(config.learned.families)
+    if set(learned_families) - set(LEARNED):
+        raise ValueError(f"config.learned.families: unknown {sorted(set(learned_families) - set(LEARNED))}; "
+                         f"choose from {LEARNED}")
     features = {n: ("pre_logits",) for n in names}
 
     def pre_logits(outputs):
@@ -56,12 +64,14 @@ def run(config, workdir: str):
     fit = engine.run(extract.Pass(
         "fit", fit_src, config.fit_split, features, dataset=config.dataset,
         accumulator=stats.accumulator(dims, lambda out, batch, aux: pre_logits(out)),
-        store={f"{n}/pre_logits": "float32" for n in names} if linear else {}))
+        store={f"{n}/pre_logits": "float32" for n in names} if linear or learned_families else {}))
     if int(fit.count) == 0:
         raise ValueError(f"no samples were folded in from split '{config.fit_split}'")
 
     # 2. Maps for every ordered pair, and the heads that score them.
+    closed_form = time.perf_counter()
     affine = maps.affine_all(fit, ridge=config.ridge, names=names)
+    closed_form = time.perf_counter() - closed_form
     fit_statistics = fit_summary(fit, affine)
     # From here on only the count is needed: the D×D statistics (1.8 GB at the thesis' widths) can go.
     num_fit = int(fit.count)
@@ -76,6 +86,7 @@ def run(config, workdir: str):
         scoring = [tuple(h) for h in engine.memo("linear_heads", train_heads)]
     else:
         scoring = own_heads
+    learned, learned_info = learned_maps(engine, names, dims, affine, scoring, common.to_dict(config.learned))
     # Affine maps as one (d_s, D) block row per source, kept where they were computed (the engine
     # places them on the mesh without a host round trip); logit maps factored through each head's
     # pseudo-inverse and naive maps as truncation / zero-padding, so neither keeps N² matrices.
@@ -83,7 +94,7 @@ def run(config, workdir: str):
     del affine  # at the thesis' widths the maps and their stacked form are 1.6 + 1.8 GB: keep one
     families = {"affine": affine_stacks,
                 "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
-                "naive": evaluate.NaiveMaps()}
+                "naive": evaluate.NaiveMaps(), **learned}
     head_sets = {k: scoring for k in families}
     if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy
         families["native_affine"], head_sets["native_affine"] = affine_stacks, own_heads
@@ -97,9 +108,44 @@ def run(config, workdir: str):
         dataset=config.dataset, aux={"heads": head_sets, "maps": families}))
     out = results(config, names, dims, num_fit, fit_statistics, ev, engine.seconds)
     out["params"] = [m.num_params for m in ms]
+    if learned_info:
+        out["learned_maps"] = {"closed_form_seconds": closed_form, "families": learned_info,
+                               "config": common.to_dict(config.learned)}
     if config.dtype != "float32" and config.precision_check_images:
         out["bfloat16_vs_float32"] = precision_check(config, ms, eval_src, engine)
     return out, engine
+
+
+def learned_maps(engine, names, dims, affine, heads, cfg: dict) -> tuple[dict, dict]:
+    """The learned map families in `cfg["families"]` for every ordered pair, trained (embjax.learned_maps)
+    on the fit features the first pass stored, each started at its closed-form affine map and scored by
+    the same heads; one memo per family, so a resumed run reuses them. Returns ({family: maps in the form
+    evaluate takes}, {family: {"seconds", "final_loss"}})."""
+    from embjax import evaluate, learned_maps as lm
+
+    families = cfg.pop("families")
+    if not families:
+        return {}, {}
+    store = engine.store("fit")
+    feats, labels = [store.array(f"{n}/pre_logits") for n in names], store.labels
+    out, info = {}, {}
+    for family in families:
+        def train(family=family):
+            params, meta = lm.fit_pairs(feats, labels, heads, affine, family, log=engine.log, **cfg)
+            return {"params": {f"{s}_{t}": p for (s, t), p in params.items()}, "seconds": meta["seconds"],
+                    "final_loss": {f"{s}_{t}": v[-1] for (s, t), v in meta["loss"].items() if v}}
+
+        value = engine.memo(f"learned_{family}", train)
+        params = {tuple(int(i) for i in k.split("_")): p for k, p in value["params"].items()}
+        if family == "learned":
+            out[family] = evaluate.stack_maps({k: lm.as_affine(p) for k, p in params.items()}, dims)
+        else:
+            out[family] = evaluate.mlp_maps({k: (*lm.as_affine(p), p["w1"], p["b1"], p["w2"])
+                                             for k, p in params.items()}, dims)
+        info[family] = {"seconds": float(value["seconds"]),
+                        "final_loss": [[None if i == j or f"{i}_{j}" not in value["final_loss"] else float(value["final_loss"][f"{i}_{j}"])
+                                        for j in range(len(names))] for i in range(len(names))]}
+    return out, info
 
 
 def precision_check(config, ms, eval_src, engine) -> dict:

@@ -241,6 +241,9 @@ DATA = {"dataset": Text(empty=False), "data_dir": DIR, "manual_dir": DIR, "image
 ENGINE = {"batch_size": POSITIVE, "checkpoint_every": POSITIVE, "prefetch": NONNEG, "progress_seconds": SECONDS,
           "dtype": DTYPE}
 MEMBERS = {"weights": WEIGHTS}  # weight_files: checked by _check_weight_files
+LEARNED = {"learned.families": Numbers(Choice(("learned", "learned_mlp")), nonempty=False),
+           "learned.loss": Choice(("task", "regression")), "learned.hidden": POSITIVE, "learned.rank": NONNEG,
+           **{f"learned.{k}": v for k, v in TRAINING.items()}}
 
 FIELDS: dict[str, dict[str, Callable]] = {
     "affine_equivalence": {
@@ -248,7 +251,7 @@ FIELDS: dict[str, dict[str, Callable]] = {
         "fit_split": SPLIT, "eval_split": SPLIT, "input_size": NONNEG, "native_size_models": Models(empty=True),
         "num_classes": POSITIVE, "heads": Choice(("native", "linear")), "ridge": WEIGHT,
         "fold_batchnorm": Bool(), "precision_check_images": NONNEG,
-        **{f"linear_head.{k}": v for k, v in TRAINING.items()},
+        **{f"linear_head.{k}": v for k, v in TRAINING.items()}, **LEARNED,
     },
     "open_set": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=2),

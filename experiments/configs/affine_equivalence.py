@@ -55,6 +55,13 @@ def study_base() -> ml_collections.ConfigDict:
     c.heads = "native"
     c.linear_head = ml_collections.ConfigDict(dict(epochs=30, batch_size=512, learning_rate=1e-2,
                                                    weight_decay=1e-4, seed=0))
+    # Learned maps (embjax.learned_maps, after Lenc and Vedaldi; model stitching): per ordered pair a linear
+    # map ("learned") and a one-hidden-layer MLP ("learned_mlp") trained from the closed-form affine map on
+    # the fit features, by the target head's cross-entropy ("task") or feature regression; scored on the
+    # evaluation split beside the closed form. Off here (at the thesis' widths they are N(N-1) dense
+    # trainings); the zoo preset turns them on.
+    c.learned = ml_collections.ConfigDict(dict(families=(), loss="task", hidden=256, rank=0, epochs=3,
+                                               batch_size=512, learning_rate=1e-3, weight_decay=0.0, seed=0))
     c.ridge = 0.0  # relative ridge, lambda = ridge * tr(C_AA) / d_A (see embjax.maps.affine)
     # A bfloat16 run (dtype="bfloat16") also extracts this many evaluation images in float32 and reports
     # each model's top-1 agreement and feature error against float32 (0: no check).
@@ -67,6 +74,7 @@ def zoo() -> ml_collections.ConfigDict:
     c = study_base()
     c.name = "zoo"
     c.models = ",".join(ZOO_MODELS)
+    c.learned.families = ("learned", "learned_mlp")
     return c
 
 

@@ -21,6 +21,7 @@ from experiments.configs import affine_equivalence
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = affine_equivalence.get_config(arg)
     c.name = f"canonical_{c.name}"
+    del c.learned  # the hub study scores closed-form maps only
     c.methods = "gcca,procrustes"
     c.ranks = ""
     c.hub_ridge = 0.0
