@@ -321,6 +321,7 @@ def test_readme_shows_the_tested_example_and_command():
         assert f"```{lang}\n{doc_block(lang)}```" in section, lang
 
 
+@pytest.mark.slow  # three runs of the command in subprocesses: the whole tier
 def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     """The command streams through the engine: killed with SIGKILL mid-fit (after batch 7 of 44, the
     checkpoint of batch 5 holds), the same command resumes and ends with the uninterrupted run's numbers."""
