@@ -145,3 +145,25 @@ def test_configs_and_errors(tmp_path):
     # The paper's preset without the weight file names the flag to set, before any data is downloaded.
     with pytest.raises(FileNotFoundError, match="weight_files.vgg16"):
         study.run(configs.get_config("vgg16_dtd"), str(tmp_path))
+
+
+@pytest.mark.parametrize("study", ["full_network_embedding", "features"])
+def test_study_file_is_a_short_list_of_passes(study):
+    """Issue 22's shape for these two studies: at most 250 lines, no function over 80, and no meshes,
+    shardings, process indices or private attributes of other objects (the engine owns those)."""
+    import ast
+
+    path = os.path.join(runner.ROOT, "experiments", f"{study}.py")
+    with open(path) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 250
+    tree = ast.parse(text)
+    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80}
+    assert not long, long
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    banned = {"NamedSharding", "PartitionSpec", "Mesh", "DATA_AXIS", "sync_global_devices", "process_index", "mesh"}
+    assert not (names | attrs) & banned, (names | attrs) & banned
+    private = {a for a in attrs if a.startswith("_") and not a.startswith("__")}
+    assert not private, private
