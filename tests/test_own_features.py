@@ -32,6 +32,7 @@ def doc_block(lang: str) -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # the docs' example at its full 20,000 rows: the whole tier (README's copy is checked below)
 def test_library_example_runs(capsys):
     exec(compile(doc_block("python"), DOC, "exec"), {"__name__": "own_features_doc"})
     out = capsys.readouterr().out
