@@ -262,6 +262,7 @@ def test_store_entry_and_order_checked(tmp_path):
         feature_files.open_sources([("a", f"{tmp_path}/s1:m/pre_logits"), ("b", f"{tmp_path}/s2")])
 
 
+@pytest.mark.slow  # a subprocess of the command; test_non_finite_row_named checks the message in-process
 def test_cli_error_leaves_nothing(two):
     y = np.load(two / "y.npy")
     y[45] = np.nan  # in the last batch: the fit stream has already run most of the file
@@ -274,6 +275,15 @@ def test_cli_error_leaves_nothing(two):
         os.path.exists(os.path.join(two / "out", d, "results.json")) for d in os.listdir(two / "out"))
 
 
+def test_heads_must_name_the_models(tmp_path):
+    """Checked with the files, before anything is streamed."""
+    lay_out(tmp_path, Planted(seed=2), n_fit=30, n_eval=20)
+    fit = [f"a={tmp_path}/fit/a.npy,b={tmp_path}/fit/b_shards"]
+    with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
+        _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
+
+
+@pytest.mark.slow  # two runs in-process (two compilations of each pass): the whole tier
 def test_without_heads_and_without_labels(tmp_path):
     """Held-out R² and CKA need no heads; heads without labels give agreement, not accuracy."""
     planted = Planted(seed=2)
@@ -289,8 +299,6 @@ def test_without_heads_and_without_labels(tmp_path):
     assert "unmapped" not in results and "accuracy" not in results["affine"] and results["num_eval"] == 300
     np.testing.assert_array_equal(results["affine"]["agreement"], np.ones((2, 2)))
     assert any("agreement" in note for note in results["notes"])
-    with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
-        _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
 
 
 @pytest.mark.slow  # a benchmark script in a subprocess: the whole tier
