@@ -7,7 +7,7 @@ NAME is one of
                 100 per class: the paper's datasets have 20-80 training images per class for the most
                 part), tested on the first 1,000 test images; within 5 minutes on a quiet 2-core machine
   effnet_lite   the three ImageNet EfficientNet-Lite backbones (Lite0/1/2: 21,008 / 26,832 / 29,048
-                features) on the same images; about five times the default's extraction work
+                features) on the same images: three backbones' passes and SVMs, Lite1/2 at 240/260 px
   vgg16         the paper's backbone (keras.applications VGG16, pass --config.weight_files.vgg16=PATH to
                 vgg16_weights_tf_dim_ordering_tf_kernels.h5) on Caltech-101 through tfds (download or
                 --config.data_dir), every training image; `vgg16_<dataset>` for the paper's other sets:
