@@ -351,3 +351,82 @@ def load_head(spec: str, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
         raise FeatureFileError(f"--heads: {spec} (head of '{name}'): W or b holds NaN or an infinity")
     return w.astype(np.float32), b.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The inputs of the own-features command (experiments/features.py), checked before anything is streamed
+
+
+def _names_must_match(fit_specs, other_specs, what: str) -> None:
+    want, got = [n for n, _ in fit_specs], [n for n, _ in other_specs]
+    if set(want) != set(got):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
+        raise ValueError(f"{what} must name the same models as --features ({', '.join(want)}): {'; '.join(parts)}")
+
+
+def _heads(cfg: dict, specs, names, dims):
+    head_specs = parse_specs(cfg["heads"], "--heads")
+    if not head_specs:
+        return None
+    _names_must_match(specs, head_specs, "--heads")
+    by_name = dict(head_specs)
+    heads = [load_head(by_name[m], d, m) for m, d in zip(names, dims)]
+    if len({h[0].shape[1] for h in heads}) != 1:
+        listing = ", ".join(f"{m}: {h[0].shape[1]}" for m, h in zip(names, heads))
+        raise ValueError(f"--heads: the heads predict different numbers of classes ({listing}); mapped accuracy "
+                         "needs one label set")
+    return heads
+
+
+def open_inputs(cfg: dict):
+    """The own-features command's flags `cfg` (features, eval_features, labels, eval_labels, heads,
+    batch_size, ridge) checked and its files opened, every problem reported before anything is streamed.
+    Returns a namespace: cfg, specs, eval_specs, names, fit_src, dims, n_fit, n, eval_src (None without
+    --eval_features), heads (None without --heads), eval_labels (None when there are none) and notes."""
+    import types
+
+    if cfg["batch_size"] < 1:
+        raise ValueError(f"--batch_size must be positive, got {cfg['batch_size']}")
+    if cfg["ridge"] < 0:
+        raise ValueError(f"--ridge must be >= 0, got {cfg['ridge']}")
+    specs = parse_specs(cfg["features"], "--features")
+    if len(specs) < 2:
+        raise ValueError(f"--features needs at least two models (NAME=PATH,NAME=PATH), got {len(specs)}")
+    names = [n for n, _ in specs]
+    fit_src = open_sources(specs, "--features")
+    dims, n_fit = [s.dim for s in fit_src], fit_src[0].rows
+    eval_src, eval_specs = None, parse_specs(cfg["eval_features"], "--eval_features")
+    if eval_specs:
+        _names_must_match(specs, eval_specs, "--eval_features")
+        eval_src = open_sources([(m, dict(eval_specs)[m]) for m in names], "--eval_features")
+        for s, d, m in zip(eval_src, dims, names):
+            if s.dim != d:
+                raise ValueError(f"--eval_features: {s.spec} has {s.dim} columns but the fit features of '{m}' have {d}")
+    heads = _heads(cfg, specs, names, dims)
+    num_classes = heads[0][0].shape[1] if heads else None
+    fit_labels = load_labels(cfg["labels"], n_fit, "--labels") if cfg["labels"] else None
+    if cfg["eval_labels"] and eval_src is None:
+        raise ValueError("--eval_labels labels the rows of --eval_features, which was not given "
+                         "(use --labels for the fit rows)")
+    eval_labels = fit_labels
+    if eval_src is not None:
+        eval_labels = (load_labels(cfg["eval_labels"], eval_src[0].rows, "--eval_labels") if cfg["eval_labels"]
+                       else None)
+    label_flag = "--eval_labels" if eval_src is not None else "--labels"
+    if eval_labels is not None and num_classes is not None and eval_labels.max(initial=0) >= num_classes:
+        k = int(np.argmax(eval_labels >= num_classes))
+        raise ValueError(f"{label_flag}: {cfg['eval_labels'] if eval_src is not None else cfg['labels']}: row {k} "
+                         f"has label {int(eval_labels[k])} but the heads predict {num_classes} classes")
+    notes = []
+    if heads is None and (fit_labels is not None or eval_labels is not None):
+        notes.append("labels were given without --heads: mapped accuracy needs a head per model; labels only checked")
+    if heads is not None and eval_labels is None:
+        notes.append(f"--heads without {label_flag}: agreement with each target's own prediction is reported, "
+                     "not accuracy")
+    if heads is not None and fit_labels is not None and eval_src is not None:
+        notes.append("--labels labels the fit rows; with --eval_features accuracy is measured on the evaluation "
+                     "rows against --eval_labels, so --labels was only checked")
+    return types.SimpleNamespace(cfg=cfg, specs=specs, eval_specs=eval_specs, names=names, fit_src=fit_src, dims=dims,
+                                 n_fit=n_fit, n=len(names), eval_src=eval_src, heads=heads, eval_labels=eval_labels,
+                                 notes=notes)

@@ -122,8 +122,12 @@ def test_configs_and_errors(tmp_path):
     from experiments.configs import full_network_embedding as configs
 
     default = configs.get_config(None)
-    assert default.models.split(",") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-    assert study.parse_sizes(default.train_sizes, 1200) == [100, 1000, 1200]
+    assert (default.models, default.train_split, default.test_split) == ("efficientnet_lite0", "train[:1000]",
+                                                                         "test[:1000]")
+    assert study.parse_sizes(default.train_sizes, 1000) == [100, 300, 1000]
+    three = configs.get_config("effnet_lite")
+    assert three.models.split(",") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert (three.train_split, three.train_sizes) == (default.train_split, default.train_sizes)
     for dataset, (train, test, classes) in configs.TFDS_DATASETS.items():
         c = configs.get_config(f"vgg16_{dataset}")
         assert (c.models, c.dataset, c.train_split, c.test_split, c.num_classes) == ("vgg16", dataset, train, test,
@@ -134,6 +138,32 @@ def test_configs_and_errors(tmp_path):
     with pytest.raises(ValueError, match="1..50"):
         study.parse_sizes("100", 50)
     assert study.parse_sizes("-1,10", 50) == [10, 50]
+    for bad, match in (("", "at least one"), ("10,x", "'x' is not an integer"), ("0", "not in 1..50"),
+                       ("-2", "not in 1..50")):
+        with pytest.raises(ValueError, match=match):
+            study.parse_sizes(bad, 50)
     # The paper's preset without the weight file names the flag to set, before any data is downloaded.
     with pytest.raises(FileNotFoundError, match="weight_files.vgg16"):
         study.run(configs.get_config("vgg16_dtd"), str(tmp_path))
+
+
+@pytest.mark.parametrize("study", ["full_network_embedding", "features"])
+def test_study_file_is_a_short_list_of_passes(study):
+    """Issue 22's shape for these two studies: at most 250 lines, no function over 80, and no meshes,
+    shardings, process indices or private attributes of other objects (the engine owns those)."""
+    import ast
+
+    path = os.path.join(runner.ROOT, "experiments", f"{study}.py")
+    with open(path) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 250
+    tree = ast.parse(text)
+    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80}
+    assert not long, long
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    banned = {"NamedSharding", "PartitionSpec", "Mesh", "DATA_AXIS", "sync_global_devices", "process_index", "mesh"}
+    assert not (names | attrs) & banned, (names | attrs) & banned
+    private = {a for a in attrs if a.startswith("_") and not a.startswith("__")}
+    assert not private, private

@@ -32,6 +32,7 @@ def doc_block(lang: str) -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # the docs' example at its full 20,000 rows: the whole tier (README's copy is checked below)
 def test_library_example_runs(capsys):
     exec(compile(doc_block("python"), DOC, "exec"), {"__name__": "own_features_doc"})
     out = capsys.readouterr().out
@@ -261,6 +262,7 @@ def test_store_entry_and_order_checked(tmp_path):
         feature_files.open_sources([("a", f"{tmp_path}/s1:m/pre_logits"), ("b", f"{tmp_path}/s2")])
 
 
+@pytest.mark.slow  # a subprocess of the command; test_non_finite_row_named checks the message in-process
 def test_cli_error_leaves_nothing(two):
     y = np.load(two / "y.npy")
     y[45] = np.nan  # in the last batch: the fit stream has already run most of the file
@@ -273,6 +275,15 @@ def test_cli_error_leaves_nothing(two):
         os.path.exists(os.path.join(two / "out", d, "results.json")) for d in os.listdir(two / "out"))
 
 
+def test_heads_must_name_the_models(tmp_path):
+    """Checked with the files, before anything is streamed."""
+    lay_out(tmp_path, Planted(seed=2), n_fit=30, n_eval=20)
+    fit = [f"a={tmp_path}/fit/a.npy,b={tmp_path}/fit/b_shards"]
+    with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
+        _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
+
+
+@pytest.mark.slow  # two runs in-process (two compilations of each pass): the whole tier
 def test_without_heads_and_without_labels(tmp_path):
     """Held-out R² and CKA need no heads; heads without labels give agreement, not accuracy."""
     planted = Planted(seed=2)
@@ -288,8 +299,6 @@ def test_without_heads_and_without_labels(tmp_path):
     assert "unmapped" not in results and "accuracy" not in results["affine"] and results["num_eval"] == 300
     np.testing.assert_array_equal(results["affine"]["agreement"], np.ones((2, 2)))
     assert any("agreement" in note for note in results["notes"])
-    with pytest.raises(ValueError, match=r"--heads must name the same models as --features \(a, b\): missing b"):
-        _run({"features": fit, "heads": [f"a={tmp_path}/heads/a.npz"]})
 
 
 @pytest.mark.slow  # a benchmark script in a subprocess: the whole tier
@@ -321,6 +330,7 @@ def test_readme_shows_the_tested_example_and_command():
         assert f"```{lang}\n{doc_block(lang)}```" in section, lang
 
 
+@pytest.mark.slow  # three runs of the command in subprocesses: the whole tier
 def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     """The command streams through the engine: killed with SIGKILL mid-fit (after batch 7 of 44, the
     checkpoint of batch 5 holds), the same command resumes and ends with the uninterrupted run's numbers."""
