@@ -38,7 +38,8 @@ scores a (queries, gallery) cell over every ORDERED pair (a, b) of distinct samp
 gallery b and query b against gallery a are two pairs. When queries and gallery are one embedding the
 two scores are equal and every rate is that of the unordered pairs; when they differ (queries mapped
 from another model) both directions count, so no pair is left out and nothing depends on the sample
-order. Exact up to `exact_limit` pairs (default 2²⁵ ≈ 33.5M, the ordered pairs of about 5,800 samples:
+order. `label_pairs` reads the metrics off the two sorted score arrays by binary search (`sorted_metrics`,
+the same numbers without building the curve). Exact up to `exact_limit` pairs (default 2²⁵ ≈ 33.5M, the ordered pairs of about 5,800 samples:
 134 MB of float32 scores and their sort); beyond it the same pairs are folded into the 2¹⁶-bin
 histograms above (memory independent of N, thresholds on bin edges as described).
 
@@ -227,7 +228,7 @@ def best_threshold(scores, same, mask=None) -> tuple[jax.Array, jax.Array]:
     return threshold, correct[best] / jnp.maximum(n_real, 1)
 
 
-def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
+def kfold_accuracy(scores, same, folds, n_folds: int | None = None) -> tuple[jax.Array, jax.Array]:
     """LFW-protocol accuracy: for each fold f, the threshold of `best_threshold` on the pairs of the
     other folds, accuracy on the pairs of fold f. Returns (per-fold accuracies, their mean).
 
@@ -236,6 +237,8 @@ def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
       same: (P,) bool, True for a genuine pair.
       folds: (P,) int fold id of each pair in [0, n_folds), or an int n_folds meaning consecutive
         equal slices (LFW's pairs.txt lists its 10 folds one after the other).
+      n_folds: the number of folds of a `folds` array, when known (required under jax.jit, where it
+        cannot be read from the traced ids).
     """
     scores = jnp.asarray(scores, jnp.float32)
     same = jnp.asarray(same, bool)
@@ -252,7 +255,7 @@ def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
         fold_of = jnp.asarray(folds, jnp.int32)
         if fold_of.shape != scores.shape:
             raise ValueError(f"verification.kfold_accuracy: folds {fold_of.shape} must match scores {scores.shape}")
-        n_folds = int(jnp.max(fold_of)) + 1
+        n_folds = int(jnp.max(fold_of)) + 1 if n_folds is None else int(n_folds)
 
     def one(f):
         threshold, _ = best_threshold(scores, same, fold_of != f)
@@ -400,14 +403,89 @@ def exact_metrics(genuine, impostor, fars: Sequence[float] = DEFAULT_FARS) -> di
             "genuine": int(np.size(genuine)), "impostor": int(np.size(impostor)), "far": far, "tar": tar}
 
 
+def sorted_metrics(genuine_sorted, impostor_sorted, fars: Sequence[float] = DEFAULT_FARS) -> dict:
+    """`exact_metrics`' numbers from the genuine and impostor scores sorted ascending (finite), without
+    building the ROC: every ROC point the metrics need is a count, found by binary search.
+
+    TAR at FAR f: with K the largest impostor count whose FAR K/impostor is not above f, the accepted
+    thresholds are those above the (K+1)-th largest impostor score x, and the lowest of them accepts the
+    genuine scores > x. EER: the last ROC point with FAR < FRR is the smallest distinct score t with
+    FAR(t) − FRR(t) < 0 (a monotone function of t: a binary search in each sorted array), the next point
+    is the largest score below t; the same segment and float64 arithmetic as `curve_eer`, so TAR at FAR
+    and EER equal `exact_metrics`' bit for bit. AUC: the Mann–Whitney statistic in integer counts (ties
+    one half), which the trapezoid over the exact ROC computes up to float64 rounding (~1e-15)."""
+    gen, imp = np.asarray(genuine_sorted), np.asarray(impostor_sorted)
+    ng, ni = gen.size, imp.size
+    if ng == 0 or ni == 0:
+        raise ValueError(f"verification.sorted_metrics: need genuine and impostor pairs, got {ng} and {ni}")
+    if not (np.isfinite(gen[0]) and np.isfinite(gen[-1]) and np.isfinite(imp[0]) and np.isfinite(imp[-1])):
+        raise ValueError("verification.sorted_metrics: scores hold NaN or an infinity; check the embeddings")
+
+    def rates(t):  # (FAR, TAR) of accepting scores ≥ t, as exact_metrics computes them
+        return (ni - int(np.searchsorted(imp, t, "left"))) / ni, (ng - int(np.searchsorted(gen, t, "left"))) / ng
+
+    out = {"tar_at_far": tar_at_fars(gen, imp, fars), "genuine": int(ng), "impostor": int(ni)}
+    below = lambda t: (lambda fr, tr: fr - (1.0 - tr) < 0)(*rates(t))  # noqa: E731
+
+    def first_below(a):  # smallest index i with below(a[i]) (a suffix of the sorted array), or a.size
+        lo, hi = 0, a.size
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if below(a[mid]) else (mid + 1, hi)
+        return lo
+    cands = [a[i] for a in (gen, imp) for i in (first_below(a),) if i < a.size]
+    if cands:  # the last point with FAR < FRR is at threshold min(cands); the next is the score below it
+        t0 = min(cands)
+        prev = [a[k - 1] for a in (gen, imp) for k in (int(np.searchsorted(a, t0, "left")),) if k > 0]
+        (f0, r0), (f1, r1) = rates(t0), rates(max(prev))
+    else:  # not even the highest score has FAR < FRR: the segment from "nothing accepted" to it
+        (f0, r0), (f1, r1) = (0.0, 0.0), rates(max(gen[-1], imp[-1]))
+    d0, d1 = f0 - (1.0 - r0), f1 - (1.0 - r1)
+    frac = -d0 / (d1 - d0) if d1 > d0 else 0.0
+    out["eer"] = float(f0 + frac * (f1 - f0))
+    # Integer keys in the floats' order search faster than the floats (−0.0 and +0.0 tie as floats do).
+    gen_k, imp_k = (_order_keys(a) for a in (gen, imp))
+    twice_u = int(np.searchsorted(imp_k, gen_k, "left").sum()) + int(np.searchsorted(imp_k, gen_k, "right").sum())
+    out["roc_auc"] = twice_u / (2 * ng * ni)
+    return out
+
+
+def _order_keys(x) -> np.ndarray:
+    """int32 (float32 scores) or int64 keys in the order of the values, with −0.0 equal to +0.0."""
+    x = np.asarray(x)
+    x = x.astype(np.float32 if x.dtype == np.float32 else np.float64) + 0.0  # −0.0 + 0.0 is +0.0
+    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
+    return bits ^ ((bits >> (bits.itemsize * 8 - 1)) & np.iinfo(bits.dtype).max)
+
+
+def tar_at_fars(genuine_sorted, impostor_sorted, fars) -> np.ndarray:
+    """TAR at each target FAR (the largest ROC FAR not above it) from sorted scores (`sorted_metrics`)."""
+    gen, imp = np.asarray(genuine_sorted), np.asarray(impostor_sorted)
+    ng, ni = gen.size, imp.size
+    out = np.zeros(len(fars))
+    for n, f in enumerate(np.asarray(fars, np.float64).reshape(-1)):
+        if f < 0:
+            continue  # no ROC point has a FAR below 0: the first one (nothing accepted, TAR 0), as exact_metrics
+        k = min(int(np.floor(f * ni)), ni)
+        while k < ni and (k + 1) / ni <= f:
+            k += 1
+        while k > 0 and k / ni > f:
+            k -= 1
+        out[n] = 1.0 if k >= ni else (ng - int(np.searchsorted(gen, imp[ni - 1 - k], "right"))) / ng
+    return out
+
+
 def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] = DEFAULT_FARS,
                 metric: str = "cosine", exact_limit: int = EXACT_LIMIT, bins: int = 1 << 16,
-                block: int = 1024) -> dict:
+                block: int = 1024, roc_fars=None) -> dict:
     """Verification of a (queries, gallery) cell over every ordered pair (a, b) of distinct samples:
     row a of `queries` against row b of `gallery` (row k of both is sample index[k], labels[k]).
 
-    Exact (`exact_metrics`) up to `exact_limit` pairs, else the binned histograms over [−1, 1]
-    (cosine only). Returns `exact_metrics`'s keys plus 'exact' (bool)."""
+    Exact (`sorted_metrics`: TAR at FAR and EER as `exact_metrics`) up to `exact_limit` pairs, else the
+    binned histograms over [−1, 1] (cosine only). When queries and gallery are equal arrays, the pairs
+    (a, b) and (b, a) have one score, so each unordered pair is scored once and counted twice (every
+    rate as over the ordered pairs, half the work). Returns {'tar_at_far', 'eer', 'roc_auc', 'genuine',
+    'impostor', 'exact'}, and 'roc_tar' (the TAR at each of `roc_fars`) when `roc_fars` is given."""
     q = np.asarray(queries, np.float32)
     g = np.asarray(gallery, np.float32)
     labels = np.asarray(labels).reshape(-1)
@@ -416,9 +494,10 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
         raise ValueError(f"verification.label_pairs: queries {q.shape} and gallery {g.shape} must be (samples, dim) "
                          f"for the same {n} labelled samples")
     index = np.arange(n) if index is None else np.asarray(index).reshape(-1)
+    symmetric = q is g or np.array_equal(q, g)
     if metric == "cosine":
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        g = q if symmetric else g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     elif metric != "dot":
         raise ValueError(f"verification.label_pairs: metric must be 'cosine' or 'dot', got {metric!r}")
     pairs = n * (n - 1)
@@ -432,7 +511,7 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         s = q[lo:hi] @ g.T
-        other = index[lo:hi, None] != index[None, :]
+        other = (index[lo:hi, None] < index[None, :]) if symmetric else (index[lo:hi, None] != index[None, :])
         same = labels[lo:hi, None] == labels[None, :]
         if exact:
             gen_parts.append(s[other & same])
@@ -441,14 +520,20 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
             pos = np.clip(np.floor((s + 1.0) * (bins / 2.0)), 0, bins - 1).astype(np.int64)
             hist_g += np.bincount(pos[other & same], minlength=bins)
             hist_i += np.bincount(pos[other & ~same], minlength=bins)
+    times = 2 if symmetric else 1
     if exact:
-        out = exact_metrics(np.concatenate(gen_parts), np.concatenate(imp_parts), fars)
+        gen, imp = np.sort(np.concatenate(gen_parts)), np.sort(np.concatenate(imp_parts))
+        out = sorted_metrics(gen, imp, fars)
+        out["genuine"], out["impostor"] = times * gen.size, times * imp.size
+        if roc_fars is not None:
+            out["roc_tar"] = tar_at_fars(gen, imp, roc_fars)
     else:
-        state = VerificationState(genuine=jnp.asarray(hist_g, jnp.int32), impostor=jnp.asarray(hist_i, jnp.int32),
-                                  lo=-1.0, hi=1.0)
+        state = VerificationState(genuine=jnp.asarray(times * hist_g, jnp.int32),
+                                  impostor=jnp.asarray(times * hist_i, jnp.int32), lo=-1.0, hi=1.0)
         m = compute(state, fars)
-        far, tar, _ = roc(state)
         out = {"tar_at_far": np.asarray(m["tar_at_far"]), "eer": float(m["eer"]), "roc_auc": float(m["roc_auc"]),
-               "genuine": int(hist_g.sum()), "impostor": int(hist_i.sum()), "far": np.asarray(far), "tar": np.asarray(tar)}
+               "genuine": int(times * hist_g.sum()), "impostor": int(times * hist_i.sum())}
+        if roc_fars is not None:
+            out["roc_tar"] = np.asarray(tar_at_far(state, roc_fars))
     out["exact"] = exact
     return out

@@ -8,27 +8,16 @@ CNN Embedding Spaces", face-recognition part), with representation similarity fr
 Maps are fit without labels on images of some classes (identities); every metric is measured on images
 of other classes, so neither the backbones' heads nor the maps have seen an evaluation identity.
 
-Passes on the engine (embjax.extract):
-  1. fit:  joint statistics (embjax.stats) of every model's pre-logit embedding over the fit split; the
-           fit features are kept in the store for the fit-size curve;
-  2. maps: for every ordered pair A→B and family affine / ridge / procrustes (scaled, zero-padded) /
-           reduced_rank (embjax.maps);
-  3. eval: the evaluation split's native embeddings and every mapped embedding, into the run's feature
-           store (workdir/state/store/eval), from which every metric below is computed.
-Settings, per ordered pair (A, B) — queries are embedded by A, the gallery by B:
-  native       B's own embedding on both sides (the reference the other cells lose against);
-  mapped       queries mapped A→B, gallery native B (diagonal: A's native embedding);
-  both_mapped  both sides mapped into a third model C's space (A→C, B→C), averaged over C ∉ {A, B}
-               (with two models, C = B, which is `mapped`);
-  naive        queries truncated / zero-padded into B's width, no map (should sit at chance).
-`native` and `naive` do not depend on the map family; they are repeated under every family's key.
-Metrics (cosine similarity): verification over every ordered pair of distinct evaluation samples (query
-a against gallery b and b against a), genuine when their labels agree (embjax.verification.label_pairs:
-exact TAR at FAR, EER, ROC AUC), 10-fold accuracy over balanced pairs drawn without replacement, each in
-both orders (LFW protocol); leave-one-out retrieval (embjax.retrieval: Recall@k, mAP, MAP@R,
-R-precision). Similarity (embjax.similarity): linear CKA, SVCCA, PWCCA and Procrustes distance from the
-fit statistics; debiased CKA, mutual k-NN and CKNNA on the evaluation features (debiased CKA needs
-per-sample fourth-order terms the statistics do not keep).
+Passes on the engine (embjax.extract), then the metrics (embjax.cells):
+  1. fit:  joint statistics (embjax.stats) of every model's pre-logit embedding over the fit split, and
+           of its nested prefixes for the fit-size curve (stats.prefix_accumulator: one pass);
+  2. maps: every ordered pair A→B and family affine / ridge / procrustes / reduced_rank (embjax.maps);
+  3. eval: native and mapped evaluation embeddings into the run's feature store (workdir/state/store/eval);
+  4. the grid of settings × families × pairs (cells.settings_grid: native, mapped, both_mapped, naive),
+     similarity (embjax.similarity), the fit-size and rank curves, each memoized for a resumed run.
+Metrics (cosine): verification over every ordered pair of distinct evaluation samples, genuine when
+their labels agree (exact TAR at FAR, EER, ROC AUC), 10-fold accuracy over balanced disjoint pairs (LFW
+protocol); leave-one-out retrieval (Recall@k, mAP, MAP@R, R-precision). docs/open_set.md has the details.
 """
 
 from __future__ import annotations
@@ -39,10 +28,10 @@ import warnings
 
 import numpy as np
 
+from embjax.cells import SETTINGS
 from experiments import common
 
 FAMILIES = ("affine", "ridge", "procrustes", "reduced_rank")
-SETTINGS = ("native", "mapped", "both_mapped", "naive")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,23 +116,24 @@ def run(config, workdir: str):
 
     fit_src, eval_src, fit_desc, eval_desc = sources(config)
     zoo_classes = config.zoo_classes or config.fit_classes
-
-    engine = common.engine(config, workdir, zoo_data=functools.cache(functools.partial(_zoo_data, config, zoo_classes)), minimum=2,
-                           dataset_tag=f"{config.dataset}:{config.fit_split}:classes={zoo_classes}")
-    ms = engine.members
-    names, dims = [m.name for m in ms], [m.feature_dim for m in ms]
-    n = len(names)
+    engine = common.engine(config, workdir, zoo_data=functools.cache(functools.partial(_zoo_data, config, zoo_classes)),
+                           minimum=2, dataset_tag=f"{config.dataset}:{config.fit_split}:classes={zoo_classes}")
+    names, dims = [m.name for m in engine.members], [m.feature_dim for m in engine.members]
     features = {m: ("pre_logits",) for m in names}
 
-    # 1. Joint statistics over the fit split; the fit features stay in the store for the fit-size curve.
-    fit = engine.run(extract.Pass(
-        "fit", fit_src, config.fit_split, features, dataset=config.dataset,
-        accumulator=stats.accumulator(dims, lambda out, batch, aux: [out[m]["pre_logits"] for m in names]),
-        store={f"{m}/pre_logits": "float32" for m in names}))
+    # 1. Joint statistics over the fit split, and over its nested prefixes for the fit-size curve.
+    sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < len(fit_src)} | {len(fit_src)})
+    read = lambda out, batch, aux: [out[m]["pre_logits"] for m in names]  # noqa: E731
+    acc = {"all": stats.accumulator(dims, read)}
+    if len(sizes) > 1:
+        acc["prefixes"] = stats.prefix_accumulator(dims, read, sizes[:-1])
+    fit_state = engine.run(extract.Pass("fit", fit_src, config.fit_split, features, dataset=config.dataset,
+                                        accumulator=acc))
+    fit = fit_state["all"]
+    by_size = (acc["prefixes"].compute(fit_state["prefixes"]) if len(sizes) > 1 else []) + [fit]
 
     # 2. Maps for every ordered pair (and the rank sweep's maps, from the same eigendecompositions).
-    width = min(dims)
-    ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < width} | {width})
+    ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < min(dims)} | {min(dims)})
     all_maps, map_warnings, rank_sweep = fit_maps(fit, names, dims, config, sweep_ranks=ranks)
     for w in map_warnings:
         print(f"[warning] {w}", flush=True)
@@ -152,20 +142,19 @@ def run(config, workdir: str):
     def entry(family, i, j):
         return f"{names[i]}/to_{names[j]}_{family}"
 
-    aux = {f: {f"{i}_{j}": wb for (i, j), wb in m.items()} for f, m in all_maps.items()}
-
     def emit(outputs, batch, aux):
         out = {f"{m}/pre_logits": outputs[m]["pre_logits"] for m in names}
         for f, per_pair in aux.items():
             for key, (w, b) in per_pair.items():
                 i, j = (int(t) for t in key.split("_"))
-                x = outputs[names[i]]["pre_logits"]
-                out[entry(f, i, j)] = jnp.matmul(x, w, precision="highest") + b
+                out[entry(f, i, j)] = jnp.matmul(outputs[names[i]]["pre_logits"], w, precision="highest") + b
         return out
 
     store_entries = {f"{m}/pre_logits": "float32" for m in names}
     store_entries.update({entry(f, i, j): "float32" for f, m in all_maps.items() for (i, j) in m})
-    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, aux=aux, store=store_entries, emit=emit, dataset=config.dataset))
+    engine.run(extract.Pass("eval", eval_src, config.eval_split, features, emit=emit, dataset=config.dataset,
+                            aux={f: {f"{i}_{j}": wb for (i, j), wb in m.items()} for f, m in all_maps.items()},
+                            store=store_entries))
     store = engine.store("eval")
     labels, index = np.asarray(store.labels), np.asarray(store.index)
     native = [np.asarray(store.array(f"{m}/pre_logits"), np.float32) for m in names]
@@ -173,22 +162,23 @@ def run(config, workdir: str):
     def mapped(family, i, j):
         return native[i] if i == j else np.asarray(store.array(entry(family, i, j)), np.float32)
 
+    def naive(i, j):
+        from embjax import maps
+
+        w, b = maps.naive(dims[i], dims[j])
+        return native[i] @ np.asarray(w) + np.asarray(b)
+
     metric_kw = dict(bins=config.verification_bins, ks=config.recall_ks, query_block=config.query_block,
                      fars=config.fars)
     pairs = cells.kfold_pairs(labels, int(config.kfold_pairs_per_fold), int(config.kfold_seed))
 
-    # 4. Every setting × family × ordered pair, memoized so a resumed run does not recompute them.
-    grids = engine.memo("cells", functools.partial(evaluate_cells, native, mapped, dims, labels, index, pairs,
-                                                   metric_kw))
-
-    # 5. Similarity: from the fit statistics, and on the evaluation features.
+    # 4. The grid, similarity and the curves, each memoized so a resumed run does not recompute them.
+    grids = engine.memo("cells", lambda: cells.settings_grid(native, mapped, naive, labels, index, pairs, FAMILIES,
+                                                             metric_kw))
     sim = engine.memo("similarity", functools.partial(similarity_matrices, config, fit, native,
                                                       all_maps["procrustes"]))
-
-    # 6. Curves: metric against the number of fitting samples, and against the rank of the map.
-    curve = engine.memo("curves", functools.partial(curves, config, engine.store("fit"), names, dims, native, labels,
-                                                    index, pairs, metric_kw, ranks, rank_sweep))
-
+    curve = engine.memo("curves", functools.partial(curves, config, by_size, sizes, names, dims, native, labels,
+                                                    index, metric_kw, ranks, rank_sweep))
     results = assemble(config, names, dims, fit, len(labels), grids, sim, curve, map_warnings, fit_desc, eval_desc)
     results["map_warnings"] += [str(w) for w in np.asarray(curve["fit_size"].get("warnings", []))]
     results["meta"] = {"seconds": dict(engine.seconds), "metric_seconds": dict(cells.METRIC_SECONDS),
@@ -208,48 +198,6 @@ def _zoo_data(config, zoo_classes):
     return images, labels[rows].astype(np.int32)
 
 
-def evaluate_cells(native, mapped, dims, labels, index, pairs, metric_kw):
-    """Every setting × family × ordered pair of the open-set grid, one cell computed once."""
-    from embjax import cells
-
-    n = len(native)
-    t = time.perf_counter()
-    cache = {}
-
-    def cell(q_key, q, g_key, g):
-        key = (q_key, g_key)
-        if key not in cache:
-            cache[key] = cells.cell_metrics(q, g, labels, index, pairs, **metric_kw)
-        return cache[key]
-
-    from embjax import maps as maps_lib
-
-    out = {}
-    for s in SETTINGS:
-        for f in FAMILIES:
-            grid = [[None] * n for _ in range(n)]
-            for i in range(n):
-                for j in range(n):
-                    if s == "native":
-                        grid[i][j] = cell(("native", j), native[j], ("native", j), native[j])
-                    elif s == "mapped":
-                        q_key = ("native", i) if i == j else (f, i, j)
-                        grid[i][j] = cell(q_key, mapped(f, i, j), ("native", j), native[j])
-                    elif s == "naive":
-                        w, b = maps_lib.naive(dims[i], dims[j])
-                        q = native[i] @ np.asarray(w) + np.asarray(b)
-                        grid[i][j] = cell(("naive", i, j), q, ("native", j), native[j])
-                    else:
-                        hubs = [c for c in range(n) if c not in (i, j)] or [j]
-                        hub_cells = [cell((f, i, c), mapped(f, i, c), (f, j, c), mapped(f, j, c)) for c in hubs]
-                        grid[i][j] = cells.average_cells(hub_cells)
-            out[(s, f)] = grid
-    print(f"[metrics] {len(cache)} distinct cells in {time.perf_counter() - t:.1f} s (ranking "
-          f"{cells.METRIC_SECONDS['ranking']:.1f} s, verification pairs {cells.METRIC_SECONDS['verification']:.1f} s)",
-          flush=True)
-    return {f"{s}|{f}": cells.cells_to_arrays(grid) for (s, f), grid in out.items()}
-
-
 def similarity_matrices(config, fit, native, procrustes):
     """Linear CKA, SVCCA, PWCCA, angular Procrustes distance (fit statistics); debiased CKA, mutual k-NN
     and CKNNA (evaluation features). embjax.similarity states each measure's invariances."""
@@ -266,42 +214,32 @@ def similarity_matrices(config, fit, native, procrustes):
     return mat
 
 
-def curves(config, fit_store, names, dims, native, labels, index, pairs, metric_kw, ranks, rank_sweep):
-    """Metrics against the number of fitting samples and against the rank of the map."""
-    from embjax import cells, stats
+def curves(config, by_size, sizes, names, dims, native, labels, index, metric_kw, ranks, rank_sweep):
+    """Mean curve metrics over the ordered pairs (embjax.cells.curve_metrics) against the number of fitting
+    samples (maps from the statistics of each prefix of the fit split) and against the rank of the map."""
+    from embjax import cells
 
-    n = len(names)
-    fit_feats = [np.asarray(fit_store.array(f"{m}/pre_logits"), np.float32) for m in names]
-    total = fit_feats[0].shape[0]
-    sizes = sorted({int(s) for s in config.curve_fit_sizes if 2 <= int(s) < total} | {total})
+    n, families = len(names), tuple(config.curve_families)
     pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
-    families = tuple(config.curve_families)
-    by_size = {f: {k: [] for k in cells.CURVE_METRICS} for f in families}
-    curve_warnings = []  # small fit sizes are ridge-regularised by maps.affine: said, never silent
-    for size in sizes:
-        st = stats.init(dims)
-        for lo in range(0, size, 512):
-            st = stats.update(st, [x[lo:min(size, lo + 512)] for x in fit_feats])
+    curve_warnings, tasks = [], []  # small fit sizes are ridge-regularised by maps.affine: said, never silent
+    for size, st in zip(sizes, by_size):
         fam_maps, size_warnings, _ = fit_maps(st, names, dims, config, families=families)
         curve_warnings.extend(f"fit-size curve, {size} samples: {w}" for w in size_warnings)
-        for f in families:
-            vals = [cells.curve_values(*cells.cell_metrics(native[i] @ fam_maps[f][(i, j)][0] + fam_maps[f][(i, j)][1],
-                                                native[j], labels, index, pairs, **metric_kw)) for i, j in pairs_ij]
-            for k in cells.CURVE_METRICS:
-                by_size[f][k].append(float(np.mean([v[k] for v in vals])))
-    by_rank = {k: [] for k in cells.CURVE_METRICS}
-    for r_pos, r in enumerate(ranks):
-        vals = []
-        for i, j in pairs_ij:
-            w, b = rank_sweep[(i, j)][r_pos]
-            vals.append(cells.curve_values(*cells.cell_metrics(native[i] @ w + b, native[j], labels, index, pairs, **metric_kw)))
-        for k in cells.CURVE_METRICS:
-            by_rank[k].append(float(np.mean([v[k] for v in vals])))
+        tasks += [(("size", f, size), i, j, fam_maps[f][(i, j)]) for f in families for i, j in pairs_ij]
+    tasks += [(("rank", r), i, j, rank_sweep[(i, j)][k]) for k, r in enumerate(ranks) for i, j in pairs_ij]
+    values = cells.parallel_map(lambda t: cells.curve_metrics(native[t[1]] @ t[3][0] + t[3][1], native[t[2]], labels,
+                                                              index, **metric_kw), tasks)
+    mean = {}
+    for (point, *_), v in zip(tasks, values):
+        mean.setdefault(point, []).append(v)
+    mean = {p: {k: float(np.mean([v[k] for v in vs])) for k in cells.CURVE_METRICS} for p, vs in mean.items()}
     for w in curve_warnings:
         print(f"[warning] {w}", flush=True)
-    return {"fit_size": {"sizes": np.asarray(sizes), "warnings": np.asarray(curve_warnings, dtype=str), **{f: {k: np.asarray(v) for k, v in d.items()}
-                                                        for f, d in by_size.items()}},
-            "rank": {"ranks": np.asarray(ranks), **{k: np.asarray(v) for k, v in by_rank.items()}}}
+    fit_size = {f: {k: np.asarray([mean[("size", f, s)][k] for s in sizes]) for k in cells.CURVE_METRICS}
+                for f in families}
+    return {"fit_size": {"sizes": np.asarray(sizes), "warnings": np.asarray(curve_warnings, dtype=str), **fit_size},
+            "rank": {"ranks": np.asarray(ranks),
+                     **{k: np.asarray([mean[("rank", r)][k] for r in ranks]) for k in cells.CURVE_METRICS}}}
 
 
 def assemble(config, names, dims, fit, num_eval, grids, sim, curve, map_warnings, fit_desc, eval_desc) -> dict:
