@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embjax import retrieval, verification
+from embjax import maps, retrieval, verification
 
 CURVE_METRICS = ("recall_at_1", "map", "tar_at_far_0.01", "eer")
 SETTINGS = ("native", "mapped", "both_mapped", "naive")
@@ -54,15 +54,18 @@ def _kfold_accuracy(q, g, pi, pj, same, fold, *, n_folds):
     return verification.kfold_accuracy(jnp.sum(qn[pi] * gn[pj], axis=1), same, fold, n_folds=n_folds)[1]
 
 
-def verification_cell(q, g, labels, index, pairs=None, *, bins: int, fars, roc: bool = True) -> dict:
+def verification_cell(q, g, labels, index, pairs=None, *, bins: int, fars, roc: bool = True,
+                      auc: bool = True) -> dict:
     """{'tar_at_far': {far: TAR}, 'eer', 'roc_auc'} over every ordered pair of distinct samples
     (verification.label_pairs), with 'kfold_accuracy' over `pairs` (i, j, same, fold) when given and
-    '_roc' (TAR at ROC_FARS) when `roc`."""
+    '_roc' (TAR at ROC_FARS) when `roc`; 'roc_auc' only with `auc`."""
     fars = tuple(float(f) for f in fars)
     vm = _timed("verification", verification.label_pairs, q, g, labels, index, fars=fars, bins=int(bins),
-                roc_fars=ROC_FARS if roc else None)
+                roc_fars=ROC_FARS if roc else None, auc=auc)
     ver = {"tar_at_far": {far_key(f): float(t) for f, t in zip(fars, np.asarray(vm["tar_at_far"]))},
-           "eer": float(vm["eer"]), "roc_auc": float(vm["roc_auc"])}
+           "eer": float(vm["eer"])}
+    if auc:
+        ver["roc_auc"] = float(vm["roc_auc"])
     if pairs is not None:
         pi, pj, same, fold = pairs
         ver["kfold_accuracy"] = float(_kfold_accuracy(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32),
@@ -86,9 +89,8 @@ def cell_metrics(q, g, labels, index, pairs, *, bins: int, ks, query_block: int,
 
 
 def curve_metrics(q, g, labels, index, *, bins: int, ks, query_block: int, fars) -> dict:
-    """The CURVE_METRICS of a cell (no 10-fold accuracy and no ROC: a curve plots these four only)."""
-    fars = tuple(sorted({float(f) for f in fars} | {0.01}))
-    ver = verification_cell(q, g, labels, index, None, bins=bins, fars=fars, roc=False)
+    """The CURVE_METRICS of a cell (no 10-fold accuracy, ROC or AUC: a curve plots these four only)."""
+    ver = verification_cell(q, g, labels, index, None, bins=bins, fars=(0.01,), roc=False, auc=False)
     ret = retrieval_cell(q, g, labels, index, ks=ks, query_block=query_block)
     return curve_values(ver, ret)
 
@@ -111,16 +113,20 @@ def parallel_map(f, items, workers: int | None = None) -> list:
         return list(pool.map(f, items))
 
 
-def settings_grid(native, mapped, naive, labels, index, pairs, families, metric_kw, workers=None) -> dict:
+def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, workers=None) -> dict:
     """The open-set grid: {"setting|family": cells_to_arrays(grid)} for every setting of SETTINGS, family
     and ordered pair (A, B) of the models (row A = queries, column B = gallery):
       native       B's own embedding on both sides;
       mapped       queries mapped A→B (`mapped(family, A, B)`; the diagonal is A's native embedding);
       both_mapped  A→C against B→C, averaged over C ∉ {A, B} (C = B with two models);
-      naive        `naive(A, B)` against B's native gallery.
+      naive        A's embedding truncated / zero-padded to B's width (maps.naive) against B's native one.
     Each distinct (queries, gallery) cell is computed once; verification, which counts every ordered pair
     in both directions, is the same for (X, Y) and (Y, X) and is computed once for the two."""
     n = len(native)
+
+    def naive(i, j):
+        w, b = maps.naive(native[i].shape[1], native[j].shape[1])
+        return native[i] @ np.asarray(w) + np.asarray(b)
 
     def emb(key):
         kind, *ij = key
@@ -180,3 +186,20 @@ def cells_to_arrays(grid):
     out["roc_far"] = np.asarray(first_v["_roc"]["far"])
     out["roc_tar"] = np.array([[grid[i][j][0]["_roc"]["tar"] for j in range(n)] for i in range(n)])
     return out
+
+
+def grid_results(grids) -> tuple[dict, dict, dict]:
+    """`settings_grid`'s arrays as results.json's nested dicts: (verification, retrieval, roc), each
+    {setting: {family: {metric: matrix as lists}}} (row = query model A, column = gallery model B)."""
+    ver, ret, roc = {}, {}, {}
+    for key, arrays in grids.items():
+        s, f = key.split("|")
+        v = {"tar_at_far": {k.split("/", 1)[1]: np.asarray(a).tolist() for k, a in arrays.items()
+                            if k.startswith("tar_at_far/")}}
+        v.update({k: np.asarray(arrays[k]).tolist() for k in ("eer", "roc_auc", "kfold_accuracy")})
+        ver.setdefault(s, {})[f] = v
+        ret.setdefault(s, {})[f] = {k.split("/", 1)[1]: np.asarray(a).tolist() for k, a in arrays.items()
+                                   if k.startswith("retrieval/")}
+        roc.setdefault(s, {})[f] = {"far": np.asarray(arrays["roc_far"]).tolist(),
+                                    "tar": np.asarray(arrays["roc_tar"]).tolist()}
+    return ver, ret, roc

@@ -403,7 +403,7 @@ def exact_metrics(genuine, impostor, fars: Sequence[float] = DEFAULT_FARS) -> di
             "genuine": int(np.size(genuine)), "impostor": int(np.size(impostor)), "far": far, "tar": tar}
 
 
-def sorted_metrics(genuine_sorted, impostor_sorted, fars: Sequence[float] = DEFAULT_FARS) -> dict:
+def sorted_metrics(genuine_sorted, impostor_sorted, fars: Sequence[float] = DEFAULT_FARS, auc: bool = True) -> dict:
     """`exact_metrics`' numbers from the genuine and impostor scores sorted ascending (finite), without
     building the ROC: every ROC point the metrics need is a count, found by binary search.
 
@@ -413,7 +413,8 @@ def sorted_metrics(genuine_sorted, impostor_sorted, fars: Sequence[float] = DEFA
     FAR(t) − FRR(t) < 0 (a monotone function of t: a binary search in each sorted array), the next point
     is the largest score below t; the same segment and float64 arithmetic as `curve_eer`, so TAR at FAR
     and EER equal `exact_metrics`' bit for bit. AUC: the Mann–Whitney statistic in integer counts (ties
-    one half), which the trapezoid over the exact ROC computes up to float64 rounding (~1e-15)."""
+    one half), which the trapezoid over the exact ROC computes up to float64 rounding (~1e-15); `auc`
+    False leaves it out (two searches of every genuine score: the costliest part)."""
     gen, imp = np.asarray(genuine_sorted), np.asarray(impostor_sorted)
     ng, ni = gen.size, imp.size
     if ng == 0 or ni == 0:
@@ -443,6 +444,8 @@ def sorted_metrics(genuine_sorted, impostor_sorted, fars: Sequence[float] = DEFA
     d0, d1 = f0 - (1.0 - r0), f1 - (1.0 - r1)
     frac = -d0 / (d1 - d0) if d1 > d0 else 0.0
     out["eer"] = float(f0 + frac * (f1 - f0))
+    if not auc:
+        return out
     # Integer keys in the floats' order search faster than the floats (−0.0 and +0.0 tie as floats do).
     gen_k, imp_k = (_order_keys(a) for a in (gen, imp))
     twice_u = int(np.searchsorted(imp_k, gen_k, "left").sum()) + int(np.searchsorted(imp_k, gen_k, "right").sum())
@@ -477,7 +480,7 @@ def tar_at_fars(genuine_sorted, impostor_sorted, fars) -> np.ndarray:
 
 def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] = DEFAULT_FARS,
                 metric: str = "cosine", exact_limit: int = EXACT_LIMIT, bins: int = 1 << 16,
-                block: int = 1024, roc_fars=None) -> dict:
+                block: int = 1024, roc_fars=None, auc: bool = True) -> dict:
     """Verification of a (queries, gallery) cell over every ordered pair (a, b) of distinct samples:
     row a of `queries` against row b of `gallery` (row k of both is sample index[k], labels[k]).
 
@@ -485,7 +488,8 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
     binned histograms over [−1, 1] (cosine only). When queries and gallery are equal arrays, the pairs
     (a, b) and (b, a) have one score, so each unordered pair is scored once and counted twice (every
     rate as over the ordered pairs, half the work). Returns {'tar_at_far', 'eer', 'roc_auc', 'genuine',
-    'impostor', 'exact'}, and 'roc_tar' (the TAR at each of `roc_fars`) when `roc_fars` is given."""
+    'impostor', 'exact'} ('roc_auc' only with `auc`), and 'roc_tar' (the TAR at each of `roc_fars`) when
+    `roc_fars` is given."""
     q = np.asarray(queries, np.float32)
     g = np.asarray(gallery, np.float32)
     labels = np.asarray(labels).reshape(-1)
@@ -523,7 +527,7 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
     times = 2 if symmetric else 1
     if exact:
         gen, imp = np.sort(np.concatenate(gen_parts)), np.sort(np.concatenate(imp_parts))
-        out = sorted_metrics(gen, imp, fars)
+        out = sorted_metrics(gen, imp, fars, auc=auc)
         out["genuine"], out["impostor"] = times * gen.size, times * imp.size
         if roc_fars is not None:
             out["roc_tar"] = tar_at_fars(gen, imp, roc_fars)
