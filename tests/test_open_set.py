@@ -114,12 +114,15 @@ def test_prefix_statistics_match_float64_prefixes():
     """stats.prefix_accumulator folded batch by batch (rows in a shuffled order, padded, two partial states
     merged) gives, for every size n, the mean and covariance of the rows with index < n, as float64 NumPy
     does. Float32 sums of ~100 O(1) terms: 1e-5 relative to the features' scale."""
+    import jax
+
     from embjax import stats
 
     rng = np.random.default_rng(14)
     dims, total, sizes = (3, 2), 100, (7, 30, 64)
     feats = [rng.standard_normal((total, d)) + 5.0 for d in dims]
     acc = stats.prefix_accumulator(dims, lambda out, batch, aux: out, sizes)
+    update = jax.jit(acc.update)  # as the engine runs it (one compilation; eager lax.cond is slow)
     order = rng.permutation(total)
     parts = [acc.empty(), acc.empty()]
     for b, lo in enumerate(range(0, total, 16)):
@@ -128,7 +131,7 @@ def test_prefix_statistics_match_float64_prefixes():
         index = np.r_[rows, np.full(pad, -1)]
         batch = {"index": index, "mask": np.r_[np.ones(rows.size, bool), np.zeros(pad, bool)]}
         out = [np.r_[f[rows], np.full((pad, f.shape[1]), np.nan)].astype(np.float32) for f in feats]
-        parts[b % 2] = acc.update(parts[b % 2], [np.nan_to_num(o) for o in out], batch, None)
+        parts[b % 2] = update(parts[b % 2], [np.nan_to_num(o) for o in out], batch, None)
     prefixes = acc.compute(acc.merge(*parts))
     x = np.concatenate(feats, axis=1)
     for n, st in zip(sizes, prefixes):
