@@ -256,3 +256,29 @@ def rank_figure(r, path):
         ax.set_ylabel(f"{metric}, mapped A→B (mean over pairs)")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def matrix_table(title: str, names: list[str], matrix, fmt: str = "{:.4f}", note: str = "") -> Table:
+    """A model × model matrix as a Table (row = A, column = B)."""
+    rows = [[names[i]] + [fmt.format(v) for v in row] for i, row in enumerate(matrix)]
+    return Table(title, ["A \\ B"] + list(names), rows, note)
+
+
+def open_set_figures(r) -> dict:
+    """{file name: draw(path)} of an open-set run's figures: ROC, the fit-size and rank curves, and a heatmap
+    per similarity measure."""
+    import functools
+
+    cfg = r["config"]
+    figures = {"roc.png": functools.partial(roc_figure, r), "curve_fit_size.png": functools.partial(fit_size_figure, r),
+               "curve_rank.png": functools.partial(rank_figure, r)}
+    for k, title, lim in (("cka", "linear CKA (fit statistics)", (0, 1)),
+                          ("cka_debiased", "debiased CKA (evaluation features)", (None, 1)),
+                          ("cca", f"mean SVCCA ({cfg['cca_dims']} dims, fit statistics)", (0, 1)),
+                          ("pwcca", f"PWCCA ({cfg['cca_dims']} dims, row A's weights, fit statistics)", (0, 1)),
+                          ("cknna", f"CKNNA, k = {cfg['mutual_knn_k']} (evaluation)", (None, 1)),
+                          ("procrustes", "angular Procrustes distance (rad, fit statistics)", (0, None)),
+                          ("mutual_knn", f"mutual {cfg['mutual_knn_k']}-NN alignment (evaluation)", (0, 1))):
+        figures[f"similarity_{k}.png"] = functools.partial(heatmap_matrix, r["similarity"][k], r["models"], title,
+                                                          vmin=lim[0], vmax=lim[1], xlabel="B", ylabel="A")
+    return figures

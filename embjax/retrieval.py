@@ -394,16 +394,9 @@ def _leave_one_out_host(queries, query_labels, gallery, gallery_labels, metric, 
     if q_lab.shape != (q.shape[0],) or g_lab.shape != (g.shape[0],):
         raise ValueError(f"retrieval.leave_one_out: {q.shape[0]} queries and {g.shape[0]} gallery rows need as many "
                          f"labels, got {q_lab.shape} and {g_lab.shape}")
-    # Gallery grouped by label (stable, so positions stay ordered within a group): the relevant items
-    # of a query are then one contiguous slice of its score row.
-    by_label = np.argsort(g_lab, kind="stable")
-    g, g_idx, g_ok, g_lab = g[by_label], g_idx[by_label], g_ok[by_label], g_lab[by_label]  # g: the one copy
     if metric == "cosine":
-        g = _normalized_rows_inplace(g)
-    positions = by_label
-    starts = np.searchsorted(g_lab, q_lab, side="left")
-    ends = np.searchsorted(g_lab, q_lab, side="right")
-    n_g, n_q = g.shape[0], q.shape[0]
+        g = _normalized_rows_inplace(g.copy())
+    n_q = q.shape[0]
     qb = min(qb, max(n_q, 1))
     g_j, gi_j, ok_j = jnp.asarray(g), jnp.asarray(g_idx), jnp.asarray(g_ok)
     del g  # the device copy is the one used from here
@@ -412,49 +405,59 @@ def _leave_one_out_host(queries, query_labels, gallery, gallery_labels, metric, 
     with_relevant = 0
     for lo, m, q_blk, qi_blk in _query_blocks(q, q_idx, qb):
         s = np.asarray(_eligible_scores(q_blk, qi_blk, g_j, gi_j, ok_j, metric=metric))[:m]
-        ordered = np.sort(s, axis=1)  # ascending; NumPy's vectorised float32 sort (no argsort)
-        # Every query's relevant items, flattened: row r holds columns starts[r]..ends[r].
-        a, b = starts[lo:lo + m], ends[lo:lo + m]
-        lengths = b - a
-        row = np.repeat(np.arange(m), lengths)
-        col = a[row] + (np.arange(row.size) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        vals = s[row, col]
-        keep = vals > -np.inf  # the query itself and masked items are not relevant items
-        row, col, vals = row[keep], col[keep], vals[keep]
-        pos = positions[col]
-        best_first = np.lexsort((pos, -vals, row))
-        row, vals, pos = row[best_first], vals[best_first], pos[best_first]
-        big_r = np.bincount(row, minlength=m)
-        k = np.arange(row.size) - np.repeat(np.cumsum(big_r) - big_r, big_r)  # 0 for a query's best relevant item
-        # Items strictly above each relevant score: a binary search of the R relevant scores in the
-        # query's sorted row (R log N, not N log N).
-        right = np.empty(row.size, np.int64)
-        left = np.empty(row.size, np.int64)
-        ends_r = np.cumsum(big_r)
-        for r in np.flatnonzero(big_r):
-            seg = slice(ends_r[r] - big_r[r], ends_r[r])
-            right[seg] = ordered[r].searchsorted(vals[seg], side="right")
-            left[seg] = ordered[r].searchsorted(vals[seg], side="left")
-        ranks = (n_g - right) + 1
-        for t in np.flatnonzero(right - left > 1):  # exact ties: the lower gallery position ranks first
-            ranks[t] += np.count_nonzero((s[row[t]] == vals[t]) & (positions < pos[t]))
-        r_of = big_r[row]
-        prec = (k + 1) / ranks
-        within = ranks <= r_of
+        big_r, first_rank, sums = _ranked_relevant(s, q_lab[lo:lo + m], g_lab)
         has = big_r > 0
         denom = np.maximum(big_r, 1)
         with_relevant += int(has.sum())
-        ap += float(np.sum(np.bincount(row, weights=prec, minlength=m)[has] / denom[has]))
-        map_r += float(np.sum(np.bincount(row, weights=prec * within, minlength=m)[has] / denom[has]))
-        r_prec += float(np.sum(np.bincount(row, weights=within, minlength=m)[has] / denom[has]))
-        first_rank = ranks[k == 0]  # one per query with R ≥ 1, in row order
+        ap += float(np.sum(sums[0][has] / denom[has]))
+        map_r += float(np.sum(sums[1][has] / denom[has]))
+        r_prec += float(np.sum(sums[2][has] / denom[has]))
         for t, kk in enumerate(ks):
-            hits[t] += int(np.sum(first_rank <= kk))
+            hits[t] += int(np.sum(first_rank[has] <= kk))
     n = max(with_relevant, 1)
     out = {f"recall_at_{k}": np.float64(hits[t] / n) for t, k in enumerate(ks)}
     out.update(map=np.float64(ap / n), map_at_r=np.float64(map_r / n), r_precision=np.float64(r_prec / n),
                queries=np.int64(q.shape[0]), with_relevant=np.int64(with_relevant))
     return out
+
+
+def _float_keys(x: np.ndarray) -> np.ndarray:
+    """int32 keys in the order of the float32 values `x` (−inf lowest; −0.0 just below +0.0, which the
+    scores never hold: _eligible_scores turns −0.0 into +0.0)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.int32)
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+_NOT_ELIGIBLE = int(_float_keys(np.float32([-np.inf]))[0])
+
+
+def _ranked_relevant(s, query_labels, gallery_labels):
+    """Per query row of a score block `s` (−inf where not eligible): (R, rank of the best relevant item,
+    (Σ P@rank, Σ P@rank over ranks ≤ R, #relevant within the top R) over its relevant items).
+
+    Each row is ranked by one sort of int64 keys, no argsort: the score's order-preserving 32 bits above
+    the complement of the gallery position, so that the sorted row is best first with exact ties by lower
+    position, and the position comes back out of the key. Sums run over each row's relevant items best
+    first (sequential bincount sums)."""
+    m, n_g = s.shape
+    if n_g >= 1 << 31:
+        raise ValueError(f"retrieval: a gallery of {n_g} items needs more than the 31 position bits of a key")
+    keys = (_float_keys(s).astype(np.int64) << 32) | np.arange(n_g - 1, -1, -1, dtype=np.int64)
+    keys.sort(axis=1)
+    best = keys[:, ::-1]
+    position = (n_g - 1) - (best & 0xFFFFFFFF)
+    relevant = (np.asarray(gallery_labels)[position] == np.asarray(query_labels)[:, None]) & \
+        ((best >> 32) > _NOT_ELIGIBLE)  # the query itself and masked items are not relevant items
+    rows, cols = np.nonzero(relevant)  # row-major: each row's relevant items best first
+    big_r = np.bincount(rows, minlength=m)
+    k = np.arange(rows.size) - np.repeat(np.cumsum(big_r) - big_r, big_r)  # 0 for a row's best relevant item
+    ranks = cols + 1
+    prec = (k + 1) / ranks
+    within = ranks <= big_r[rows]
+    sums = np.stack([np.bincount(rows, weights=w, minlength=m) for w in (prec, prec * within, within)])
+    first = np.zeros(m, np.int64)
+    first[rows[k == 0]] = ranks[k == 0]
+    return big_r, first, sums
 
 
 def _knn_host(queries, gallery, k, metric, query_index, gallery_index, gallery_mask, qb):

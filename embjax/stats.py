@@ -266,3 +266,36 @@ def accumulator(dims: Sequence[int], read, dtype=jnp.float32) -> Accumulator:
     (batch, d_i) feature blocks, in the order of `dims`; padding rows get no weight."""
     return Accumulator(empty=lambda: init(dims, dtype), merge=merge, compute=compute,
                        update=lambda s, outputs, batch, aux: update(s, read(outputs, batch, aux), batch["mask"]))
+
+
+def prefix_accumulator(dims: Sequence[int], read, sizes: Sequence[int], dtype=jnp.float32) -> Accumulator:
+    """The joint statistics of nested prefixes of a pass, as one accumulator: for each n of `sizes`, the
+    statistics of the rows whose sample index is below n (a fit-size curve from one pass).
+
+    Each row is folded once, into the segment [n_{k−1}, n_k) of `sizes` (ascending) that holds its index;
+    rows at or past the last size are left out, and a segment with no row in a batch skips the update
+    (lax.cond), so the cost is about that of one `accumulator` over the prefix of the largest size. The
+    state is the list of segment statistics; `compute` gives the list of prefix statistics, segment 0..k
+    merged for prefix k (Chan's update: in exact arithmetic the statistics of folding the prefix itself)."""
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+        raise ValueError(f"stats.prefix_accumulator: sizes must be positive and strictly ascending, got {sizes}")
+    bounds = jnp.asarray(sizes)
+
+    def fold(states, outputs, batch, aux):
+        feats = read(outputs, batch, aux)
+        segment = jnp.searchsorted(bounds, batch["index"], side="right")
+        out = []
+        for k, st in enumerate(states):
+            keep = batch["mask"] & (segment == k)
+            out.append(jax.lax.cond(jnp.any(keep), lambda s, keep=keep: update(s, feats, keep), lambda s: s, st))
+        return out
+
+    def prefixes(states):
+        out = [states[0]]
+        for st in states[1:]:
+            out.append(merge(out[-1], st))
+        return out
+
+    return Accumulator(empty=lambda: [init(dims, dtype) for _ in sizes], update=fold,
+                       merge=lambda a, b: [merge(x, y) for x, y in zip(a, b)], compute=prefixes)

@@ -30,24 +30,19 @@ threshold is chosen on the other folds and accuracy measured on the held-out one
 protocol: 10 folds, threshold on nine, accuracy on the tenth). `sample_pairs` draws such a list
 without replacement, so no unordered pair sits in two folds.
 
-Exact metrics (`exact_metrics`, `label_pairs`). Sorting the genuine and the impostor scores once gives
-the ROC at every distinct score, as scikit-learn's roc_curve(drop_intermediate=False): thresholds run
-over the distinct scores from +∞ down, and TAR at FAR, EER and AUC are read off that exact curve with
-the rules above (AUC is then exactly the Mann–Whitney statistic, ties counting one half). `label_pairs`
-scores a (queries, gallery) cell over every ORDERED pair (a, b) of distinct samples: query a against
-gallery b and query b against gallery a are two pairs. When queries and gallery are one embedding the
-two scores are equal and every rate is that of the unordered pairs; when they differ (queries mapped
-from another model) both directions count, so no pair is left out and nothing depends on the sample
-order. Exact up to `exact_limit` pairs (default 2²⁵ ≈ 33.5M, the ordered pairs of about 5,800 samples:
-134 MB of float32 scores and their sort); beyond it the same pairs are folded into the 2¹⁶-bin
-histograms above (memory independent of N, thresholds on bin edges as described).
+Exact metrics. `exact_metrics` builds the ROC at every distinct score (scikit-learn's
+roc_curve(drop_intermediate=False)) and reads the metrics off it by the rules above; `sorted_metrics`
+gives the same numbers from the two sorted score arrays by binary search, without the curve.
+`label_pairs` scores a (queries, gallery) cell over every ORDERED pair (a, b) of distinct samples (query a
+against gallery b and b against a are two pairs, so nothing depends on the sample order when the two
+sides differ), exactly up to `exact_limit` pairs (2²⁵: about 5,800 samples, 134 MB of float32 scores),
+beyond it in the 2¹⁶-bin histograms above.
 
-TAR at FAR, the choice: the ROC point with the largest FAR not above the target (never interpolated),
-so the reported TAR is one actually achieved at a FAR no worse than the one claimed. insightface's IJB
-evaluation takes the ROC point whose FPR is nearest the target (which may lie above it), and its LFW
-code interpolates a threshold; on a dense ROC the three differ by less than one ROC step.
+TAR at FAR, the choice: the ROC point with the largest FAR not above the target, so the reported TAR is
+one actually achieved at a FAR no worse than the one claimed (insightface's IJB evaluation takes the
+nearest FPR, its LFW code interpolates; on a dense ROC the three differ by less than one ROC step).
 
-Pure jax.numpy and NumPy; imports nothing of embjax.
+Pure jax.numpy and NumPy; imports only embjax.roc (the exact curve, re-exported here).
 """
 
 from __future__ import annotations
@@ -59,8 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embjax.roc import (DEFAULT_FARS, EXACT_LIMIT, curve_auc, curve_eer, curve_tar_at_far,  # noqa: F401
+                        exact_metrics, roc_exact, sorted_metrics, tar_at_fars)
+
 _HIGHEST = jax.lax.Precision.HIGHEST
-DEFAULT_FARS = (1e-1, 1e-2, 1e-3, 1e-4)
 
 
 @flax.struct.dataclass
@@ -227,7 +224,7 @@ def best_threshold(scores, same, mask=None) -> tuple[jax.Array, jax.Array]:
     return threshold, correct[best] / jnp.maximum(n_real, 1)
 
 
-def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
+def kfold_accuracy(scores, same, folds, n_folds: int | None = None) -> tuple[jax.Array, jax.Array]:
     """LFW-protocol accuracy: for each fold f, the threshold of `best_threshold` on the pairs of the
     other folds, accuracy on the pairs of fold f. Returns (per-fold accuracies, their mean).
 
@@ -236,6 +233,8 @@ def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
       same: (P,) bool, True for a genuine pair.
       folds: (P,) int fold id of each pair in [0, n_folds), or an int n_folds meaning consecutive
         equal slices (LFW's pairs.txt lists its 10 folds one after the other).
+      n_folds: the number of folds of a `folds` array, when known (required under jax.jit, where it
+        cannot be read from the traced ids).
     """
     scores = jnp.asarray(scores, jnp.float32)
     same = jnp.asarray(same, bool)
@@ -252,7 +251,7 @@ def kfold_accuracy(scores, same, folds) -> tuple[jax.Array, jax.Array]:
         fold_of = jnp.asarray(folds, jnp.int32)
         if fold_of.shape != scores.shape:
             raise ValueError(f"verification.kfold_accuracy: folds {fold_of.shape} must match scores {scores.shape}")
-        n_folds = int(jnp.max(fold_of)) + 1
+        n_folds = int(jnp.max(fold_of)) + 1 if n_folds is None else int(n_folds)
 
     def one(f):
         threshold, _ = best_threshold(scores, same, fold_of != f)
@@ -348,66 +347,20 @@ def sample_pairs(labels, per_fold: int, folds: int = 10, seed: int = 0, both_ord
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact metrics from sorted scores
-
-EXACT_LIMIT = 1 << 25
-
-
-def roc_exact(genuine, impostor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(far, tar, threshold) at every distinct score, from threshold +∞ (nothing accepted) down to the
-    lowest score (everything accepted): the points of scikit-learn's roc_curve(drop_intermediate=False)."""
-    # Sorted in their own precision (float32 scores stay float32: half the memory, the same counts).
-    dtype = np.result_type(np.asarray(genuine).dtype, np.asarray(impostor).dtype, np.float32)
-    gen = np.sort(np.asarray(genuine, dtype).reshape(-1))
-    imp = np.sort(np.asarray(impostor, dtype).reshape(-1))
-    if gen.size == 0 or imp.size == 0:
-        raise ValueError(f"verification.roc_exact: need genuine and impostor pairs, got {gen.size} and {imp.size}")
-    if not (np.all(np.isfinite(gen)) and np.all(np.isfinite(imp))):
-        raise ValueError("verification.roc_exact: scores hold NaN or an infinity; check the embeddings")
-    thr = np.unique(np.concatenate([gen, imp]))[::-1]  # distinct scores, descending
-    tp = gen.size - np.searchsorted(gen, thr, side="left")  # genuine scores ≥ threshold
-    fp = imp.size - np.searchsorted(imp, thr, side="left")
-    far = np.concatenate([[0.0], fp / imp.size])
-    tar = np.concatenate([[0.0], tp / gen.size])
-    return far, tar, np.concatenate([[np.inf], thr])
-
-
-def curve_tar_at_far(far, tar, fars=DEFAULT_FARS) -> np.ndarray:
-    """TAR at the largest ROC FAR not above each target (far non-decreasing)."""
-    last = np.searchsorted(np.asarray(far), np.asarray(fars, np.float64), side="right") - 1
-    return np.asarray(tar)[np.maximum(last, 0)]
-
-
-def curve_eer(far, tar) -> float:
-    """EER: where the ROC segment on which FAR − FRR changes sign meets FAR = FRR (as `eer`)."""
-    far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
-    diff = far - (1.0 - tar)
-    k = int(np.clip(np.sum(diff < 0) - 1, 0, far.size - 2))
-    d0, d1 = diff[k], diff[k + 1]
-    frac = -d0 / (d1 - d0) if d1 > d0 else 0.0
-    return float(far[k] + frac * (far[k + 1] - far[k]))
-
-
-def curve_auc(far, tar) -> float:
-    far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
-    return float(np.sum((far[1:] - far[:-1]) * (tar[1:] + tar[:-1]) * 0.5))
-
-
-def exact_metrics(genuine, impostor, fars: Sequence[float] = DEFAULT_FARS) -> dict:
-    """{'tar_at_far', 'eer', 'roc_auc', 'genuine', 'impostor', 'far', 'tar'} from the exact ROC."""
-    far, tar, _ = roc_exact(genuine, impostor)
-    return {"tar_at_far": curve_tar_at_far(far, tar, fars), "eer": curve_eer(far, tar), "roc_auc": curve_auc(far, tar),
-            "genuine": int(np.size(genuine)), "impostor": int(np.size(impostor)), "far": far, "tar": tar}
-
+# Exact metrics of a (queries, gallery) cell (the curve itself: embjax.roc)
 
 def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] = DEFAULT_FARS,
                 metric: str = "cosine", exact_limit: int = EXACT_LIMIT, bins: int = 1 << 16,
-                block: int = 1024) -> dict:
+                block: int = 1024, roc_fars=None, auc: bool = True) -> dict:
     """Verification of a (queries, gallery) cell over every ordered pair (a, b) of distinct samples:
     row a of `queries` against row b of `gallery` (row k of both is sample index[k], labels[k]).
 
-    Exact (`exact_metrics`) up to `exact_limit` pairs, else the binned histograms over [−1, 1]
-    (cosine only). Returns `exact_metrics`'s keys plus 'exact' (bool)."""
+    Exact (`sorted_metrics`: TAR at FAR and EER as `exact_metrics`) up to `exact_limit` pairs, else the
+    binned histograms over [−1, 1] (cosine only). When queries and gallery are equal arrays, the pairs
+    (a, b) and (b, a) have one score, so each unordered pair is scored once and counted twice (every
+    rate as over the ordered pairs, half the work). Returns {'tar_at_far', 'eer', 'roc_auc', 'genuine',
+    'impostor', 'exact'} ('roc_auc' only with `auc`), and 'roc_tar' (the TAR at each of `roc_fars`) when
+    `roc_fars` is given."""
     q = np.asarray(queries, np.float32)
     g = np.asarray(gallery, np.float32)
     labels = np.asarray(labels).reshape(-1)
@@ -416,9 +369,10 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
         raise ValueError(f"verification.label_pairs: queries {q.shape} and gallery {g.shape} must be (samples, dim) "
                          f"for the same {n} labelled samples")
     index = np.arange(n) if index is None else np.asarray(index).reshape(-1)
+    symmetric = q is g or np.array_equal(q, g)
     if metric == "cosine":
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        g = q if symmetric else g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     elif metric != "dot":
         raise ValueError(f"verification.label_pairs: metric must be 'cosine' or 'dot', got {metric!r}")
     pairs = n * (n - 1)
@@ -432,7 +386,7 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         s = q[lo:hi] @ g.T
-        other = index[lo:hi, None] != index[None, :]
+        other = (index[lo:hi, None] < index[None, :]) if symmetric else (index[lo:hi, None] != index[None, :])
         same = labels[lo:hi, None] == labels[None, :]
         if exact:
             gen_parts.append(s[other & same])
@@ -441,14 +395,20 @@ def label_pairs(queries, gallery, labels, index=None, *, fars: Sequence[float] =
             pos = np.clip(np.floor((s + 1.0) * (bins / 2.0)), 0, bins - 1).astype(np.int64)
             hist_g += np.bincount(pos[other & same], minlength=bins)
             hist_i += np.bincount(pos[other & ~same], minlength=bins)
+    times = 2 if symmetric else 1
     if exact:
-        out = exact_metrics(np.concatenate(gen_parts), np.concatenate(imp_parts), fars)
+        gen, imp = np.sort(np.concatenate(gen_parts)), np.sort(np.concatenate(imp_parts))
+        out = sorted_metrics(gen, imp, fars, auc=auc)
+        out["genuine"], out["impostor"] = times * gen.size, times * imp.size
+        if roc_fars is not None:
+            out["roc_tar"] = tar_at_fars(gen, imp, roc_fars)
     else:
-        state = VerificationState(genuine=jnp.asarray(hist_g, jnp.int32), impostor=jnp.asarray(hist_i, jnp.int32),
-                                  lo=-1.0, hi=1.0)
+        state = VerificationState(genuine=jnp.asarray(times * hist_g, jnp.int32),
+                                  impostor=jnp.asarray(times * hist_i, jnp.int32), lo=-1.0, hi=1.0)
         m = compute(state, fars)
-        far, tar, _ = roc(state)
         out = {"tar_at_far": np.asarray(m["tar_at_far"]), "eer": float(m["eer"]), "roc_auc": float(m["roc_auc"]),
-               "genuine": int(hist_g.sum()), "impostor": int(hist_i.sum()), "far": np.asarray(far), "tar": np.asarray(tar)}
+               "genuine": int(times * hist_g.sum()), "impostor": int(times * hist_i.sum())}
+        if roc_fars is not None:
+            out["roc_tar"] = np.asarray(tar_at_far(state, roc_fars))
     out["exact"] = exact
     return out

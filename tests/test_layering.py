@@ -7,7 +7,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "embjax"
 PURE = {"stats", "maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm",
-        "accumulator", "cells"}
+        "accumulator", "cells", "roc"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

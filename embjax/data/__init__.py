@@ -6,11 +6,11 @@ from embjax.data.pipeline import BatchIterator, batches, num_batches
 from embjax.data.sources import (ArraySource, CorruptDataError, DataNotFoundError, EmptySplitError, Prefix,
                                  Source, UnknownDatasetError)
 from embjax.data.rows import RowSource, store_rows
-from embjax.data.subsets import Subset, all_rows, class_filter, labels_of
+from embjax.data.subsets import Subset, all_rows, class_disjoint, class_filter, labels_of
 
 __all__ = [
     "ArraySource", "RowSource", "store_rows", "BatchIterator", "Prefix", "CorruptDataError", "DataNotFoundError", "EmptySplitError", "Source",
-    "UnknownDatasetError", "Subset", "all_rows", "batches", "class_filter", "labels_of", "sources", "fashion_mnist", "get_source", "num_batches", "tfds_source",
+    "UnknownDatasetError", "Subset", "all_rows", "batches", "class_disjoint", "class_filter", "labels_of", "sources", "fashion_mnist", "get_source", "num_batches", "tfds_source",
 ]
 
 

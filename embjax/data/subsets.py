@@ -88,3 +88,28 @@ def class_filter(spec: str, what: str):
         ranges.append((lo, hi))
     return lambda labels: np.any([(np.asarray(labels) >= lo) & (np.asarray(labels) <= hi) for lo, hi in ranges],
                                  axis=0), tuple(ranges)
+
+
+def class_disjoint(sides, dataset: str = "") -> list[Subset]:
+    """Subsets of several splits on disjoint classes (an open-set protocol: no class on two sides).
+
+    `sides` is a list of (source, split name, classes spec for `class_filter`, config field name, limit):
+    each side keeps the rows whose label its spec accepts, the first `limit` of them in source order when
+    `limit` > 0. Raises ValueError naming the field when a side is empty or two sides share a class."""
+    out = []
+    for source, split, spec, field, limit in sides:
+        labels = labels_of(source)
+        rows = np.nonzero(class_filter(spec, field)[0](labels))[0]
+        rows = rows[: int(limit)] if limit else rows
+        if len(rows) == 0:
+            raise ValueError(f"no images for config.{field}={spec!r}: split '{split}' of {dataset or 'the dataset'} "
+                             "has no label it accepts")
+        out.append(Subset(source, rows, f"{dataset}:{split}:{field}", labels=labels[rows]))
+    seen = {}
+    for (_, _, _, field, _), sub in zip(sides, out):
+        for c in np.unique(sub.labels):
+            if c in seen:
+                raise ValueError(f"classes of config.{seen[c]} and config.{field} overlap (class {c}); the protocol "
+                                 "is open-set only when they are disjoint")
+            seen[c] = field
+    return out

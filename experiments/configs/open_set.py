@@ -56,8 +56,8 @@ def study_base() -> ml_collections.ConfigDict:
     # reduced-rank maps of each rank (the full width is always the last point).
     c.curve_fit_sizes = (50, 200)
     c.curve_ranks = (8, 32, 128)
-    # Families on the fit-size curve. Each size costs one metric cell per ordered pair and family (a cell
-    # is all-pairs verification, 10-fold accuracy and leave-one-out retrieval of the evaluation images),
+    # Families on the fit-size curve. Each size costs one curve cell per ordered pair and family (all-pairs
+    # TAR@FAR=1e-2 and EER, leave-one-out Recall@1 and mAP of the evaluation images: embjax.cells),
     # so the curve keeps the one family that answers where a map saturates: affine least squares, the
     # paper's map (below one sample per dimension maps.affine adds the smallest workable ridge and says
     # so). "ridge" adds its regularized counterpart; procrustes and reduced_rank need an SVD /
