@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embjax import maps, retrieval, verification
+from embjax import head_maps, retrieval, verification
 
 CURVE_METRICS = ("recall_at_1", "map", "tar_at_far_0.01", "eer")
 SETTINGS = ("native", "mapped", "both_mapped", "naive")
@@ -119,13 +119,13 @@ def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, wor
       native       B's own embedding on both sides;
       mapped       queries mapped A→B (`mapped(family, A, B)`; the diagonal is A's native embedding);
       both_mapped  A→C against B→C, averaged over C ∉ {A, B} (C = B with two models);
-      naive        A's embedding truncated / zero-padded to B's width (maps.naive) against B's native one.
+      naive        A's embedding truncated / zero-padded to B's width (head_maps.naive) against B's native one.
     Each distinct (queries, gallery) cell is computed once; verification, which counts every ordered pair
     in both directions, is the same for (X, Y) and (Y, X) and is computed once for the two."""
     n = len(native)
 
     def naive(i, j):
-        w, b = maps.naive(native[i].shape[1], native[j].shape[1])
+        w, b = head_maps.naive(native[i].shape[1], native[j].shape[1])
         return native[i] @ np.asarray(w) + np.asarray(b)
 
     def emb(key):

@@ -144,7 +144,7 @@ class LogitMaps:
 
 def logit_maps(heads, pinvs, dims: Sequence[int], dtype=jnp.float32) -> LogitMaps:
     """LogitMaps from each model's head (kernel (d_i, C), bias (C,)) and its kernel's pseudo-inverse
-    (C, d_i) (embjax.maps.head_pinv)."""
+    (C, d_i) (embjax.head_maps.head_pinv)."""
     d_max = max(int(d) for d in dims)
     return LogitMaps(kernels=tuple(jnp.asarray(k, dtype) for k, _ in heads),
                      biases=jnp.stack([jnp.asarray(c, dtype) for _, c in heads]),

@@ -38,7 +38,7 @@ def sources(config):
 
 def run(config, workdir: str):
     """The study for `config`, resumable in `workdir`; returns (results, engine)."""
-    from embjax import data, evaluate, extract, heads as heads_lib, maps, stats
+    from embjax import data, evaluate, extract, head_maps, heads as heads_lib, maps, stats
 
     if config.heads not in ("native", "linear"):
         raise ValueError(f"config.heads must be 'native' or 'linear', not {config.heads!r}")
@@ -93,7 +93,7 @@ def run(config, workdir: str):
     affine_stacks = evaluate.stack_maps(affine, dims)
     del affine  # at the thesis' widths the maps and their stacked form are 1.6 + 1.8 GB: keep one
     families = {"affine": affine_stacks,
-                "logit": evaluate.logit_maps(scoring, [maps.head_pinv(h) for h in scoring], dims),
+                "logit": evaluate.logit_maps(scoring, [head_maps.head_pinv(h) for h in scoring], dims),
                 "naive": evaluate.NaiveMaps(), **learned}
     head_sets = {k: scoring for k in families}
     if linear:  # the backbones' own (ImageNet) heads: agreement under affine maps, no labelled accuracy

@@ -140,7 +140,7 @@ def _run(config: dict, log, workdir: str):
 def _maps(i, fit):
     """(affine maps, what the eval pass scores: dense affine, factored logit and naive maps (no N² dense
     matrices resident), the logit maps densified per pair to save, warnings)."""
-    from embjax import evaluate, maps
+    from embjax import evaluate, head_maps, maps
 
     heads, n = i.heads, i.n
     with warnings.catch_warnings(record=True) as caught:
@@ -148,7 +148,7 @@ def _maps(i, fit):
         affine = maps.affine_all(fit, ridge=i.cfg["ridge"], names=i.names)
         scored, logit = {}, {}
         if heads is not None:
-            pinvs = [np.asarray(maps.head_pinv(h), np.float64) for h in heads]
+            pinvs = [np.asarray(head_maps.head_pinv(h), np.float64) for h in heads]
             logit = {(a, b): ((np.asarray(heads[a][0], np.float64) @ pinvs[b]).astype(np.float32),
                               ((np.asarray(heads[a][1], np.float64) - heads[b][1]) @ pinvs[b]).astype(np.float32))
                      for a in range(n) for b in range(n) if a != b}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from embjax import evaluate, maps
+from embjax import evaluate, head_maps
 
 DIMS = (6, 9, 7)
 CLASSES = 6
@@ -120,7 +120,7 @@ def test_logit_maps_keep_source_predictions():
     """Thesis §5.5 end to end: with logit maps, head_dst(map(f_src)) predicts exactly what head_src does."""
     rng = np.random.default_rng(1)
     feats, heads, _, labels = _problem(rng, 500)
-    fitted = {(s, t): maps.logit(heads[s], heads[t]) for s in range(3) for t in range(3) if s != t}
+    fitted = {(s, t): head_maps.logit(heads[s], heads[t]) for s in range(3) for t in range(3) if s != t}
     keep = _clear_of_ties(feats, heads, fitted)
     assert keep.mean() > 0.9
     state = _run(feats, heads, fitted, labels, keep, batch=250)
@@ -227,11 +227,11 @@ def test_structured_families_match_their_dense_maps_in_float64(family):
     feats, heads, _, labels = _problem(rng, 600)
     pairs = [(s, t) for s in range(3) for t in range(3) if s != t]
     if family == "naive":
-        dense = {(s, t): maps.naive(DIMS[s], DIMS[t]) for s, t in pairs}
+        dense = {(s, t): head_maps.naive(DIMS[s], DIMS[t]) for s, t in pairs}
         structured = evaluate.NaiveMaps()
     else:
-        dense = {(s, t): maps.logit(heads[s], heads[t]) for s, t in pairs}
-        structured = evaluate.logit_maps(heads, [maps.head_pinv(h) for h in heads], DIMS)
+        dense = {(s, t): head_maps.logit(heads[s], heads[t]) for s, t in pairs}
+        structured = evaluate.logit_maps(heads, [head_maps.head_pinv(h) for h in heads], DIMS)
     dense64 = {k: (np.asarray(w, np.float64), np.asarray(b, np.float64)) for k, (w, b) in dense.items()}
     keep = _clear_of_ties(feats, heads, dense64)
     assert keep.mean() > 0.9

@@ -6,7 +6,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "embjax"
-PURE = {"stats", "maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm",
+PURE = {"stats", "maps", "head_maps", "evaluate", "moments", "retrieval", "verification", "similarity", "fne", "svm",
         "accumulator", "cells", "roc"}
 
 

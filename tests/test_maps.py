@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax import maps, stats
+from embjax import head_maps, maps, stats
 
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7
 
@@ -212,7 +212,7 @@ def test_logit_map_reproduces_source_logits_exactly():
     head_a = (rng.standard_normal((d_a, classes)).astype(np.float32), rng.standard_normal(classes).astype(np.float32))
     head_b = (rng.standard_normal((d_b, classes)).astype(np.float32), rng.standard_normal(classes).astype(np.float32))
     x = rng.standard_normal((5000, d_a)).astype(np.float32)
-    w, b = maps.logit(head_a, head_b)
+    w, b = head_maps.logit(head_a, head_b)
     assert w.shape == (d_a, d_b) and b.shape == (d_b,)
     x64 = x.astype(np.float64)
     src_logits = x64 @ head_a[0] + head_a[1]
@@ -234,22 +234,22 @@ def test_logit_map_warns_when_target_cannot_reproduce():
     head_a = (rng.standard_normal((8, 10)), rng.standard_normal(10))
     head_b = (rng.standard_normal((6, 10)), rng.standard_normal(10))  # rank 6 < 10 classes
     with pytest.warns(maps.IllConditionedWarning, match="rank 6 < 10 classes"):
-        w, b = maps.logit(head_a, head_b)
+        w, b = head_maps.logit(head_a, head_b)
     assert np.all(np.isfinite(np.asarray(w)))
     with pytest.raises(ValueError, match="different numbers of classes"):
-        maps.logit(head_a, (rng.standard_normal((6, 9)), rng.standard_normal(9)))
+        head_maps.logit(head_a, (rng.standard_normal((6, 9)), rng.standard_normal(9)))
     with pytest.raises(ValueError, match="kernel"):
-        maps.logit(head_a, (rng.standard_normal((6, 10)), rng.standard_normal(9)))
+        head_maps.logit(head_a, (rng.standard_normal((6, 10)), rng.standard_normal(9)))
 
 
 def test_naive_truncates_or_pads():
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
-    w, b = maps.naive(6, 4)
+    w, b = head_maps.naive(6, 4)
     np.testing.assert_array_equal(x @ np.asarray(w) + np.asarray(b), x[:, :4])
-    w, b = maps.naive(6, 8)
+    w, b = head_maps.naive(6, 8)
     np.testing.assert_array_equal(x @ np.asarray(w) + np.asarray(b), np.c_[x, np.zeros((2, 2))])
     with pytest.raises(ValueError, match="positive"):
-        maps.naive(0, 3)
+        head_maps.naive(0, 3)
 
 
 def test_procrustes_recovers_rotation_and_matches_svd_reference():
