@@ -69,7 +69,9 @@ class TrainConfig:
     # with the defaults, so those trainings keep them.
     xla_cpu_defaults: bool = False
     checkpoint_every: int = 200  # steps
-    log_seconds: float = 10.0  # a progress line at most this often, and at the end of every epoch
+    # A progress line at the first step and then at most this often, and at the end of every epoch
+    # (inf: at epoch ends only).
+    log_seconds: float = 10.0
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -267,7 +269,7 @@ def _steps(step_fn, state, steps: range, order: BatchOrder, get_batch, mesh: Mes
         if checkpoints is not None and (done % cfg.checkpoint_every == 0 or done == total):
             checkpoints.save(done, state, {"step": done, "name": name})
         now = time.perf_counter()
-        if done % order.steps == 0 or now - last_log >= cfg.log_seconds:
+        if done % order.steps == 0 or (math.isfinite(cfg.log_seconds) and now - last_log >= cfg.log_seconds):
             values = {k: float(np.mean(v)) for k, v in
                       jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
             since, pending = done - len(pending), []
