@@ -298,3 +298,25 @@ def _check_two_devices_follow_one(one, two):
     # the losses by percent.
     np.testing.assert_allclose(l2, l1, rtol=1e-4)
     assert abs(l1[-1]) < abs(l1[0])
+
+
+def test_the_loop_and_its_users_know_nothing_of_the_engine():
+    """train.py imports only sharding and checkpoints from embjax; the zoo and the heads reach devices and
+    checkpoints through it (and sharding), never through the engine."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(train.__file__).parent
+
+    def embjax_imports(name):
+        found = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("embjax"):
+                found |= {f"{node.module}.{a.name}" if node.module == "embjax" else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("embjax")}
+        return found
+
+    assert embjax_imports("train") == {"embjax.checkpoints", "embjax.sharding"}
+    for name in ("zoo", "heads"):
+        assert not {m for m in embjax_imports(name) if m.split(".")[1] in ("extract", "passes", "members")}, name
