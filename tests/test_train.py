@@ -174,22 +174,35 @@ def _reference_fit(loss_fn, variables, images, labels, cfg):
     return jax.device_get({"params": params, "batch_stats": model_state})
 
 
-@pytest.mark.parametrize("order,n,schedule", [("seed_epoch", 100, "warmup_cosine"),  # BCT
-                                              ("stream", 100, "warmup_cosine"),  # the zoo
-                                              ("stream", 20, "warmup_cosine"),  # the zoo, one short batch
-                                              ("stream_unsorted", 100, "constant")])  # the linear heads
+_CASES = [("seed_epoch", 100, "warmup_cosine"),  # BCT
+          ("stream", 100, "warmup_cosine"),  # the zoo
+          ("stream", 20, "warmup_cosine"),  # the zoo, fewer examples than one batch
+          ("stream_unsorted", 100, "constant")]  # the linear heads
+
+
+def _toy_config(order, schedule="warmup_cosine", **kw):
+    return train.TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, warmup_steps=3, order=order,
+                             schedule=schedule, seed=5, xla_cpu_defaults=True, log_seconds=np.inf, **kw)
+
+
+@pytest.mark.parametrize("order,n", sorted({(o, n) for o, n, _ in _CASES}))
+def test_batch_order_is_the_original_loops(order, n):
+    want = _reference_indices(n, 32, 5, 3, order)
+    got = [row for e in range(3) for row in train.epoch_batches(n, 32, 5, e, order)]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("order,n,schedule", [
+    _CASES[0], _CASES[2],
+    # The zoo's full batches are the resume test's, the heads' order and schedule test_heads.py's.
+    pytest.param(*_CASES[1], marks=pytest.mark.slow), pytest.param(*_CASES[3], marks=pytest.mark.slow)])
 def test_fit_follows_a_hand_written_loop(order, n, schedule):
     images, labels = _toy(n)
     net = _Net()
     variables = jax.device_get(net.init(jax.random.PRNGKey(0), images[:2].astype(np.float32)))
-    cfg = train.TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, warmup_steps=3, order=order,
-                            schedule=schedule, seed=5, xla_cpu_defaults=True, log_seconds=np.inf)
-    want_idx = _reference_indices(n, 32, 5, 3, order)
-    got_idx = [row for e in range(3) for row in train.epoch_batches(n, 32, 5, e, order)]
-    assert len(got_idx) == len(want_idx)
-    for a, b in zip(got_idx, want_idx):
-        np.testing.assert_array_equal(a, b)
-
+    cfg = _toy_config(order, schedule)
     lines = []
     got = train.fit(_toy_loss(net), variables, lambda i: {"image": images[i], "label": labels[i]}, n, cfg,
                     log=lines.append)
@@ -200,14 +213,14 @@ def test_fit_follows_a_hand_written_loop(order, n, schedule):
     assert not np.array_equal(got["params"]["Dense_1"]["kernel"], variables["params"]["Dense_1"]["kernel"])
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+def test_interrupted_run_resumes_to_the_hand_written_loop_s_weights(tmp_path):
     """An exception mid-epoch (in-process stand-in for a kill; the SIGKILL test is in the whole tier)
-    leaves the checkpoints; the rerun resumes from the newest and ends on the uninterrupted weights, in
-    the zoo's "stream" order, whose permutations depend on all the epochs before."""
+    leaves the checkpoints; the rerun resumes from the newest and ends on the weights of the hand-written
+    loop, uninterrupted, in the zoo's "stream" order, whose permutations depend on all the epochs before."""
     images, labels = _toy(100)
     net = _Net()
     variables = jax.device_get(net.init(jax.random.PRNGKey(0), images[:2].astype(np.float32)))
-    cfg = train.TrainConfig(epochs=3, batch_size=32, order="stream", checkpoint_every=2, log_seconds=np.inf)
+    cfg = _toy_config("stream", checkpoint_every=2)
     calls = []
 
     def get_batch(idx):
@@ -223,8 +236,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     got = train.fit(_toy_loss(net), variables, get_batch, 100, cfg, workdir=str(tmp_path / "run"),
                     fingerprint={"toy": 1}, log=lines.append)
     assert "resuming from step 6/9" in lines[0], lines
-    want = train.fit(_toy_loss(net), variables, lambda i: {"image": images[i], "label": labels[i]}, 100, cfg,
-                     log=lambda line: None)
+    want = _reference_fit(_toy_loss(net), variables, images, labels, cfg)
     jax.tree.map(np.testing.assert_array_equal, got, want)
     # Another config never resumes these checkpoints.
     with pytest.raises(RuntimeError, match="different config"):
