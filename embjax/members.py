@@ -111,7 +111,7 @@ def variables_for(name: str, spec, weights: str, *, weight_files: Mapping[str, s
         if zoo_data is None:
             raise ValueError(f"{name}: zoo weights need training data (zoo_data)")
         images, labels = zoo_data()
-        return zoo.load_or_train(spec, images, labels, zoo.TrainConfig(**dict(zoo_config or {})),
+        return zoo.load_or_train(spec, images, labels, zoo.train_config(**dict(zoo_config or {})),
                                  dataset=dataset_tag, log=log)
     if weights == "pretrained":
         return registry.load_pretrained(name)

@@ -34,6 +34,14 @@ Solvers.
   (27 iterations); 600 iterations left 0.6%; dual coordinate descent certified 0.07% in 37 epochs.
   Adam, the other optax candidate, has the same conditioning problem and a learning rate to tune on top.
 
+Why its own solvers, not embjax.train's loop. That loop runs a fixed number of epochs of minibatch
+optax steps and stops when they are done; this model needs a stopping rule the loop does not have: the
+relative duality gap above, a function of the whole training set at the current point, checked after
+every epoch (dual_cd) or iteration (lbfgs) inside one `lax.while_loop` on the device, so the solve ends
+exactly when the optimum is certified and never on a guessed epoch count. Dual coordinate descent is
+also no gradient step: it updates one sample's dual variables at a time, which no optax optimizer
+expresses. A solve takes seconds to a minute and holds no state worth checkpointing.
+
 Scale. int8 features (the full-network embedding) are cast to float32 inside the solvers; products
 request Precision.HIGHEST (TF32 on GPU would add 1e-3 relative noise to every score). An epoch of
 dual_cd is n sequential updates of the (D, K) weights; padding rows (weight 0) are skipped.

@@ -1,7 +1,8 @@
 """The model zoo: small backbones of different families that embjax trains itself on Fashion-MNIST.
 
-They stand in for the thesis' ten ImageNet CNNs where no ImageNet is at hand. Each is trained with optax
-from its registry spec (`zoo_*` names), saved with orbax under the cache directory, keyed by a hash of
+They stand in for the thesis' ten ImageNet CNNs where no ImageNet is at hand. Each is trained by
+embjax.train's loop from its registry spec (`zoo_*` names), with checkpoints under the cache directory
+so a killed training resumes, then saved with orbax under the cache directory, keyed by a hash of
 everything that determines the weights (model, data, schedule, seed), and reused by later runs.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import time
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -19,28 +21,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from embjax import sharding, train as train_lib
+
 # Bump when the training procedure changes in a way that changes the weights.
 TRAINING_VERSION = 3
 
+# The fields of the zoo's original configuration: the cache key hashes exactly these (so models cached
+# before the zoo moved onto embjax.train keep their keys); any other field that changes the weights is
+# added to the key only when it differs from the zoo's default.
+_KEY_FIELDS = ("epochs", "batch_size", "learning_rate", "weight_decay", "seed", "limit")
+_NO_WEIGHT_EFFECT = ("checkpoint_every", "log_seconds")
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    # Train on the first `limit` training images (0 = all); tests use a few hundred.
-    limit: int = 0
+
+def train_config(**fields) -> train_lib.TrainConfig:
+    """The zoo's training configuration: embjax.train.TrainConfig with the zoo's defaults (2 epochs, the
+    "stream" batch order, XLA's default CPU compiler options, a progress line per epoch); `fields` (e.g. a
+    study's `config.zoo`) override them."""
+    zoo = dict(epochs=2, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, seed=0, limit=0,
+               order="stream", xla_cpu_defaults=True, checkpoint_every=50, log_seconds=math.inf)
+    unknown = set(fields) - {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+    if unknown:
+        raise ValueError(f"zoo training config: unknown field(s) {sorted(unknown)}; the fields are those of "
+                         "embjax.train.TrainConfig")
+    return train_lib.TrainConfig(**{**zoo, **fields})
 
 
 def default_cache_dir() -> str:
     return os.environ.get("EMBJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "embjax"))
 
 
-def cache_key(name: str, cfg: TrainConfig, dataset: str, num_train: int) -> str:
-    text = json.dumps(dict(name=name, cfg=dataclasses.asdict(cfg), dataset=dataset, n=num_train,
-                           version=TRAINING_VERSION), sort_keys=True)
+def cache_key(name: str, cfg: train_lib.TrainConfig, dataset: str, num_train: int) -> str:
+    fields = dataclasses.asdict(cfg)
+    key = dict(name=name, cfg={k: fields[k] for k in _KEY_FIELDS}, dataset=dataset, n=num_train,
+               version=TRAINING_VERSION)
+    defaults = dataclasses.asdict(train_config())
+    extra = {k: v for k, v in fields.items()
+             if k not in _KEY_FIELDS + _NO_WEIGHT_EFFECT and v != defaults[k]}
+    if extra:
+        key["train"] = extra
+    text = json.dumps(key, sort_keys=True)
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -69,61 +88,42 @@ def numpy_init(module, sample, seed: int) -> Any:
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def classifier_loss(module, preprocess: Callable[[jax.Array], jax.Array]) -> Callable:
+    """Cross-entropy of the model's own head (mean over the batch), BatchNorm statistics updated: the
+    zoo's loss for embjax.train.fit, with the batch's training accuracy as a metric."""
+
+    def loss_fn(params, batch_stats, batch, rng):
+        del rng  # the zoo's models draw no randomness
+        out, updates = module.apply({"params": params, "batch_stats": batch_stats}, preprocess(batch["image"]),
+                                    train=True, mutable=["batch_stats"])
+        logits, labels = out["logits"], batch["label"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (updates["batch_stats"], {"train acc": jnp.mean(jnp.argmax(logits, -1) == labels)})
+
+    return loss_fn
 
 
-def train(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-          log: Callable[[str], None] = print) -> Any:
-    """Train one zoo model from scratch; returns its variables ({"params", "batch_stats"})."""
+def train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.TrainConfig,
+          log: Callable[[str], None] = print, workdir: str | None = None) -> Any:
+    """Train one zoo model from scratch with embjax.train.fit on one device (the zoo's weights do not
+    depend on how many devices a run has); returns its variables ({"params", "batch_stats"}) as NumPy
+    arrays. With `workdir` the training checkpoints there and a rerun resumes it."""
     if len(images) == 0:
         raise ValueError(f"no training images for zoo model {spec.name}")
     module = spec.build()
     sample = spec.preprocess(jnp.asarray(images[:2]))
     variables = numpy_init(module, sample, cfg.seed)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
-    steps_per_epoch = max(1, len(images) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, warmup_steps=min(100, total // 10 + 1), decay_steps=total)
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    opt_state = tx.init(params)
+    def get_batch(idx):
+        return {"image": images[idx], "label": labels[idx]}
 
-    @jax.jit
-    def step(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            out, updates = module.apply({"params": p, "batch_stats": batch_stats}, spec.preprocess(x),
-                                        train=True, mutable=["batch_stats"])
-            return _cross_entropy(out["logits"], y), (updates["batch_stats"], out["logits"])
-
-        (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
-        return params, new_stats, opt_state, loss, acc
-
-    order_rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        perm = order_rng.permutation(len(images))
-        losses, accs = [], []
-        for i in range(steps_per_epoch):
-            idx = np.sort(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-            params, batch_stats, opt_state, loss, acc = step(
-                params, batch_stats, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
-            losses.append(loss)
-            accs.append(acc)
-        loss_v = float(np.mean(jax.device_get(losses)))
-        if not np.isfinite(loss_v):
-            raise FloatingPointError(f"zoo model {spec.name}: training loss became {loss_v} in epoch "
-                                     f"{epoch + 1}; lower the learning rate")
-        log(f"[zoo] {spec.name}: epoch {epoch + 1}/{cfg.epochs}  loss {loss_v:.4f}  "
-            f"train acc {float(np.mean(jax.device_get(accs))):.4f}  ({time.perf_counter() - t0:.0f} s)")
-    return {"params": params, "batch_stats": batch_stats}
+    mesh = sharding.make_mesh(jax.local_devices()[:1])
+    return train_lib.fit(classifier_loss(module, spec.preprocess), variables, get_batch, len(images), cfg,
+                         workdir=workdir, fingerprint={"zoo": spec.name}, name=f"zoo {spec.name}",
+                         mesh=mesh, log=log)
 
 
-def load_or_train(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, dataset: str,
+def load_or_train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.TrainConfig, *, dataset: str,
                   cache_dir: str | None = None, log: Callable[[str], None] = print) -> Any:
     """The cached variables of a zoo model, training and caching them when absent."""
     from embjax.weights import store
@@ -131,13 +131,18 @@ def load_or_train(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig
     if cfg.limit:
         images, labels = images[:cfg.limit], labels[:cfg.limit]
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, "zoo", cache_key(spec.name, cfg, dataset, len(images)))
+    key = cache_key(spec.name, cfg, dataset, len(images))
+    path = os.path.join(cache_dir, "zoo", key)
     if os.path.isdir(path):
         log(f"[zoo] {spec.name}: reusing {path}")
         return store.load_variables(path)
     log(f"[zoo] {spec.name}: training on {len(images)} images for {cfg.epochs} epoch(s)")
-    variables = train(spec, images, labels, cfg, log=log)
+    # Each process trains on its own device; the checkpoints (one process's) resume single-process runs.
+    workdir = os.path.join(cache_dir, "zoo-training", key) if jax.process_count() == 1 else None
+    variables = train(spec, images, labels, cfg, log=log, workdir=workdir)
     if jax.process_index() == 0:
-        store.save_variables(path, jax.device_get(variables))
+        store.save_variables(path, variables)
         log(f"[zoo] {spec.name}: saved {path}")
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return variables
