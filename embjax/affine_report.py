@@ -7,8 +7,8 @@ and its change against the unmapped source, the diagonal); R², agreement and to
 of Table 5.2; `report.md`; and `results.json`, which is the `results` dict itself (every number,
 accuracies as fractions, matrices as lists of rows, the config). When
 `results["reference"]["thesis_names"]` names the thesis model behind each of ours, the thesis' own
-Table 5.2/5.3 cells are printed beside ours (read from embjax/reference/). Used by the affine study and
-by experiments/features.py (the same tables for a user's own features).
+Table 5.2/5.3 cells are printed beside ours (read from embjax/reference/). Used by the affine study;
+embjax/features_report.py builds the same tables for a user's own features.
 """
 from __future__ import annotations
 
@@ -432,33 +432,23 @@ def learned_table(r: dict) -> Table | None:
                       "every pair from the statistics, the learned families train every pair.")
 
 
-def _report_md(r: dict, tables: dict[str, Table], extra: list[str]) -> str:
+def _intro(r: dict) -> list[str]:
+    """report.md's opening: data, command, devices and seconds of the run, then the console summary."""
     meta = r.get("meta", {})
-    out = [f"# Affine equivalence: {r.get('config', {}).get('name') or r.get('dataset', '')}", ""]
-    out += [f"- dataset: {r.get('dataset', '?')}; maps fit on {r.get('num_fit', '?')} images"
-            f"{' (' + r['fit_split'] + ')' if 'fit_split' in r else ''}; evaluated on {r.get('num_eval', '?')} "
-            f"images ({r.get('eval_split', '?')})"]
-    for key, label in (("command", "command"), ("date", "date"), ("jax", "jax")):
-        if key in meta:
-            out.append(f"- {label}: `{meta[key]}`" if key == "command" else f"- {label}: {meta[key]}")
-    if "devices" in meta:
-        devices = meta["devices"]
-        out.append(f"- devices: {len(devices)} ({devices[0] if devices else ''}{', ...' if len(devices) > 1 else ''})"
-                   if isinstance(devices, list) else f"- devices: {devices}")
+    lines = [f"- dataset: {r.get('dataset', '?')}; maps fit on {r.get('num_fit', '?')} images"
+             f"{' (' + r['fit_split'] + ')' if 'fit_split' in r else ''}; evaluated on {r.get('num_eval', '?')} "
+             f"images ({r.get('eval_split', '?')})"]
+    if "command" in meta:
+        lines.append(f"- command: `{meta['command']}`")
+    lines += [f"- {key}: {meta[key]}" for key in ("date", "jax") if key in meta]
+    devices = meta.get("devices")
+    if devices is not None:
+        lines.append(f"- devices: {len(devices)} ({devices[0] if devices else ''}{', ...' if len(devices) > 1 else ''})"
+                     if isinstance(devices, list) else f"- devices: {devices}")
     if "seconds" in meta:
-        out.append("- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in meta["seconds"].items()
-                                            if isinstance(v, (int, float))))
-    out += ["", "## Summary", "", "```", summary_text(r), "```", ""]
-    for key, table in tables.items():
-        out += [f"## {table.title}", ""]
-        if table.note:
-            out += [table.note, ""]
-        out += [table.markdown(), "", f"Files: `{key}.md`, `{key}.csv`", ""]
-        if key == "table_5_2_affine":
-            out += ["![relative change of affine maps](table_5_2_heatmap.png)", ""]
-    out += extra
-    out += ["## Config", "", "```json", json.dumps(r["config"], indent=2, sort_keys=True), "```", ""]
-    return "\n".join(out)
+        lines.append("- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in meta["seconds"].items()
+                                              if isinstance(v, (int, float))))
+    return ["\n".join(lines), "## Summary\n\n```\n" + summary_text(r) + "\n```"]
 
 
 def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
@@ -505,4 +495,6 @@ def write(run_dir: str | os.PathLike, results: Mapping) -> dict[str, str]:
             tables[f"fit_statistics_{key}"].title = f"fit split statistics: {key}"
 
     figures = {"table_5_2_heatmap.png": lambda path: heatmap(r, "affine", path)}
-    return write_run(run_dir, r, tables=tables, figures=figures, markdown=_report_md(r, tables, []))
+    title = f"Affine equivalence: {r.get('config', {}).get('name') or r.get('dataset', '')}"
+    config = "## Config\n\n```json\n" + json.dumps(r["config"], indent=2, sort_keys=True) + "\n```"
+    return write_run(run_dir, r, tables=tables, figures=figures, title=title, intro=_intro(r), outro=[config])
