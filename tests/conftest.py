@@ -56,13 +56,13 @@ def pytest_configure(config):
 # `/usr/bin/time -f "%U+%S" pytest -n 0 -m "not slow" tests/FILE`; README's Tests section). With
 # `--dist loadfile --no-loadscope-reorder` (launch.sh) xdist hands files to the two workers in collection
 # order, one at a time as a worker runs dry; starting with the longest files keeps both workers busy to
-# the end (longest processing time first), where alphabetical order left the long study files of the
-# end of the alphabet (test_study, test_train, ...) running alone on one worker. A file not listed runs
-# after these, in alphabetical order; the list steers the schedule only, never what runs.
+# the end (longest processing time first), where xdist's default order (files with the most tests first)
+# left the long study files, which hold few tests each, to the end, one worker running them alone. A file
+# not listed runs after these, in alphabetical order; the list steers the schedule only, never what runs.
 LONGEST_FIRST = (
-    "test_study.py", "test_backward_compatible.py", "test_open_set.py", "test_full_network_embedding.py",
-    "test_own_features.py", "test_train.py", "test_efficientnet.py", "test_no_allreduce.py",
-    "test_cli_checks.py", "test_zoo.py",
+    "test_backward_compatible.py", "test_open_set.py", "test_full_network_embedding.py", "test_own_features.py",
+    "test_train.py", "test_study.py", "test_nasnet.py", "test_inception.py", "test_efficientnet.py",
+    "test_named_layers.py", "test_no_allreduce.py", "test_timm_parity.py", "test_zoo.py", "test_cli_checks.py",
 )
 
 
