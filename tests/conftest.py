@@ -61,8 +61,9 @@ def pytest_configure(config):
 # not listed runs after these, in alphabetical order; the list steers the schedule only, never what runs.
 LONGEST_FIRST = (
     "test_backward_compatible.py", "test_open_set.py", "test_full_network_embedding.py", "test_own_features.py",
-    "test_train.py", "test_study.py", "test_nasnet.py", "test_inception.py", "test_efficientnet.py",
-    "test_named_layers.py", "test_no_allreduce.py", "test_timm_parity.py", "test_zoo.py", "test_cli_checks.py",
+    "test_train.py", "test_conv_matmul.py", "test_study.py", "test_folding.py", "test_nasnet.py",
+    "test_inception.py", "test_efficientnet.py", "test_named_layers.py", "test_no_allreduce.py",
+    "test_timm_parity.py", "test_zoo.py", "test_cli_checks.py",
 )
 
 
