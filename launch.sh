@@ -71,10 +71,11 @@ case "$cmd" in
     ensure_venv "test,weights"
     ensure_fashion_mnist
     # Everyday tier: every test not marked slow. `test all`: every test (tests/conftest.py says which are
-    # slow). One worker per core; a module's tests stay on one worker so its fixtures are built once.
+    # slow). One worker per core; a module's tests stay on one worker so its fixtures are built once, and
+    # files go out in collection order, which tests/conftest.py sets to the longest files first.
     tier=(-m "not slow")
     if [ "${1:-}" = all ]; then tier=(); shift; fi
-    exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile ${tier[@]+"${tier[@]}"} "$@"
+    exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder ${tier[@]+"${tier[@]}"} "$@"
     ;;
   bench)
     name=${1:?usage: ./launch.sh bench NAME [args]}

@@ -218,10 +218,11 @@ import numpy, absl.app, ml_collections.config_flags  # what every child needs, i
 import jax, embjax.models.registry, experiments.common, experiments.config_check
 jax.config.update("jax_platforms", "cpu")
 out = []
-for module, argv in cases:
+for module, argv, env in cases:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.environ.update(env)
         os.close(read)
         os.dup2(write, 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -249,23 +250,28 @@ print(json.dumps(out))
 """
 
 
-def run_command_lines(cases, env_extra=None):
+def run_command_lines(cases):
+    """Run every (module, argv, extra environment) case as `python -m module argv...` would; returns
+    {"rc", "cpu", "stderr"} per case. One interpreter imports the studies once, then forks a child per case."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop("EMBJAX_TRACEBACK", None)
-    env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_bad_command_lines_exit_2_in_one_line(tmp_path):
+@pytest.fixture(scope="module")
+def command_lines(tmp_path_factory):
+    """The cases of the tests below, run in one subprocess (each child costs a fork, not an interpreter):
+    name -> (module, argv, what the last line must hold) and its result."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     afile = tmp_path / "afile"
     afile.write_text("x")
     npy = tmp_path / "a.npy"
     npy.write_bytes(b"")
     work = str(tmp_path / "work")
-    cases = [  # (module, argv, what the last line must hold)
+    bad = [  # (module, argv, what the last line must hold)
         ("experiments.affine_equivalence", ["--config.batch_size=0", f"--workdir={work}"], "--config.batch_size=0"),
         ("experiments.backward_compatible", ["--config.batch_size=0", f"--workdir={work}"], "--config.batch_size=0"),
         ("experiments.backward_compatible", ["--config.old_train.batch_size=0", f"--workdir={work}"],
@@ -293,27 +299,33 @@ def test_bad_command_lines_exit_2_in_one_line(tmp_path):
         ("experiments.affine_equivalence", ["--config.weight_files.zoo_resnet_v1=/nonexistent"],
          "--config.weight_files.zoo_resnet_v1=/nonexistent: no such file or directory"),
     ]
-    results = run_command_lines([[m, a] for m, a, _ in cases])
-    for (module, argv, want), got in zip(cases, results):
+    cases = [(m, a, {}) for m, a, _ in bad]
+    # Not a command-line error but the file's (status 1): an empty .npy is a FeatureFileError, one line.
+    cases.append(("experiments.features", [f"--features=a={npy},b={npy}", f"--workdir={tmp_path}/w"], {}))
+    cases.append(("experiments.open_set", ["--config.batch_size=0", f"--workdir={tmp_path}/tb"],
+                  {"EMBJAX_TRACEBACK": "1"}))
+    results = run_command_lines(cases)
+    return {"bad": list(zip(bad, results[:len(bad)])), "work": work, "feature_file": results[-2],
+            "traceback": results[-1]}
+
+
+def test_bad_command_lines_exit_2_in_one_line(command_lines):
+    for (module, argv, want), got in command_lines["bad"]:
         lines = got["stderr"].strip().splitlines()
         assert got["rc"] == 2, (module, argv, got)
         assert 1 <= len(lines) <= 3 and want in lines[-1], (module, argv, got["stderr"][-2000:])
         assert got["cpu"] < 10, (module, argv, got["cpu"])
-    assert not os.path.exists(work)  # nothing ran far enough to create the run directory
+    assert not os.path.exists(command_lines["work"])  # nothing ran far enough to create the run directory
 
 
-def test_a_bad_feature_file_is_one_line_too(tmp_path):
-    # Not a command-line error but the file's (status 1): an empty .npy is a FeatureFileError, one line.
-    npy = tmp_path / "a.npy"
-    npy.write_bytes(b"")
-    (got,) = run_command_lines([["experiments.features", [f"--features=a={npy},b={npy}",
-                                                           f"--workdir={tmp_path}/w"]]])
+def test_a_bad_feature_file_is_one_line_too(command_lines):
+    got = command_lines["feature_file"]
     lines = got["stderr"].strip().splitlines()
     assert got["rc"] == 1 and len(lines) == 1, got
     assert "FeatureFileError" in lines[0] and "a.npy: an empty file (0 bytes)" in lines[0], got
 
 
-def test_embjax_traceback_shows_the_traceback(tmp_path):
-    (got,) = run_command_lines([["experiments.open_set", ["--config.batch_size=0", f"--workdir={tmp_path}"]]],
-                               env_extra={"EMBJAX_TRACEBACK": "1"})
+def test_embjax_traceback_shows_the_traceback(command_lines):
+    # The same refused command line as above, with EMBJAX_TRACEBACK=1 in the child's environment.
+    got = command_lines["traceback"]
     assert got["rc"] == 99 and "Traceback" in got["stderr"] and "ConfigError" in got["stderr"]

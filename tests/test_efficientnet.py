@@ -207,6 +207,7 @@ def test_lite0_matches_float64_numpy_reference():
         assert err < 1e-4, (name, err)
 
 
+@pytest.mark.slow  # full-size parity against PyTorch: the whole tier (the float64 NumPy reference above is everyday)
 def test_lite0_matches_independent_pytorch():
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

@@ -1,7 +1,7 @@
 """The import graph points down (STYLE.md): pure math imports no other part of embjax, the weight readers
 import no model, nothing below the engine imports it or the studies, the converters do not import the
 .h5 reader (but the Keras ones), and no circle of imports exists anywhere in the package (lazy imports
-inside functions included)."""
+inside functions and `importlib.import_module("embjax....")` calls included)."""
 import ast
 import pathlib
 
@@ -52,6 +52,18 @@ def _module_of(name: str) -> pathlib.Path | None:
     return None
 
 
+def _import_module_literal(node) -> str | None:
+    """The embjax module named by `importlib.import_module("embjax....")` (a string literal), else None."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    value = node.args[0].value
+    if name == "import_module" and isinstance(value, str) and value.split(".")[0] == "embjax":
+        return value
+    return None
+
+
 def _graph() -> dict[str, set[str]]:
     """embjax module -> the embjax modules it imports (at module level or inside functions).
 
@@ -69,6 +81,8 @@ def _graph() -> dict[str, set[str]]:
                     and node.module.split(".")[0] == "embjax":
                 targets = [f"{node.module}.{a.name}" if _module_of(f"{node.module}.{a.name}") else node.module
                            for a in node.names]
+            elif _import_module_literal(node):  # importlib.import_module("embjax.x"): an import all the same
+                targets = [_import_module_literal(node)]
             else:
                 assert not (isinstance(node, ast.ImportFrom) and node.level), (str(path), "relative import")
                 continue
@@ -120,6 +134,12 @@ def test_the_circle_check_finds_a_planted_circle():
     assert "embjax.models.efficientnet" in graph and "embjax.models.layers" in graph["embjax.models.efficientnet"]
     planted = {**graph, "embjax.models.layers": graph["embjax.models.layers"] | {"embjax.models.efficientnet"}}
     assert _cycles(planted) == [["embjax.models.efficientnet", "embjax.models.layers"]]
+
+
+def test_the_graph_has_the_edges_of_importlib_calls():
+    # embjax.data imports its tfds reader lazily through importlib (tfds is slow to import); a circle
+    # through such an edge must be found like any other.
+    assert "embjax.data.tfds_source" in _graph()["embjax.data"]
 
 
 def test_converters_do_not_import_the_h5_reader():

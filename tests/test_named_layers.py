@@ -18,16 +18,19 @@ from embjax.models import layers, registry
 
 CLASSIFIERS = {"predictions", "logits", "classifier"}
 
-# One model of every family and block kind (ImageNet layouts; traced, nothing computed).
-MODELS = ["vgg16", "resnet50_v1", "resnet18_v1", "resnet50_v2", "zoo_resnet_v2", "inception_v3",
-          "inception_resnet_v2", "zoo_inception", "inception_v1", "inception_v2", "inception_v4",
-          "mobilenet_v2_100", "zoo_mobilenet_v2", "efficientnet_lite0", "zoo_efficientnet_lite", "iresnet50",
-          "resnet_v1_152_slim", *(pytest.param(n, marks=pytest.mark.slow) for n in ("nasnet_large", "pnasnet_large"))]
-# (NASNet-A-Large and PNASNet-5-Large take 40-50 s each to trace on the loaded 2-core CPU.)
+# One model of every family and block kind (ImageNet layouts; traced, nothing computed). Everyday: the
+# smallest model of each module; the whole tier adds the larger layouts of the same modules (same layer
+# code, more repeats) and NASNet-A-Large / PNASNet-5-Large (40-50 s each to trace on a loaded 2-core CPU).
+_LARGER = ("resnet50_v2", "inception_v4", "mobilenet_v2_100", "efficientnet_lite0", "iresnet50", "nasnet_large",
+           "pnasnet_large")
+MODELS = ["vgg16", "resnet50_v1", "resnet18_v1", "zoo_resnet_v2", "inception_v3", "inception_resnet_v2",
+          "zoo_inception", "inception_v1", "inception_v2", "zoo_mobilenet_v2", "zoo_efficientnet_lite", "iresnet18",
+          "resnet_v1_152_slim", *(pytest.param(n, marks=pytest.mark.slow) for n in _LARGER)]
 
 
-def _linear_layers(module, sample):
-    """[(path, output width)] of every convolution / dense call, in call order; separable convs once."""
+def _linear_layers_and_outputs(module, sample):
+    """[(path, output width)] of every convolution / dense call, in call order (separable convs once), and
+    the shapes of the module's outputs: one trace of `init_with_output` with an interceptor."""
     calls, inside = [], []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -49,8 +52,8 @@ def _linear_layers(module, sample):
         return out
 
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda x: module.init(jax.random.key(0), x), sample)
-    return calls
+        out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], sample)
+    return calls, out
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -60,11 +63,10 @@ def test_every_convolution_is_one_named_layer_in_network_order(name):
     x = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, spec.in_channels), jnp.float32)
     named = layers.named_layers(module, x)
     convs = [layer for layer in named if {"conv", "fc"} & set(layer.kinds)]
-    reference = _linear_layers(module, x)
+    reference, out = _linear_layers_and_outputs(module, x)
     assert len(convs) == len(reference), (name, len(convs), len(reference))
     assert [layer.shape[-1] for layer in convs] == [width for _, width in reference]
     assert len({layer.name for layer in named}) == len(named)
-    out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x)
     assert all(tuple(out[layer.name].shape) == layer.shape for layer in named)
     # The embedding's default set is exactly these layers; pooling layers and the classifier are not in it.
     assert fne.embedding_layers(named) == tuple(layer.name for layer in convs)

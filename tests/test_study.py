@@ -9,7 +9,8 @@ outside, as a user's kill -9 would: the test reads the run's progress lines (one
 
 Everyday tier: the baseline run (its numbers against an independent forward pass), one kill -9 resume,
 bad input. The whole tier (`./launch.sh test all`) adds the linear-head path, 4 devices, 2 processes and
-bfloat16: each compiles the three models again under another setting.
+bfloat16: each compiles the models again under another setting, and a second kill (in the evaluation
+pass of the resumed run).
 """
 
 import os
@@ -19,7 +20,7 @@ import pytest
 
 import study_runner as runner
 
-MODELS = "zoo_resnet_v1,zoo_mobilenet_v2,zoo_inception"
+MODELS = "zoo_resnet_v1,zoo_mobilenet_v2"  # two families: every map family has both directions
 
 TINY = [
     f"--config.models={MODELS}",
@@ -109,11 +110,35 @@ def killed_mid_pass(workdir, name, total):
     return steps[0]
 
 
+def _assert_same_tables(resumed, results):
+    # Same fold order, same jitted steps on the same device: bit-identical numbers.
+    for family in ("affine", "logit", "naive"):
+        for key in ("accuracy", "top5", "agreement", "r2"):
+            assert resumed[family][key] == results[family][key], (family, key)
+    assert resumed["fit_statistics"] == results["fit_statistics"]
+    assert resumed["num_fit"] == 512 and resumed["num_eval"] == 200
+
+
 def test_resume_after_kill_gives_identical_results(baseline, tmp_path, cache):
+    """The everyday tier's kill -9 of a real pass: killed mid-fit, rerun with the same command."""
     results, _, _ = baseline
     workdir = tmp_path / "killed"
     # Killed in the fit pass once batch 3 of 8 is done (the checkpoint after batch 2 exists; later ones
     # may, if the run got further before the signal landed).
+    kill_when(workdir, cache, r"\[fit .*\] batch 3/8")
+    assert not runner.finished(workdir)
+    fit_at = killed_mid_pass(workdir, "fit", 8)
+    proc = run_study(workdir, cache)
+    assert f"[resume] pass 'fit': {fit_at}/8 batches already done" in proc.stdout
+    assert "[resume] pass 'eval'" not in proc.stdout
+    resumed, _ = load_results(workdir)
+    _assert_same_tables(resumed, results)
+
+
+@pytest.mark.slow  # two more study runs: the whole tier (the kill in the fit pass above is everyday)
+def test_killed_in_fit_then_in_eval_resumes_both_passes(baseline, tmp_path, cache):
+    results, _, _ = baseline
+    workdir = tmp_path / "killed"
     kill_when(workdir, cache, r"\[fit .*\] batch 3/8")
     assert not runner.finished(workdir)
     fit_at = killed_mid_pass(workdir, "fit", 8)
@@ -130,12 +155,7 @@ def test_resume_after_kill_gives_identical_results(baseline, tmp_path, cache):
     else:
         assert "[resume] pass 'eval'" not in proc.stdout
     resumed, _ = load_results(workdir)
-    # Same fold order, same jitted steps on the same device: bit-identical numbers.
-    for family in ("affine", "logit", "naive"):
-        for key in ("accuracy", "top5", "agreement", "r2"):
-            assert resumed[family][key] == results[family][key], (family, key)
-    assert resumed["fit_statistics"] == results["fit_statistics"]
-    assert resumed["num_fit"] == 512 and resumed["num_eval"] == 200
+    _assert_same_tables(resumed, results)
 
 
 @pytest.mark.slow
