@@ -400,61 +400,71 @@ def _leave_one_out_host(queries, query_labels, gallery, gallery_labels, metric, 
     g, g_idx, g_ok, g_lab = g[by_label], g_idx[by_label], g_ok[by_label], g_lab[by_label]  # g: the one copy
     if metric == "cosine":
         g = _normalized_rows_inplace(g)
-    positions = by_label
     starts = np.searchsorted(g_lab, q_lab, side="left")
     ends = np.searchsorted(g_lab, q_lab, side="right")
-    n_g, n_q = g.shape[0], q.shape[0]
-    qb = min(qb, max(n_q, 1))
+    qb = min(qb, max(q.shape[0], 1))
     g_j, gi_j, ok_j = jnp.asarray(g), jnp.asarray(g_idx), jnp.asarray(g_ok)
     del g  # the device copy is the one used from here
-    hits = np.zeros(len(ks), np.int64)
-    ap = map_r = r_prec = 0.0
-    with_relevant = 0
+    totals = dict(with_relevant=0, ap=0.0, map_at_r=0.0, r_precision=0.0, hits=np.zeros(len(ks), np.int64))
     for lo, m, q_blk, qi_blk in _query_blocks(q, q_idx, qb):
         s = np.asarray(_eligible_scores(q_blk, qi_blk, g_j, gi_j, ok_j, metric=metric))[:m]
-        ordered = np.sort(s, axis=1)  # ascending; NumPy's vectorised float32 sort (no argsort)
-        # Every query's relevant items, flattened: row r holds columns starts[r]..ends[r].
         a, b = starts[lo:lo + m], ends[lo:lo + m]
-        lengths = b - a
-        row = np.repeat(np.arange(m), lengths)
-        col = a[row] + (np.arange(row.size) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        vals = s[row, col]
-        keep = vals > -np.inf  # the query itself and masked items are not relevant items
-        row, col, vals = row[keep], col[keep], vals[keep]
-        pos = positions[col]
-        best_first = np.lexsort((pos, -vals, row))
-        row, vals, pos = row[best_first], vals[best_first], pos[best_first]
-        big_r = np.bincount(row, minlength=m)
-        k = np.arange(row.size) - np.repeat(np.cumsum(big_r) - big_r, big_r)  # 0 for a query's best relevant item
-        # Items strictly above each relevant score: a binary search of the R relevant scores in the
-        # query's sorted row (R log N, not N log N).
-        right = np.empty(row.size, np.int64)
-        left = np.empty(row.size, np.int64)
-        ends_r = np.cumsum(big_r)
-        for r in np.flatnonzero(big_r):
-            seg = slice(ends_r[r] - big_r[r], ends_r[r])
-            right[seg] = ordered[r].searchsorted(vals[seg], side="right")
-            left[seg] = ordered[r].searchsorted(vals[seg], side="left")
-        ranks = (n_g - right) + 1
-        for t in np.flatnonzero(right - left > 1):  # exact ties: the lower gallery position ranks first
-            ranks[t] += np.count_nonzero((s[row[t]] == vals[t]) & (positions < pos[t]))
-        r_of = big_r[row]
-        prec = (k + 1) / ranks
-        within = ranks <= r_of
-        has = big_r > 0
-        denom = np.maximum(big_r, 1)
-        with_relevant += int(has.sum())
-        ap += float(np.sum(np.bincount(row, weights=prec, minlength=m)[has] / denom[has]))
-        map_r += float(np.sum(np.bincount(row, weights=prec * within, minlength=m)[has] / denom[has]))
-        r_prec += float(np.sum(np.bincount(row, weights=within, minlength=m)[has] / denom[has]))
-        first_rank = ranks[k == 0]  # one per query with R ≥ 1, in row order
-        for t, kk in enumerate(ks):
-            hits[t] += int(np.sum(first_rank <= kk))
-    n = max(with_relevant, 1)
-    out = {f"recall_at_{k}": np.float64(hits[t] / n) for t, k in enumerate(ks)}
-    out.update(map=np.float64(ap / n), map_at_r=np.float64(map_r / n), r_precision=np.float64(r_prec / n),
-               queries=np.int64(q.shape[0]), with_relevant=np.int64(with_relevant))
+        for start, end in set(zip(a.tolist(), b.tolist())) - {(e, e) for e in b.tolist()}:  # one label at a time
+            rows = np.flatnonzero((a == start) & (b == end))
+            ranks, big_r = _relevant_ranks(s[rows], start, end, by_label)
+            for key, value in _rank_sums(ranks, big_r, ks).items():
+                totals[key] = totals[key] + value
+    n = max(totals["with_relevant"], 1)
+    out = {f"recall_at_{k}": np.float64(totals["hits"][t] / n) for t, k in enumerate(ks)}
+    out.update(map=np.float64(totals["ap"] / n), map_at_r=np.float64(totals["map_at_r"] / n),
+               r_precision=np.float64(totals["r_precision"] / n), queries=np.int64(q.shape[0]),
+               with_relevant=np.int64(totals["with_relevant"]))
     return out
+
+
+def _relevant_ranks(block, start, end, positions):
+    """(ranks, R): the 1-based rank of every relevant item of each row of `block` (the rows whose relevant
+    items are columns start..end), as an (m, end - start) array in ascending order of score with +inf
+    where the item is the query itself or masked, and the number R of relevant items per row.
+
+    The rank of an item is 1 + the number of items scoring strictly higher (a binary search in the sorted
+    row) + the number scoring exactly the same from a lower gallery position (`positions`), the latter
+    counted only where such a tie exists."""
+    n, width = block.shape[1], end - start
+    rel = np.sort(block[:, start:end], axis=1)  # ascending; the query itself and masked items (−inf) first
+    ordered = np.sort(block, axis=1)
+    big_r = np.count_nonzero(rel > -np.inf, axis=1)
+    ranks = np.full(rel.shape, np.inf)
+    for i in np.flatnonzero(big_r):
+        lo = width - big_r[i]
+        vals = rel[i, lo:]
+        right = ordered[i].searchsorted(vals, side="right")
+        ranks[i, lo:] = n - right + 1
+        tied = (right >= 2) & (ordered[i][np.maximum(right - 2, 0)] == vals)
+        for v in np.unique(vals[tied]):  # equal scores: the lower gallery position ranks first
+            same = np.flatnonzero(block[i] == v)
+            same = same[np.argsort(positions[same], kind="stable")]
+            offsets = np.flatnonzero((same >= start) & (same < end))  # relevant ones, in position order
+            run = lo + np.flatnonzero(vals == v)  # their slots, ascending: the last is the best place
+            ranks[i, run[::-1]] += offsets
+    return ranks, big_r
+
+
+def _rank_sums(ranks, big_r, ks):
+    """Sums over the rows of AP, MAP@R, R-precision and hits@k from ascending-score ranks."""
+    m, width = ranks.shape
+    has = big_r > 0
+    k = (width - np.arange(width))[None, :].astype(np.float64)  # place among the relevant items, best = 1
+    prec = np.where(np.isfinite(ranks), k / ranks, 0.0)
+    within = ranks <= big_r[:, None]
+    denom = np.maximum(big_r, 1)
+    first = ranks[:, -1]
+    return dict(
+        with_relevant=int(has.sum()),
+        ap=float(np.sum(prec.sum(1)[has] / denom[has])),
+        map_at_r=float(np.sum((prec * within).sum(1)[has] / denom[has])),
+        r_precision=float(np.sum(within.sum(1)[has] / denom[has])),
+        hits=np.array([int(np.sum(has & (first <= kk))) for kk in ks]))
 
 
 def _knn_host(queries, gallery, k, metric, query_index, gallery_index, gallery_mask, qb):
