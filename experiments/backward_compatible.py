@@ -116,7 +116,7 @@ def run(config, workdir: str):
     spaces = {key: tuple(np.asarray(ev.array(e)) for e in pair) for key, pair in entries.items()}
     labels = np.asarray(ev.labels)
     groups = bct.class_groups(labels, old_classes, new_classes, config.held_out_classes)
-    cells = e2.memo("retrieval", lambda: bct.retrieval_cells(spaces, labels, groups, config.retrieval_metric))
+    cells = e2.memo("retrieval_cells", lambda: bct.retrieval_cells(spaces, labels, groups, config.retrieval_metric))
     out = bct_report.results(
         common.to_dict(config), methods_for(config), cells, groups, old_classes=old_classes,
         new_classes=new_classes, num_train={"old": len(old_rows), "new": len(new_rows), "map_fit": num_fit},
