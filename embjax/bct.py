@@ -10,7 +10,10 @@ This module owns the pieces specific to the backward-compatibility study:
   per-class sums, `class_sums_*`), concatenated to the old classifier's columns of the old classes;
 - the L2 baseline (new embeddings regressed onto old ones during training);
 - an orthogonal post-hoc map for either direction of a pair (embjax.maps.procrustes needs d_src ≤ d_dst);
-- the loss functions that plug these into `embjax.train.fit`.
+- the loss functions that plug these into `embjax.train.fit`;
+- the study's protocol: the old and new training sets, the evaluation class groups, how the influence
+  classifier scores the old model's own embeddings, and the leave-one-out retrieval cells of every
+  (query, gallery) pair (`retrieval_cells`, through `embjax.retrieval`). Its tables: `embjax.bct_report`.
 
 The math is plain jax.numpy on arrays and imports only pure modules (`maps`, `stats`); the loss builders
 additionally call a Flax module's `apply`, and nothing here knows about devices or files.
@@ -349,8 +352,8 @@ def retrieval_cells(spaces: dict, labels: np.ndarray, groups: dict, metric: str 
                     log=print) -> dict:
     """Leave-one-out top-1 / top-5 (CMC) and mAP over the full ranking of every (query, gallery) pair of
     `spaces` ({(query name, gallery name): (query rows, gallery rows)}, row i of both the same sample)
-    within every class group: {group: {"query name | gallery name": {top1, top5, map}}}. `threads` rankings at a time (NumPy's sorts and searches release
-    the GIL)."""
+    within every class group: {group: {"query name | gallery name": {top1, top5, map}}}. `threads`
+    rankings at a time (NumPy's sorts and searches release the GIL)."""
     import concurrent.futures
 
     from embjax import retrieval
