@@ -349,7 +349,7 @@ def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:
 
 
 def retrieval_cells(spaces: dict, labels: np.ndarray, groups: dict, metric: str = "cosine", threads: int = 2,
-                    log=print) -> dict:
+                    log=lambda line: print(line, flush=True)) -> dict:
     """Leave-one-out top-1 / top-5 (CMC) and mAP over the full ranking of every (query, gallery) pair of
     `spaces` ({(query name, gallery name): (query rows, gallery rows)}, row i of both the same sample)
     within every class group: {group: {"query name | gallery name": {top1, top5, map}}}. `threads`
