@@ -50,9 +50,10 @@ def test_training_rows_and_class_groups():
 
 
 def test_cells_reach_the_right_table_entries_and_the_criterion():
-    # Planted spaces: "old" clusters with overlap (imperfect), "bct" queries exactly on the class centres
-    # of the old gallery (every query's nearest neighbours are its class: top-1 = top-5 = mAP = 1), the
-    # "l2" queries pure noise (chance), the independent model perfect on its own.
+    # Planted spaces, one answer each: "old" overlapping clusters (imperfect, ranked again by the float64
+    # reference), tight clusters 4 apart for the bct-vs-old cell and the independent model's own cell
+    # (every query's nearest neighbours are its class: top-1 = top-5 = mAP = 1), noise for the l2
+    # queries (chance, about 1/4), and the old space for every post-hoc map's cell.
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 30)
     centres = 4 * np.eye(8)[:4]
