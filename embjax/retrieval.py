@@ -452,13 +452,10 @@ def _relevant_ranks(block, start, end, positions):
 
 def _rank_sums(ranks, big_r, ks):
     """Sums over the rows of AP, MAP@R, R-precision and hits@k from ascending-score ranks."""
-    m, width = ranks.shape
-    has = big_r > 0
+    width, has, denom = ranks.shape[1], big_r > 0, np.maximum(big_r, 1)
     k = (width - np.arange(width))[None, :].astype(np.float64)  # place among the relevant items, best = 1
     prec = np.where(np.isfinite(ranks), k / ranks, 0.0)
-    within = ranks <= big_r[:, None]
-    denom = np.maximum(big_r, 1)
-    first = ranks[:, -1]
+    within, first = ranks <= big_r[:, None], ranks[:, -1]
     return dict(
         with_relevant=int(has.sum()),
         ap=float(np.sum(prec.sum(1)[has] / denom[has])),
