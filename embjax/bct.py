@@ -10,7 +10,10 @@ This module owns the pieces specific to the backward-compatibility study:
   per-class sums, `class_sums_*`), concatenated to the old classifier's columns of the old classes;
 - the L2 baseline (new embeddings regressed onto old ones during training);
 - an orthogonal post-hoc map for either direction of a pair (embjax.maps.procrustes needs d_src ≤ d_dst);
-- the loss functions that plug these into `embjax.train.fit`.
+- the loss functions that plug these into `embjax.train.fit`;
+- the study's protocol: the old and new training sets, the evaluation class groups, how the influence
+  classifier scores the old model's own embeddings, and the leave-one-out retrieval cells of every
+  (query, gallery) pair (`retrieval_cells`, through `embjax.retrieval`). Its tables: `embjax.bct_report`.
 
 The math is plain jax.numpy on arrays and imports only pure modules (`maps`, `stats`); the loss builders
 additionally call a Flax module's `apply`, and nothing here knows about devices or files.
@@ -281,3 +284,91 @@ def class_sums(num_labels: int, dim: int, read, dtype=jnp.float32) -> Accumulato
         empty=lambda: class_sums_init(num_labels, dim, dtype), merge=class_sums_merge, compute=class_sums_compute,
         update=lambda s, outputs, batch, aux: class_sums_update(s, read(outputs, batch, aux), batch["label"],
                                                                batch["mask"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The study's protocol: training sets, class groups, the influence classifier's diagnostics, retrieval
+
+
+def training_rows(labels: np.ndarray, *, held_out: Sequence[int] = (), old_data: str = "classes",
+                  old_classes: Sequence[int] = (), old_fraction: float = 0.5, seed: int = 0):
+    """(rows of the new model's training set, rows of the old model's), as indices into `labels` (the
+    training split's labels): the new model gets every row outside `held_out`; the old model the new
+    rows of `old_classes` (old_data "classes") or a random `old_fraction` of them drawn with `seed`
+    ("fraction")."""
+    labels = np.asarray(labels)
+    held_out = [int(c) for c in held_out]
+    if old_data not in ("classes", "fraction"):
+        raise ValueError(f"config.old_data must be 'classes' or 'fraction', not {old_data!r}")
+    new_rows = np.flatnonzero(~np.isin(labels, held_out))
+    if old_data == "classes":
+        old_classes = [int(c) for c in old_classes]
+        if set(old_classes) & set(held_out):
+            raise ValueError(f"config.old_classes {old_classes} and config.held_out_classes {held_out} overlap")
+        old_rows = new_rows[np.isin(labels[new_rows], old_classes)]
+    else:
+        if not 0 < old_fraction <= 1:
+            raise ValueError(f"config.old_fraction must be in (0, 1], got {old_fraction}")
+        k = int(round(old_fraction * len(new_rows)))
+        old_rows = np.sort(np.random.default_rng(seed).choice(new_rows, size=k, replace=False))
+    if len(old_rows) == 0 or len(new_rows) == 0:
+        raise ValueError(f"empty training set: {len(old_rows)} old and {len(new_rows)} new training images")
+    return new_rows, old_rows
+
+
+def class_groups(labels: np.ndarray, old_classes, new_classes, held_out) -> dict[str, list[int]]:
+    """Evaluation class groups that exist: all classes, the old model's, those only the new model saw,
+    and those held out of all training. A group equal to "all classes" or too small to rank (top-5
+    needs 6 images) is left out."""
+    labels = np.asarray(labels)
+    present = sorted(set(int(c) for c in np.unique(labels)))
+    groups = {"all classes": present,
+              "old classes (seen by both)": [c for c in present if c in set(old_classes)],
+              "new classes (seen by the new model only)": [c for c in present if c in set(new_classes)],
+              "held-out classes (unseen by both)": [c for c in present if c in set(int(h) for h in held_out)]}
+    return {k: v for k, v in groups.items()
+            if k == "all classes" or (v and v != present and np.isin(labels, v).sum() > 5)}
+
+
+def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:
+    """How the influence classifier scores the old model's own embeddings of the new training set (the
+    target BCT pulls the new model towards): accuracy and cross-entropy on old-class and new-class
+    images, in float64 NumPy."""
+    kernel, bias, table = (np.asarray(a) for a in influence)
+    logits = np.asarray(old_emb, np.float64) @ kernel + bias
+    cols = table[labels]
+    m = logits.max(axis=1, keepdims=True)
+    ce = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))) - logits[np.arange(len(labels)), np.maximum(cols, 0)]
+    right = logits.argmax(axis=1) == cols
+    out = {}
+    for group, rows in (("old classes", (cols >= 0) & np.isin(labels, old_classes)),
+                        ("new classes", (cols >= 0) & ~np.isin(labels, old_classes))):
+        if rows.any():
+            out[group] = {"accuracy": float(right[rows].mean()), "cross_entropy": float(ce[rows].mean())}
+    return out
+
+
+def retrieval_cells(spaces: dict, labels: np.ndarray, groups: dict, metric: str = "cosine", threads: int = 2,
+                    log=lambda line: print(line, flush=True)) -> dict:
+    """Leave-one-out top-1 / top-5 (CMC) and mAP over the full ranking of every (query, gallery) pair of
+    `spaces` ({(query name, gallery name): (query rows, gallery rows)}, row i of both the same sample)
+    within every class group: {group: {"query name | gallery name": {top1, top5, map}}}. `threads`
+    rankings at a time (NumPy's sorts and searches release the GIL)."""
+    import concurrent.futures
+
+    from embjax import retrieval
+
+    labels = np.asarray(labels)
+    jobs = [(g, key) for g in groups for key in spaces]
+
+    def rank(job):
+        rows = np.flatnonzero(np.isin(labels, groups[job[0]]))
+        query, gallery = spaces[job[1]]
+        r = retrieval.leave_one_out(query[rows], labels[rows], gallery[rows], labels[rows], metric=metric, ks=(1, 5))
+        return {"top1": float(r["recall_at_1"]), "top5": float(r["recall_at_5"]), "map": float(r["map"])}
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+        done = dict(zip(jobs, pool.map(rank, jobs)))
+    for (g, key), cell in done.items():
+        log(f"[retrieval] {g}: {key[0]} queries / {key[1]} gallery: top-1 {cell['top1']:.4f}  mAP {cell['map']:.4f}")
+    return {g: {" | ".join(key): done[(g, key)] for key in spaces} for g in groups}

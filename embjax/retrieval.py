@@ -394,70 +394,74 @@ def _leave_one_out_host(queries, query_labels, gallery, gallery_labels, metric, 
     if q_lab.shape != (q.shape[0],) or g_lab.shape != (g.shape[0],):
         raise ValueError(f"retrieval.leave_one_out: {q.shape[0]} queries and {g.shape[0]} gallery rows need as many "
                          f"labels, got {q_lab.shape} and {g_lab.shape}")
+    # Gallery grouped by label (stable, so positions stay ordered within a group): the relevant items
+    # of a query are then one contiguous slice of its score row.
+    by_label = np.argsort(g_lab, kind="stable")
+    g, g_idx, g_ok, g_lab = g[by_label], g_idx[by_label], g_ok[by_label], g_lab[by_label]  # g: the one copy
     if metric == "cosine":
-        g = _normalized_rows_inplace(g.copy())
-    n_q = q.shape[0]
-    qb = min(qb, max(n_q, 1))
+        g = _normalized_rows_inplace(g)
+    starts = np.searchsorted(g_lab, q_lab, side="left")
+    ends = np.searchsorted(g_lab, q_lab, side="right")
+    qb = min(qb, max(q.shape[0], 1))
     g_j, gi_j, ok_j = jnp.asarray(g), jnp.asarray(g_idx), jnp.asarray(g_ok)
     del g  # the device copy is the one used from here
-    hits = np.zeros(len(ks), np.int64)
-    ap = map_r = r_prec = 0.0
-    with_relevant = 0
+    totals = dict(with_relevant=0, ap=0.0, map_at_r=0.0, r_precision=0.0, hits=np.zeros(len(ks), np.int64))
     for lo, m, q_blk, qi_blk in _query_blocks(q, q_idx, qb):
         s = np.asarray(_eligible_scores(q_blk, qi_blk, g_j, gi_j, ok_j, metric=metric))[:m]
-        big_r, first_rank, sums = _ranked_relevant(s, q_lab[lo:lo + m], g_lab)
-        has = big_r > 0
-        denom = np.maximum(big_r, 1)
-        with_relevant += int(has.sum())
-        ap += float(np.sum(sums[0][has] / denom[has]))
-        map_r += float(np.sum(sums[1][has] / denom[has]))
-        r_prec += float(np.sum(sums[2][has] / denom[has]))
-        for t, kk in enumerate(ks):
-            hits[t] += int(np.sum(first_rank[has] <= kk))
-    n = max(with_relevant, 1)
-    out = {f"recall_at_{k}": np.float64(hits[t] / n) for t, k in enumerate(ks)}
-    out.update(map=np.float64(ap / n), map_at_r=np.float64(map_r / n), r_precision=np.float64(r_prec / n),
-               queries=np.int64(q.shape[0]), with_relevant=np.int64(with_relevant))
+        a, b = starts[lo:lo + m], ends[lo:lo + m]
+        for start, end in set(zip(a.tolist(), b.tolist())) - {(e, e) for e in b.tolist()}:  # one label at a time
+            rows = np.flatnonzero((a == start) & (b == end))
+            ranks, big_r = _relevant_ranks(s[rows], start, end, by_label)
+            for key, value in _rank_sums(ranks, big_r, ks).items():
+                totals[key] = totals[key] + value
+    n = max(totals["with_relevant"], 1)
+    out = {f"recall_at_{k}": np.float64(totals["hits"][t] / n) for t, k in enumerate(ks)}
+    out.update(map=np.float64(totals["ap"] / n), map_at_r=np.float64(totals["map_at_r"] / n),
+               r_precision=np.float64(totals["r_precision"] / n), queries=np.int64(q.shape[0]),
+               with_relevant=np.int64(totals["with_relevant"]))
     return out
 
 
-def _float_keys(x: np.ndarray) -> np.ndarray:
-    """int32 keys in the order of the float32 values `x` (−inf lowest; −0.0 just below +0.0, which the
-    scores never hold: _eligible_scores turns −0.0 into +0.0)."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.int32)
-    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+def _relevant_ranks(block, start, end, positions):
+    """(ranks, R): the 1-based rank of every relevant item of each row of `block` (the rows whose relevant
+    items are columns start..end), as an (m, end - start) array in ascending order of score with +inf
+    where the item is the query itself or masked, and the number R of relevant items per row.
+
+    The rank of an item is 1 + the number of items scoring strictly higher (a binary search in the sorted
+    row) + the number scoring exactly the same from a lower gallery position (`positions`), the latter
+    counted only where such a tie exists."""
+    n, width = block.shape[1], end - start
+    rel = np.sort(block[:, start:end], axis=1)  # ascending; the query itself and masked items (−inf) first
+    ordered = np.sort(block, axis=1)
+    big_r = np.count_nonzero(rel > -np.inf, axis=1)
+    ranks = np.full(rel.shape, np.inf)
+    for i in np.flatnonzero(big_r):
+        lo = width - big_r[i]
+        vals = rel[i, lo:]
+        right = ordered[i].searchsorted(vals, side="right")
+        ranks[i, lo:] = n - right + 1
+        tied = (right >= 2) & (ordered[i][np.maximum(right - 2, 0)] == vals)
+        for v in np.unique(vals[tied]):  # equal scores: the lower gallery position ranks first
+            same = np.flatnonzero(block[i] == v)
+            same = same[np.argsort(positions[same], kind="stable")]
+            offsets = np.flatnonzero((same >= start) & (same < end))  # relevant ones, in position order
+            run = lo + np.flatnonzero(vals == v)  # their slots, ascending: the last is the best place
+            ranks[i, run[::-1]] += offsets
+    return ranks, big_r
 
 
-_NOT_ELIGIBLE = int(_float_keys(np.float32([-np.inf]))[0])
-
-
-def _ranked_relevant(s, query_labels, gallery_labels):
-    """Per query row of a score block `s` (−inf where not eligible): (R, rank of the best relevant item,
-    (Σ P@rank, Σ P@rank over ranks ≤ R, #relevant within the top R) over its relevant items).
-
-    Each row is ranked by one sort of int64 keys, no argsort: the score's order-preserving 32 bits above
-    the complement of the gallery position, so that the sorted row is best first with exact ties by lower
-    position, and the position comes back out of the key. Sums run over each row's relevant items best
-    first (sequential bincount sums)."""
-    m, n_g = s.shape
-    if n_g >= 1 << 31:
-        raise ValueError(f"retrieval: a gallery of {n_g} items needs more than the 31 position bits of a key")
-    keys = (_float_keys(s).astype(np.int64) << 32) | np.arange(n_g - 1, -1, -1, dtype=np.int64)
-    keys.sort(axis=1)
-    best = keys[:, ::-1]
-    position = (n_g - 1) - (best & 0xFFFFFFFF)
-    relevant = (np.asarray(gallery_labels)[position] == np.asarray(query_labels)[:, None]) & \
-        ((best >> 32) > _NOT_ELIGIBLE)  # the query itself and masked items are not relevant items
-    rows, cols = np.nonzero(relevant)  # row-major: each row's relevant items best first
-    big_r = np.bincount(rows, minlength=m)
-    k = np.arange(rows.size) - np.repeat(np.cumsum(big_r) - big_r, big_r)  # 0 for a row's best relevant item
-    ranks = cols + 1
-    prec = (k + 1) / ranks
-    within = ranks <= big_r[rows]
-    sums = np.stack([np.bincount(rows, weights=w, minlength=m) for w in (prec, prec * within, within)])
-    first = np.zeros(m, np.int64)
-    first[rows[k == 0]] = ranks[k == 0]
-    return big_r, first, sums
+def _rank_sums(ranks, big_r, ks):
+    """Sums over the rows of AP, MAP@R, R-precision and hits@k from ascending-score ranks."""
+    width, has, denom = ranks.shape[1], big_r > 0, np.maximum(big_r, 1)
+    k = (width - np.arange(width))[None, :].astype(np.float64)  # place among the relevant items, best = 1
+    prec = np.where(np.isfinite(ranks), k / ranks, 0.0)
+    within, first = ranks <= big_r[:, None], ranks[:, -1]
+    return dict(
+        with_relevant=int(has.sum()),
+        ap=float(np.sum(prec.sum(1)[has] / denom[has])),
+        map_at_r=float(np.sum((prec * within).sum(1)[has] / denom[has])),
+        r_precision=float(np.sum(within.sum(1)[has] / denom[has])),
+        hits=np.array([int(np.sum(has & (first <= kk))) for kk in ks]))
 
 
 def _knn_host(queries, gallery, k, metric, query_index, gallery_index, gallery_mask, qb):

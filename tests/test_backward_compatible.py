@@ -1,6 +1,7 @@
-"""The backward-compatibility study end to end on a tiny Fashion-MNIST config: the report's layout, its
-retrieval cells against a float64 NumPy recomputation from the embeddings the study stored; (whole tier) a
-run killed with SIGKILL mid-training resumes to the same results.json numbers as an uninterrupted run."""
+"""The backward-compatibility study: its protocol pieces on planted answers (training sets, class groups,
+which ranking feeds which table cell, the criterion), one tiny in-process run whose retrieval cells are
+checked against a float64 NumPy ranking of the embeddings it stored, and (whole tier) a run killed with
+SIGKILL mid-training that resumes to the same results.json numbers as an uninterrupted run."""
 
 import json
 import os
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 import study_runner as runner
+from embjax import bct, bct_report
 from experiments import backward_compatible as study
 from experiments.configs import backward_compatible as configs
-TINY = dict(train_split="train[:768]", eval_split="test[:240]", batch_size=64, checkpoint_every=4)
+
+TINY = dict(train_split="train[:640]", eval_split="test[:200]", batch_size=64, checkpoint_every=4)
 
 
 def tiny_config():
@@ -21,7 +24,6 @@ def tiny_config():
     for t in (c.old_train, c.new_train):
         t.update(dict(epochs=1, batch_size=64, warmup_steps=2, checkpoint_every=4, log_seconds=0.0))
     c.maps.fit_samples = 400
-    c.bct.compare_unnormalized = False
     return c
 
 
@@ -30,14 +32,65 @@ def _overrides():
     for t in ("old_train", "new_train"):
         args += [f"--config.{t}.epochs=1", f"--config.{t}.batch_size=64", f"--config.{t}.warmup_steps=2",
                  f"--config.{t}.checkpoint_every=4", f"--config.{t}.log_seconds=0"]
-    return args + ["--config.maps.fit_samples=400", "--config.bct.compare_unnormalized=False"]
+    return args + ["--config.maps.fit_samples=400"]
+
+
+def test_training_rows_and_class_groups():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
+    new, old = bct.training_rows(labels, held_out=(8, 9), old_classes=(0, 1, 2, 3, 4))
+    assert list(new) == [i for i in range(30) if i % 10 < 8] and list(old) == [i for i in range(30) if i % 10 < 5]
+    new, old = bct.training_rows(labels, old_data="fraction", old_fraction=0.5, seed=3)
+    assert list(new) == list(range(30)) and len(old) == 15 and len(set(old)) == 15
+    with pytest.raises(ValueError, match="overlap"):
+        bct.training_rows(labels, held_out=(4,), old_classes=(0, 4))
+    groups = bct.class_groups(labels, [0, 1, 2, 3, 4], [5, 6, 7], (8, 9))
+    assert groups == {"all classes": list(range(10)), "old classes (seen by both)": [0, 1, 2, 3, 4],
+                      "new classes (seen by the new model only)": [5, 6, 7],
+                      "held-out classes (unseen by both)": [8, 9]}
+
+
+def test_cells_reach_the_right_table_entries_and_the_criterion():
+    # Planted spaces, one answer each: "old" overlapping clusters (imperfect, ranked again by the float64
+    # reference), tight clusters 4 apart for the bct-vs-old cell and the independent model's own cell
+    # (every query's nearest neighbours are its class: top-1 = top-5 = mAP = 1), noise for the l2
+    # queries (chance, about 1/4), and the old space for every post-hoc map's cell.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = 4 * np.eye(8)[:4]
+    old = (centres[labels] + 2.5 * rng.standard_normal((120, 8))).astype(np.float32)
+    exact = centres[labels].astype(np.float32) + 1e-3 * rng.standard_normal((120, 8)).astype(np.float32)
+    noise = rng.standard_normal((120, 8)).astype(np.float32)
+    spaces = {("old", "old"): (old, old), ("bct", "old"): (exact, exact), ("l2", "old"): (noise, old),
+              ("independent", "independent"): (exact, exact)}
+    for key in [("bct", "bct"), ("l2", "l2"), ("independent", "old")]:
+        spaces[key] = (noise, noise)
+    for key in [(k, "old") for k in ("affine_new_to_old", "orthogonal_new_to_old")] + \
+               [("independent", k) for k in ("affine_old_to_new", "orthogonal_old_to_new")]:
+        spaces[key] = (old, old)
+    groups = {"all classes": [0, 1, 2, 3], "old classes (seen by both)": [0, 1]}
+    cells = bct.retrieval_cells(spaces, labels, groups, log=lambda line: None)
+    want = runner.leave_one_out_retrieval(old, old, labels)
+    assert cells["all classes"]["old | old"] == pytest.approx(want, abs=1e-9)
+    methods = {m: v for m, v in bct_report.METHODS.items() if m != "bct, unnormalized columns"}
+    r = bct_report.results(dict(old_model="a", new_model="b", held_out_classes=()), methods, cells, groups,
+                           old_classes=[0, 1], new_classes=[2, 3], num_train={}, num_eval=120, map_r2={},
+                           seconds={}, diagnostics={})
+    t = r["retrieval"]
+    assert t["bct"]["new/old"] == {"top1": 1.0, "top5": 1.0, "map": 1.0}
+    assert t["independent"]["new/new"] == {"top1": 1.0, "top5": 1.0, "map": 1.0}
+    assert t["l2"]["new/old"]["top1"] < want["top1"] - 0.2  # chance: about 1/4
+    for m in methods:
+        assert t[m]["old/old"] == pytest.approx(want, abs=1e-9)
+    assert t["affine new→old"]["new/old"] == t["affine old→new"]["new/old"] == pytest.approx(want, abs=1e-9)
+    assert r["compatible"]["bct"] and not r["compatible"]["l2"] and not r["compatible"]["affine old→new"]
+    assert r["cost_new_new"]["bct"]["top1"] < -0.2 and r["cost_new_new"]["affine new→old"]["top1"] == 0.0
+    assert set(r["retrieval_by_classes"]) == {"old classes (seen by both)"}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bct_study")
-    config = tiny_config()
-    results, engine = study.run(config, str(work / "state"))
+    results, engine = study.run(tiny_config(), str(work / "state"))
     run_dir = str(work / "report")
     study.write_report(run_dir, results)
     engine.finish()  # keeps the feature stores
@@ -46,63 +99,43 @@ def tiny_run(tmp_path_factory):
     return results, run_dir, embeddings, np.asarray(stored.labels)
 
 
-def test_report_layout_and_retrieval_against_numpy(tiny_run):
+def test_tiny_run_report_and_retrieval_against_numpy(tiny_run):
     results, run_dir, embeddings, labels = tiny_run
     with open(os.path.join(run_dir, "results.json")) as f:
         saved = json.load(f)
-    for key in ("methods", "retrieval", "compatible", "config"):
-        assert key in saved
     assert saved["methods"] == list(study.methods_for(tiny_config()))
     assert "bct" in saved["methods"] and "bct, unnormalized columns" not in saved["methods"]
-    for m in saved["methods"]:
-        assert set(saved["retrieval"][m]) == {"old/old", "new/new", "new/old"}
-        for cell in saved["retrieval"][m].values():
-            assert set(cell) == {"top1", "top5", "map"}
+    # The old model saw classes 0-4 of the first 640 training images, the new model all of them.
+    from embjax import data
+
+    train_labels = data.labels_of(data.get_source("fashion_mnist", "train[:640]"))
+    assert saved["num_train"] == {"old": int(np.sum(train_labels < 5)), "new": 640, "map_fit": 400}
+    assert saved["old_classes"] == [0, 1, 2, 3, 4] and saved["new_classes"] == [5, 6, 7, 8, 9]
     # Every cell whose queries and gallery are stored embeddings as they are (old/old, each trained new
-    # model against itself and, cut to the old width, against the old model) recomputed in float64 NumPy
-    # from those embeddings: 240 queries, so top-1 / top-5 are counts / 240. The study ranks float32
-    # cosines, which differ from these by ~1e-7: only candidates that close can swap, which these 240 do
-    # not have at the top-1 / top-5 boundaries (observed: equal counts). A swap deeper down moves one
-    # query's AP by ~1/(rank x relevant) ~ 1e-3 and mAP by ~1e-5 (tests/test_open_set.py saw 8e-6); 1e-4
-    # allows a few, while a cell from the wrong embeddings is off by percents.
+    # model against itself and, cut to the old width, against the old model) ranked again in float64
+    # NumPy: 200 queries, so top-1 / top-5 are counts / 200. The study ranks float32 cosines, ~1e-7 from
+    # these: only candidates that close can swap, which these 200 do not have at the top-1 / top-5
+    # boundaries. A swap deeper down moves one query's AP by ~1/(rank x relevant) ~ 1e-3 and mAP by ~1e-5;
+    # 1e-4 allows a few, while a cell from the wrong embeddings is off by percents.
     old = embeddings["old"]
-    d_old = old.shape[1]
     r = saved["retrieval"]
-    checked = 0
-    for m in saved["methods"]:
-        trained = {"bct": "bct", "l2": "l2"}.get(m, "independent")
-        pairs = {"old/old": (old, old), "new/new": (embeddings[trained], embeddings[trained])}
-        if m in ("independent", "bct", "l2"):
-            new = embeddings[trained][:, :d_old]  # the paper's rule: cut, or zero-padded, to the old width
-            pairs["new/old"] = (np.pad(new, ((0, 0), (0, d_old - new.shape[1]))), old)
+    for m in ("independent", "bct", "l2"):
+        new = embeddings[m]
+        pairs = {"old/old": (old, old), "new/new": (new, new), "new/old": (new[:, :old.shape[1]], old)}
         for setting, (query, gallery) in pairs.items():
-            want = runner.leave_one_out_retrieval(query, gallery, labels)
-            got = r[m][setting]
+            want, got = runner.leave_one_out_retrieval(query, gallery, labels), r[m][setting]
             assert abs(got["top1"] - want["top1"]) < 0.5 / len(labels), (m, setting, got, want)
             assert abs(got["top5"] - want["top5"]) < 0.5 / len(labels), (m, setting, got, want)
             assert abs(got["map"] - want["map"]) < 1e-4, (m, setting, got, want)
-            checked += 1
-        # The paper's criterion, from the recomputed cells.
-        if "new/old" in pairs:
-            want = {k: runner.leave_one_out_retrieval(*pairs[k], labels)["top1"] for k in ("new/old", "old/old")}
-            assert saved["compatible"][m] == bool(want["new/old"] > want["old/old"]), m
-    assert checked >= 3 * 3
-    # Classes: old model on 0-4, new on 0-7 (8 and 9 held out): three class groups besides "all".
-    assert saved["old_classes"] == [0, 1, 2, 3, 4] and saved["new_classes"] == [5, 6, 7]
-    assert len(saved["retrieval_by_classes"]) == 3
-    text = Path(run_dir, "report.md").read_text()
-    assert "criterion met" in text and "Published figures" in text
-    assert Path(run_dir, "compatibility.csv").exists()
-
-
-def test_posthoc_maps_beat_unmapped_features(tiny_run):
-    # Planted knowledge: an independently trained model's features fed to another model's gallery without
-    # a map are at chance level, and a least-squares map fit on 400 images recovers much of the old
-    # model's own retrieval. Chance top-1 with 10 balanced classes is ~10-15%; the map must do far better.
-    results = tiny_run[0]
-    r = results["retrieval"]
+    # Planted knowledge: an independently trained model's features fed to another model's gallery
+    # without a map are near chance (10 classes: ~10-20%); least-squares maps fit on 400 images recover
+    # much of the old model's retrieval.
     assert r["affine new→old"]["new/old"]["top1"] > r["independent"]["new/old"]["top1"] + 0.15
     assert r["affine old→new"]["new/old"]["top1"] > r["independent"]["new/old"]["top1"] + 0.15
+    assert len(saved["retrieval_by_classes"]) == 2
+    text = Path(run_dir, "report.md").read_text()
+    assert "criterion met" in text and "Published figures" in text and "ml-fct" in text
+    assert Path(run_dir, "compatibility.csv").exists()
 
 
 @pytest.mark.slow
