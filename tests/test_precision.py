@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embjax import evaluate, maps, stats
+from embjax import evaluate, head_maps, maps, stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -92,7 +92,7 @@ def test_maps_dots_are_highest():
     rng = np.random.default_rng(1)
     k_a, k_b = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
     c = np.zeros(4, np.float32)
-    assert_all_highest(make_jaxpr(maps._logit, k_a, c, k_b, c), "maps._logit")
+    assert_all_highest(make_jaxpr(head_maps._logit, k_a, c, k_b, c), "head_maps._logit")
     c_ab = rng.standard_normal((3, 3)).astype(np.float32)
     m = np.zeros(3, np.float32)
     assert_all_highest(make_jaxpr(lambda *a: maps._procrustes(*a, False), c_ab @ c_ab.T, c_ab, m, m),
