@@ -135,21 +135,35 @@ def assert_rewrite_matches(module, variables, x, rules=(PATCHES, SHIFTS)):
 ZOO = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite")
 # The rewrite works layer by layer (every kernel size, stride and padding form is checked against float64
 # above); the everyday tier runs it through one model of each layer mix, the whole tier through every
-# family: ResNet-v2 (v1's convolutions around pre-activation BatchNorms, 9 CPU s) and TF-Slim's
-# Inception-v1/v4 (the zoo Inception's kinds of convolution, 12 and 22 CPU s) and the reduced NASNet and
-# PNASNet (40-50 s each to trace) join there.
-_WHOLE_TIER = {"zoo_resnet_v2", "inception_v1", "inception_v4", "nasnet", "pnasnet"}
+# family: ResNet-v2 (v1's convolutions around pre-activation BatchNorms, 9 CPU s), TF-Slim's
+# Inception-v1/v4 (the zoo Inception's kinds of convolution, 12 and 22 CPU s), VGG (plain 3x3 stride-1
+# convolutions and fully connected layers, as in the zoo ResNet; ~10 s) and the reduced NASNet and PNASNet
+# (40-50 s each to trace) join there.
+_WHOLE_TIER = {"zoo_resnet_v2", "inception_v1", "inception_v4", "nasnet", "pnasnet", "vgg"}
 
 
 def _tier(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n in _WHOLE_TIER else n for n in names]
 
 
-@pytest.mark.parametrize("name", _tier(ZOO))
-def test_zoo_models_as_matmuls(name):
+def _zoo_cases():
+    # Every zoo model with both k x k forms in the whole tier; the everyday tier runs each of its models
+    # with one form, the two forms alternating over the models (each form is checked layer by layer
+    # against float64 above, so a model with one form still checks how the family wires its layers).
+    cases, everyday = [], [n for n in ZOO if n not in _WHOLE_TIER]
+    for name in ZOO:
+        for j, rule in enumerate((PATCHES, SHIFTS)):
+            slow = name in _WHOLE_TIER or j != everyday.index(name) % 2
+            cases.append(pytest.param(name, rule, id=f"{name}-{'patches' if j == 0 else 'shifts'}",
+                                      marks=[pytest.mark.slow] if slow else []))
+    return cases
+
+
+@pytest.mark.parametrize("name,rule", _zoo_cases())
+def test_zoo_models_as_matmuls(name, rule):
     module = registry.get(name).build()
     x = jnp.asarray(np.random.default_rng(2).normal(0.0, 1.0, (4, 28, 28, 1)), jnp.float32)
-    assert_rewrite_matches(*inference_module(module, x, seed=3), x)
+    assert_rewrite_matches(*inference_module(module, x, seed=3), x, rules=(rule,))
 
 
 @pytest.mark.parametrize("family", _tier(["iresnet", "inception_v1", "inception_v4", "nasnet", "pnasnet", "vgg"]))

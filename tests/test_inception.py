@@ -290,6 +290,7 @@ def test_small_inception_shapes_and_cost(small_variables):
     assert 2e6 < cost["flops"] <= 10e6  # the zoo's budget per image; 9.3 MFLOPs when written
 
 
+@pytest.mark.slow  # a training step's compile (~7 CPU s); the everyday tier trains a zoo model in tests/test_zoo.py
 def test_small_inception_trains(small_variables):
     """Loss falls on a fixed random batch with optax (train=True, batch statistics updated)."""
     model = inception.small_inception(num_classes=10)

@@ -2,6 +2,7 @@
 learned_maps.fit_pairs on planted features whose heads a learned map can serve better than the closed form."""
 
 import numpy as np
+import pytest
 
 from embjax import evaluate, learned_maps, maps, stats
 
@@ -104,7 +105,9 @@ def test_fit_pairs_task_loss_serves_the_target_head():
     assert learned < closed_ce - 0.05, (learned, closed_ce)
 
 
-def test_fit_pairs_is_fit_per_pair_despite_the_padding():
+@pytest.mark.slow  # six compilations (~10 CPU s); test_fit_pairs_task_loss_serves_the_target_head runs fit_pairs everyday
+@pytest.mark.parametrize("family", ["learned", "learned_mlp"])
+def test_fit_pairs_is_fit_per_pair_despite_the_padding(family):
     """All pairs train at once, zero-padded to the widest pair (dims 3 and 5, so 3 -> 5 is padded on its
     input side and 5 -> 3 on its output side): each pair's result must be `fit`'s on its own, unpadded,
     data. Different matmul shapes round differently in float32 (relative ~1e-7 per step); AdamW's update
@@ -116,16 +119,15 @@ def test_fit_pairs_is_fit_per_pair_despite_the_padding():
     feats[1] += feats[0] @ rng.standard_normal((3, 5)).astype(np.float32)
     state = stats.update(stats.init([3, 5]), feats)
     affine = {(0, 1): maps.affine(state, 0, 1), (1, 0): maps.affine(state, 1, 0)}
-    for family in ("learned", "learned_mlp"):
-        got, _ = learned_maps.fit_pairs(feats, None, None, affine, family, loss="regression", hidden=4, rank=2,
-                                        epochs=3, batch_size=60, learning_rate=1e-2, seed=5)
-        for s, t in ((0, 1), (1, 0)):
-            w, b = affine[(s, t)]
-            init = (learned_maps.init_linear(w, b, 2) if family == "learned" else
-                    learned_maps.init_mlp(w, b, 4, jax.random.fold_in(jax.random.key(5), s * 2 + t), 2))
-            want, _ = learned_maps.fit(init, feats[s], feats[t], epochs=3, batch_size=60, learning_rate=1e-2, seed=5)
-            assert set(got[(s, t)]) == set(want)
-            for k in want:
-                assert got[(s, t)][k].shape == want[k].shape, (family, s, t, k)
-                np.testing.assert_allclose(got[(s, t)][k], np.asarray(want[k]), rtol=1e-4, atol=1e-5,
-                                           err_msg=f"{family} {s}->{t} {k}")
+    got, _ = learned_maps.fit_pairs(feats, None, None, affine, family, loss="regression", hidden=4, rank=2,
+                                    epochs=3, batch_size=60, learning_rate=1e-2, seed=5)
+    for s, t in ((0, 1), (1, 0)):
+        w, b = affine[(s, t)]
+        init = (learned_maps.init_linear(w, b, 2) if family == "learned" else
+                learned_maps.init_mlp(w, b, 4, jax.random.fold_in(jax.random.key(5), s * 2 + t), 2))
+        want, _ = learned_maps.fit(init, feats[s], feats[t], epochs=3, batch_size=60, learning_rate=1e-2, seed=5)
+        assert set(got[(s, t)]) == set(want)
+        for k in want:
+            assert got[(s, t)][k].shape == want[k].shape, (family, s, t, k)
+            np.testing.assert_allclose(got[(s, t)][k], np.asarray(want[k]), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{family} {s}->{t} {k}")

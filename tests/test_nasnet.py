@@ -92,7 +92,13 @@ def test_nasnet_matches_keras_cell_by_cell(keras_nasnet_case):
     ours = sum(int(np.size(a)) for a in jax.tree.leaves(variables))
     assert ours == case["model"].count_params()
 
+
+@pytest.mark.slow  # a second compilation of the network: the whole tier
+def test_tf_slim_pooling_is_another_network_at_the_borders(keras_nasnet_case):
     # TF-Slim's "SAME" pooling in the reduction cells (the default) is a different network at the borders.
+    case = keras_nasnet_case
+    config = keras_nasnet.keras_nasnet_config(case["weights"])
+    variables = keras_nasnet.convert_nasnet(case["weights"], pool_padding="keras")
     tf_module = nasnet.NASNet(**config)
     tf_out = _compile(tf_module.apply, variables, case["x"])(variables, case["x"])
     first_reduction = case["ref"]["cell_stem_0"]

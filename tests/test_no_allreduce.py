@@ -18,6 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = {
     "affine_equivalence": [
         "--config.models=zoo_resnet_v1,zoo_mobilenet_v2", "--config.fit_split=train[:64]",
+        "--config.eval_split=test[:40]", "--config.batch_size=16", "--config.weights=random",
+        "--config.learned.families=()"],
+    "canonical_space": [
+        "--config.models=zoo_resnet_v1,zoo_mobilenet_v2", "--config.fit_split=train[:64]",
         "--config.eval_split=test[:40]", "--config.batch_size=16", "--config.weights=random"],
     "open_set": ["--config=experiments/configs/open_set.py:smoke", "--config.num_fit=64", "--config.num_eval=48"],
     "full_network_embedding": ["--config=experiments/configs/full_network_embedding.py:tiny",
@@ -31,7 +35,7 @@ STUDIES = {
     "extract": ["--config=experiments/configs/extract.py:zoo", "--config.weights=random",
                 "--config.models=zoo_resnet_v1", "--config.split=test[:32]", "--config.batch_size=16"],
 }
-PASSES = {"affine_equivalence": {"fit", "eval"}, "open_set": {"fit", "eval"},
+PASSES = {"affine_equivalence": {"fit", "eval"}, "canonical_space": {"fit", "eval"}, "open_set": {"fit", "eval"},
           "full_network_embedding": {"stats_zoo_efficientnet_lite", "embed_zoo_efficientnet_lite"},
           "backward_compatible": {"old_features", "fit_maps", "eval"}, "extract": {"features"}}
 

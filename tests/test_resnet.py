@@ -78,9 +78,9 @@ def test_resnet50_v2_matches_keras():
     "keras_fn,depth,version",
     [
         ("ResNet101", 101, 1),
-        ("ResNet152", 152, 1),
+        pytest.param("ResNet152", 152, 1, marks=pytest.mark.slow),  # 101's code path, deeper: whole tier
         ("ResNet101V2", 101, 2),
-        ("ResNet152V2", 152, 2),
+        pytest.param("ResNet152V2", 152, 2, marks=pytest.mark.slow),
     ],
 )
 def test_deep_resnets_convert_with_every_shape(keras_fn, depth, version):
@@ -208,6 +208,7 @@ def test_small_configs_widths_and_cost(factory, dim):
     assert flops < 10e6, flops  # the zoo's budget: <= 10 MFLOPs per image
 
 
+@pytest.mark.slow  # a training step's compile (~10 CPU s); the everyday tier trains the zoo ResNet-v1 (tests/test_zoo.py)
 def test_small_config_trains():
     """A few optax steps on a fixed batch: every parameter gets a gradient, the running statistics move
     and the loss falls (v2: the one with pre-activation and strided identity shortcuts). One jit compile

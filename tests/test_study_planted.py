@@ -212,7 +212,8 @@ def _transpose(fitted):
     return fitted
 
 
-@pytest.mark.parametrize("corrupt", [_swap, _transpose], ids=["swapped", "transposed"])
+@pytest.mark.parametrize("corrupt", [_swap, pytest.param(_transpose, marks=pytest.mark.slow)],  # one study run
+                         ids=["swapped", "transposed"])                                        # each (~4 CPU s)
 def test_a_wrong_map_of_the_right_shape_fails_the_check(planted, tmp_path, monkeypatch, corrupt):
     results = _run(planted, tmp_path, monkeypatch, corrupt)
     with pytest.raises(AssertionError, match="affine"):
