@@ -119,9 +119,15 @@ def _whitened_block_row(cross, count, whiten, *, dims, i):
 
 @functools.partial(jax.jit, static_argnames=("dims", "i"), donate_argnums=0)
 def _whitened_row(work, cross, count, whiten, *, dims, i):
-    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D)."""
-    a, b = _block_rows(cross, dims)[i]
-    return work.at[a:b].set(_whitened_block_row(cross, count, whiten, dims=dims, i=i))
+    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D), block
+    by block: beside the workspace, XLA keeps the row's d_i × d_j products (d_i × D in all) and the
+    scaled blocks of C they come from."""
+    blocks = _block_rows(cross, dims)
+    a, b = blocks[i]
+    n = jnp.maximum(count, 1).astype(cross.dtype)
+    for (c, e), (w_j, _) in zip(blocks, whiten):
+        work = work.at[a:b, c:e].set(_mm(_mm(whiten[i][0], cross[a:b, c:e] / n), w_j))
+    return work
 
 
 def _lapack_rows(work):
