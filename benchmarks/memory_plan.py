@@ -19,6 +19,17 @@ replaced). Nothing is executed: shapes only.
     ./launch.sh bench memory_plan --canonical 1024 --only-canonical   # embjax.canonical's solves alone
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
+
+The canonical-space solves (`--canonical K`) need, at the thesis' width: GCCA, C plus one D × D
+workspace plus one block row of products in XLA's plan (4.14 GiB at most, 3.41 GiB while LAPACK's ?syevd
+decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.6
+D × D measured, about 7.9 GiB); with `canonical.gcca(..., eigensolver="qr")` C + 1.5 D × D measured
+(4.3 GiB: one workspace, a block row, the top k eigenvectors) at several times the time. XLA cannot see
+memory a LAPACK call allocates itself: `--measure D` runs GCCA at joint width D (the thesis' widths
+scaled) in a fresh process and prints the measured rise of the resident set beside XLA's plan
+(embjax/canonical.py's docstring has the figures).
+
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical --measure 4096
 """
 from __future__ import annotations
 

@@ -29,12 +29,25 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
 Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
-1024 --only-canonical`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
-that its eigendecomposition then overwrites with the eigenvectors, but XLA's CPU eigensolver works on a
-copy of that buffer, so the peak is C + 2 D × D (5.12 GiB) during the eigendecomposition and C + 1 D × D
-otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.82 GiB
-(3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
-and decoders are D × k.
+1024 --only-canonical`, XLA's own analysis, compile only). GCCA writes B block row by block row into one
+D × D workspace and decomposes it there. On CPU, LAPACK's ?syevd runs on the workspace's own buffer
+(`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back (XLA's
+plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and at
+most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
+What XLA does not see: ?syevd (divide and conquer) allocates 1 + 6D + 2D² floats of its own. Measured
+as the rise of the resident set beyond C (`memory_plan.py --canonical 1024 --only-canonical --measure
+4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 9–14):
+
+    before this change (jax's eigh)                    4.61 D × D                                        116 s
+    eigensolver="divide_and_conquer" (default)         3.55 D × D   (XLA's plan 1.58, plus LAPACK's 2)  203 s
+    eigensolver="qr" (host ?syev, in place, O(D))      1.48 D × D   (the workspace, a block row, top k) 726 s
+
+(the seconds of one process, the last two in one run: under that load only their ratio means much). So at
+the thesis' width the default needs about C + 3.6 D × D (7.9 GiB) and "qr" C + 1.5 D × D (4.3 GiB), the
+one-workspace goal, at 3.6× the time (implicit QR applies its rotations to all D eigenvectors).
+Procrustes: C + 1 D × D for its starting eigenvectors (3.50 GiB; plus ?syevd's scratch), then at
+k = 1024 5.82 GiB (3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet
+reduced). Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """
