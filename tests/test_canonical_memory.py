@@ -50,7 +50,7 @@ def test_the_eigendecomposition_plans_no_second_workspace():
     assert theirs.temp_size_in_bytes >= d * d * 4
 
 
-@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 2e-3)])
+@pytest.mark.parametrize("dtype, rtol", [pytest.param(np.float64, 1e-9, marks=pytest.mark.slow), (np.float32, 2e-3)])
 def test_both_eigensolvers_give_the_same_hubs(dtype, rtol):
     rng = np.random.default_rng(3)
     feats = _correlated(rng, 2000, (5, 7, 9))
