@@ -22,9 +22,10 @@ The last line ends with the larger per-device peak of the two engine steps, in G
 
 The canonical-space solves (`--canonical K`) need, at the thesis' width: GCCA, C plus one D × D
 workspace plus one block row of products in XLA's plan (4.14 GiB at most, 3.41 GiB while LAPACK's ?syevd
-decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.6
-D × D measured, about 7.9 GiB); with `canonical.gcca(..., eigensolver="qr")` C + 1.5 D × D measured
-(4.3 GiB: one workspace, a block row, the top k eigenvectors) at several times the time. XLA cannot see
+decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.5
+D × D measured at D = 4,096, about 7.7 GiB at the thesis' width); with `canonical.gcca(...,
+eigensolver="qr")` C + 1.2 D × D measured (3.7 GiB: one workspace, a block row, the top k eigenvectors)
+at about 7× the time. XLA cannot see
 memory a LAPACK call allocates itself: `--measure D` runs GCCA at joint width D (the thesis' widths
 scaled) in a fresh process and prints the measured rise of the resident set beside XLA's plan
 (embjax/canonical.py's docstring has the figures).

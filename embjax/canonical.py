@@ -36,15 +36,15 @@ plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomp
 most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
 What XLA does not see: ?syevd (divide and conquer) allocates 1 + 6D + 2D² floats of its own. Measured
 as the rise of the resident set beyond C (`memory_plan.py --canonical 1024 --only-canonical --measure
-4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 9–14):
+4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 10–14):
 
-    before this change (jax's eigh)                    4.61 D × D                                        116 s
-    eigensolver="divide_and_conquer" (default)         3.55 D × D   (XLA's plan 1.58, plus LAPACK's 2)  203 s
-    eigensolver="qr" (host ?syev, in place, O(D))      1.48 D × D   (the workspace, a block row, top k) 726 s
+    before this change (jax's eigh)                    4.61 D × D                                         116 s
+    eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, plus LAPACK's 2)    75 s
+    eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (the workspace, a block row, top k)  531 s
 
 (the seconds of one process, the last two in one run: under that load only their ratio means much). So at
-the thesis' width the default needs about C + 3.6 D × D (7.9 GiB) and "qr" C + 1.5 D × D (4.3 GiB), the
-one-workspace goal, at 3.6× the time (implicit QR applies its rotations to all D eigenvectors).
+the thesis' width the default needs about C + 3.5 D × D (7.7 GiB) and "qr" C + 1.2 D × D (3.7 GiB), the
+one-workspace goal, at about 7× the time (implicit QR applies its rotations to all D eigenvectors).
 Procrustes: C + 1 D × D for its starting eigenvectors (3.50 GiB; plus ?syevd's scratch), then at
 k = 1024 5.82 GiB (3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet
 reduced). Encoders and decoders are D × k.
