@@ -19,6 +19,18 @@ replaced). Nothing is executed: shapes only.
     ./launch.sh bench memory_plan --canonical 1024 --only-canonical   # embjax.canonical's solves alone
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
+
+The canonical-space solves (`--canonical K`) need, at the thesis' width: GCCA, C plus one D × D
+workspace plus one block row of products in XLA's plan (4.14 GiB at most, 3.41 GiB while LAPACK's ?syevd
+decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.5
+D × D measured at D = 4,096, about 7.7 GiB at the thesis' width); with `canonical.gcca(...,
+eigensolver="qr")` C + 1.2 D × D measured (3.7 GiB: one workspace, a block row, the top k eigenvectors)
+at about 7× the time. XLA cannot see
+memory a LAPACK call allocates itself: `--measure D` runs GCCA at joint width D (the thesis' widths
+scaled) in a fresh process and prints the measured rise of the resident set beside XLA's plan
+(embjax/canonical.py's docstring has the figures).
+
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical --measure 4096
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 WIDTHS = (1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320)
 CLASSES = 1000
@@ -42,7 +55,79 @@ def _args(argv):
     ap.add_argument("--canonical", type=int, default=0, metavar="K",
                     help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
     ap.add_argument("--only-canonical", action="store_true", help="with --canonical: skip the engine's steps")
+    ap.add_argument("--measure", type=int, default=0, metavar="D",
+                    help="with --canonical: also run GCCA at joint width D (the thesis' widths scaled) in a fresh "
+                         "process and print its measured peak resident memory beside XLA's plan")
+    ap.add_argument("--measure-child", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def scaled_widths(width: int) -> list[int]:
+    """The thesis' ten widths scaled to sum to `width`."""
+    out = [max(1, round(w * width / sum(WIDTHS))) for w in WIDTHS]
+    out[-1] += width - sum(out)
+    return out
+
+
+def _rss(field: str) -> int:
+    """VmRSS / VmHWM (the peak since the last reset) of this process, bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_child(width: int, k: int) -> dict:
+    """GCCA on statistics of joint width `width` (a low-rank-plus-diagonal C built on the device, so no
+    host copy inflates the peak): a first run compiles, then each eigensolver runs measured from a reset
+    peak (`/proc/self/clear_refs`) on. Returns the bytes of C and, per eigensolver, the rise of the peak
+    over the resident set at the start of its run (C, the compiled steps, the runtime): GCCA's own
+    memory. (Run with an older embjax on the path, it measures that one's single path.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from embjax import canonical, stats
+
+    dims = tuple(scaled_widths(width))
+    u = jax.random.normal(jax.random.key(0), (width, 64), jnp.float32)
+    cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
+    state = stats.Stats(count=jnp.asarray(1000, jnp.int32), mean=jnp.zeros((width,), jnp.float32), cross=cross,
+                        dims=dims)
+    jax.block_until_ready(canonical.gcca(state, [k])[1])  # compiles every XLA step of both paths but one
+    out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4}
+    for solver in getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",)):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before, start = _rss("VmRSS"), time.perf_counter()
+        kw = {"eigensolver": solver} if hasattr(canonical, "EIGENSOLVERS") else {}
+        jax.block_until_ready(canonical.gcca(state, [k], **kw)[1])
+        out[solver] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
+                       "seconds": time.perf_counter() - start}
+    return out
+
+
+def _measure(width: int, k: int) -> None:
+    import json
+    import subprocess
+
+    dims = scaled_widths(width)
+    plan = canonical_plan(dims, k)
+    gcca = {name: r for name, r in plan.items() if name.startswith("GCCA")}
+    planned = max(r["peak"] for r in gcca.values()) - width * width * 4
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical",
+                          str(k)], capture_output=True, text=True, check=True, env=os.environ)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    unit = width * width * 4
+    print(f"\nGCCA run at D = {width} (the thesis' widths scaled: {dims}), k = {k}, in a fresh process; one D × D "
+          f"is {unit / 2**20:.1f} MiB. Beyond C, XLA plans {planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) "
+          "for the divide_and_conquer path; LAPACK's ?syevd allocates 1 + 6D + 2D² floats of its own besides.")
+    print("| eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")
+    print("|---|---:|---:|---:|---:|")
+    for solver in ("divide_and_conquer", "qr"):
+        r = m[solver]
+        print(f"| {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
+              f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
 
 
 def canonical_plan(widths, k: int) -> dict:
@@ -71,8 +156,10 @@ def canonical_plan(widths, k: int) -> dict:
             f32(total, total), f32(total, total), count, whiten, dims=dims, i=widest).compile())
         out["GCCA 3: eigenvectors in the workspace"] = analyse(
             canonical._eigh_in_place.lower(f32(total, total)).compile(), live=c_bytes)
-        out[f"GCCA 4: encoders, decoders, k = {k}"] = analyse(canonical._gcca_maps.lower(
-            f32(total, total), f32(total), whiten, dims=dims, k_max=k).compile(), live=c_bytes)
+        out[f"GCCA 4: the top {k} eigenvectors out of the workspace"] = analyse(canonical._top_rows.lower(
+            f32(total, total), f32(total), k=k).compile(), live=c_bytes)
+        out[f"GCCA 5: encoders, decoders, k = {k}"] = analyse(canonical._gcca_maps.lower(
+            f32(k, total), f32(total), whiten, dims=dims).compile(), live=c_bytes)
         out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
             f32(total, total), f32(total), dims=dims, k_max=k).compile())
         out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
@@ -123,6 +210,13 @@ def _print_canonical(widths, k: int) -> None:
 
 def main(argv=None) -> int:
     a = _args(argv)
+    if a.measure_child:
+        import json
+
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        print(json.dumps(measure_child(a.measure_child, a.canonical)), flush=True)
+        return 0
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={a.devices}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -174,6 +268,8 @@ def main(argv=None) -> int:
 
     if a.canonical and a.only_canonical:
         _print_canonical(widths, a.canonical)
+        if a.measure:
+            _measure(a.measure, a.canonical)
         return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, accumulator=fit_acc)

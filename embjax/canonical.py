@@ -29,12 +29,25 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
 Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
-1024 --only-canonical`, XLA's own analysis, compile only): GCCA writes B block row by block row into one D × D workspace
-that its eigendecomposition then overwrites with the eigenvectors, but XLA's CPU eigensolver works on a
-copy of that buffer, so the peak is C + 2 D × D (5.12 GiB) during the eigendecomposition and C + 1 D × D
-otherwise. Procrustes: C + 1 D × D for its starting eigenvectors (3.5 GiB), then at k = 1024 5.82 GiB
-(3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet reduced). Encoders
-and decoders are D × k.
+1024 --only-canonical`, XLA's own analysis, compile only). GCCA writes B block row by block row into one
+D × D workspace and decomposes it there. On CPU, LAPACK's ?syevd runs on the workspace's own buffer
+(`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back (XLA's
+plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and at
+most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
+What XLA does not see: ?syevd (divide and conquer) allocates 1 + 6D + 2D² floats of its own. Measured
+as the rise of the resident set beyond C (`memory_plan.py --canonical 1024 --only-canonical --measure
+4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 10–14):
+
+    before this change (jax's eigh)                    4.61 D × D                                         116 s
+    eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, plus LAPACK's 2)    75 s
+    eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (the workspace, a block row, top k)  531 s
+
+(the seconds of one process, the last two in one run: under that load only their ratio means much). So at
+the thesis' width the default needs about C + 3.5 D × D (7.7 GiB) and "qr" C + 1.2 D × D (3.7 GiB), the
+one-workspace goal, at about 7× the time (implicit QR applies its rotations to all D eigenvectors).
+Procrustes: C + 1 D × D for its starting eigenvectors (3.50 GiB; plus ?syevd's scratch), then at
+k = 1024 5.82 GiB (3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet
+reduced). Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """
@@ -108,60 +121,132 @@ def _whitening(cross, count, ridge, cond_limit, *, dims):
     return tuple(_spectral(cross[a:b, a:b] / n, ridge, cond_limit)[:2] for a, b in _block_rows(cross, dims))
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "i"), donate_argnums=0)
-def _whitened_row(work, cross, count, whiten, *, dims, i):
-    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D)."""
+@functools.partial(jax.jit, static_argnames=("dims", "i"))
+def _whitened_block_row(cross, count, whiten, *, dims, i):
+    """Block row i of B = W Σ W, (d_i, D)."""
     blocks = _block_rows(cross, dims)
     a, b = blocks[i]
     row = _mm(whiten[i][0], cross[a:b] / jnp.maximum(count, 1).astype(cross.dtype))
-    row = jnp.concatenate([_mm(row[:, c:e], w_j) for (c, e), (w_j, _) in zip(blocks, whiten)], axis=1)
-    return work.at[a:b].set(row)
+    return jnp.concatenate([_mm(row[:, c:e], w_j) for (c, e), (w_j, _) in zip(blocks, whiten)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "i"), donate_argnums=0)
+def _whitened_row(work, cross, count, whiten, *, dims, i):
+    """Block row i of B = W Σ W written into `work` (donated: updated in place, no second D × D), block
+    by block: beside the workspace, XLA keeps the row's d_i × d_j products (d_i × D in all) and the
+    scaled blocks of C they come from."""
+    blocks = _block_rows(cross, dims)
+    a, b = blocks[i]
+    n = jnp.maximum(count, 1).astype(cross.dtype)
+    for (c, e), (w_j, _) in zip(blocks, whiten):
+        work = work.at[a:b, c:e].set(_mm(_mm(whiten[i][0], cross[a:b, c:e] / n), w_j))
+    return work
+
+
+def _lapack_rows(work):
+    """CPU: LAPACK's ?syevd straight on `work`'s own buffer. jax.lax.linalg.eigh hands LAPACK a
+    column-major copy of a row-major matrix and copies the eigenvectors back (two D × D transposes
+    beside the workspace); read as column-major, `work`'s row-major buffer is workᵀ, whose upper triangle
+    is `work`'s lower one, so for a symmetric matrix no copy is needed, and the eigenvectors LAPACK writes
+    as columns are, read row-major, the rows of the result."""
+    from jax._src.lib import lapack  # the target jax's own eigh calls on CPU (registered with jaxlib)
+
+    n = work.shape[0]
+    call = jax.ffi.ffi_call(lapack.prepare_lapack_call("syevd_ffi", work.dtype),
+                            (jax.ShapeDtypeStruct(work.shape, work.dtype), jax.ShapeDtypeStruct((n,), work.dtype),
+                             jax.ShapeDtypeStruct((), jnp.int32)), input_output_aliases={0: 0})
+    return call(work, mode=np.uint8(ord("V")), uplo=np.uint8(ord("U")))
+
+
+def _xla_rows(work):
+    vecs, vals = jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)
+    return vecs.T, vals, jnp.zeros((), jnp.int32)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _eigh_in_place(work):
-    """Eigenvectors (in the donated buffer of `work`) and eigenvalues, ascending; B's lower triangle."""
-    return jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)
+    """(eigenvectors as rows, eigenvalues, LAPACK's info), ascending, from B's lower triangle; on CPU in the
+    donated buffer of `work` (no XLA temporary: `_lapack_rows`), elsewhere through jax's eigh."""
+    return jax.lax.platform_dependent(work, cpu=_lapack_rows, default=_xla_rows)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
-def _gcca_maps(vecs, vals, whiten, *, dims, k_max):
-    top = vecs[:, ::-1][:, :k_max]
-    lam = jnp.sqrt(jnp.maximum(vals[::-1][:k_max], 0.0))
-    blocks = _block_rows(vecs, dims)
-    enc = tuple(_mm(w_i, top[a:b]) * lam for (a, b), (w_i, _) in zip(blocks, whiten))
-    dec = tuple((_mm(sq_j, top[a:b]) * lam).T for (a, b), (_, sq_j) in zip(blocks, whiten))
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_rows(vecs, vals, *, k):
+    """The k eigenvectors (rows) of largest eigenvalue and all eigenvalues, descending."""
+    return vecs[::-1][:k], vals[::-1]
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _gcca_maps(top, vals, whiten, *, dims):
+    """Encoders and decoders from the top eigenvectors (rows of `top`, (k, D)) and their eigenvalues."""
+    lam = jnp.sqrt(jnp.maximum(vals[: top.shape[0]], 0.0))
+    blocks = _block_rows(top.T, dims)
+    enc = tuple(_mm(w_i, top[:, a:b].T) * lam for (a, b), (w_i, _) in zip(blocks, whiten))
+    dec = tuple((_mm(sq_j, top[:, a:b].T) * lam).T for (a, b), (_, sq_j) in zip(blocks, whiten))
     return enc, dec
 
 
-def _gcca(cross, count, ridge, cond_limit, *, dims, k_max):
+def _eigh_on_host(cross, count, whiten, dims):
+    """The lean path: B written block row by block row into one NumPy buffer and decomposed there by
+    LAPACK's ?syev (implicit QR, 3D − 1 floats of workspace besides), eigenvectors as rows, ascending."""
+    import scipy.linalg
+
+    work = np.empty(cross.shape, np.dtype(cross.dtype))
+    for i, (a, b) in enumerate(_block_rows(cross, dims)):
+        work[a:b] = np.asarray(_whitened_block_row(cross, count, whiten, dims=dims, i=i))
+    syev, = scipy.linalg.get_lapack_funcs(("syev",), (work,))
+    vals, vecs, info = syev(work.T, compute_v=1, lower=0, overwrite_a=1)  # work.T: its column-major view
+    if not np.shares_memory(vecs, work):
+        raise RuntimeError("canonical.gcca: LAPACK's ?syev did not work in place (a second D × D was made)")
+    return work, vals, info
+
+
+def _gcca(cross, count, ridge, cond_limit, *, dims, k_max, eigensolver):
     """Encoders, decoders (at width k_max) and eigenvalues (descending). Beyond C, one D × D buffer: B is
     written into it block row by block row, then overwritten by its eigenvectors."""
     whiten = _whitening(cross, count, ridge, cond_limit, dims=dims)
-    work = jnp.zeros_like(cross)
-    for i in range(len(dims)):
-        work = _whitened_row(work, cross, count, whiten, dims=dims, i=i)
-    vecs, vals = _eigh_in_place(work)
-    enc, dec = _gcca_maps(vecs, vals, whiten, dims=dims, k_max=k_max)
-    return enc, dec, vals[::-1]
+    if eigensolver == "qr":
+        vecs, vals, info = _eigh_on_host(cross, count, whiten, dims)
+        top, vals = jnp.asarray(vecs[::-1][:k_max]), jnp.asarray(vals[::-1].copy())
+    else:
+        work = jnp.zeros_like(cross)
+        for i in range(len(dims)):
+            work = _whitened_row(work, cross, count, whiten, dims=dims, i=i)
+        vecs, vals, info = _eigh_in_place(work)
+        top, vals = _top_rows(vecs, vals, k=k_max)
+    del vecs
+    if int(info) != 0:
+        raise np.linalg.LinAlgError(f"canonical.gcca: the eigendecomposition of the whitened joint covariance "
+                                    f"failed (LAPACK info {int(info)}); check the statistics for NaN or inf")
+    enc, dec = _gcca_maps(top, vals, whiten, dims=dims)
+    return enc, dec, vals
 
 
 def _means(state):
     return tuple(state.mean[a:b] for a, b in _block_rows(state.cross, state.dims))
 
 
-def gcca(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None):
+EIGENSOLVERS = ("divide_and_conquer", "qr")
+
+
+def gcca(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None,
+         eigensolver: str = "divide_and_conquer"):
     """Generalized CCA (MAXVAR) hubs at every rank in `ranks`, from one eigendecomposition.
 
     Returns ({k: Hub}, eigenvalues of the whitened joint covariance, descending; they lie in [0, N] and
     a latent shared by all N models gives an eigenvalue near N). `ridge` is relative (λ_i = ridge ·
     tr Σ_ii / d_i); eigenvalues of a block below its largest / cond_limit (default 1e6 in float32, 1e12
-    in float64) are treated as zero.
+    in float64) are treated as zero. `eigensolver`: "divide_and_conquer" (LAPACK ?syevd on CPU, in the
+    workspace, but with 2 D² floats of LAPACK scratch) or "qr" (?syev on the host, in place, O(D)
+    scratch: C plus one D × D in all, several times slower); see the module docstring.
     """
     ranks = _check(state, ranks, "gcca")
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f"canonical.gcca: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}")
     cond = maps_lib.default_cond_limit(state.cross.dtype) if cond_limit is None else cond_limit
     with jax.default_matmul_precision("highest"):
-        enc, dec, vals = _gcca(state.cross, state.count, ridge, cond, dims=tuple(state.dims), k_max=max(ranks))
+        enc, dec, vals = _gcca(state.cross, state.count, ridge, cond, dims=tuple(state.dims), k_max=max(ranks),
+                               eigensolver=eigensolver)
     means = _means(state)
     hubs = {k: Hub(tuple(e[:, :k] for e in enc), tuple(d[:k] for d in dec), means) for k in ranks}
     return hubs, vals

@@ -4,6 +4,19 @@ They stand in for the thesis' ten ImageNet CNNs where no ImageNet is at hand. Ea
 embjax.train's loop from its registry spec (`zoo_*` names), with checkpoints under the cache directory
 so a killed training resumes, then saved with orbax under the cache directory, keyed by a hash of
 everything that determines the weights (model, data, schedule, seed), and reused by later runs.
+
+Models trained apart (thesis §6.1). A registry name `<zoo model>_<variant>` (embjax.models.specs.ZOO_VARIANTS)
+is the same module trained the standard way but for one thing (`VARIANTS`):
+  cosine   the loss: a cosine softmax with an additive margin (CosFace; `cosine_margin_loss`), features and
+           class weights normalized, scale `COSINE_SCALE`, margin `COSINE_MARGIN`; the cached weights hold
+           the classifier in its inference form (unit class columns, zero bias: `cosine_head`), so the
+           model's own logits, and every "target's own head" built from them, rank classes by cosine;
+  half_a   the data: half A of the rows the zoo is given (the fit split: all 60,000 Fashion-MNIST training
+  half_b   images), or half B, split by one fixed seeded permutation (`half_rows`, seed `HALF_SEED`); the
+           half is then capped at `limit` like the standard training's rows (the first 20,000 of its 30,000
+           by index), so a half model sees as many images, for as many steps, as a standard one.
+The same initial weights (seed) and batch order as the standard training. A variant's cache key adds the
+variant and its constants; the standard models' keys are unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +39,30 @@ from embjax import sharding, train as train_lib
 # Bump when the training procedure changes in a way that changes the weights.
 TRAINING_VERSION = 3
 
+COSINE_SCALE, COSINE_MARGIN = 16.0, 0.2  # CosFace's s and m (its faces used s = 64, m = 0.35 over 10k+ classes)
+HALF_SEED = 2020  # the permutation that splits the training rows into halves A and B
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How a zoo variant trains: its loss ("softmax" or "cosine") and its rows (None: all; 0 / 1: half
+    A / B)."""
+
+    loss: str = "softmax"
+    half: int | None = None
+
+    def key(self) -> dict:
+        """What the cache key adds for this variant (the constants that change its weights)."""
+        out = dataclasses.asdict(self)
+        if self.loss == "cosine":
+            out.update(scale=COSINE_SCALE, margin=COSINE_MARGIN)
+        if self.half is not None:
+            out.update(half_seed=HALF_SEED)
+        return out
+
+
+VARIANTS = {"": Variant(), "cosine": Variant(loss="cosine"), "half_a": Variant(half=0), "half_b": Variant(half=1)}
+
 # The fields of the zoo's original configuration: the cache key hashes exactly these (so models cached
 # before the zoo moved onto embjax.train keep their keys); any other field that changes the weights is
 # added to the key only when it differs from the zoo's default.
@@ -46,14 +83,83 @@ def train_config(**fields) -> train_lib.TrainConfig:
     return train_lib.TrainConfig(**{**zoo, **fields})
 
 
+def _variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown zoo variant {name!r}; the variants are {sorted(v for v in VARIANTS if v)}")
+    return VARIANTS[name]
+
+
+def half_rows(num_rows: int, half: int, seed: int = HALF_SEED) -> np.ndarray:
+    """Row indices of half `half` (0: A, 1: B) of `num_rows` rows, ascending: A is the first ⌊n/2⌋ of
+    one permutation drawn from `seed`, B the rest, so the halves are disjoint and cover every row."""
+    if half not in (0, 1):
+        raise ValueError(f"zoo: half must be 0 (A) or 1 (B), got {half!r}")
+    perm = np.random.default_rng(seed).permutation(int(num_rows))
+    return np.sort(perm[: num_rows // 2] if half == 0 else perm[num_rows // 2:])
+
+
+def cosine_logits(features: jax.Array, kernel: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """cos θ_bj between feature row b and class column j of `kernel` (d, classes); a zero row or column
+    gives 0."""
+    f = features * jax.lax.rsqrt(jnp.maximum(jnp.sum(features * features, -1, keepdims=True), eps))
+    w = kernel * jax.lax.rsqrt(jnp.maximum(jnp.sum(kernel * kernel, 0, keepdims=True), eps))
+    return jnp.matmul(f, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def cosine_margin_loss(features: jax.Array, kernel: jax.Array, labels: jax.Array, scale: float = COSINE_SCALE,
+                       margin: float = COSINE_MARGIN) -> jax.Array:
+    """CosFace's large-margin cosine loss, the mean over the batch of the cross-entropy of the logits
+    s · (cos θ_j − m · [j = y]): the true class must win by a cosine margin m."""
+    cos = cosine_logits(features, kernel)
+    logits = scale * (cos - margin * jax.nn.one_hot(labels, kernel.shape[-1], dtype=cos.dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _classifier_path(module, variables, sample) -> tuple[str, ...]:
+    """The params path of the classifier: the one 2-D kernel of shape (pre_logits width, classes)."""
+    out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, sample)
+    shape = (out["pre_logits"].shape[-1], out["logits"].shape[-1])
+    paths = [tuple(str(getattr(k, "key", k)) for k in path[:-1])
+             for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+             if str(getattr(path[-1], "key", "")) == "kernel" and tuple(np.shape(leaf)) == shape]
+    if len(paths) != 1:
+        raise ValueError(f"zoo: expected one classifier kernel of shape {shape}, found {len(paths)}: {paths}")
+    return paths[0]
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def cosine_head(variables, path: tuple[str, ...]) -> dict:
+    """`variables` with the classifier at `path` in its inference form: unit-length class columns, zero
+    bias. Its logits x Ŵ = ‖x‖ cos θ rank the classes as the cosine classifier does (top-1, top-5)."""
+    def replace(tree, depth):
+        tree = dict(tree)
+        if depth == len(path):
+            kernel = np.asarray(tree["kernel"], np.float64)
+            norm = np.sqrt(np.sum(kernel * kernel, axis=0, keepdims=True))
+            tree["kernel"] = (kernel / np.maximum(norm, 1e-30)).astype(np.asarray(tree["kernel"]).dtype)
+            tree["bias"] = np.zeros_like(np.asarray(tree["bias"]))
+            return tree
+        tree[path[depth]] = replace(tree[path[depth]], depth + 1)
+        return tree
+
+    return {**variables, "params": replace(variables["params"], 0)}
+
+
 def default_cache_dir() -> str:
     return os.environ.get("EMBJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "embjax"))
 
 
-def cache_key(name: str, cfg: train_lib.TrainConfig, dataset: str, num_train: int) -> str:
+def cache_key(name: str, cfg: train_lib.TrainConfig, dataset: str, num_train: int, variant: str = "") -> str:
     fields = dataclasses.asdict(cfg)
     key = dict(name=name, cfg={k: fields[k] for k in _KEY_FIELDS}, dataset=dataset, n=num_train,
                version=TRAINING_VERSION)
+    if variant:  # absent for the standard training: its keys stay those of every model cached before
+        key["variant"] = {"name": variant, **_variant(variant).key()}
     defaults = dataclasses.asdict(train_config())
     extra = {k: v for k, v in fields.items()
              if k not in _KEY_FIELDS + _NO_WEIGHT_EFFECT and v != defaults[k]}
@@ -103,24 +209,59 @@ def classifier_loss(module, preprocess: Callable[[jax.Array], jax.Array]) -> Cal
     return loss_fn
 
 
+def cosine_classifier_loss(module, preprocess: Callable[[jax.Array], jax.Array], path: tuple[str, ...]) -> Callable:
+    """`classifier_loss` with CosFace's loss on the pre-logit features and the classifier kernel at `path`
+    (its bias unused); the training accuracy is the cosine classifier's."""
+
+    def loss_fn(params, batch_stats, batch, rng):
+        del rng
+        out, updates = module.apply({"params": params, "batch_stats": batch_stats}, preprocess(batch["image"]),
+                                    train=True, mutable=["batch_stats"])
+        kernel, labels = _at(params, path)["kernel"], batch["label"]
+        loss = cosine_margin_loss(out["pre_logits"], kernel, labels)
+        pred = jnp.argmax(cosine_logits(out["pre_logits"], kernel), -1)
+        return loss, (updates["batch_stats"], {"train acc": jnp.mean(pred == labels)})
+
+    return loss_fn
+
+
 def train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.TrainConfig,
           log: Callable[[str], None] = print, workdir: str | None = None) -> Any:
     """Train one zoo model from scratch with embjax.train.fit on one device (the zoo's weights do not
     depend on how many devices a run has); returns its variables ({"params", "batch_stats"}) as NumPy
-    arrays. With `workdir` the training checkpoints there and a rerun resumes it."""
+    arrays. With `workdir` the training checkpoints there and a rerun resumes it. The loss is the
+    variant's (`spec.zoo_variant`; the rows are the caller's)."""
     if len(images) == 0:
         raise ValueError(f"no training images for zoo model {spec.name}")
+    variant = _variant(getattr(spec, "zoo_variant", ""))
     module = spec.build()
     sample = spec.preprocess(jnp.asarray(images[:2]))
     variables = numpy_init(module, sample, cfg.seed)
+    if variant.loss == "cosine":
+        path = _classifier_path(module, variables, sample)
+        loss = cosine_classifier_loss(module, spec.preprocess, path)
+    else:
+        loss = classifier_loss(module, spec.preprocess)
 
     def get_batch(idx):
         return {"image": images[idx], "label": labels[idx]}
 
     mesh = sharding.make_mesh(jax.local_devices()[:1])
-    return train_lib.fit(classifier_loss(module, spec.preprocess), variables, get_batch, len(images), cfg,
-                         workdir=workdir, fingerprint={"zoo": spec.name}, name=f"zoo {spec.name}",
-                         mesh=mesh, log=log)
+    trained = train_lib.fit(loss, variables, get_batch, len(images), cfg, workdir=workdir,
+                            fingerprint={"zoo": spec.name}, name=f"zoo {spec.name}", mesh=mesh, log=log)
+    return cosine_head(trained, path) if variant.loss == "cosine" else trained
+
+
+def training_rows(images: np.ndarray, labels: np.ndarray, variant: str, limit: int):
+    """The rows a zoo model trains on: the variant's half (if any) of the given rows, then the first
+    `limit` of them (0: all)."""
+    half = _variant(variant).half
+    if half is not None:
+        rows = half_rows(len(images), half)
+        images, labels = images[rows], labels[rows]
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
 
 
 def load_or_train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.TrainConfig, *, dataset: str,
@@ -128,10 +269,10 @@ def load_or_train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.T
     """The cached variables of a zoo model, training and caching them when absent."""
     from embjax.weights import store
 
-    if cfg.limit:
-        images, labels = images[:cfg.limit], labels[:cfg.limit]
+    variant = getattr(spec, "zoo_variant", "")
+    images, labels = training_rows(images, labels, variant, cfg.limit)
     cache_dir = cache_dir or default_cache_dir()
-    key = cache_key(spec.name, cfg, dataset, len(images))
+    key = cache_key(spec.name, cfg, dataset, len(images), variant)
     path = os.path.join(cache_dir, "zoo", key)
     if os.path.isdir(path):
         log(f"[zoo] {spec.name}: reusing {path}")

@@ -211,15 +211,16 @@ def results(config, names, dims, num_fit, fit_statistics, ev, seconds) -> dict:
 
 
 def write_report(run_dir: str, results: dict):
-    from embjax import affine_report
+    """The affine report, and for zoo models trained apart (zoo_apart) the pairs grouped by what differs."""
+    from embjax import affine_report, apart_report
 
-    return affine_report.write(run_dir, results)
+    return {**affine_report.write(run_dir, results), **apart_report.write(run_dir, results)}
 
 
 def summary(results: dict) -> str:
-    from embjax import affine_report
+    from embjax import affine_report, apart_report
 
-    return affine_report.summary_text(results)
+    return "\n".join(filter(None, (affine_report.summary_text(results), apart_report.summary_text(results))))
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def model_names(v: str) -> list[str]:
 def _registry_names() -> set[str]:
     from embjax.models import registry
 
-    return set(registry.names())
+    return set(registry.names()) | set(registry.variant_names())
 
 
 # ---------------------------------------------------------------------------------------------------

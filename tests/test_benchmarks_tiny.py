@@ -42,5 +42,5 @@ def test_memory_plan_compiles_the_canonical_solves_at_a_toy_size():
     out = _run("benchmarks/memory_plan.py", "--devices", "1", "--batch", "8", "--widths", "64,96,128",
                "--canonical", "16", "--only-canonical")
     rows = [line for line in out.splitlines() if line.startswith("| GCCA") or line.startswith("| Procrustes")]
-    assert len(rows) == 6, out
+    assert len(rows) == 7, out
     assert all(line.rstrip().endswith("GiB |") for line in rows), rows

@@ -12,11 +12,12 @@ embjax.weights.formats'; preprocessing is `ModelSpec.preprocess` (embjax.models.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
 from embjax.models.convert.framework import check_shapes
-from embjax.models.specs import ModelSpec
+from embjax.models.specs import ZOO_VARIANTS, ModelSpec
 from embjax.models.specs import efficientnet, inception, inception_slim, iresnet, mobilenet, nasnet, resnet, vgg
 from embjax.weights import formats
 from embjax.weights.formats import WeightFormatError, file_kind
@@ -49,16 +50,29 @@ _SPECS: Mapping[str, ModelSpec] = _index()
 
 
 def names() -> list[str]:
-    """Every registered model name."""
+    """Every registered model name (the zoo's variants trained apart are `variant_names()`)."""
     return list(_SPECS)
 
 
+def variant_names() -> list[str]:
+    """`<zoo model>_<variant>` for every zoo model and every variant of ZOO_VARIANTS: the same module
+    and preprocessing as the zoo model, trained apart (embjax.zoo.VARIANTS)."""
+    return [f"{n}_{v}" for n in _SPECS if n.startswith("zoo_") for v in ZOO_VARIANTS]
+
+
 def get(name: str) -> ModelSpec:
-    """The spec of `name`; UnknownModelError (a KeyError) listing the known names otherwise."""
+    """The spec of `name` (a zoo variant's is its zoo model's under its own name, with `zoo_variant`
+    set); UnknownModelError (a KeyError) listing the known names otherwise."""
     try:
         return _SPECS[name]
     except (KeyError, TypeError):
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(_SPECS)}") from None
+        pass
+    for variant in ZOO_VARIANTS:
+        base = name[: -len(variant) - 1] if name.endswith(f"_{variant}") else ""
+        if base.startswith("zoo_") and base in _SPECS:
+            return dataclasses.replace(_SPECS[base], name=name, zoo_variant=variant)
+    raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(_SPECS)} (and the zoo models "
+                            f"trained apart: <zoo model>_{{{','.join(ZOO_VARIANTS)}}})")
 
 
 def check_variables(name: str, variables: Mapping) -> dict:
@@ -139,4 +153,5 @@ def imagenet_logits(spec: ModelSpec, logits):
 
 
 __all__ = ["ModelSpec", "FAMILIES", "imagenet_logits", "UnknownModelError", "WeightsUnavailableError",
-           "WeightFormatError", "names", "get", "load_weights", "load_pretrained", "check_variables", "file_kind"]
+           "WeightFormatError", "names", "variant_names", "get", "load_weights", "load_pretrained", "check_variables",
+           "file_kind"]

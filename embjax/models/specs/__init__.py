@@ -46,6 +46,13 @@ ZOO = dict(
     antialias=True,
     weight_source="zoo: trained by embjax on Fashion-MNIST",
 )
+# Zoo models trained apart (thesis §6.1): registry name `<zoo model>_<variant>` is the zoo model trained
+# the standard way but for one thing; embjax.zoo.VARIANTS says how each trains (and keys its cache).
+ZOO_VARIANTS = {
+    "cosine": "a cosine-softmax classifier with an additive margin (CosFace): normalized features and classes",
+    "half_a": "trained on half A of the training images (a fixed seeded split; embjax.zoo.half_rows)",
+    "half_b": "trained on half B, disjoint from half A",
+}
 TF_FORMATS = ("tf_checkpoint", "tf_saved_model")  # TF-Slim checkpoints and TF-Hub SavedModels
 TORCH_FORMATS = ("torch", "safetensors")
 SLIM_ZOO = "TF-Slim model zoo / TF-Hub (docs/thesis_weights.md)"
@@ -85,6 +92,8 @@ class ModelSpec:
     # TF-Slim heads: logit 0 is "background" and logits 1..1000 are the ImageNet classes (1001 in all);
     # `imagenet_logits` drops it so every head is scored on the same 1000 classes.
     background_class: bool = False
+    # A zoo model trained apart: one of ZOO_VARIANTS ("" for the standard zoo training).
+    zoo_variant: str = ""
 
     def preprocess(self, images) -> jax.Array:
         """uint8 (B, H, W, 1 or 3) pixels -> float32 (B, input_size, input_size, in_channels) for the module."""
@@ -131,5 +140,5 @@ def builder(factory: Callable[..., Any], **fixed) -> Callable[..., Any]:
     return build
 
 
-__all__ = ["ModelSpec", "builder", "KERAS_TF", "KERAS_CAFFE", "VGG_RGB", "IMAGENET_CROP", "ZOO", "TF_FORMATS",
-           "TORCH_FORMATS", "SLIM_ZOO", "LUMINANCE"]
+__all__ = ["ModelSpec", "builder", "KERAS_TF", "KERAS_CAFFE", "VGG_RGB", "IMAGENET_CROP", "ZOO", "ZOO_VARIANTS",
+           "TF_FORMATS", "TORCH_FORMATS", "SLIM_ZOO", "LUMINANCE"]
