@@ -17,10 +17,12 @@ from experiments.configs import base as base_config
 
 
 def _train(epochs: int, batch_size: int, learning_rate: float, seed: int) -> ml_collections.ConfigDict:
-    # Fields of embjax.train.TrainConfig.
+    # Fields of embjax.train.TrainConfig. xla_cpu_defaults: compile the training step with XLA's default CPU
+    # options (as the zoo does) rather than the engine's, which benchmarks/RESULTS.md measured faster for
+    # forward passes; for training steps the defaults were faster (docs/backward_compatible.md).
     return ml_collections.ConfigDict(dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                           weight_decay=1e-4, warmup_steps=100, seed=seed,
-                                          checkpoint_every=100, log_seconds=15.0))
+                                          checkpoint_every=100, log_seconds=15.0, xla_cpu_defaults=False))
 
 
 def study_base() -> ml_collections.ConfigDict:
@@ -58,6 +60,15 @@ def study_base() -> ml_collections.ConfigDict:
     c.maps = ml_collections.ConfigDict()
     c.maps.ridge = 0.0  # relative ridge of the affine maps (embjax.maps.affine)
     c.maps.fit_samples = 0  # new-training images the post-hoc maps are fit on (0 = all)
+    # Learned old→new maps (issue 28; FCT, Ramanujan et al. 2022, learns the old→new transformation): the
+    # old gallery mapped into the new space by a map trained by gradient descent on the fit set's embeddings,
+    # started at the closed-form affine old→new map: "learned" (linear) and "learned_mlp" (plus one hidden
+    # ReLU layer of width `hidden`, FCT's kind of transformation). loss "regression" (‖h(φ_old) − φ_new‖²,
+    # FCT's objective without side information) or "task" (the frozen head of the independent new model,
+    # with the fit set's labels). The training settings are the affine study's for its learned maps.
+    c.learned = ml_collections.ConfigDict(dict(families=("learned", "learned_mlp"), loss="regression", hidden=256,
+                                               rank=0, epochs=3, batch_size=512, learning_rate=1e-3,
+                                               weight_decay=0.0, seed=0))
 
     c.retrieval_metric = "cosine"  # "cosine" or "l2"
     return c
@@ -79,6 +90,8 @@ def fashion_mnist() -> ml_collections.ConfigDict:
     c.old_train.epochs = 1
     c.old_train.batch_size = 512
     c.new_train.epochs = 1
+    c.new_model = "zoo_resnet_v2"
+    c.new_train.xla_cpu_defaults = True
     c.maps.fit_samples = 20000
     c.eval_split = "test"
     return c
