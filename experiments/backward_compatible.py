@@ -87,6 +87,7 @@ def run(config, workdir: str):
     new_rows, old_rows = bct.training_rows(
         data.labels_of(train_src), held_out=config.held_out_classes, old_data=config.old_data,
         old_classes=config.old_classes, old_fraction=config.old_fraction, seed=config.old_train.seed)
+    old_rows = old_rows[:config.old_train.get("limit", 0) or None]  # TrainConfig.limit: its first rows only
     new_src = data.Subset(train_src, new_rows, f"{config.train_split} (new training set)")
     old_src = data.Subset(train_src, old_rows, f"{config.train_split} (old training set)")
     print(f"[study] old model {config.old_model} on {len(old_rows)} images, new model {config.new_model} on "
