@@ -19,11 +19,13 @@ from experiments.configs import backward_compatible as configs
 TINY = dict(train_split="train[:640]", eval_split="test[:200]", batch_size=64, checkpoint_every=4)
 
 
-def tiny_config():
+def tiny_config(checkpoint_every: int = 4):
+    """The tiny run; the in-process one checkpoints only at the end of each training and pass (nothing
+    resumes in it: the kill test, with checkpoints every 4 steps, runs the same config from the command line)."""
     c = configs.get_config("fashion_mnist")
-    c.update(TINY)
+    c.update(dict(TINY, checkpoint_every=checkpoint_every))
     for t in (c.old_train, c.new_train):
-        t.update(dict(epochs=1, batch_size=64, warmup_steps=2, checkpoint_every=4, log_seconds=0.0))
+        t.update(dict(epochs=1, batch_size=64, warmup_steps=2, checkpoint_every=checkpoint_every, log_seconds=0.0))
     c.maps.fit_samples = 400
     return c
 
@@ -123,7 +125,7 @@ def test_learned_maps_against_the_closed_form_on_a_planted_map():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bct_study")
-    results, engine = study.run(tiny_config(), str(work / "state"))
+    results, engine = study.run(tiny_config(checkpoint_every=1000), str(work / "state"))
     run_dir = str(work / "report")
     study.write_report(run_dir, results)
     engine.finish()  # keeps the feature stores
@@ -214,7 +216,7 @@ def test_study_killed_mid_training_resumes_to_same_numbers(tmp_path):
     steps = runner.checkpoints(train_dir)
     assert steps, "no checkpoint of the BCT training after step 5"
     resumed = runner.run(cmd(tmp_path / "run"))
-    assert f"[train bct (zoo_inception)] resuming from step {steps[0]}/" in resumed.stdout, resumed.stdout
+    assert f"[train bct (zoo_resnet_v2)] resuming from step {steps[0]}/" in resumed.stdout, resumed.stdout
     assert "reusing the finished run" in resumed.stdout  # the old and independent models are not retrained
     assert results_of(tmp_path / "run") == results_of(tmp_path / "ref")
     assert np.isfinite(results_of(tmp_path / "ref")[0]["bct"]["new/old"]["top1"])
