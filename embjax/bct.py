@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from embjax import maps, stats
+from embjax import learned_maps, maps, stats
 from embjax.accumulator import Accumulator
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -227,6 +227,61 @@ def orthogonal_map(state: stats.Stats, src: int, dst: int, *, scale: bool = True
     return w, b
 
 
+def learned_map(x, y, labels, affine, family: str, *, head=None, loss: str = "regression", hidden: int = 256,
+                rank: int = 0, epochs: int = 3, batch_size: int = 512, learning_rate: float = 1e-3,
+                weight_decay: float = 0.0, seed: int = 0) -> tuple[dict, dict]:
+    """A map x → y trained by gradient descent (embjax.learned_maps) from the closed-form `affine` = (W, b):
+    family "learned" (linear; rank > 0 factors W) or "learned_mlp" (plus one hidden ReLU layer of width
+    `hidden`, its second layer starting at zero). loss "regression" (‖f(x) − y‖², FCT's objective) or
+    "task" (cross-entropy of the frozen target `head` = (kernel, bias) on f(x) against `labels`).
+    Returns (params, {"seconds", "loss": per-epoch means, "fit_loss_before", "fit_loss_after": the loss
+    on all of x at the closed form and after training})."""
+    w, b = (jnp.asarray(a, jnp.float32) for a in affine)
+    r = min(rank, *w.shape) if rank > 0 else None
+    if family == "learned":
+        params = learned_maps.init_linear(w, b, r)
+    elif family == "learned_mlp":
+        params = learned_maps.init_mlp(w, b, hidden, jax.random.key(seed), r)
+    else:
+        raise ValueError(f"bct.learned_map: family must be 'learned' or 'learned_mlp', got {family!r}")
+    x = jnp.asarray(x, jnp.float32)
+    y = None if y is None else jnp.asarray(y, jnp.float32)
+    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+    objective = learned_maps.LOSSES[loss] if loss in learned_maps.LOSSES else None
+    if objective is None:
+        raise ValueError(f"bct.learned_map: loss must be one of {sorted(learned_maps.LOSSES)}, got {loss!r}")
+    before = float(objective(params, x, y, head, labels))
+    params, meta = learned_maps.fit(params, x, y, loss=loss, head=head, labels=labels, epochs=epochs,
+                                    batch_size=batch_size, learning_rate=learning_rate,
+                                    weight_decay=weight_decay, seed=seed)
+    return params, {"seconds": float(meta["seconds"]), "loss": [float(v) for v in meta["loss"]],
+                    "fit_loss_before": before, "fit_loss_after": float(objective(params, x, y, head, labels))}
+
+
+def apply_map(m, x: jax.Array) -> jax.Array:
+    """A post-hoc map applied to rows x: a closed-form (W, b) or learned parameters (embjax.learned_maps)."""
+    return learned_maps.apply(m, x) if isinstance(m, dict) else maps.apply(x, m)
+
+
+def r2_score(prediction, target) -> float:
+    """1 − Σ‖target − prediction‖² / Σ‖target − mean(target)‖², in float64 NumPy."""
+    t, p = np.asarray(target, np.float64), np.asarray(prediction, np.float64)
+    return float(1.0 - np.sum((t - p) ** 2) / np.sum((t - t.mean(axis=0)) ** 2))
+
+
+def eval_embeddings(outputs, batch, posthoc, *, roles, d_old) -> dict:
+    """The eval pass's stored entries: every model's embedding, each new one cut / padded to the old
+    width (the paper's rule), and the post-hoc maps' images: "independent/<map>" for maps named
+    *_new_to_old (the independent model's queries mapped), "old/<map>" for the others (the old gallery)."""
+    x = {r: outputs[r]["pre_logits"] for r in roles}
+    out = {f"{r}/pre_logits": v for r, v in x.items()}
+    out.update({f"{r}/as_old": fit_width(x[r], d_old) for r in roles if r != "old"})
+    for name, m in posthoc.items():
+        src = "independent" if name.endswith("new_to_old") else "old"
+        out[f"{src}/{name}"] = apply_map(m, x[src])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Loss functions for embjax.train.fit
 
@@ -346,6 +401,21 @@ def influence_diagnostics(influence, old_emb, labels, old_classes) -> dict:
         if rows.any():
             out[group] = {"accuracy": float(right[rows].mean()), "cross_entropy": float(ce[rows].mean())}
     return out
+
+
+def influence_variants(old_head, variants: dict, old_classes, new_classes, class_means, num_labels: int,
+                       old_emb, labels, log=lambda line: print(line, flush=True)) -> tuple[dict, dict]:
+    """One influence classifier per entry of `variants` ({role: normalization of the synthesized columns})
+    from the old head and the per-label mean old embeddings, and how each scores the old model's own
+    embeddings `old_emb` (labels `labels`): ({role: (kernel, bias, label_to_column)}, {role: diagnostics})."""
+    influences, diagnostics = {}, {}
+    for role, norm in variants.items():
+        influences[role] = influence_classifier(
+            old_head[0], old_head[1], old_classes, num_labels=num_labels, new_classes=new_classes,
+            new_class_means=np.asarray(class_means)[list(new_classes)], normalize=norm)
+        diagnostics[role] = influence_diagnostics(influences[role], old_emb, labels, old_classes)
+        log(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
+    return influences, diagnostics
 
 
 def retrieval_cells(spaces: dict, labels: np.ndarray, groups: dict, metric: str = "cosine", threads: int = 2,

@@ -22,7 +22,13 @@ METHODS = {
     "orthogonal new→old": ("independent", "orthogonal_new_to_old"),
     "affine old→new": ("independent", "affine_old_to_new"),
     "orthogonal old→new": ("independent", "orthogonal_old_to_new"),
+    "learned old→new": ("independent", "learned_old_to_new"),
+    "learned MLP old→new": ("independent", "learned_mlp_old_to_new"),
 }
+# The post-hoc maps by direction: new→old maps each query into the old space, old→new the gallery once.
+NEW_TO_OLD = ("affine_new_to_old", "orthogonal_new_to_old")
+OLD_TO_NEW = ("affine_old_to_new", "orthogonal_old_to_new")
+LEARNED = {"learned": "learned old→new", "learned_mlp": "learned MLP old→new"}  # config.learned.families
 METHOD_NOTES = {
     "independent": "new model trained alone; new/old feeds its embedding, cut/zero-padded, to the old gallery",
     "bct": "new model trained with the influence loss through the old classifier (Shen et al.); new classes' "
@@ -34,6 +40,10 @@ METHOD_NOTES = {
     "orthogonal new→old": "independent new model; queries mapped into the old space by a scaled partial isometry",
     "affine old→new": "independent new model; the old gallery mapped once into the new space by least squares",
     "orthogonal old→new": "independent new model; the old gallery mapped once by a scaled isometry",
+    "learned old→new": "independent new model; the old gallery mapped by a linear map trained by gradient descent "
+                       "from the affine old→new map (embjax.learned_maps, config.learned.loss) on the fit set",
+    "learned MLP old→new": "the same with one hidden ReLU layer added (FCT's form of transformation), its second "
+                           "layer starting at zero, so it starts as the affine old→new map",
 }
 METRICS = (("top1", "top-1"), ("top5", "top-5"), ("map", "mAP"))
 # Published figures (leave-one-out retrieval, %) to place ours beside: {setting: top-1} or, where the
@@ -55,6 +65,31 @@ PUBLISHED = [
 ]
 
 
+def methods(compare_unnormalized: bool, learned_families=()) -> dict:
+    """A run's methods (of METHODS): the unnormalized BCT variant only if asked for, the learned maps of
+    `learned_families` (keys of LEARNED)."""
+    unknown = sorted(set(learned_families) - set(LEARNED))
+    if unknown:
+        raise ValueError(f"config.learned.families: unknown {unknown}; choose from {', '.join(LEARNED)}")
+    drop = {LEARNED[f] for f in LEARNED if f not in learned_families}
+    if not compare_unnormalized:
+        drop.add("bct, unnormalized columns")
+    return {m: v for m, v in METHODS.items() if m not in drop}
+
+
+def space_entries(roles, old_to_new=OLD_TO_NEW) -> dict:
+    """{(query space, gallery space): (query store entry, gallery store entry)} of every retrieval setting
+    of the trained `roles` and the post-hoc maps (NEW_TO_OLD maps the independent model's queries,
+    `old_to_new` the old gallery), as the eval pass stores them (embjax.bct.eval_embeddings)."""
+    out = {("old", "old"): ("old/pre_logits", "old/pre_logits")}
+    for role in [r for r in roles if r != "old"]:
+        out[(role, role)] = (f"{role}/pre_logits", f"{role}/pre_logits")
+        out[(role, "old")] = (f"{role}/as_old", "old/pre_logits")
+    out.update({(k, "old"): (f"independent/{k}", "old/pre_logits") for k in NEW_TO_OLD})
+    out.update({("independent", k): ("independent/pre_logits", f"old/{k}") for k in old_to_new})
+    return out
+
+
 def pair_of(methods: dict, method: str, setting: str) -> tuple[str, str]:
     """(query space, gallery space) of `method` in `setting`: spaces are trained roles ("old",
     "independent", "bct", ...) or post-hoc maps ("affine_new_to_old" maps the queries, "..._old_to_new"
@@ -70,9 +105,12 @@ def pair_of(methods: dict, method: str, setting: str) -> tuple[str, str]:
 
 
 def results(config: dict, methods: dict, cells: dict, groups: dict, *, old_classes, new_classes,
-            num_train: dict, num_eval: int, map_r2: dict, seconds: dict, diagnostics: dict) -> dict:
+            num_train: dict, num_eval: int, map_r2: dict, seconds: dict, diagnostics: dict,
+            map_r2_held_out: dict | None = None, learned: dict | None = None) -> dict:
     """The study's results dict from its ranked cells ({group: {"query | gallery": {top1, top5, map}}},
-    embjax.bct.retrieval_cells)."""
+    embjax.bct.retrieval_cells). `map_r2`: each post-hoc map's R² on its fit set; `map_r2_held_out`: on
+    the evaluation split; `learned`: the learned maps' training ({family: {"seconds", "loss"}}) and the
+    closed-form maps' solve time ("closed_form_seconds")."""
     tables = {g: {m: {s: {k: float(v) for k, v in cells[g][" | ".join(pair_of(methods, m, s))].items()}
                       for s in SETTINGS} for m in methods} for g in groups}
     main = tables["all classes"]
@@ -87,6 +125,8 @@ def results(config: dict, methods: dict, cells: dict, groups: dict, *, old_class
         "compatible_map": {m: bool(main[m]["new/old"]["map"] > main[m]["old/old"]["map"]) for m in methods},
         "cost_new_new": {m: {k: float(main[m]["new/new"][k] - base[k]) for k, _ in METRICS} for m in methods},
         "map_r2": map_r2,
+        "map_r2_held_out": dict(map_r2_held_out or {}),
+        "learned_maps": dict(learned or {}),
         "influence_classifier_on_old_embeddings": diagnostics,
         "models": {"old": config["old_model"], "new": config["new_model"]},
         "old_classes": list(old_classes), "new_classes": list(new_classes),
@@ -159,7 +199,16 @@ def _outro(r: dict) -> list[str]:
                    "\n".join(f"- {role}: " + "; ".join(f"{g}: accuracy {100 * v['accuracy']:.1f}%, cross-entropy "
                                                        f"{v['cross_entropy']:.2f}" for g, v in groups.items())
                              for role, groups in diag.items()))
-    out.append("Map fit R² (statistics of the fit set): " + ", ".join(f"{k} {v:.3f}" for k, v in r["map_r2"].items()))
+    out.append("Map R² on the fit set: " + ", ".join(f"{k} {v:.3f}" for k, v in r["map_r2"].items()))
+    if r.get("map_r2_held_out"):
+        out.append("Map R² on the evaluation split (held out): " +
+                   ", ".join(f"{k} {v:.3f}" for k, v in r["map_r2_held_out"].items()))
+    learned = r.get("learned_maps") or {}
+    if learned.get("families"):
+        out.append(f"Learned maps ({learned.get('loss')} loss): " + "; ".join(
+            f"{f} trained in {v['seconds']:.2f} s, loss {v['loss'][0]:.4g} → {v['loss'][-1]:.4g} over "
+            f"{len(v['loss'])} epochs" for f, v in learned["families"].items()) +
+            f"; the closed-form maps were solved in {learned['closed_form_seconds']:.3f} s from the statistics")
     return out
 
 

@@ -14,6 +14,8 @@ model did: M(new, old) > M(old, old) (the paper's criterion, top-1 of leave-one-
      old classifier (embjax.bct), and with L2 regression onto the old embeddings;
   4. pass "fit_maps": joint statistics of old and independent-new embeddings, from which the post-hoc maps
      are solved without labels: affine and orthogonal, new→old (queries mapped) and old→new (gallery mapped);
+     the pass keeps both embeddings, on which learned old→new maps (config.learned.families: linear and
+     one-hidden-layer MLP, FCT's kind of transformation) train from the affine old→new map;
   5. pass "eval": every embedding the retrieval compares, native and mapped, into the store; then
      leave-one-out retrieval (CMC top-1, top-5, mAP over the full ranking) for old/old, new/new and new/old
      of every method, over all evaluation classes and each class group (embjax.bct.retrieval_cells);
@@ -31,13 +33,12 @@ from experiments import common
 
 
 def methods_for(config) -> dict:
-    """This run's methods (bct_report.METHODS): the unnormalized BCT variant only if asked for and distinct."""
-    from embjax.bct_report import METHODS
+    """This run's methods (bct_report.METHODS): the unnormalized BCT variant only if asked for and distinct,
+    the learned maps of config.learned.families."""
+    from embjax import bct_report
 
-    out = dict(METHODS)
-    if not config.bct.compare_unnormalized or config.bct.normalize in (None, "none"):
-        out.pop("bct, unnormalized columns")
-    return out
+    return bct_report.methods(config.bct.compare_unnormalized and config.bct.normalize not in (None, "none"),
+                              tuple(config.learned.families))
 
 
 TRAIN_SECONDS: dict[str, float] = {}  # wall seconds of each training here (a finished one reused: its restore)
@@ -86,6 +87,7 @@ def run(config, workdir: str):
     new_rows, old_rows = bct.training_rows(
         data.labels_of(train_src), held_out=config.held_out_classes, old_data=config.old_data,
         old_classes=config.old_classes, old_fraction=config.old_fraction, seed=config.old_train.seed)
+    old_rows = old_rows[:config.old_train.get("limit", 0) or None]  # TrainConfig.limit: its first rows only
     new_src = data.Subset(train_src, new_rows, f"{config.train_split} (new training set)")
     old_src = data.Subset(train_src, old_rows, f"{config.train_split} (old training set)")
     print(f"[study] old model {config.old_model} on {len(old_rows)} images, new model {config.new_model} on "
@@ -100,28 +102,38 @@ def run(config, workdir: str):
                                                            config.old_train, fingerprint=old_fp))
     e1 = common.engine(config, workdir, [old])
     old_classes, new_classes, means, old_emb, new_labels = old_features(config, e1, old, new_src)
-    variants, influences, diagnostics = influence_classifiers(config, old, normalize, old_classes, new_classes, means,
-                                                             old_emb, new_labels)
+    # One BCT model per normalization of the synthesized columns (and the paper's literal rule, if asked for).
+    variants = {"bct": normalize, **({"bct_unnormalized": None} if "bct, unnormalized columns" in methods_for(config)
+                                     else {})}
+    influences, diagnostics = bct.influence_variants(old.head, variants, old_classes, new_classes, means,
+                                                     int(config.num_classes), old_emb, new_labels)
     trained = train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp)
     e2 = common.engine(config, workdir, [old, *(members.make_member(k, new_spec, v) for k, v in trained.items())])
-    posthoc, map_r2, num_fit = posthoc_maps(config, e2, new_src, old.feature_dim, new_spec.feature_dim)
+    posthoc, map_r2, num_fit, closed_form_seconds = posthoc_maps(config, e2, new_src, old.feature_dim,
+                                                                 new_spec.feature_dim)
+    new_head = next(m.head for m in e2.members if m.name == "independent")
+    learned, learned_info, learned_r2 = learned_old_to_new(config, e2, posthoc["affine_old_to_new"], new_head)
+    posthoc, map_r2 = {**posthoc, **learned}, {**map_r2, **learned_r2}
 
     roles = [m.name for m in e2.members]
-    entries = space_entries(roles)
+    entries = bct_report.space_entries(roles, [k for k in posthoc if not k.endswith("new_to_old")])
     e2.run(extract.Pass(
         "eval", eval_src, config.eval_split, {r: ("pre_logits",) for r in roles}, dataset=config.dataset,
-        aux=posthoc, emit=functools.partial(eval_embeddings, roles=roles, d_old=old.feature_dim),
+        aux=posthoc, emit=functools.partial(bct.eval_embeddings, roles=roles, d_old=old.feature_dim),
         store={e: "float32" for pair in entries.values() for e in pair}))
     ev = e2.store("eval")
     spaces = {key: tuple(np.asarray(ev.array(e)) for e in pair) for key, pair in entries.items()}
     labels = np.asarray(ev.labels)
     groups = bct.class_groups(labels, old_classes, new_classes, config.held_out_classes)
     cells = e2.memo("retrieval_cells", lambda: bct.retrieval_cells(spaces, labels, groups, config.retrieval_metric))
+    held_out = {k: bct.r2_score(*(spaces[(k, "old")] if k.endswith("new_to_old") else
+                                  spaces[("independent", k)][::-1])) for k in posthoc}  # (mapped, target)
     out = bct_report.results(
         common.to_dict(config), methods_for(config), cells, groups, old_classes=old_classes,
         new_classes=new_classes, num_train={"old": len(old_rows), "new": len(new_rows), "map_fit": num_fit},
         num_eval=len(labels), map_r2=map_r2, seconds={**TRAIN_SECONDS, **e1.seconds, **e2.seconds},
-        diagnostics=diagnostics)
+        diagnostics=diagnostics, map_r2_held_out=held_out,
+        learned={"families": learned_info, "loss": config.learned.loss, "closed_form_seconds": closed_form_seconds})
     return out, e2
 
 
@@ -147,25 +159,6 @@ def old_features(config, engine, old, new_src):
     return old_classes, new_classes, np.asarray(bct.class_sums_compute(sums)), old_emb, labels
 
 
-def influence_classifiers(config, old, normalize, old_classes, new_classes, means, old_emb, new_labels):
-    """(variants {role: normalization}, influence classifiers {role: (kernel, bias)}, their diagnostics on
-    the old model's own embeddings)."""
-    from embjax import bct
-
-    # One BCT model per normalization of the synthesized columns (and the paper's literal rule, if asked for).
-    variants = {"bct": normalize}
-    if "bct, unnormalized columns" in methods_for(config):
-        variants["bct_unnormalized"] = None
-    influences, diagnostics = {}, {}
-    for role, norm in variants.items():
-        influences[role] = bct.influence_classifier(
-            old.head[0], old.head[1], old_classes, num_labels=int(config.num_classes), new_classes=new_classes,
-            new_class_means=means[new_classes], normalize=norm)
-        diagnostics[role] = bct.influence_diagnostics(influences[role], old_emb, new_labels, old_classes)
-        print(f"[study] influence classifier of {role} on the old model's own embeddings: {diagnostics[role]}")
-    return variants, influences, diagnostics
-
-
 def train_new_models(config, workdir, new_spec, new_src, variants, influences, old_emb, old_fp, new_fp) -> dict:
     """The new model trained independently, with BCT (one per influence-classifier variant) and with L2
     regression onto the old embeddings: {role: variables}."""
@@ -184,9 +177,12 @@ def train_new_models(config, workdir, new_spec, new_src, variants, influences, o
 
 def posthoc_maps(config, engine, new_src, d_old: int, d_new: int):
     """Pass "fit_maps": joint statistics of the old and the independent new embeddings over the new training
-    set (or config.maps.fit_samples of it), and the post-hoc maps solved from them without labels.
-    Returns (maps {name: (W, b)}, their R² on the fit set, the number of fit images)."""
-    from embjax import bct, data, extract, maps, stats
+    set (or config.maps.fit_samples of it), both embeddings kept in the store, and the post-hoc maps solved
+    from the statistics without labels. Returns (maps {name: (W, b)}, their R² on the fit set, the number
+    of fit images, the seconds the four solves took)."""
+    import jax
+
+    from embjax import bct, bct_report, data, extract, maps, stats
 
     fit_rows = np.arange(len(new_src))
     if config.maps.fit_samples and config.maps.fit_samples < len(new_src):
@@ -196,41 +192,44 @@ def posthoc_maps(config, engine, new_src, d_old: int, d_new: int):
     fit = engine.run(extract.Pass(
         "fit_maps", fit_src, fit_src.name, {"old": ("pre_logits",), "independent": ("pre_logits",)},
         dataset=config.dataset, accumulator=stats.accumulator(
-            (d_old, d_new), lambda out, batch, aux: [out["old"]["pre_logits"], out["independent"]["pre_logits"]])))
-    names = ["old", "independent"]
+            (d_old, d_new), lambda out, batch, aux: [out["old"]["pre_logits"], out["independent"]["pre_logits"]]),
+        store={"old/pre_logits": "float32", "independent/pre_logits": "float32"}))
+    names, t0 = ["old", "independent"], time.perf_counter()
     posthoc = {"affine_new_to_old": maps.affine(fit, 1, 0, config.maps.ridge, names=names),
                "orthogonal_new_to_old": bct.orthogonal_map(fit, 1, 0),
                "affine_old_to_new": maps.affine(fit, 0, 1, config.maps.ridge, names=names),
                "orthogonal_old_to_new": bct.orthogonal_map(fit, 0, 1)}
-    r2 = {k: float(stats.r2(fit, 1, 0, *wb) if k in NEW_TO_OLD else stats.r2(fit, 0, 1, *wb)) for k, wb in posthoc.items()}
-    return posthoc, r2, len(fit_rows)
+    jax.block_until_ready(posthoc)
+    seconds = time.perf_counter() - t0
+    r2 = {k: float(stats.r2(fit, 1, 0, *wb) if k in bct_report.NEW_TO_OLD else stats.r2(fit, 0, 1, *wb))
+          for k, wb in posthoc.items()}
+    return posthoc, r2, len(fit_rows), seconds
 
 
-NEW_TO_OLD, OLD_TO_NEW = ("affine_new_to_old", "orthogonal_new_to_old"), ("affine_old_to_new", "orthogonal_old_to_new")
+def learned_old_to_new(config, engine, affine, new_head):
+    """The learned old→new maps of config.learned.families (embjax.bct.learned_map), trained on the
+    embeddings pass "fit_maps" stored, each from the closed-form `affine` old→new map; one memo each, so a
+    resumed run reuses them. Returns ({name: params}, {family: training record}, {name: R² on the fit set})."""
+    from embjax import bct
 
-
-def space_entries(roles) -> dict:
-    """{(query space, gallery space): (query store entry, gallery store entry)} of every retrieval setting."""
-    out = {("old", "old"): ("old/pre_logits", "old/pre_logits")}
-    for role in [r for r in roles if r != "old"]:
-        out[(role, role)] = (f"{role}/pre_logits", f"{role}/pre_logits")
-        out[(role, "old")] = (f"{role}/as_old", "old/pre_logits")
-    out.update({(k, "old"): (f"independent/{k}", "old/pre_logits") for k in NEW_TO_OLD})
-    out.update({("independent", k): ("independent/pre_logits", f"old/{k}") for k in OLD_TO_NEW})
-    return out
-
-
-def eval_embeddings(outputs, batch, posthoc, *, roles, d_old) -> dict:
-    """The eval pass's stored entries: every model's embedding, each new one cut / padded to the old
-    width (the paper's rule), and the post-hoc maps' images."""
-    from embjax import bct, maps
-
-    x = {r: outputs[r]["pre_logits"] for r in roles}
-    out = {f"{r}/pre_logits": v for r, v in x.items()}
-    out.update({f"{r}/as_old": bct.fit_width(x[r], d_old) for r in roles if r != "old"})
-    out.update({f"independent/{k}": maps.apply(x["independent"], posthoc[k]) for k in NEW_TO_OLD})
-    out.update({f"old/{k}": maps.apply(x["old"], posthoc[k]) for k in OLD_TO_NEW})
-    return out
+    cfg = common.to_dict(config.learned)
+    families = tuple(cfg.pop("families"))
+    if not families:
+        return {}, {}, {}
+    store = engine.store("fit_maps")
+    x, y = (np.asarray(store.array(f"{m}/pre_logits")) for m in ("old", "independent"))
+    labels = np.asarray(store.labels)
+    params, info, r2 = {}, {}, {}
+    for family in families:
+        name = f"{family}_old_to_new"
+        value = engine.memo(name, lambda family=family: dict(zip(("params", "info"), bct.learned_map(
+            x, y, labels, affine, family, head=new_head, **cfg))))
+        params[name] = value["params"]
+        info[family] = {k: (float(v) if np.ndim(v) == 0 else [float(a) for a in v]) for k, v in value["info"].items()}
+        r2[name] = bct.r2_score(bct.apply_map(params[name], x), y)
+        engine.log(f"[learned] {family} old→new: {info[family]['seconds']:.2f} s; {cfg['loss']} loss on the fit set "
+                   f"{info[family]['fit_loss_before']:.4f} (closed form) → {info[family]['fit_loss_after']:.4f}")
+    return params, info, r2
 
 
 def write_report(run_dir: str, results: dict):

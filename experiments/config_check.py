@@ -278,10 +278,10 @@ FIELDS: dict[str, dict[str, Callable]] = {
         "old_fraction": Float(lo=0, hi=1, open_lo=True), "held_out_classes": Numbers(NONNEG, nonempty=False),
         **{f"{t}.{k}": v for t in ("old_train", "new_train")
            for k, v in {**TRAINING, "warmup_steps": NONNEG, "checkpoint_every": POSITIVE,
-                        "log_seconds": SECONDS}.items()},
+                        "log_seconds": SECONDS, "xla_cpu_defaults": Bool(), "limit": NONNEG}.items()},
         "bct.influence_weight": WEIGHT, "bct.normalize": Choice(("none", "unit", "old_norm")),
         "bct.compare_unnormalized": Bool(), "l2_weight": WEIGHT, "maps.ridge": WEIGHT, "maps.fit_samples": NONNEG,
-        "retrieval_metric": Choice(("cosine", "l2")),
+        "retrieval_metric": Choice(("cosine", "l2")), **LEARNED,
     },
     "canonical_space": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=2),
