@@ -47,17 +47,22 @@ def summary_table(r):
 
 def extra_notes(r) -> list[str]:
     """What the hub solves and the learned maps cost (seconds), beside the closed-form affine solve."""
-    lines = []
+    lines, seconds = [], r.get("meta", {}).get("map_seconds", {})
     hubs = r.get("hub_maps")
     if hubs:
-        lines.append(f"Hubs at ranks {hubs['ranks']} from the fit statistics; CPU seconds per solve (all ranks): "
-                     + ", ".join(f"{m} {s:.2f}" for m, s in hubs["cpu_seconds"].items()) + ".")
+        lines.append(f"Hubs ({', '.join(hubs['methods'])}) at ranks {hubs['ranks']} from the fit statistics"
+                     + ("; CPU seconds per method (all ranks): " + ", ".join(
+                         f"{m} {s:.2f}" for m, s in seconds["hub_solve_cpu"].items()) if "hub_solve_cpu" in seconds
+                        else "") + ".")
     learned = r.get("learned_maps")
     if learned:
-        lines.append(f"Learned maps ({learned['config']['loss']} loss, {learned['config']['epochs']} epochs on "
-                     f"{r['num_fit']} fit features, all pairs at once): "
-                     + ", ".join(f"{f} {v['seconds']:.1f} s" for f, v in learned["families"].items())
-                     + f" of training, against {learned['closed_form_seconds']:.2f} s for the closed-form affine maps.")
+        cfg = learned["config"]
+        line = (f"Learned maps ({', '.join(cfg['families'])}): {cfg['loss']} loss, {cfg['epochs']} epochs on the "
+                f"{r['num_fit']} fit features, every pair started at its affine map")
+        if "learned_training" in seconds:
+            line += ("; training " + ", ".join(f"{f} {s:.1f} s" for f, s in seconds["learned_training"].items())
+                     + f" against {seconds['closed_form_affine']:.2f} s for the closed-form affine maps")
+        lines.append(line + ".")
     return lines
 
 

@@ -110,9 +110,9 @@ def run(config, workdir: str):
                                                     index, metric_kw, ranks, rank_sweep))
     results = assemble(config, names, dims, fit, len(labels), {**grids, **extra_grids}, sim, curve, map_warnings)
     results["map_warnings"] += [str(w) for w in np.asarray(curve["fit_size"].get("warnings", []))]
-    results.update(extra_info)
     results["meta"] = {"seconds": dict(engine.seconds), "metric_seconds": dict(cells.METRIC_SECONDS),
-                       "store": engine.store_dir("eval")}
+                       "store": engine.store_dir("eval"), "map_seconds": extra_info.pop("seconds", {})}
+    results.update(extra_info)
     return results, engine
 
 
