@@ -4,10 +4,13 @@
 maps (embjax.maps) for every ordered pair i ≠ j, and the reduced-rank maps of a rank sweep, collecting
 the warnings the solves raise (ill-conditioned blocks get the smallest workable ridge and say so).
 `hub_families` solves canonical hubs (embjax.canonical: GCCA, generalized Procrustes) at given ranks and
-composes every pair's source → hub → target map, so a hub scores wherever a direct map does.
+composes every pair's source → hub → target map, so a hub scores wherever a direct map does;
+`hub_and_learned` gives the open-set study those and the learned maps (embjax.learned_maps, trained from
+the affine maps) as functions of its evaluation embeddings.
 Decompositions are the slow part on a CPU (a 1280² SVD took 40 s on a loaded 2-core machine), so each is
 done once: one SVD per unordered pair serves both Procrustes directions, and one eigendecomposition per
-ordered pair serves the reduced-rank family and the whole sweep. Pure: statistics in, arrays out.
+ordered pair serves the reduced-rank family and the whole sweep. Statistics in, arrays out (the learned
+maps also read the fit features).
 """
 
 from __future__ import annotations

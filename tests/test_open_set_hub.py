@@ -13,6 +13,8 @@ Then, at hub rank 3, every model's encoder recovers the same hub coordinates, so
 and at rank 2 (one latent direction lost) none of this holds, which shows the checks can fail.
 The hubs are solved from float64 statistics (the rank-deficient blocks' null eigenvalues are then
 1e-16 of the largest, far below the pseudo-inverse's cut); the metrics run in float32 as in the study.
+Both tests run in the whole tier (about 9 and 6 CPU-seconds); the everyday tier sees the hub families in
+tests/test_open_set.py's smoke run.
 """
 import jax
 import numpy as np
@@ -48,6 +50,7 @@ def _auc(x, labels):
     return roc_auc_score(same[upper], s[upper])
 
 
+@pytest.mark.slow  # 9 CPU s: compiling the float64 hub solves and the metric cells for five widths
 def test_hub_cells_on_a_planted_latent():
     rng = np.random.default_rng(3)
     z_fit, z_eval, _, labels, (fit, native) = _planted(rng)
