@@ -16,6 +16,7 @@ import functools
 import os
 import threading
 import time
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from embjax import head_maps, retrieval, verification
 
 CURVE_METRICS = ("recall_at_1", "map", "tar_at_far_0.01", "eer")
 SETTINGS = ("native", "mapped", "both_mapped", "naive")
+HUB = "hub"  # the setting of a shared space's families: both sides encoded into it (settings_grid)
 ROC_FARS = np.logspace(-5, 0, 60)  # where a cell's ROC is kept (results.json, the ROC figure)
 
 # Seconds spent ranking (leave-one-out retrieval) and scoring verification pairs in this process
@@ -113,16 +115,28 @@ def parallel_map(f, items, workers: int | None = None) -> list:
         return list(pool.map(f, items))
 
 
-def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, workers=None) -> dict:
-    """The open-set grid: {"setting|family": cells_to_arrays(grid)} for every setting of SETTINGS, family
-    and ordered pair (A, B) of the models (row A = queries, column B = gallery):
+def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, workers=None, settings=SETTINGS,
+                  encoded=None) -> dict:
+    """The open-set grid: {"setting|family": cells_to_arrays(grid)} for every setting, family and ordered
+    pair (A, B) of the models (row A = queries, column B = gallery); `settings` is a sequence of settings
+    for every family, or {family: settings}:
       native       B's own embedding on both sides;
       mapped       queries mapped A→B (`mapped(family, A, B)`; the diagonal is A's native embedding);
       both_mapped  A→C against B→C, averaged over C ∉ {A, B} (C = B with two models);
-      naive        A's embedding truncated / zero-padded to B's width (head_maps.naive) against B's native one.
+      naive        A's embedding truncated / zero-padded to B's width (head_maps.naive) against B's native one;
+      hub          A's embedding in a shared space against B's in the same space (`encoded(family, A)`, e.g.
+                   a canonical hub's encoder: embjax.canonical.encode); the diagonal is B against itself.
     Each distinct (queries, gallery) cell is computed once; verification, which counts every ordered pair
     in both directions, is the same for (X, Y) and (Y, X) and is computed once for the two."""
     n = len(native)
+    per_family = {f: tuple(settings[f] if isinstance(settings, Mapping) else settings) for f in families}
+    unknown = sorted({s for ss in per_family.values() for s in ss} - set(SETTINGS + (HUB,)))
+    if unknown:
+        raise ValueError(f"cells.settings_grid: unknown settings {unknown}; choose from {SETTINGS + (HUB,)}")
+    if set(families) & {"native", "naive", HUB}:
+        raise ValueError(f"cells.settings_grid: a map family may not be named native, naive or {HUB}")
+    if any(HUB in ss for ss in per_family.values()) and encoded is None:
+        raise ValueError(f"cells.settings_grid: the {HUB!r} setting needs `encoded(family, model)`")
 
     def naive(i, j):
         w, b = head_maps.naive(native[i].shape[1], native[j].shape[1])
@@ -130,6 +144,8 @@ def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, wor
 
     def emb(key):
         kind, *ij = key
+        if kind == HUB:
+            return encoded(*ij)
         return native[ij[0]] if kind == "native" else naive(*ij) if kind == "naive" else mapped(kind, *ij)
 
     def cell_keys(s, f, i, j):
@@ -139,9 +155,12 @@ def settings_grid(native, mapped, labels, index, pairs, families, metric_kw, wor
             return [(("naive", i, j), ("native", j))]
         if s == "mapped":
             return [((("native", i) if i == j else (f, i, j)), ("native", j))]
+        if s == HUB:
+            return [((HUB, f, i), (HUB, f, j))]
         return [((f, i, c), (f, j, c)) for c in ([c for c in range(n) if c not in (i, j)] or [j])]
 
-    spec = {(s, f): [[cell_keys(s, f, i, j) for j in range(n)] for i in range(n)] for s in SETTINGS for f in families}
+    spec = {(s, f): [[cell_keys(s, f, i, j) for j in range(n)] for i in range(n)]
+            for s in SETTINGS + (HUB,) for f in families if s in per_family[f]}
     distinct = list(dict.fromkeys(k for grid in spec.values() for row in grid for keys in row for k in keys))
     ver_keys = list(dict.fromkeys(tuple(sorted(k)) for k in distinct))
     t = time.perf_counter()

@@ -230,3 +230,26 @@ def _pairs_step(loss: str, learning_rate: float, weight_decay: float):
 
     pairs = jax.vmap(one, in_axes=(0, 0, None, None, None, None, 0, 0, None))
     return opt, jax.jit(pairs)
+
+
+def fit_families(feats, labels, heads, affine: dict, families, *, memo=None, log=None, **cfg) -> tuple[dict, dict]:
+    """`fit_pairs` for each family in `families` (keyword arguments `cfg` as fit_pairs takes them), each
+    through `memo(name, compute)` when given (the engine's memo: a resumed run reuses the trained maps).
+    Returns ({family: {(s, t): params}}, {family: {"seconds": training seconds, "final_loss": {(s, t):
+    last epoch's mean loss}}})."""
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"learned_maps.fit_families: unknown families {unknown}; choose from {FAMILIES}")
+    params, info = {}, {}
+    for family in families:
+        def train(family=family):
+            p, meta = fit_pairs(feats, labels, heads, affine, family, log=log, **cfg)
+            return {"params": {f"{s}_{t}": v for (s, t), v in p.items()}, "seconds": meta["seconds"],
+                    "final_loss": {f"{s}_{t}": v[-1] for (s, t), v in meta["loss"].items() if v}}
+
+        value = memo(f"learned_{family}", train) if memo is not None else train()
+        pair = lambda key: tuple(int(i) for i in key.split("_"))  # noqa: E731
+        params[family] = {pair(k): v for k, v in value["params"].items()}
+        info[family] = {"seconds": float(value["seconds"]),
+                        "final_loss": {pair(k): float(v) for k, v in value["final_loss"].items()}}
+    return params, info

@@ -262,6 +262,8 @@ FIELDS: dict[str, dict[str, Callable]] = {
         "query_block": POSITIVE, "cca_dims": NONNEG, "mutual_knn_k": POSITIVE,
         "curve_fit_sizes": Numbers(POSITIVE, nonempty=False), "curve_ranks": Numbers(POSITIVE, nonempty=False),
         "curve_families": Numbers(Choice(("affine", "ridge", "procrustes", "reduced_rank")), nonempty=False),
+        "hub_ranks": Numbers(POSITIVE, nonempty=False), "hub_methods": Numbers(Choice(("gcca", "procrustes"))),
+        "hub_ridge": WEIGHT, "procrustes_iters": POSITIVE, **LEARNED,
     },
     "full_network_embedding": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=1),

@@ -14,7 +14,10 @@ Passes on the engine (embjax.extract), then the metrics (embjax.cells):
   2. maps: every ordered pair A→B and family affine / ridge / procrustes / reduced_rank (embjax.maps);
   3. eval: native and mapped evaluation embeddings into the run's feature store (workdir/state/store/eval);
   4. the grid of settings × families × pairs (cells.settings_grid: native, mapped, both_mapped, naive),
-     similarity (embjax.similarity), the fit-size and rank curves, each memoized for a resumed run.
+     canonical hubs (GCCA, generalized Procrustes from the fit statistics: mapped A → hub → B, and both
+     sides matched inside the hub) and learned maps (trained on the fit features) in a grid of their own
+     (pair_maps.hub_and_learned), similarity (embjax.similarity), the fit-size and rank curves, each
+     memoized for a resumed run.
 Metrics (cosine): verification over every ordered pair of distinct evaluation samples, genuine when
 their labels agree (exact TAR at FAR, EER, ROC AUC), 10-fold accuracy over balanced disjoint pairs (LFW
 protocol); leave-one-out retrieval (Recall@k, mAP, MAP@R, R-precision). docs/open_set.md has the details.
@@ -55,8 +58,9 @@ def run(config, workdir: str):
     acc = {"all": stats.accumulator(dims, read)}
     if len(sizes) > 1:
         acc["prefixes"] = stats.prefix_accumulator(dims, read, sizes[:-1])
+    keep = {f"{m}/pre_logits": "float32" for m in names} if config.learned.families else {}  # learned maps' data
     fit_state = engine.run(extract.Pass("fit", fit_src, config.fit_split, features, dataset=config.dataset,
-                                        accumulator=acc))
+                                        accumulator=acc, store=keep))
     fit = fit_state["all"]
     by_size = (acc["prefixes"].compute(fit_state["prefixes"]) if len(sizes) > 1 else []) + [fit]
 
@@ -95,18 +99,41 @@ def run(config, workdir: str):
                      fars=config.fars)
     pairs = cells.kfold_pairs(labels, int(config.kfold_pairs_per_fold), int(config.kfold_seed))
 
-    # 4. The grid, similarity and the curves, each memoized so a resumed run does not recompute them.
+    # 4. The grids (direct; hub and learned), similarity and the curves, each memoized for a resumed run.
     grids = engine.memo("cells", lambda: cells.settings_grid(native, mapped, labels, index, pairs, FAMILIES,
                                                              metric_kw))
+    extra_grids, extra_info = hub_and_learned_grid(config, engine, fit, names, native, all_maps["affine"], labels,
+                                                   index, pairs, metric_kw)
     sim = engine.memo("similarity", functools.partial(similarity_matrices, config, fit, native,
                                                       all_maps["procrustes"]))
     curve = engine.memo("curves", functools.partial(curves, config, by_size, sizes, names, dims, native, labels,
                                                     index, metric_kw, ranks, rank_sweep))
-    results = assemble(config, names, dims, fit, len(labels), grids, sim, curve, map_warnings)
+    results = assemble(config, names, dims, fit, len(labels), {**grids, **extra_grids}, sim, curve, map_warnings)
     results["map_warnings"] += [str(w) for w in np.asarray(curve["fit_size"].get("warnings", []))]
     results["meta"] = {"seconds": dict(engine.seconds), "metric_seconds": dict(cells.METRIC_SECONDS),
-                       "store": engine.store_dir("eval")}
+                       "store": engine.store_dir("eval"), "map_seconds": extra_info.pop("seconds", {})}
+    results.update(extra_info)
     return results, engine
+
+
+def hub_and_learned_grid(config, engine, fit, names, native, affine, labels, index, pairs, metric_kw):
+    """The grid of the hub and learned families (embjax.pair_maps.hub_and_learned; memoized) and their
+    results entries: ({"setting|family": cells}, {"hub_maps": ..., "learned_maps": ...})."""
+    from embjax import cells, pair_maps
+
+    def fit_features():  # the learned maps' training data, stored by the fit pass
+        st = engine.store("fit")
+        return [np.asarray(st.array(f"{m}/pre_logits"), np.float32) for m in names], np.asarray(st.labels)
+
+    mapped, encoded, settings, info = pair_maps.hub_and_learned(
+        fit, native, affine, hub_ranks=config.hub_ranks, hub_methods=tuple(config.hub_methods),
+        hub_ridge=config.hub_ridge, procrustes_iters=config.procrustes_iters, learned=common.to_dict(config.learned),
+        fit_features=fit_features, heads=[m.head for m in engine.members], memo=engine.memo, log=engine.log)
+    if not settings:
+        return {}, info
+    return engine.memo("extra_cells", lambda: cells.settings_grid(
+        native, mapped, labels, index, pairs, tuple(settings), metric_kw, settings=settings,
+        encoded=lambda f, i: encoded[f][i])), info
 
 
 def _zoo_data(config, zoo_classes):
@@ -178,62 +205,16 @@ def assemble(config, names, dims, fit, num_eval, grids, sim, curve, map_warnings
             "map_warnings": list(map_warnings), "config": common.to_dict(config)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-
-
-def _mean_offdiag(m) -> float:
-    m = np.asarray(m, float)
-    return float(m[~np.eye(m.shape[0], dtype=bool)].mean()) if m.shape[0] > 1 else float(m[0, 0])
-
-
-def summary_table(r):
-    from embjax import report
-
-    fars = list(r["verification"]["native"]["affine"]["tar_at_far"])
-    header = ["setting", "map"] + [f"TAR@FAR={f}" for f in fars] + ["EER", "AUC", "10-fold acc", "R@1", "R@5", "mAP",
-                                                                     "MAP@R"]
-    rows = []
-    for s in SETTINGS:
-        for f in (FAMILIES if s in ("mapped", "both_mapped") else ("affine",)):
-            v, q = r["verification"][s][f], r["retrieval"][s][f]
-            vals = [v["tar_at_far"][k] for k in fars] + [v["eer"], v["roc_auc"], v["kfold_accuracy"],
-                                                         q["recall_at_1"], q["recall_at_5"], q["map"], q["map_at_r"]]
-            rows.append([s, f if s in ("mapped", "both_mapped") else "—"] + [f"{_mean_offdiag(m):.4f}" for m in vals])
-    note = ("Means over the ordered pairs A ≠ B (row = query model A, column = gallery model B). `native` is "
-            "the gallery model's own embedding on both sides, `naive` is no map (truncate / zero-pad); neither "
-            "depends on the map family.")
-    return report.Table("Open-set verification and retrieval, mean over model pairs", header, rows, note)
-
-
 def write_report(run_dir: str, r: dict):
-    from embjax import report
+    from embjax import open_set_report
 
-    names, meta = r["models"], r.get("meta", {})
-    tables = {"summary": summary_table(r)}
-    for f in FAMILIES:
-        tables[f"mapped_{f}_tar_at_far_0.01"] = report.matrix_table(
-            f"TAR@FAR=1e-2, queries mapped A→B ({f}), gallery native B", names,
-            r["verification"]["mapped"][f]["tar_at_far"]["0.01"])
-        tables[f"mapped_{f}_recall_at_1"] = report.matrix_table(
-            f"Recall@1, queries mapped A→B ({f}), gallery native B", names, r["retrieval"]["mapped"][f]["recall_at_1"])
-    for k in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn", "cknna"):
-        tables[f"similarity_{k}"] = report.matrix_table(f"similarity: {k}", names, r["similarity"][k])
-    intro = [f"Maps fit on {r['num_fit']} images of classes {r['fit_classes']} ({r['dataset']} {r['fit_split']}); "
-             f"every metric on {r['num_eval']} images of classes {r['eval_classes']} ({r['eval_split']}), all "
-             f"pairs of distinct images (cosine similarity). Command: `{meta.get('command', '')}`"]
-    seconds = ", ".join(f"{k} {v:.0f}" for k, v in meta.get("seconds", {}).items())
-    inner = meta.get("metric_seconds")
-    outro = ((["## Map warnings", "\n".join(f"- {w}" for w in r["map_warnings"])] if r.get("map_warnings") else [])
-             + [f"Seconds: {seconds}" + (f" (in the metric cells, summed over threads: ranking {inner['ranking']:.1f}, "
-                                         f"verification {inner['verification']:.1f})" if inner else "") + ".\n"
-                f"Evaluation features (native and mapped): `{meta.get('store', '')}`."])
-    return report.write_run(run_dir, r, tables=tables, figures=report.open_set_figures(r), intro=intro, outro=outro,
-                            title=f"Open-set verification and retrieval: {', '.join(names)}")
+    return open_set_report.write(run_dir, r)
 
 
 def summary(r: dict) -> str:
-    return summary_table(r).markdown()
+    from embjax import open_set_report
+
+    return open_set_report.summary(r)
 
 
 if __name__ == "__main__":

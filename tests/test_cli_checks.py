@@ -55,7 +55,7 @@ STUDIES = ("affine_equivalence", "open_set", "full_network_embedding", "backward
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_preset_of_every_study_passes(study, tmp_path):
     presets = {"affine_equivalence": ["zoo", "effnet_lite", "imagenet"],
-               "open_set": ["effnet_lite", "zoo", "lfw", "smoke"],
+               "open_set": ["effnet_lite", "zoo", "zoo_learned", "lfw", "smoke"],
                "full_network_embedding": ["effnet_lite0", "effnet_lite", "tiny", "vgg16"],
                "backward_compatible": ["fashion_mnist", "imagenet"],
                "extract": ["effnet_lite", "zoo"]}[study]
@@ -104,6 +104,10 @@ def test_shared_fields(study, field, value, message):
     ("open_set", {"rank": 0}, "--config.rank=0"),
     ("open_set", {"curve_families": ("affine", "svd")}, "--config.curve_families=affine,svd"),
     ("open_set", {"recall_ks": (0,)}, "--config.recall_ks=0"),
+    ("open_set", {"hub_ranks": (16, 0)}, "--config.hub_ranks=16,0: each value must be a whole number >= 1"),
+    ("open_set", {"hub_methods": ("gcca", "cca")}, "--config.hub_methods=gcca,cca: each value must be one of gcca"),
+    ("open_set", {"learned.families": ("learned", "mlp")}, "--config.learned.families=learned,mlp"),
+    ("open_set", {"learned.loss": "hinge"}, "--config.learned.loss=hinge: must be one of task, regression"),
     ("full_network_embedding", {"train_sizes": "100,x"}, "--config.train_sizes=100,x"),
     ("full_network_embedding", {"train_sizes": "0"}, "--config.train_sizes=0"),
     ("full_network_embedding", {"svm.C": 0.0}, "--config.svm.C=0.0"),

@@ -173,6 +173,15 @@ def test_smoke_run_in_process_against_numpy(tmp_path):
             assert abs(cell["recall_at_1"][0][j] - want["top1"]) < 0.5 / 120, (name, f)
             assert abs(cell["recall_at_5"][0][j] - want["top5"]) < 0.5 / 120, (name, f)
             assert abs(cell["map"][0][j] - want["map"]) < 1e-4, (name, f)
+    # The hub families (smoke: rank 4, tests/test_open_set_hub.py plants their answers) in their own grid,
+    # as rows of the summary beside the direct families.
+    assert results["hub_maps"] == {"ranks": [4], "methods": ["gcca", "procrustes"]}
+    for f in ("gcca_4", "procrustes_hub_4"):
+        for s in ("mapped", "hub"):
+            assert np.shape(results["retrieval"][s][f]["map"]) == (2, 2)
+            assert set(results["verification"][s][f]["tar_at_far"]) == {"0.1", "0.01", "0.001", "0.0001"}
+    table = open_set.summary(results)
+    assert "| mapped | procrustes_hub_4 |" in table and "| hub | gcca_4 |" in table
 
 
 def _cmd(workdir, *extra):

@@ -7,6 +7,7 @@ NAME is one of
   zoo          (default) the five zoo models trained by embjax on training images of classes 0-5 only;
                maps fit on all training images of those classes, metrics on 2,000 test images of classes
                6-9
+  zoo_learned  zoo with the learned map families (`learned`, `learned_mlp`) trained on the fit features
   lfw          tfds `lfw` (prepared where the data exists; pass --config.data_dir): identities with an
                even label id fit the maps, odd ones are evaluated; any registry models, e.g.
                --config.models=iresnet50,iresnet100 --config.weights=files
@@ -64,6 +65,20 @@ def study_base() -> ml_collections.ConfigDict:
     # eigendecomposition of a d×d matrix per pair and size and are left to larger machines.
     c.curve_families = ("affine",)
     c.zoo_classes = ""  # classes the zoo trains on (zoo weights only); default: the fit classes
+    # Canonical hubs (embjax.canonical, from the fit statistics): at each rank k (clipped to the joint
+    # width) and method a family `gcca_k` / `procrustes_hub_k`, scored as source → hub → target maps
+    # ("mapped") and by matching inside the hub ("hub": queries and gallery both encoded). For N models each
+    # family costs N(N-1) mapped and N(N+1)/2 + N² hub cells (verification, retrieval); () = none. 16 is
+    # the zoo's intrinsic dimension in the canonical-space study, 64 the narrowest zoo model's width.
+    c.hub_ranks = (16, 64)
+    c.hub_methods = ("gcca", "procrustes")
+    c.hub_ridge = 0.0  # relative ridge of the hubs' whitening and encoders (canonical.gcca / procrustes)
+    c.procrustes_iters = 500
+    # Learned maps (embjax.learned_maps: `learned` linear, `learned_mlp` one hidden layer): per ordered pair,
+    # started at the affine map and trained on the fit features by feature regression ("regression") or by
+    # the target's frozen head on the fit classes ("task"); scored on the evaluation classes ("mapped").
+    c.learned = ml_collections.ConfigDict(dict(families=(), loss="regression", hidden=256, rank=0, epochs=3,
+                                               batch_size=512, learning_rate=1e-3, weight_decay=0.0, seed=0))
     return c
 
 
@@ -103,6 +118,16 @@ def zoo() -> ml_collections.ConfigDict:
     return c
 
 
+def zoo_learned() -> ml_collections.ConfigDict:
+    """The default plus learned maps. Off in the default: on the zoo they do not beat the closed form on
+    the evaluation classes (README), and a run with them took 470 CPU-seconds against the default's 441
+    (two runs at load 10-13; training 23 + 76 s wall)."""
+    c = zoo()
+    c.name = "open_set_zoo_learned"
+    c.learned.families = ("learned", "learned_mlp")
+    return c
+
+
 def lfw() -> ml_collections.ConfigDict:
     c = study_base()
     c.name = "open_set_lfw"
@@ -128,6 +153,7 @@ def smoke() -> ml_collections.ConfigDict:
     c.num_eval = 120
     c.rank = 16
     c.cca_dims = 8
+    c.hub_ranks = (4,)
     c.kfold_pairs_per_fold = 20
     c.curve_fit_sizes = (50,)
     c.curve_ranks = (4,)
@@ -140,4 +166,5 @@ def smoke() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return base_config.presets(arg, "zoo", {"effnet_lite": effnet_lite, "zoo": zoo, "lfw": lfw, "smoke": smoke})
+    return base_config.presets(arg, "zoo", {"effnet_lite": effnet_lite, "zoo": zoo, "zoo_learned": zoo_learned,
+                                            "lfw": lfw, "smoke": smoke})
