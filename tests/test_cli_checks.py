@@ -55,7 +55,7 @@ STUDIES = ("affine_equivalence", "open_set", "full_network_embedding", "backward
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_preset_of_every_study_passes(study, tmp_path):
     presets = {"affine_equivalence": ["zoo", "effnet_lite", "imagenet"],
-               "open_set": ["effnet_lite", "zoo", "zoo_learned", "lfw", "smoke"],
+               "open_set": ["effnet_lite", "zoo", "zoo_hubs", "zoo_learned", "lfw", "smoke"],
                "full_network_embedding": ["effnet_lite0", "effnet_lite", "tiny", "vgg16"],
                "backward_compatible": ["fashion_mnist", "imagenet"],
                "extract": ["effnet_lite", "zoo"]}[study]

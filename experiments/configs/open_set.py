@@ -7,7 +7,8 @@ NAME is one of
   zoo          (default) the five zoo models trained by embjax on training images of classes 0-5 only;
                maps fit on all training images of those classes, metrics on 2,000 test images of classes
                6-9
-  zoo_learned  zoo with the learned map families (`learned`, `learned_mlp`) trained on the fit features
+  zoo_hubs     zoo with the canonical hubs (GCCA, generalized Procrustes) at ranks 16 and 64
+  zoo_learned  zoo_hubs with the learned map families (`learned`, `learned_mlp`) trained on the fit features
   lfw          tfds `lfw` (prepared where the data exists; pass --config.data_dir): identities with an
                even label id fit the maps, odd ones are evaluated; any registry models, e.g.
                --config.models=iresnet50,iresnet100 --config.weights=files
@@ -69,8 +70,10 @@ def study_base() -> ml_collections.ConfigDict:
     # width) and method a family `gcca_k` / `procrustes_hub_k`, scored as source → hub → target maps
     # ("mapped") and by matching inside the hub ("hub": queries and gallery both encoded). For N models each
     # family costs N(N-1) mapped and N(N+1)/2 + N² hub cells (verification, retrieval); () = none. 16 is
-    # the zoo's intrinsic dimension in the canonical-space study, 64 the narrowest zoo model's width.
-    c.hub_ranks = (16, 64)
+    # the zoo's intrinsic dimension in the canonical-space study, 64 the narrowest zoo model's width. Off
+    # in the presets but `zoo_hubs` / `zoo_learned` and `smoke` (the zoo default with hubs at 16 and 64 took
+    # 5 min 30 s on the quiet 2-core machine, against 4 min 21 s without); --config.hub_ranks=16,64 on any.
+    c.hub_ranks = ()
     c.hub_methods = ("gcca", "procrustes")
     c.hub_ridge = 0.0  # relative ridge of the hubs' whitening and encoders (canonical.gcca / procrustes)
     c.procrustes_iters = 500
@@ -118,11 +121,21 @@ def zoo() -> ml_collections.ConfigDict:
     return c
 
 
-def zoo_learned() -> ml_collections.ConfigDict:
-    """The default plus learned maps. Off in the default: on the zoo they do not beat the closed form on
-    the evaluation classes (README), and a run with them took 470 CPU-seconds against the default's 441
-    (two runs at load 10-13; training 23 + 76 s wall)."""
+def zoo_hubs() -> ml_collections.ConfigDict:
+    """The default plus the canonical hubs (GCCA and generalized Procrustes at ranks 16 and 64), scored
+    as source → hub → target maps and by matching inside the hub. Off in the default for time: 5 min 30 s
+    against 4 min 21 s on the quiet 2-core machine (README)."""
     c = zoo()
+    c.name = "open_set_zoo_hubs"
+    c.hub_ranks = (16, 64)
+    return c
+
+
+def zoo_learned() -> ml_collections.ConfigDict:
+    """`zoo_hubs` plus learned maps (the run README's hub and learned rows come from). Off in the default:
+    on the zoo they do not beat the closed form on the evaluation classes (README), and a run with them
+    took 470 CPU-seconds against 441 without (two runs at load 10-13; training 23 + 76 s wall)."""
+    c = zoo_hubs()
     c.name = "open_set_zoo_learned"
     c.learned.families = ("learned", "learned_mlp")
     return c
@@ -166,5 +179,6 @@ def smoke() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return base_config.presets(arg, "zoo", {"effnet_lite": effnet_lite, "zoo": zoo, "zoo_learned": zoo_learned,
+    return base_config.presets(arg, "zoo", {"effnet_lite": effnet_lite, "zoo": zoo, "zoo_hubs": zoo_hubs,
+                                            "zoo_learned": zoo_learned,
                                             "lfw": lfw, "smoke": smoke})
