@@ -70,7 +70,8 @@ def hub_families(config, fit, dims):
 
     ranks = ([int(k) for k in config.ranks.split(",")] if config.ranks
              else canonical.rank_curve(sum(dims), max(dims)))
-    solvers = {"gcca": lambda: canonical.gcca(fit, ranks, ridge=config.hub_ridge)[0],
+    solvers = {"gcca": lambda: canonical.gcca(fit, ranks, ridge=config.hub_ridge,
+                                                   eigensolver=config.eigensolver)[0],
                "procrustes": lambda: canonical.procrustes(fit, ranks, ridge=config.hub_ridge,
                                                           iters=config.procrustes_iters)[0]}
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]

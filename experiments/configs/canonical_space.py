@@ -9,6 +9,9 @@ same cache) the affine study's zoo models. Extra fields:
                two and four times it and the joint width D (embjax.canonical.rank_curve)
   hub_ridge    relative ridge of each block's whitening / regression (0: pseudo-inverses beyond the
                float32 condition limit)
+  eigensolver  GCCA's eigendecomposition (embjax.canonical.gcca): "divide_and_conquer" (LAPACK ?syevd,
+               fast; about C + 3.5 D x D resident) or "qr" (?syev in one workspace: about C + 1.15 D x D,
+               ~7x slower; for the thesis' widths on a machine short of memory)
   tolerance    the intrinsic dimension is the smallest k whose mean relative change over all ordered
                pairs is within this of the direct affine maps' (0.01 = 1 point)
 """
@@ -25,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.methods = "gcca,procrustes"
     c.ranks = ""
     c.hub_ridge = 0.0
+    c.eigensolver = "divide_and_conquer"
     c.tolerance = 0.01
     c.procrustes_iters = 500
     return c
