@@ -63,8 +63,10 @@ def hub_family(method: str, k: int) -> str:
     return f"{method}_{k}" if method == "gcca" else f"{method}_hub_{k}"
 
 
-def hub_families(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: int = 500):
-    """Canonical hubs (embjax.canonical) of every method at every rank, from one set of joint statistics.
+def hub_families(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: int = 500,
+                 eigensolver: str = "divide_and_conquer"):
+    """Canonical hubs (embjax.canonical) of every method at every rank, from one set of joint statistics
+    (`eigensolver`: GCCA's, see canonical.gcca).
 
     Returns ({family: {(i, j): (W, b)}}: source → hub → target composed into one affine map for every
     ordered pair i ≠ j, {family: Hub} with NumPy arrays (its encoders give the hub coordinates), and
@@ -73,7 +75,7 @@ def hub_families(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: i
     if unknown:
         raise ValueError(f"pair_maps.hub_families: unknown methods {unknown}; choose from {HUB_METHODS}")
     ranks = sorted({int(k) for k in ranks})
-    solvers = {"gcca": lambda: canonical.gcca(st, ranks, ridge=ridge)[0],
+    solvers = {"gcca": lambda: canonical.gcca(st, ranks, ridge=ridge, eigensolver=eigensolver)[0],
                "procrustes": lambda: canonical.procrustes(st, ranks, ridge=ridge, iters=iters)[0]}
     out, hubs, cpu = {}, {}, {}
     for method in methods:

@@ -66,28 +66,26 @@ def hub_families(config, fit, dims):
     import jax
     import jax.numpy as jnp
 
-    from embjax import canonical, evaluate, maps
+    from embjax import canonical, evaluate, maps, pair_maps
 
     ranks = ([int(k) for k in config.ranks.split(",")] if config.ranks
              else canonical.rank_curve(sum(dims), max(dims)))
-    solvers = {"gcca": lambda: canonical.gcca(fit, ranks, ridge=config.hub_ridge,
-                                                   eigensolver=config.eigensolver)[0],
-               "procrustes": lambda: canonical.procrustes(fit, ranks, ridge=config.hub_ridge,
-                                                          iters=config.procrustes_iters)[0]}
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(solvers))
+    unknown = sorted(set(methods) - set(pair_maps.HUB_METHODS))
     if unknown or not methods:
-        raise ValueError(f"config.methods: unknown or no methods {unknown}; choose from {sorted(solvers)}")
+        raise ValueError(f"config.methods: unknown or no methods {unknown}; choose from {list(pair_maps.HUB_METHODS)}")
     t = time.process_time()
     names, stacks = ["direct"], [evaluate.stack_maps(maps.affine_all(fit, ridge=config.ridge), dims)]
     cpu = {"direct": time.process_time() - t}
+    # The open-set study's hub solver (embjax.pair_maps): each method solved once for every rank, every
+    # ordered pair composed source -> hub -> target.
+    hub_maps, _, solve_cpu = pair_maps.hub_families(fit, ranks, methods, ridge=config.hub_ridge,
+                                                    iters=config.procrustes_iters, eigensolver=config.eigensolver)
+    cpu.update(solve_cpu)
     for method in methods:
-        t = time.process_time()
-        hubs = solvers[method]()
-        cpu[method] = time.process_time() - t
         for k in ranks:
             names.append(f"{method}/{k}")
-            stacks.append(evaluate.stack_maps(canonical.pair_maps(hubs[k]), dims))
+            stacks.append(evaluate.stack_maps(hub_maps[pair_maps.hub_family(method, k)], dims))
     return names, jax.tree.map(lambda *a: jnp.stack(a), *stacks), ranks, methods, cpu
 
 
