@@ -70,11 +70,18 @@ case "$cmd" in
   test)
     ensure_venv "test,weights"
     ensure_fashion_mnist
-    # Everyday tier: every test not marked slow. `test all`: every test (tests/conftest.py says which are
-    # slow). One worker per core; a module's tests stay on one worker so its fixtures are built once, and
-    # files go out in collection order, which tests/conftest.py sets to the longest files first.
+    # Everyday tier: every test not marked slow, with XLA's backend (LLVM) optimisation off: most of its
+    # CPU time goes to compiling hundreds of small one-off programs, each run a few times, and level 0
+    # cuts the tier's CPU by a fifth (README, Tests). `test all` (CI): every test (tests/conftest.py says
+    # which are slow), compiled as users' runs are. One worker per core; a module's tests stay on one
+    # worker so its fixtures are built once, and files go out in collection order, which
+    # tests/conftest.py sets to the longest files first.
     tier=(-m "not slow")
-    if [ "${1:-}" = all ]; then tier=(); shift; fi
+    if [ "${1:-}" = all ]; then
+      tier=(); shift
+    else
+      export XLA_FLAGS="--xla_backend_optimization_level=0${XLA_FLAGS:+ $XLA_FLAGS}"
+    fi
     exec "$VENV/bin/python" -m pytest -n "${EMBJAX_TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder ${tier[@]+"${tier[@]}"} "$@"
     ;;
   bench)

@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 HUNG = 1800  # seconds after which a child is taken to be hung (a failure, never a condition of a test)
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a child with `devices` fake CPU devices: this process' own flags (e.g. the everyday
+    tier's optimisation level, set by launch.sh) with the device count replaced."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def env(cache=None, devices: int = 1, **extra) -> dict:
     """The child's environment: this checkout first on the path, CPU only, `devices` fake CPU devices,
     user errors as one line (no EMBJAX_TRACEBACK), and `cache` as EMBJAX_CACHE when given (otherwise the
@@ -35,7 +42,7 @@ def env(cache=None, devices: int = 1, **extra) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH", "")) if p)
     e["JAX_PLATFORMS"] = "cpu"
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(devices)
     e.pop("EMBJAX_TRACEBACK", None)
     if cache is not None:
         e["EMBJAX_CACHE"] = str(cache)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import engine_toy as toy
+import study_runner as runner
 from embjax import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +67,8 @@ _CHILD = textwrap.dedent('''
 
 
 def _child(mode, workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    env = runner.env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), env["PYTHONPATH"]])
     return subprocess.run([sys.executable, "-c", _CHILD, mode, str(workdir)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -67,6 +67,14 @@ def test_report_and_stored_embedding(baseline):
     assert results["num_train"] == 240 and results["num_test"] == 120
     for f in ("report.md", "results.json", "accuracy.md", "embedding.md"):
         assert os.path.isfile(os.path.join(run_dir, f))
+    # The tiny preset caps dual CD at 100 epochs; every SVM stopped there short of its tolerance is named.
+    cells = {f"{MODEL} {e} n={n}": c for e, by_n in results["svm"][MODEL].items() for n, c in by_n.items()}
+    assert len(cells) == 8 and all(1 <= c["iterations"] <= 100 for c in cells.values())
+    with open(os.path.join(run_dir, "report.md")) as f:
+        report = f.read()
+    late = [name for name, c in cells.items() if c["gap"] > 1e-3]
+    assert f"{8 - len(late)} of 8 trained to a relative duality gap" in report
+    assert all(f"{name} ({cells[name]['gap']:.1e})" in report for name in late)
 
     # The int8 embedding the embed pass stored equals fne's arithmetic on the stored pooled features with
     # statistics recomputed in float64 from the stored training features of each subset.

@@ -4,7 +4,6 @@ The 4-device run happens in a subprocess, because XLA_FLAGS=--xla_force_host_pla
 must be set before JAX initialises its backend and this pytest process already has one CPU device.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+import study_runner as runner
 from embjax import evaluate, stats
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -103,9 +103,7 @@ def test_four_devices_match_one(tmp_path: Path):
     result = tmp_path / "result.npz"
     np.savez(data, **arrays)
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env = runner.env(devices=4)
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(data), str(result)], env=env, capture_output=True, text=True, timeout=300
     )

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import study_runner as runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUDIES = {
@@ -41,11 +43,7 @@ PASSES = {"affine_equivalence": {"fit", "eval"}, "canonical_space": {"fit", "eva
 
 
 def _env(tmp, **extra):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT, EMBJAX_HLO_DIR=str(tmp / "hlo"))
-    env.pop("EMBJAX_TRACEBACK", None)
-    env.update(extra)
-    return env
+    return runner.env(devices=4, EMBJAX_HLO_DIR=tmp / "hlo", **extra)
 
 
 # One study subprocess each (four trainings for BCT): the whole tier. The everyday tier keeps the check

@@ -148,7 +148,9 @@ def test_smoke_run_in_process_against_numpy(tmp_path):
     from experiments.configs import open_set as configs
 
     config = configs.get_config("smoke")
-    config.num_fit = 160
+    # Nothing resumes in this process: larger batches and no checkpoint inside a pass (the kill test below,
+    # whole tier, runs the preset as it is).
+    config.update(dict(num_fit=160, batch_size=40, checkpoint_every=1000))
     results, engine = open_set.run(config, str(tmp_path / "state"))
     assert results["models"] == ["zoo_resnet_v1", "zoo_mobilenet_v2"]
     assert results["num_fit"] == 160 and results["num_eval"] == 120

@@ -1,14 +1,13 @@
 """embjax.svm against scikit-learn's LinearSVC (test-only) and float64 NumPy; sharded over 4 fake devices."""
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+import study_runner as runner
 from embjax import svm
 
 sklearn_svm = pytest.importorskip("sklearn.svm")
@@ -140,8 +139,7 @@ def test_sharded_over_four_devices_matches_one(tmp_path):
     xp = np.concatenate([x, np.zeros((6, 12), np.float32)])
     yp, s = np.r_[y, np.zeros(6, int)], np.r_[np.ones(250), np.zeros(6)]
     np.savez(tmp_path / "in.npz", x=xp, y=yp, s=s)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = runner.env(devices=4)
     subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    check=True, env=env, timeout=300)
     out = np.load(tmp_path / "out.npz")
