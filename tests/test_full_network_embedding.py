@@ -111,14 +111,14 @@ def test_resume_after_sigkill_mid_pass_gives_identical_results(baseline, tmp_pat
     results, _, _, _ = baseline
     workdir = tmp_path / "killed"
     name = f"stats_{MODEL}"
-    # Kill -9 when the statistics pass reports batch 4 of its 30 (its first checkpoint, after batch 3, is
+    # Kill -9 when the statistics pass reports batch 4 of its 10 (its first checkpoint, after batch 3, is
     # on disk by then); the rerun resumes from the newest checkpoint the killed run left.
-    runner.kill_at(_cmd(workdir), rf"\[{name} .*\] batch 4/30", cache)
+    runner.kill_at(_cmd(workdir), rf"\[{name} .*\] batch 4/10", cache)
     assert not runner.pass_finished(workdir, name), "the pass finished before the kill: nothing was resumed"
     steps = runner.pass_checkpoints(workdir, name)
     assert steps, "no checkpoint of the statistics pass after batch 4"
     out = run_study(workdir, cache)
-    assert f"[resume] pass '{name}': {steps[0]}/30 batches already done" in out.stdout
+    assert f"[resume] pass '{name}': {steps[0]}/10 batches already done" in out.stdout
     resumed, _ = load_results(workdir)
     # Same batches folded in the same order by the same compiled steps: bit-identical numbers.
     for key in ("accuracy", "sparsity", "degenerate_features", "dims"):

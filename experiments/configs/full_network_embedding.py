@@ -97,7 +97,7 @@ def tiny() -> ml_collections.ConfigDict:
     c.train_split = "train[:240]"
     c.test_split = "test[:120]"
     c.train_sizes = "60,240"
-    c.batch_size = 8
+    c.batch_size = 24
     c.checkpoint_every = 3
     c.progress_seconds = 0.0
     # Random-weight raw features are ill-conditioned: dual CD on `last_layer` would run its 1,000 epochs; the
