@@ -87,11 +87,13 @@ def test_training_rows_take_the_half_then_the_limit():
 # images), as the trained caches of every earlier run name them: a variant must change none of them.
 STANDARD_KEYS = {"zoo_resnet_v1": "b92bc44f5d2e", "zoo_resnet_v2": "2587304b2d65", "zoo_inception": "55e52df41ae3",
                  "zoo_mobilenet_v2": "ef65cbce04f0", "zoo_efficientnet_lite": "f0b77bfcce5f"}
-# The keys the zoo_apart preset's first six variants were cached under (before seed offsets existed): a
-# variant that keeps the seed keeps its key, so those trainings are reused.
+# The keys the zoo_apart preset's variants are cached under: the first six from before seed offsets
+# existed (a variant that keeps the seed keeps its key, so those trainings are reused), then the seeded four.
 VARIANT_KEYS = {"zoo_resnet_v1_cosine": "76c3117f6faa", "zoo_resnet_v1_half_a": "6781ed637aba",
                 "zoo_resnet_v1_half_b": "c67fa8e4ea86", "zoo_mobilenet_v2_cosine": "b35b82fbbee0",
-                "zoo_mobilenet_v2_half_a": "c571b9875563", "zoo_mobilenet_v2_half_b": "522a25cd5ef3"}
+                "zoo_mobilenet_v2_half_a": "c571b9875563", "zoo_mobilenet_v2_half_b": "522a25cd5ef3",
+                "zoo_resnet_v1_seed1": "a45c35f77261", "zoo_resnet_v1_half_b_seed1": "9d42552d4356",
+                "zoo_mobilenet_v2_seed1": "2866dd05878b", "zoo_mobilenet_v2_half_b_seed1": "8ec751310031"}
 
 
 def test_standard_cache_keys_are_unchanged_and_variants_have_their_own():
