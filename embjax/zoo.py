@@ -6,7 +6,7 @@ so a killed training resumes, then saved with orbax under the cache directory, k
 everything that determines the weights (model, data, schedule, seed), and reused by later runs.
 
 Models trained apart (thesis §6.1). A registry name `<zoo model>_<variant>` (embjax.models.specs.ZOO_VARIANTS)
-is the same module trained the standard way but for one thing (`VARIANTS`):
+is the same module trained the standard way but for one or two things (`VARIANTS`):
   cosine   the loss: a cosine softmax with an additive margin (CosFace; `cosine_margin_loss`), features and
            class weights normalized, scale `COSINE_SCALE`, margin `COSINE_MARGIN`; the cached weights hold
            the classifier in its inference form (unit class columns, zero bias: `cosine_head`), so the
@@ -15,8 +15,12 @@ is the same module trained the standard way but for one thing (`VARIANTS`):
   half_b   images), or half B, split by one fixed seeded permutation (`half_rows`, seed `HALF_SEED`); the
            half is then capped at `limit` like the standard training's rows (the first 20,000 of its 30,000
            by index), so a half model sees as many images, for as many steps, as a standard one.
-The same initial weights (seed) and batch order as the standard training. A variant's cache key adds the
-variant and its constants; the standard models' keys are unchanged.
+  seed1    the seed: the training config's seed + 1 for the initial weights, the batch order (and the
+           loss's randomness), all else standard; the control for the variants above, which start from
+           their standard model's initial weights and see its batch order;
+  half_b_seed1  half B with the seed + 1: disjoint data from half A and independent initial weights.
+A variant's cache key adds the variant and its constants; the standard models' keys are unchanged, and so
+are those of the variants that keep the seed.
 """
 
 from __future__ import annotations
@@ -45,15 +49,19 @@ HALF_SEED = 2020  # the permutation that splits the training rows into halves A 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """How a zoo variant trains: its loss ("softmax" or "cosine") and its rows (None: all; 0 / 1: half
-    A / B)."""
+    """How a zoo variant trains: its loss ("softmax" or "cosine"), its rows (None: all; 0 / 1: half
+    A / B) and the offset added to the training config's seed (initial weights and batch order)."""
 
     loss: str = "softmax"
     half: int | None = None
+    seed_offset: int = 0
 
     def key(self) -> dict:
-        """What the cache key adds for this variant (the constants that change its weights)."""
+        """What the cache key adds for this variant (the constants that change its weights). An offset of 0
+        adds nothing, so the variants that keep the seed keep the keys they were cached under."""
         out = dataclasses.asdict(self)
+        if not self.seed_offset:
+            del out["seed_offset"]
         if self.loss == "cosine":
             out.update(scale=COSINE_SCALE, margin=COSINE_MARGIN)
         if self.half is not None:
@@ -61,7 +69,8 @@ class Variant:
         return out
 
 
-VARIANTS = {"": Variant(), "cosine": Variant(loss="cosine"), "half_a": Variant(half=0), "half_b": Variant(half=1)}
+VARIANTS = {"": Variant(), "cosine": Variant(loss="cosine"), "half_a": Variant(half=0), "half_b": Variant(half=1),
+            "seed1": Variant(seed_offset=1), "half_b_seed1": Variant(half=1, seed_offset=1)}
 
 # The fields of the zoo's original configuration: the cache key hashes exactly these (so models cached
 # before the zoo moved onto embjax.train keep their keys); any other field that changes the weights is
@@ -229,11 +238,13 @@ def train(spec, images: np.ndarray, labels: np.ndarray, cfg: train_lib.TrainConf
           log: Callable[[str], None] = print, workdir: str | None = None) -> Any:
     """Train one zoo model from scratch with embjax.train.fit on one device (the zoo's weights do not
     depend on how many devices a run has); returns its variables ({"params", "batch_stats"}) as NumPy
-    arrays. With `workdir` the training checkpoints there and a rerun resumes it. The loss is the
-    variant's (`spec.zoo_variant`; the rows are the caller's)."""
+    arrays. With `workdir` the training checkpoints there and a rerun resumes it. The loss and the seed
+    (`cfg.seed` plus its offset) are the variant's (`spec.zoo_variant`; the rows are the caller's)."""
     if len(images) == 0:
         raise ValueError(f"no training images for zoo model {spec.name}")
     variant = _variant(getattr(spec, "zoo_variant", ""))
+    if variant.seed_offset:
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + variant.seed_offset)
     module = spec.build()
     sample = spec.preprocess(jnp.asarray(images[:2]))
     variables = numpy_init(module, sample, cfg.seed)

@@ -87,6 +87,13 @@ def test_training_rows_take_the_half_then_the_limit():
 # images), as the trained caches of every earlier run name them: a variant must change none of them.
 STANDARD_KEYS = {"zoo_resnet_v1": "b92bc44f5d2e", "zoo_resnet_v2": "2587304b2d65", "zoo_inception": "55e52df41ae3",
                  "zoo_mobilenet_v2": "ef65cbce04f0", "zoo_efficientnet_lite": "f0b77bfcce5f"}
+# The keys the zoo_apart preset's variants are cached under: the first six from before seed offsets
+# existed (a variant that keeps the seed keeps its key, so those trainings are reused), then the seeded four.
+VARIANT_KEYS = {"zoo_resnet_v1_cosine": "76c3117f6faa", "zoo_resnet_v1_half_a": "6781ed637aba",
+                "zoo_resnet_v1_half_b": "c67fa8e4ea86", "zoo_mobilenet_v2_cosine": "b35b82fbbee0",
+                "zoo_mobilenet_v2_half_a": "c571b9875563", "zoo_mobilenet_v2_half_b": "522a25cd5ef3",
+                "zoo_resnet_v1_seed1": "a45c35f77261", "zoo_resnet_v1_half_b_seed1": "9d42552d4356",
+                "zoo_mobilenet_v2_seed1": "2866dd05878b", "zoo_mobilenet_v2_half_b_seed1": "8ec751310031"}
 
 
 def test_standard_cache_keys_are_unchanged_and_variants_have_their_own():
@@ -105,6 +112,11 @@ def test_standard_cache_keys_are_unchanged_and_variants_have_their_own():
             # The variant alone (not only the name) keys the weights.
             assert zoo.cache_key(name, cfg, "fashion_mnist:train", 20000, variant) != f"{name}-{digest}"
     assert len(keys) == len(STANDARD_KEYS) * (1 + len(ZOO_VARIANTS))
+    for name, digest in VARIANT_KEYS.items():
+        spec = registry.get(name)
+        assert zoo.cache_key(name, cfg, "fashion_mnist:train", 20000, spec.zoo_variant) == f"{name}-{digest}"
+    for name in ("zoo_resnet_v1_seed1", "zoo_resnet_v1_half_b_seed1"):  # parsed by the longest suffix
+        assert registry.get(name).zoo_variant == name[len("zoo_resnet_v1_"):]
     assert set(zoo.VARIANTS) == {""} | set(ZOO_VARIANTS)  # the registry's names and the zoo's recipes agree
     assert not set(registry.variant_names()) & set(registry.names())
     for bad in ("resnet50_v1_cosine", "zoo_resnet_v1_half_c", "zoo_nothing_cosine"):
@@ -112,6 +124,20 @@ def test_standard_cache_keys_are_unchanged_and_variants_have_their_own():
             registry.get(bad)
     with pytest.raises(ValueError, match="unknown zoo variant"):
         zoo.cache_key("zoo_resnet_v1", cfg, "fashion_mnist:train", 20000, "cosface")
+
+
+def test_a_seed_variant_trains_with_the_seed_plus_its_offset(monkeypatch):
+    """seed1 and half_b_seed1 draw their initial weights and batch order from the config's seed + 1; the
+    other variants from the config's seed (the training itself is stubbed: only the seeds are checked)."""
+    seen = []
+    monkeypatch.setattr(zoo, "numpy_init", lambda module, sample, seed: seen.append(("init", seed)) or {})
+    monkeypatch.setattr(zoo.train_lib, "fit", lambda loss, v, get, n, cfg, **k: seen.append(("fit", cfg.seed)) or v)
+    images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)
+    for name, seed in (("zoo_resnet_v1", 5), ("zoo_resnet_v1_half_b", 5), ("zoo_resnet_v1_seed1", 6),
+                       ("zoo_resnet_v1_half_b_seed1", 6)):
+        seen.clear()
+        zoo.train(registry.get(name), images, labels, zoo.train_config(seed=5), log=lambda line: None)
+        assert seen == [("init", seed), ("fit", seed)], name
 
 
 class _Tiny(nn.Module):
@@ -187,36 +213,60 @@ def test_zoo_apart_preset_and_pair_groups():
 
     config = cfgs.get_config("zoo_apart")
     names = config_check.model_names(config.models)
-    assert names[:5] == list(cfgs.ZOO_MODELS) and len(names) == 5 + 2 * 3 and not config.learned.families
+    assert names[:5] == list(cfgs.ZOO_MODELS) and len(names) == 5 + 2 * 5 and not config.learned.families
+    assert {"zoo_resnet_v1_seed1", "zoo_mobilenet_v2_seed1", "zoo_resnet_v1_half_b_seed1"} <= set(names)
     config_check.check("affine_equivalence", config, None)
-    assert apart_report.group("zoo_resnet_v1", "zoo_inception") == ("different", "same", "same")
-    assert apart_report.group("zoo_resnet_v1", "zoo_resnet_v1_cosine") == ("same", "differs", "same")
-    assert apart_report.group("zoo_resnet_v1_half_a", "zoo_resnet_v1_half_b") == ("same", "same", "disjoint")
-    assert apart_report.group("zoo_mobilenet_v2_half_b", "zoo_resnet_v1") == ("different", "same", "overlapping")
-    assert apart_report.group("zoo_mobilenet_v2_half_b", "zoo_resnet_v1_half_b") == ("different", "same", "same")
+    group = apart_report.group
+    assert group("zoo_resnet_v1", "zoo_inception") == ("different", "same", "same", "independent")
+    assert group("zoo_resnet_v1", "zoo_resnet_v1_cosine") == ("same", "differs", "same", "shared")
+    assert group("zoo_resnet_v1_half_a", "zoo_resnet_v1_half_b") == ("same", "same", "disjoint", "shared")
+    assert group("zoo_mobilenet_v2_half_b", "zoo_resnet_v1") == ("different", "same", "overlapping", "independent")
+    assert group("zoo_mobilenet_v2_half_b", "zoo_resnet_v1_half_b") == ("different", "same", "same", "independent")
+    # The control: the same architecture, loss and data, another seed.
+    assert group("zoo_resnet_v1", "zoo_resnet_v1_seed1") == ("same", "same", "same", "independent")
+    assert group("zoo_resnet_v1_half_b_seed1", "zoo_resnet_v1_half_b") == ("same", "same", "same", "independent")
+    assert group("zoo_resnet_v1_half_a", "zoo_resnet_v1_half_b_seed1") == ("same", "same", "disjoint", "independent")
+    assert group("zoo_resnet_v1_seed1", "zoo_resnet_v1_half_b_seed1") == ("same", "same", "overlapping", "shared")
+    assert apart_report.describe("zoo_mobilenet_v2_half_b_seed1") == ("zoo_mobilenet_v2", "softmax", "B", 1)
     assert not apart_report.has_variants(cfgs.ZOO_MODELS)
 
 
 def test_apart_table_means_over_its_groups():
-    models = ["zoo_resnet_v1", "zoo_inception", "zoo_resnet_v1_half_a", "zoo_resnet_v1_half_b"]
-    acc = np.full((4, 4), 0.5) + np.diag([0.3] * 4)  # every mapped cell 0.5 against 0.8 unmapped
+    """Six models, 30 ordered pairs, planted cells: each pair lands in its group, the groups average their
+    own cells, and the identity columns (the naive family) are filled where the widths agree."""
+    models = ["zoo_resnet_v1", "zoo_inception", "zoo_resnet_v1_half_a", "zoo_resnet_v1_half_b",
+              "zoo_resnet_v1_seed1", "zoo_resnet_v1_half_b_seed1"]
+    n = len(models)
+    acc = np.full((n, n), 0.5) + np.diag([0.3] * n)  # every mapped cell 0.5 against 0.8 unmapped
     acc[2, 3], acc[3, 2] = 0.4, 0.6
-    r = {"models": models, "feature_dims": [2] * 4, "unmapped": {"accuracy": np.diag(acc).tolist(),
-                                                                  "top5": np.diag(acc).tolist()},
-         "affine": {k: acc.tolist() for k in ("accuracy", "top5", "agreement")}}
-    r["affine"]["r2"] = np.eye(4).tolist()
-    r["affine"]["relative_change"] = (acc / np.diag(acc)[:, None] - 1).tolist()
-    rows = {tuple(row[:3]): row for row in apart_report.apart_table(r).rows}
-    assert sorted(rows) == [("different", "same", "overlapping"), ("different", "same", "same"),
-                            ("same", "same", "disjoint"), ("same", "same", "overlapping")]
-    assert [int(row[3]) for row in rows.values()] == [2, 4, 2, 4]  # 12 ordered pairs in all
-    disjoint = rows[("same", "same", "disjoint")]
-    assert disjoint[4] == "\u221237.5%"  # (0.4 / 0.8 − 1 + 0.6 / 0.8 − 1) / 2
-    assert disjoint[5].startswith("\u221250.0% (zoo_resnet_v1_half_a → zoo_resnet_v1_half_b)")
-    assert rows[("different", "same", "same")][4] == "\u221237.5%" and disjoint[6] == "0.000"
+    shared = np.array([[apart_report.group(s, t)[3] == "shared" for t in models] for s in models])
+    naive = np.where(shared, 0.792, 0.16)  # the identity: −1% where the init is shared, −80% elsewhere
+    r = {"models": models, "feature_dims": [2, 3, 2, 2, 2, 2],
+         "unmapped": {"accuracy": np.diag(acc).tolist(), "top5": np.diag(acc).tolist()},
+         "affine": {"r2": np.eye(n).tolist(), "relative_change": (acc / np.diag(acc)[:, None] - 1).tolist()},
+         "naive": {"r2": np.where(shared, 0.9, -1.0).tolist(),
+                   "relative_change": (naive / np.diag(acc)[:, None] - 1).tolist()}}
+    rows = {tuple(row[:4]): row for row in apart_report.apart_table(r).rows}
+    assert list(rows) == [("different", "same", "same", "independent"),
+                          ("different", "same", "overlapping", "independent"),
+                          ("same", "same", "same", "independent"),  # the control: another seed, nothing else
+                          ("same", "same", "disjoint", "shared"), ("same", "same", "disjoint", "independent"),
+                          ("same", "same", "overlapping", "shared"), ("same", "same", "overlapping", "independent")]
+    assert [int(row[4]) for row in rows.values()] == [4, 6, 4, 2, 2, 6, 6]  # 30 ordered pairs in all
+    disjoint = rows[("same", "same", "disjoint", "shared")]
+    assert disjoint[5] == "\u221237.5%"  # (0.4 / 0.8 − 1 + 0.6 / 0.8 − 1) / 2
+    assert disjoint[6].startswith("\u221250.0% (zoo_resnet_v1_half_a → zoo_resnet_v1_half_b)")
+    assert disjoint[7] == "0.000" and disjoint[8:] == ["\u22121.0%", "0.900"]
+    control = rows[("same", "same", "same", "independent")]
+    assert control[5] == "\u221237.5%" and control[8:] == ["\u221280.0%", "-1.000"]
+    assert rows[("same", "same", "disjoint", "independent")][8] == "\u221280.0%"
+    assert rows[("different", "same", "same", "independent")][8:] == ["—", "—"]  # widths 2 and 3: no identity
+    assert "init independent" in apart_report.summary_text(r).splitlines()[1]
     r["affine"]["relative_change"][2][3] = float("nan")  # an undefined cell is left out, not averaged
-    rows = {tuple(row[:3]): row for row in apart_report.apart_table(r).rows}
-    assert rows[("same", "same", "disjoint")][3] == "2" and rows[("same", "same", "disjoint")][4] == "\u221225.0%"
+    rows = {tuple(row[:4]): row for row in apart_report.apart_table(r).rows}
+    assert rows[("same", "same", "disjoint", "shared")][4:6] == ["2", "\u221225.0%"]
+    del r["naive"]  # a run without the naive family: no identity columns to fill
+    assert all(row[8:] == ["—", "—"] for row in apart_report.apart_table(r).rows)
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 NAME is one of
   zoo          (default) five small models of different families trained by embjax on Fashion-MNIST
   zoo_apart    the five, plus ResNet-v1 and MobileNet-v2 trained apart (thesis §6.1): with a cosine-softmax
-               margin loss (`_cosine`) and on disjoint halves of the training images (`_half_a`, `_half_b`);
-               embjax.zoo says how each trains. Learned maps off (110 ordered pairs).
+               margin loss (`_cosine`), on disjoint halves of the training images (`_half_a`, `_half_b`),
+               and, the control, with another seed (`_seed1`: all rows; `_half_b_seed1`: half B);
+               embjax.zoo says how each trains. Learned maps off (210 ordered pairs).
   effnet_lite  the three real ImageNet EfficientNet-Lite backbones on Fashion-MNIST: linear heads trained on
                fit features give labelled accuracies, the original ImageNet heads give agreement
   imagenet     the thesis setting: its ten CNNs on imagenet2012 through tfds with a manual_dir, 331-px crops
@@ -21,7 +22,7 @@ ZOO_MODELS = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_
 
 # The zoo models trained apart in the zoo_apart preset, and how (embjax.models.specs.ZOO_VARIANTS).
 APART_MODELS = ("zoo_resnet_v1", "zoo_mobilenet_v2")
-APART_VARIANTS = ("cosine", "half_a", "half_b")
+APART_VARIANTS = ("cosine", "half_a", "half_b", "seed1", "half_b_seed1")
 
 # Registry name -> the thesis' name, for printing the thesis' cells beside ours: the thesis' ten CNNs, in
 # the order of its tables (TF-Slim / TF-Hub weights; docs/thesis_weights.md says where each file is).

@@ -52,6 +52,8 @@ ZOO_VARIANTS = {
     "cosine": "a cosine-softmax classifier with an additive margin (CosFace): normalized features and classes",
     "half_a": "trained on half A of the training images (a fixed seeded split; embjax.zoo.half_rows)",
     "half_b": "trained on half B, disjoint from half A",
+    "seed1": "the standard training with another seed: independent initial weights and batch order",
+    "half_b_seed1": "trained on half B with another seed: disjoint data and independent initial weights",
 }
 TF_FORMATS = ("tf_checkpoint", "tf_saved_model")  # TF-Slim checkpoints and TF-Hub SavedModels
 TORCH_FORMATS = ("torch", "safetensors")
