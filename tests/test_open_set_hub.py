@@ -16,6 +16,8 @@ The hubs are solved from float64 statistics (the rank-deficient blocks' null eig
 Both tests run in the whole tier (about 9 and 6 CPU-seconds); the everyday tier sees the hub families in
 tests/test_open_set.py's smoke run.
 """
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -95,7 +97,7 @@ def test_hub_cells_on_a_planted_latent():
 
 
 @pytest.mark.slow  # 6 CPU s, mostly compiling the vmapped training steps
-def test_learned_families_start_at_the_affine_maps():
+def test_learned_families_start_at_the_affine_maps(monkeypatch):
     """Learned maps start at the closed-form affine maps, exact here, and a few AdamW steps of 1e-6 move
     their weights by about 1e-6 each: every pair's mapped embeddings stay the target's own features to
     1e-3 of their scale (a pair or source mixed up is off by the features' whole scale)."""
@@ -103,11 +105,19 @@ def test_learned_families_start_at_the_affine_maps():
     _, _, fit_labels, _, (fit, native) = _planted(rng, dims=(3, 3, 3))  # invertible: no ridge needed
     fit, native = [x.astype(np.float32) for x in fit], [x.astype(np.float32) for x in native]
     st = stats.update(stats.init([x.shape[1] for x in fit]), fit)
+    start = time.perf_counter()
     affine = maps.affine_all(st)
+    affine_seconds = time.perf_counter() - start
     learned = dict(families=("learned", "learned_mlp"), loss="regression", hidden=8, epochs=2, batch_size=100,
                    learning_rate=1e-6)
+
+    def solve_again(*args, **kwargs):
+        raise AssertionError("hub_and_learned solved the affine maps again")
+
+    monkeypatch.setattr(maps, "affine_all", solve_again)  # they come from the caller, with their time
     mapped, encoded, settings, info = pair_maps.hub_and_learned(st, native, affine, learned=learned,
-                                                                fit_features=lambda: (fit, fit_labels))
+                                                                fit_features=lambda: (fit, fit_labels),
+                                                                affine_seconds=affine_seconds)
     assert settings == {"learned": ("mapped",), "learned_mlp": ("mapped",)} and encoded == {}
     for f in ("learned", "learned_mlp"):
         for i in range(3):
@@ -118,7 +128,7 @@ def test_learned_families_start_at_the_affine_maps():
         loss = info["learned_maps"]["final_loss"][f]
         assert all((loss[i][j] is None) == (i == j) for i in range(3) for j in range(3))
         assert info["seconds"]["learned_training"][f] > 0
-    assert info["seconds"]["closed_form_affine"] > 0
+    assert info["seconds"]["closed_form_affine"] == affine_seconds  # the caller's solve, not a second one
     with pytest.raises(ValueError, match="learned.loss=task needs every model's classifier head"):
         pair_maps.hub_and_learned(st, native, affine, learned={**learned, "loss": "task"}, heads=[None] * 3,
                                   fit_features=lambda: (fit, fit_labels))
