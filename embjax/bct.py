@@ -237,13 +237,7 @@ def learned_map(x, y, labels, affine, family: str, *, head=None, loss: str = "re
     Returns (params, {"seconds", "loss": per-epoch means, "fit_loss_before", "fit_loss_after": the loss
     on all of x at the closed form and after training})."""
     w, b = (jnp.asarray(a, jnp.float32) for a in affine)
-    r = min(rank, *w.shape) if rank > 0 else None
-    if family == "learned":
-        params = learned_maps.init_linear(w, b, r)
-    elif family == "learned_mlp":
-        params = learned_maps.init_mlp(w, b, hidden, jax.random.key(seed), r)
-    else:
-        raise ValueError(f"bct.learned_map: family must be 'learned' or 'learned_mlp', got {family!r}")
+    params = learned_maps.init(family, w, b, rank=rank, hidden=hidden, key=jax.random.key(seed))
     x = jnp.asarray(x, jnp.float32)
     y = None if y is None else jnp.asarray(y, jnp.float32)
     labels = None if labels is None else jnp.asarray(labels, jnp.int32)

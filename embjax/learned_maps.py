@@ -59,6 +59,24 @@ def init_mlp(w, b, hidden: int, key, rank: int | None = None) -> dict:
     return params
 
 
+FAMILIES = ("learned", "learned_mlp")
+
+
+def init(family: str, w, b, *, rank: int = 0, hidden: int = 256, key=None) -> dict:
+    """A `family` map's parameters at the closed-form affine map (W, b): "learned" (linear, `init_linear`)
+    or "learned_mlp" (`init_mlp`: a hidden layer of width `hidden`, its first layer drawn from `key`);
+    `rank` > 0 factors the linear part to rank min(rank, d_s, d_t). What `fit_pairs` starts every pair at
+    and embjax.bct.learned_map its one map."""
+    if family not in FAMILIES:
+        raise ValueError(f"learned_maps.init: family must be one of {FAMILIES}, got {family!r}")
+    r = min(rank, *np.shape(w)) if rank > 0 else None
+    if family == "learned":
+        return init_linear(w, b, r)
+    if key is None:
+        raise ValueError("learned_maps.init: the learned_mlp family needs a random key for its first layer")
+    return init_mlp(w, b, hidden, key, r)
+
+
 def apply(params: dict, x: jax.Array) -> jax.Array:
     """The mapped features f(x) for rows x."""
     if "w" in params:
@@ -140,9 +158,6 @@ def as_affine(params: dict) -> tuple[jax.Array, jax.Array]:
     return w, params["b"]
 
 
-FAMILIES = ("learned", "learned_mlp")
-
-
 def fit_pairs(feats, labels, heads, affine: dict, family: str, *, loss: str = "task", hidden: int = 256,
               rank: int = 0, epochs: int = 3, batch_size: int = 512, learning_rate: float = 1e-3,
               weight_decay: float = 0.0, seed: int = 0, log=None) -> tuple[dict, dict]:
@@ -168,12 +183,8 @@ def fit_pairs(feats, labels, heads, affine: dict, family: str, *, loss: str = "t
     if any(int(f.shape[0]) != rows for f in feats) or (loss == "task" and len(labels) != rows):
         raise ValueError("learned_maps.fit_pairs: every model needs one feature row per sample (and one label each)")
     pairs = [(s, t) for s in range(n_models) for t in range(n_models) if s != t]
-    inits = []
-    for s, t in pairs:
-        w, b = affine[(s, t)]
-        r = min(rank, *np.shape(w)) if rank > 0 else None
-        inits.append(init_linear(w, b, r) if family == "learned"
-                     else init_mlp(w, b, hidden, jax.random.fold_in(jax.random.key(seed), s * n_models + t), r))
+    inits = [init(family, *affine[(s, t)], rank=rank, hidden=hidden,
+                  key=jax.random.fold_in(jax.random.key(seed), s * n_models + t)) for s, t in pairs]
     shapes = [jax.tree.map(np.shape, p) for p in inits]
     params = jax.tree.map(lambda *leaves: jnp.stack(_pad_all(leaves)), *inits)
     x = jnp.stack([jnp.pad(jnp.asarray(f, jnp.float32), ((0, 0), (0, d - f.shape[1]))) for f in feats])

@@ -48,22 +48,11 @@ class Member:
 
 def find_head(variables, feature_dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The classifier `(kernel, bias)` inside a backbone's params: the one 2-D kernel of shape
-    (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in a CNN)."""
-    found = []
+    (feature_dim, num_classes) (embjax.models.layers.classifier_path)."""
+    from embjax.models import layers
 
-    def visit(path, tree):
-        if isinstance(tree, dict) or hasattr(tree, "items"):
-            if "kernel" in tree and getattr(tree["kernel"], "shape", None) == (feature_dim, num_classes):
-                found.append((path, tree))
-            for k, v in tree.items():
-                visit(path + (k,), v)
-
-    visit((), variables["params"])
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one classifier kernel of shape ({feature_dim}, {num_classes}) in the "
-            f"params, found {len(found)}: {['/'.join(p) for p, _ in found]}")
-    path, leaf = found[0]
+    path = layers.classifier_path(variables["params"], feature_dim, num_classes)
+    leaf = layers.subtree(variables["params"], path)
     if "bias" not in leaf:
         raise ValueError(f"classifier {'/'.join(path)} has no bias")
     return np.asarray(leaf["kernel"]), np.asarray(leaf["bias"])

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from embjax import sharding, train as train_lib
+from embjax.models import layers
 
 # Bump when the training procedure changes in a way that changes the weights.
 TRAINING_VERSION = 3
@@ -125,21 +126,10 @@ def cosine_margin_loss(features: jax.Array, kernel: jax.Array, labels: jax.Array
 
 
 def _classifier_path(module, variables, sample) -> tuple[str, ...]:
-    """The params path of the classifier: the one 2-D kernel of shape (pre_logits width, classes)."""
+    """The params path of the classifier (embjax.models.layers.classifier_path), its shape (pre_logits
+    width, classes) read off the model's outputs."""
     out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, sample)
-    shape = (out["pre_logits"].shape[-1], out["logits"].shape[-1])
-    paths = [tuple(str(getattr(k, "key", k)) for k in path[:-1])
-             for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
-             if str(getattr(path[-1], "key", "")) == "kernel" and tuple(np.shape(leaf)) == shape]
-    if len(paths) != 1:
-        raise ValueError(f"zoo: expected one classifier kernel of shape {shape}, found {len(paths)}: {paths}")
-    return paths[0]
-
-
-def _at(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
+    return layers.classifier_path(variables["params"], out["pre_logits"].shape[-1], out["logits"].shape[-1])
 
 
 def cosine_head(variables, path: tuple[str, ...]) -> dict:
@@ -226,7 +216,7 @@ def cosine_classifier_loss(module, preprocess: Callable[[jax.Array], jax.Array],
         del rng
         out, updates = module.apply({"params": params, "batch_stats": batch_stats}, preprocess(batch["image"]),
                                     train=True, mutable=["batch_stats"])
-        kernel, labels = _at(params, path)["kernel"], batch["label"]
+        kernel, labels = layers.subtree(params, path)["kernel"], batch["label"]
         loss = cosine_margin_loss(out["pre_logits"], kernel, labels)
         pred = jnp.argmax(cosine_logits(out["pre_logits"], kernel), -1)
         return loss, (updates["batch_stats"], {"train acc": jnp.mean(pred == labels)})

@@ -66,8 +66,8 @@ def run(config, workdir: str):
 
     # 2. Maps for every ordered pair (and the rank sweep's maps, from the same eigendecompositions).
     ranks = sorted({int(r) for r in config.curve_ranks if 1 <= int(r) < min(dims)} | {min(dims)})
-    all_maps, map_warnings, rank_sweep = pair_maps.fit_families(fit, names, dims, ridge=config.ridge, rank=config.rank,
-                                                                sweep_ranks=ranks)
+    all_maps, map_warnings, rank_sweep, map_seconds = pair_maps.fit_families(fit, names, dims, ridge=config.ridge,
+                                                                             rank=config.rank, sweep_ranks=ranks)
     for w in map_warnings:
         print(f"[warning] {w}", flush=True)
 
@@ -102,8 +102,8 @@ def run(config, workdir: str):
     # 4. The grids (direct; hub and learned), similarity and the curves, each memoized for a resumed run.
     grids = engine.memo("cells", lambda: cells.settings_grid(native, mapped, labels, index, pairs, FAMILIES,
                                                              metric_kw))
-    extra_grids, extra_info = hub_and_learned_grid(config, engine, fit, names, native, all_maps["affine"], labels,
-                                                   index, pairs, metric_kw)
+    extra_grids, extra_info = hub_and_learned_grid(config, engine, fit, names, native, all_maps["affine"],
+                                                   map_seconds["affine"], labels, index, pairs, metric_kw)
     sim = engine.memo("similarity", functools.partial(similarity_matrices, config, fit, native,
                                                       all_maps["procrustes"]))
     curve = engine.memo("curves", functools.partial(curves, config, by_size, sizes, names, dims, native, labels,
@@ -116,9 +116,11 @@ def run(config, workdir: str):
     return results, engine
 
 
-def hub_and_learned_grid(config, engine, fit, names, native, affine, labels, index, pairs, metric_kw):
+def hub_and_learned_grid(config, engine, fit, names, native, affine, affine_seconds, labels, index, pairs,
+                         metric_kw):
     """The grid of the hub and learned families (embjax.pair_maps.hub_and_learned; memoized) and their
-    results entries: ({"setting|family": cells}, {"hub_maps": ..., "learned_maps": ...})."""
+    results entries: ({"setting|family": cells}, {"hub_maps": ..., "learned_maps": ...}); `affine_seconds`:
+    the solve of the `affine` maps the learned maps start from."""
     from embjax import cells, pair_maps
 
     def fit_features():  # the learned maps' training data, stored by the fit pass
@@ -128,7 +130,8 @@ def hub_and_learned_grid(config, engine, fit, names, native, affine, labels, ind
     mapped, encoded, settings, info = pair_maps.hub_and_learned(
         fit, native, affine, hub_ranks=config.hub_ranks, hub_methods=tuple(config.hub_methods),
         hub_ridge=config.hub_ridge, procrustes_iters=config.procrustes_iters, learned=common.to_dict(config.learned),
-        fit_features=fit_features, heads=[m.head for m in engine.members], memo=engine.memo, log=engine.log)
+        fit_features=fit_features, heads=[m.head for m in engine.members], affine_seconds=affine_seconds,
+        memo=engine.memo, log=engine.log)
     if not settings:
         return {}, info
     return engine.memo("extra_cells", lambda: cells.settings_grid(
@@ -173,8 +176,8 @@ def curves(config, by_size, sizes, names, dims, native, labels, index, metric_kw
     pairs_ij = [(i, j) for i in range(n) for j in range(n) if i != j]
     curve_warnings, tasks = [], []  # small fit sizes are ridge-regularised by maps.affine: said, never silent
     for size, st in zip(sizes, by_size):
-        fam_maps, size_warnings, _ = pair_maps.fit_families(st, names, dims, ridge=config.ridge, rank=config.rank,
-                                                            families=families)
+        fam_maps, size_warnings, _, _ = pair_maps.fit_families(st, names, dims, ridge=config.ridge,
+                                                               rank=config.rank, families=families)
         curve_warnings.extend(f"fit-size curve, {size} samples: {w}" for w in size_warnings)
         tasks += [(("size", f, size), i, j, fam_maps[f][(i, j)]) for f in families for i, j in pairs_ij]
     tasks += [(("rank", r), i, j, rank_sweep[(i, j)][k]) for k, r in enumerate(ranks) for i, j in pairs_ij]

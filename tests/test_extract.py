@@ -193,6 +193,15 @@ def test_find_head_is_unique_and_checked():
     assert k.shape == (8, 10) and b[3] == 3
     with pytest.raises(ValueError, match="exactly one classifier"):
         extract.find_head({"params": params}, 8, 1000)
+    # The one search behind find_head and the zoo's cosine head: a path, also over abstract leaves.
+    from embjax.models import layers
+
+    nested = {"backbone": params, "other": {"kernel": np.zeros((8, 3))}}
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nested)
+    assert layers.classifier_path(shapes, 8, 10) == ("backbone", "head")
+    assert layers.subtree(nested, ("backbone", "head"))["bias"][3] == 3
+    with pytest.raises(ValueError, match="has no bias"):
+        extract.find_head({"params": {"head": {"kernel": np.ones((8, 10))}}}, 8, 10)
 
 
 def test_batch_size_must_divide_over_devices():

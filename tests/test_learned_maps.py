@@ -83,3 +83,24 @@ def test_bad_input():
         learned_maps.fit(learned_maps.init_linear(w, b), np.zeros((5, 3), np.float32))
     with pytest.raises(ValueError, match="loss must be one of"):
         learned_maps.fit(learned_maps.init_linear(w, b), np.zeros((5, 3), np.float32), loss="hinge")
+    with pytest.raises(ValueError, match="family must be one of"):
+        learned_maps.init("learned_cnn", w, b)
+    with pytest.raises(ValueError, match="needs a random key"):
+        learned_maps.init("learned_mlp", w, b)
+
+
+def test_init_is_each_family_from_the_closed_form():
+    """`init` (what fit_pairs and embjax.bct start from): the family's own initialiser, the rank clipped to
+    the map's width (rank 5 of a 3 x 2 map is full rank 2, factored)."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    w, b = rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+    key = jax.random.key(7)
+    cases = [(learned_maps.init("learned", w, b, key=key), learned_maps.init_linear(w, b)),
+             (learned_maps.init("learned", w, b, rank=5), learned_maps.init_linear(w, b, 2)),
+             (learned_maps.init("learned_mlp", w, b, hidden=4, rank=1, key=key), learned_maps.init_mlp(w, b, 4, key, 1))]
+    for got, want in cases:
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)

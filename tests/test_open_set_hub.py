@@ -14,8 +14,11 @@ and at rank 2 (one latent direction lost) none of this holds, which shows the ch
 The hubs are solved from float64 statistics (the rank-deficient blocks' null eigenvalues are then
 1e-16 of the largest, far below the pseudo-inverse's cut); the metrics run in float32 as in the study.
 Both tests run in the whole tier (about 9 and 6 CPU-seconds); the everyday tier sees the hub families in
-tests/test_open_set.py's smoke run.
+tests/test_open_set.py's smoke run, and here that a resumed run loads the hubs from the engine's memo
+(stand-in solvers, calls counted: about 1.5 CPU-seconds).
 """
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -95,7 +98,7 @@ def test_hub_cells_on_a_planted_latent():
 
 
 @pytest.mark.slow  # 6 CPU s, mostly compiling the vmapped training steps
-def test_learned_families_start_at_the_affine_maps():
+def test_learned_families_start_at_the_affine_maps(monkeypatch):
     """Learned maps start at the closed-form affine maps, exact here, and a few AdamW steps of 1e-6 move
     their weights by about 1e-6 each: every pair's mapped embeddings stay the target's own features to
     1e-3 of their scale (a pair or source mixed up is off by the features' whole scale)."""
@@ -103,11 +106,19 @@ def test_learned_families_start_at_the_affine_maps():
     _, _, fit_labels, _, (fit, native) = _planted(rng, dims=(3, 3, 3))  # invertible: no ridge needed
     fit, native = [x.astype(np.float32) for x in fit], [x.astype(np.float32) for x in native]
     st = stats.update(stats.init([x.shape[1] for x in fit]), fit)
+    start = time.perf_counter()
     affine = maps.affine_all(st)
+    affine_seconds = time.perf_counter() - start
     learned = dict(families=("learned", "learned_mlp"), loss="regression", hidden=8, epochs=2, batch_size=100,
                    learning_rate=1e-6)
+
+    def solve_again(*args, **kwargs):
+        raise AssertionError("hub_and_learned solved the affine maps again")
+
+    monkeypatch.setattr(maps, "affine_all", solve_again)  # they come from the caller, with their time
     mapped, encoded, settings, info = pair_maps.hub_and_learned(st, native, affine, learned=learned,
-                                                                fit_features=lambda: (fit, fit_labels))
+                                                                fit_features=lambda: (fit, fit_labels),
+                                                                affine_seconds=affine_seconds)
     assert settings == {"learned": ("mapped",), "learned_mlp": ("mapped",)} and encoded == {}
     for f in ("learned", "learned_mlp"):
         for i in range(3):
@@ -118,7 +129,49 @@ def test_learned_families_start_at_the_affine_maps():
         loss = info["learned_maps"]["final_loss"][f]
         assert all((loss[i][j] is None) == (i == j) for i in range(3) for j in range(3))
         assert info["seconds"]["learned_training"][f] > 0
-    assert info["seconds"]["closed_form_affine"] > 0
+    assert info["seconds"]["closed_form_affine"] == affine_seconds  # the caller's solve, not a second one
     with pytest.raises(ValueError, match="learned.loss=task needs every model's classifier head"):
         pair_maps.hub_and_learned(st, native, affine, learned={**learned, "loss": "task"}, heads=[None] * 3,
                                   fit_features=lambda: (fit, fit_labels))
+
+
+def test_a_resumed_run_loads_the_hubs_instead_of_solving_them(tmp_path, monkeypatch):
+    """The hubs go through the engine's memo (memo "hubs"), like every other derived result of the study: a
+    second run in the same workdir, as a resumed study, calls neither solver (calls counted) and gives
+    bit-identical hub maps and coordinates, and the solves' seconds as first measured. The solvers are
+    stand-ins returning fixed random hubs (the real ones are planted-answer tested above; compiling them
+    would cost this everyday test seconds)."""
+    from embjax import canonical, extract
+
+    rng = np.random.default_rng(5)
+    dims, calls = (3, 5, 4), []
+
+    def solver(method):
+        def solve(st, ranks, **kwargs):
+            calls.append(method)
+            return {k: canonical.Hub(*(tuple(rng.standard_normal(shape(d)).astype(np.float32) for d in dims)
+                                       for shape in (lambda d: (d, k), lambda d: (k, d), lambda d: (d,))))
+                    for k in ranks}, None
+        return solve
+
+    for method in pair_maps.HUB_METHODS:
+        monkeypatch.setattr(canonical, method, solver(method))
+    native = [x.astype(np.float32) for x in _planted(rng, dims=dims)[4][1]]
+    st = stats.init(list(dims))  # the stand-ins read nothing of it; hub_and_learned reads its widths
+
+    def run():
+        engine = extract.Engine([], str(tmp_path), batch_size=8, fingerprint={"hubs": 1}, log=lambda line: None)
+        mapped, encoded, settings, info = pair_maps.hub_and_learned(st, native, {}, hub_ranks=(2,),
+                                                                    memo=engine.memo)
+        pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+        return {f: [np.asarray(mapped(f, i, j)) for i, j in pairs] + encoded[f] for f in settings}, info
+
+    first, first_info = run()
+    assert calls == ["gcca", "procrustes"]
+    second, second_info = run()
+    assert calls == ["gcca", "procrustes"], "the resumed run solved the hubs again"
+    assert list(first) == list(second) == ["gcca_2", "procrustes_hub_2"]
+    for f in first:
+        for a, b in zip(first[f], second[f], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f)
+    assert second_info == first_info

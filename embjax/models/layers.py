@@ -1,4 +1,5 @@
-"""What every family module uses: the BatchNorm-or-folded helper, and the named layer outputs.
+"""What every family module uses: the BatchNorm-or-folded helper, the named layer outputs, and where a
+model's classifier sits in its params (`classifier_path`).
 
 BatchNorm helpers (embjax.models.folding makes the folded variables; these are the module side):
 
@@ -35,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("conv", "fc", "pool", "block")
 
@@ -189,5 +191,31 @@ def named_layers(module: nn.Module, sample) -> tuple[Layer, ...]:
     return traced_layers(lambda x: module.init(jax.random.key(0), x), sample)[0]
 
 
+# ---------------------------------------------------------------------------------------------------
+# The classifier inside a params tree
+
+
+def classifier_path(params, feature_dim: int, num_classes: int) -> tuple[str, ...]:
+    """The path (module names from the top) of the classifier in a params tree: the one module whose
+    `kernel` has shape (feature_dim, num_classes) (convolution kernels are 4-D, so the match is unique in
+    a CNN). The leaves may be arrays or jax.ShapeDtypeStructs; the one search behind
+    embjax.members.find_head and the zoo's cosine classifier."""
+    shape = (int(feature_dim), int(num_classes))
+    found = [tuple(str(getattr(k, "key", k)) for k in path[:-1])
+             for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if path and str(getattr(path[-1], "key", "")) == "kernel" and tuple(np.shape(leaf)) == shape]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one classifier kernel of shape {shape} in the params, found "
+                         f"{len(found)}: {['/'.join(p) for p in found]}")
+    return found[0]
+
+
+def subtree(tree, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]...: the module at `path` (e.g. classifier_path's) in a params tree."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 __all__ = ["KINDS", "ScaleShift", "identity", "batchnorm", "check_inference", "Layer", "tap", "exposes_layers",
-           "traced_layers", "named_layers"]
+           "traced_layers", "named_layers", "classifier_path", "subtree"]
