@@ -156,7 +156,14 @@ def test_each_family_folds_with_its_own_epsilon():
 ZOO = ("zoo_resnet_v1", "zoo_resnet_v2", "zoo_inception", "zoo_mobilenet_v2", "zoo_efficientnet_lite")
 
 
-@pytest.mark.parametrize("name", ZOO)
+# Everyday: one model per layer mix (plain ResNet, Inception branches, depthwise + squeeze-excitation);
+# ResNet-v2's pre-activation BatchNorms and MobileNet-v2's depthwise blocks fold in the whole tier, and
+# test_resnet_v2_preactivation_batchnorm_stays_a_scale_and_shift keeps v2's rule everyday.
+_FOLD_WHOLE_TIER = {"zoo_resnet_v2", "zoo_mobilenet_v2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _FOLD_WHOLE_TIER else n
+                                  for n in ZOO])
 def test_zoo_models_fold(name):
     module = registry.get(name).build()
     x = jnp.asarray(np.random.default_rng(2).normal(0.0, 1.0, (4, 28, 28, 1)), jnp.float32)
@@ -179,7 +186,7 @@ def test_resnet50_v1_full_size_folds():
     assert_same_outputs(module, variables, folded_module, folded, x)
 
 
-@pytest.mark.parametrize("conv_bias,stride_in_1x1", [(False, False), (True, True)])
+@pytest.mark.parametrize("conv_bias,stride_in_1x1", [(False, False), pytest.param(True, True, marks=pytest.mark.slow)])
 def test_resnet_v1_without_conv_biases_folds(conv_bias, stride_in_1x1):
     # torchvision's layout (no conv biases, stride on the 3x3): folding gives each conv a bias.
     module = resnet.resnet(50, 1, num_classes=5, stage_sizes=(1, 2, 1, 1), conv_bias=conv_bias,
@@ -190,7 +197,7 @@ def test_resnet_v1_without_conv_biases_folds(conv_bias, stride_in_1x1):
     assert_same_outputs(module, variables, folding.fold_module(module), folded, x)
 
 
-@pytest.mark.parametrize("stem_pool", [True, False])
+@pytest.mark.parametrize("stem_pool", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_resnet_v2_preactivation_batchnorm_stays_a_scale_and_shift(stem_pool):
     # v2's preact_bn reads the residual stream: after a max-pool (ImageNet stem), or straight from the
     # stem conv whose raw output is also the named `stem` output (zoo stem). Neither can be folded into

@@ -40,8 +40,9 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, cache):
     workdir = tmp_path_factory.mktemp("baseline")
-    # keep the feature stores after the report (the default run keeps them too; this checks their content)
-    proc = run_study(workdir, cache)
+    # keep the feature stores after the report (the default run keeps them too; this checks their content);
+    # no checkpoint inside a pass: the killed run (checkpoints every 3 batches) must match it all the same
+    proc = run_study(workdir, cache, "--config.checkpoint_every=1000")
     results, run_dir = load_results(workdir)
     return results, run_dir, workdir, proc
 

@@ -205,7 +205,8 @@ def test_load_weights_reads_and_converts_a_saved_model_directory():
         ("mobilenet_v2_140_slim", tf_slim.mobilenet_v2_name_map()),
         ("inception_v1", tf_slim.slim_inception_name_map("inception_v1")),
         ("inception_v2", tf_slim.slim_inception_name_map("inception_v2")),
-        ("inception_v4_slim", tf_slim.slim_inception_name_map("inception_v4")),
+        pytest.param("inception_v4_slim", tf_slim.slim_inception_name_map("inception_v4"),  # v1 and v2 use its map
+                     marks=pytest.mark.slow),
         ("nasnet_large_slim", tf_slim.nasnet_large_name_map()),
         ("pnasnet_large_slim", tf_slim.pnasnet_large_name_map()),
     ],
