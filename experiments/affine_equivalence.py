@@ -128,23 +128,18 @@ def learned_maps(engine, names, dims, affine, heads, cfg: dict) -> tuple[dict, d
         return {}, {}
     store = engine.store("fit")
     feats, labels = [store.array(f"{n}/pre_logits") for n in names], store.labels
+    params, trained = lm.fit_families(feats, labels, heads, affine, families, memo=engine.memo, log=engine.log, **cfg)
     out, info = {}, {}
-    for family in families:
-        def train(family=family):
-            params, meta = lm.fit_pairs(feats, labels, heads, affine, family, log=engine.log, **cfg)
-            return {"params": {f"{s}_{t}": p for (s, t), p in params.items()}, "seconds": meta["seconds"],
-                    "final_loss": {f"{s}_{t}": v[-1] for (s, t), v in meta["loss"].items() if v}}
-
-        value = engine.memo(f"learned_{family}", train)
-        params = {tuple(int(i) for i in k.split("_")): p for k, p in value["params"].items()}
+    for family, pairs in params.items():
         if family == "learned":
-            out[family] = evaluate.stack_maps({k: lm.as_affine(p) for k, p in params.items()}, dims)
+            out[family] = evaluate.stack_maps({k: lm.as_affine(p) for k, p in pairs.items()}, dims)
         else:
             out[family] = evaluate.mlp_maps({k: (*lm.as_affine(p), p["w1"], p["b1"], p["w2"])
-                                             for k, p in params.items()}, dims)
-        info[family] = {"seconds": float(value["seconds"]),
-                        "final_loss": [[None if i == j or f"{i}_{j}" not in value["final_loss"] else float(value["final_loss"][f"{i}_{j}"])
-                                        for j in range(len(names))] for i in range(len(names))]}
+                                             for k, p in pairs.items()}, dims)
+        loss = trained[family]["final_loss"]
+        info[family] = {"seconds": trained[family]["seconds"],
+                        "final_loss": [[None if i == j else loss.get((i, j)) for j in range(len(names))]
+                                       for i in range(len(names))]}
     return out, info
 
 
