@@ -56,8 +56,12 @@ def _args(argv):
                     help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
     ap.add_argument("--only-canonical", action="store_true", help="with --canonical: skip the engine's steps")
     ap.add_argument("--measure", type=int, default=0, metavar="D",
-                    help="with --canonical: also run GCCA at joint width D (the thesis' widths scaled) in a fresh "
-                         "process and print its measured peak resident memory beside XLA's plan")
+                    help="with --canonical: also run GCCA and Procrustes at joint width D (the thesis' widths "
+                         "scaled) in a fresh process and print their measured peak resident memory")
+    ap.add_argument("--methods", default="gcca,procrustes", help="with --measure: the methods measured")
+    ap.add_argument("--solvers", default=None,
+                    help="with --measure: the eigensolvers measured, comma-separated (default: all embjax has)")
+    ap.add_argument("--iters", type=int, default=3, help="with --measure: Procrustes' sweeps per measured run")
     ap.add_argument("--measure-child", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -78,12 +82,14 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_child(width: int, k: int) -> dict:
-    """GCCA on statistics of joint width `width` (a low-rank-plus-diagonal C built on the device, so no
-    host copy inflates the peak): a first run compiles, then each eigensolver runs measured from a reset
-    peak (`/proc/self/clear_refs`) on. Returns the bytes of C and, per eigensolver, the rise of the peak
-    over the resident set at the start of its run (C, the compiled steps, the runtime): GCCA's own
-    memory. (Run with an older embjax on the path, it measures that one's single path.)"""
+def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: int = 3) -> dict:
+    """Each method (GCCA, generalized Procrustes) on statistics of joint width `width` (a low-rank-plus-
+    diagonal C built on the device, so no host copy inflates the peak): a first run compiles (Procrustes
+    with one sweep), then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
+    (Procrustes with `iters` sweeps: its memory does not grow with them). Returns the bytes of C and, per
+    method and eigensolver, the rise of the peak over the resident set at the start of its run (C, the
+    compiled steps, the runtime): the method's own memory. (Run with an older embjax on the path, it
+    measures that one's single path, as "divide_and_conquer".)"""
     import jax
     import jax.numpy as jnp
 
@@ -94,20 +100,26 @@ def measure_child(width: int, k: int) -> dict:
     cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
     state = stats.Stats(count=jnp.asarray(1000, jnp.int32), mean=jnp.zeros((width,), jnp.float32), cross=cross,
                         dims=dims)
-    jax.block_until_ready(canonical.gcca(state, [k])[1])  # compiles every XLA step of both paths but one
-    out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4}
-    for solver in getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",)):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        before, start = _rss("VmRSS"), time.perf_counter()
-        kw = {"eigensolver": solver} if hasattr(canonical, "EIGENSOLVERS") else {}
-        jax.block_until_ready(canonical.gcca(state, [k], **kw)[1])
-        out[solver] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
-                       "seconds": time.perf_counter() - start}
+    known = getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",))
+    out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4, "k": k, "iters": iters}
+    for method in methods:
+        solve = {"gcca": lambda kw, it: canonical.gcca(state, [k], **kw)[0],
+                 "procrustes": lambda kw, it: canonical.procrustes(state, [k], iters=it, **kw)[0]}[method]
+        jax.block_until_ready(solve({}, 1))  # compiles every XLA step of the default path
+        for solver in solvers or known:
+            if solver not in known:
+                continue
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            before, start = _rss("VmRSS"), time.perf_counter()
+            kw = {"eigensolver": solver} if hasattr(canonical, "EIGENSOLVERS") else {}
+            jax.block_until_ready(solve(kw, iters))
+            out[f"{method} {solver}"] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
+                                         "seconds": time.perf_counter() - start}
     return out
 
 
-def _measure(width: int, k: int) -> None:
+def _measure(width: int, k: int, methods: str, solvers: str | None, iters: int) -> None:
     import json
     import subprocess
 
@@ -115,19 +127,22 @@ def _measure(width: int, k: int) -> None:
     plan = canonical_plan(dims, k)
     gcca = {name: r for name, r in plan.items() if name.startswith("GCCA")}
     planned = max(r["peak"] for r in gcca.values()) - width * width * 4
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical",
-                          str(k)], capture_output=True, text=True, check=True, env=os.environ)
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical", str(k),
+           "--methods", methods, "--iters", str(iters)] + (["--solvers", solvers] if solvers else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     unit = width * width * 4
-    print(f"\nGCCA run at D = {width} (the thesis' widths scaled: {dims}), k = {k}, in a fresh process; one D × D "
-          f"is {unit / 2**20:.1f} MiB. Beyond C, XLA plans {planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) "
-          "for the divide_and_conquer path; LAPACK's ?syevd allocates 1 + 6D + 2D² floats of its own besides.")
-    print("| eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")
-    print("|---|---:|---:|---:|---:|")
-    for solver in ("divide_and_conquer", "qr"):
-        r = m[solver]
-        print(f"| {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
-              f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
+    print(f"\nmeasured at D = {width} (the thesis' widths scaled: {dims}), k = {k}, Procrustes with {iters} "
+          f"sweeps, in a fresh process; one D × D is {unit / 2**20:.1f} MiB. Beyond C, XLA plans "
+          f"{planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) for GCCA's divide_and_conquer path; LAPACK's "
+          "?syevd allocates 1 + 6D + 2D² floats of its own besides.")
+    print("| method | eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")
+    print("|---|---|---:|---:|---:|---:|")
+    for key, r in m.items():
+        if isinstance(r, dict):
+            method, solver = key.split(" ")
+            print(f"| {method} | {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
+                  f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
 
 
 def canonical_plan(widths, k: int) -> dict:
@@ -160,11 +175,25 @@ def canonical_plan(widths, k: int) -> dict:
             f32(total, total), f32(total), k=k).compile(), live=c_bytes)
         out[f"GCCA 5: encoders, decoders, k = {k}"] = analyse(canonical._gcca_maps.lower(
             f32(k, total), f32(total), whiten, dims=dims).compile(), live=c_bytes)
-        out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
-            f32(total, total), f32(total), dims=dims, k_max=k).compile())
-        out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
-            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
-            iters=500).compile())
+        if hasattr(canonical, "_rotate_block"):  # Procrustes as one step per block row, C read in place
+            out["Procrustes 1: the scaled joint covariance into the workspace"] = analyse(canonical._scaled.lower(
+                f32(total, total), f32(total)).compile())
+            out["Procrustes 2: eigenvectors in the workspace (as GCCA 3)"] = out["GCCA 3: eigenvectors in the workspace"]
+            # The block row is a view of C on CPU (canonical._row_block): C counted once, not twice.
+            d_max = max(dims)
+            out[f"Procrustes 3: a sweep's block step (widest), k = {k}"] = analyse(canonical._rotate_block.lower(
+                f32(d_max, total), f32(total, k), f32(total), f32(total), count, a=0).compile(),
+                live=c_bytes - d_max * total * 4)
+            out[f"Procrustes 4: the objective after a sweep, k = {k}"] = analyse(canonical._objective.lower(
+                f32(total, total), f32(total, k), count, dims=dims).compile())
+            out[f"Procrustes 5: encoders, decoders, k = {k}"] = analyse(canonical._gpa_maps.lower(
+                f32(total, total), count, f32(total, k), scalar, scalar, dims=dims).compile())
+        else:  # embjax before the change (one while_loop over C)
+            out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
+                f32(total, total), f32(total), dims=dims, k_max=k).compile())
+            out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
+                f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
+                iters=500).compile())
     return out
 
 
@@ -215,7 +244,9 @@ def main(argv=None) -> int:
 
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        print(json.dumps(measure_child(a.measure_child, a.canonical)), flush=True)
+        solvers = a.solvers.split(",") if a.solvers else None
+        print(json.dumps(measure_child(a.measure_child, a.canonical, a.methods.split(","), solvers, a.iters)),
+              flush=True)
         return 0
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={a.devices}").strip()
@@ -269,7 +300,7 @@ def main(argv=None) -> int:
     if a.canonical and a.only_canonical:
         _print_canonical(widths, a.canonical)
         if a.measure:
-            _measure(a.measure, a.canonical)
+            _measure(a.measure, a.canonical, a.methods, a.solvers, a.iters)
         return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, accumulator=fit_acc)
