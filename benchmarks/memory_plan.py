@@ -62,6 +62,10 @@ def _args(argv):
     ap.add_argument("--solvers", default=None,
                     help="with --measure: the eigensolvers measured, comma-separated (default: all embjax has)")
     ap.add_argument("--iters", type=int, default=3, help="with --measure: Procrustes' sweeps per measured run")
+    ap.add_argument("--time-solvers", type=int, default=0, metavar="D",
+                    help="with --canonical K: time the eigendecomposition step alone at joint width D, per "
+                         "eigensolver (--solvers), in --rounds alternating rounds")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--measure-child", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -143,6 +147,49 @@ def _measure(width: int, k: int, methods: str, solvers: str | None, iters: int) 
             method, solver = key.split(" ")
             print(f"| {method} | {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
                   f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
+
+
+def time_eigensolvers(width: int, k: int, solvers, rounds: int) -> None:
+    """Seconds of the eigendecomposition step alone (the workspace filled, decomposed, the top k rows out:
+    canonical._top_eigenpairs) for each eigensolver, in alternating rounds, on both methods' matrices
+    from the same statistics as `measure_child`: GCCA's whitened joint covariance B (a clustered spectrum:
+    the whitened noise directions sit near 1) and Procrustes' scaled joint covariance (a spread one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from embjax import canonical
+
+    dims = tuple(scaled_widths(width))
+    u = jax.random.normal(jax.random.key(0), (width, 64), jnp.float32)
+    cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
+    count = jnp.asarray(1000, jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        whiten = canonical._whitening(cross, count, 0.0, 1e6, dims=dims)
+        tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(cross[a:b, a:b])) for a, b in
+                              canonical._block_rows(cross, dims)])
+        scale = jax.lax.rsqrt(tr / count)
+
+        def gcca_work():
+            work = jnp.zeros_like(cross)
+            for i in range(len(dims)):
+                work = canonical._whitened_row(work, cross, count, whiten, dims=dims, i=i)
+            return work
+
+        matrices = {"gcca (whitened B)": (gcca_work, lambda i: canonical._whitened_block_row(
+                        cross, count, whiten, dims=dims, i=i)),
+                    "procrustes (scaled C)": (lambda: canonical._scaled(cross, scale),
+                                              lambda i: canonical._scaled_block_row(cross, scale, dims=dims, i=i))}
+        print(f"\neigendecomposition step alone at D = {width}, top k = {k}, {rounds} alternating rounds (seconds):")
+        print("| matrix | round | " + " | ".join(solvers) + " |")
+        print("|---|---:|" + "---:|" * len(solvers))
+        for name, (workspace, block_row) in matrices.items():
+            for r in range(rounds):
+                row = []
+                for solver in solvers:
+                    start = time.perf_counter()
+                    jax.block_until_ready(canonical._top_eigenpairs(workspace, block_row, dims, k, solver, name))
+                    row.append(time.perf_counter() - start)
+                print(f"| {name} | {r + 1} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
 
 def canonical_plan(widths, k: int) -> dict:
@@ -301,6 +348,9 @@ def main(argv=None) -> int:
         _print_canonical(widths, a.canonical)
         if a.measure:
             _measure(a.measure, a.canonical, a.methods, a.solvers, a.iters)
+        if a.time_solvers:
+            time_eigensolvers(a.time_solvers, a.canonical, (a.solvers or "divide_and_conquer,subset").split(","),
+                              a.rounds)
         return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, accumulator=fit_acc)

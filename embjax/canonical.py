@@ -409,6 +409,8 @@ def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: floa
     tol = float(np.sqrt(jnp.finfo(dtype).eps)) if tol is None else tol
     tol_objective = 10 * float(jnp.finfo(dtype).eps) if tol_objective is None else tol_objective
     dims, cross = tuple(state.dims), state.cross
+    if not isinstance(cross, jax.Array):  # host statistics (NumPy): one device array for every step, aliased
+        cross = jax.device_put(np.ascontiguousarray(cross), may_alias=True)
     with jax.default_matmul_precision("highest"):
         tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(cross[a:b, a:b])) for a, b in _block_rows(cross, dims)])
         scale = jnp.where(tr > 0, jax.lax.rsqrt(jnp.where(tr > 0, tr / state.count, 1.0)), 0.0).astype(dtype)

@@ -66,7 +66,7 @@ def hub_family(method: str, k: int) -> str:
 def hub_families(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: int = 500,
                  eigensolver: str = "divide_and_conquer"):
     """Canonical hubs (embjax.canonical) of every method at every rank, from one set of joint statistics
-    (`eigensolver`: GCCA's, see canonical.gcca).
+    (`eigensolver`: the eigendecomposition of both methods, see canonical.gcca).
 
     Returns ({family: {(i, j): (W, b)}}: source → hub → target composed into one affine map for every
     ordered pair i ≠ j, {family: Hub} with NumPy arrays (its encoders give the hub coordinates), and
@@ -76,7 +76,8 @@ def hub_families(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: i
         raise ValueError(f"pair_maps.hub_families: unknown methods {unknown}; choose from {HUB_METHODS}")
     ranks = sorted({int(k) for k in ranks})
     solvers = {"gcca": lambda: canonical.gcca(st, ranks, ridge=ridge, eigensolver=eigensolver)[0],
-               "procrustes": lambda: canonical.procrustes(st, ranks, ridge=ridge, iters=iters)[0]}
+               "procrustes": lambda: canonical.procrustes(st, ranks, ridge=ridge, iters=iters,
+                                                          eigensolver=eigensolver)[0]}
     out, hubs, cpu = {}, {}, {}
     for method in methods:
         t = time.process_time()
