@@ -89,11 +89,13 @@ def _rss(field: str) -> int:
 def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: int = 3) -> dict:
     """Each method (GCCA, generalized Procrustes) on statistics of joint width `width` (a low-rank-plus-
     diagonal C built on the device, so no host copy inflates the peak): a first run compiles (Procrustes
-    with one sweep), then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
+    with the same sweeps), then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
     (Procrustes with `iters` sweeps: its memory does not grow with them). Returns the bytes of C and, per
     method and eigensolver, the rise of the peak over the resident set at the start of its run (C, the
     compiled steps, the runtime): the method's own memory. (Run with an older embjax on the path, it
     measures that one's single path, as "divide_and_conquer".)"""
+    import inspect
+
     import jax
     import jax.numpy as jnp
 
@@ -104,19 +106,20 @@ def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: in
     cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
     state = stats.Stats(count=jnp.asarray(1000, jnp.int32), mean=jnp.zeros((width,), jnp.float32), cross=cross,
                         dims=dims)
-    known = getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",))
     out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4, "k": k, "iters": iters}
     for method in methods:
+        takes = "eigensolver" in inspect.signature(getattr(canonical, method)).parameters
+        known = getattr(canonical, "EIGENSOLVERS", ()) if takes else ("divide_and_conquer",)
         solve = {"gcca": lambda kw, it: canonical.gcca(state, [k], **kw)[0],
                  "procrustes": lambda kw, it: canonical.procrustes(state, [k], iters=it, **kw)[0]}[method]
-        jax.block_until_ready(solve({}, 1))  # compiles every XLA step of the default path
+        jax.block_until_ready(solve({}, iters))  # compiles every XLA step of the default path
         for solver in solvers or known:
             if solver not in known:
                 continue
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
             before, start = _rss("VmRSS"), time.perf_counter()
-            kw = {"eigensolver": solver} if hasattr(canonical, "EIGENSOLVERS") else {}
+            kw = {"eigensolver": solver} if takes else {}
             jax.block_until_ready(solve(kw, iters))
             out[f"{method} {solver}"] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
                                          "seconds": time.perf_counter() - start}

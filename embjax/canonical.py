@@ -231,8 +231,9 @@ def _top_eigenpairs(workspace, block_row, dims, k_max, eigensolver, what):
             work[a:b] = row
             del row
         top, vals, info = _host_eigh(work, k_max, eigensolver)
-        top, vals = jnp.asarray(top), jnp.asarray(vals)
+        top = np.ascontiguousarray(top)  # the top rows on their own, so that the workspace can go first
         del work
+        top, vals = jnp.asarray(top), jnp.asarray(vals)
     if int(info) != 0:
         raise np.linalg.LinAlgError(f"{what} failed (LAPACK info {int(info)}); check the statistics for NaN or inf")
     return top, vals
