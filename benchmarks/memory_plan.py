@@ -20,17 +20,22 @@ replaced). Nothing is executed: shapes only.
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
 
-The canonical-space solves (`--canonical K`) need, at the thesis' width: GCCA, C plus one D × D
-workspace plus one block row of products in XLA's plan (4.14 GiB at most, 3.41 GiB while LAPACK's ?syevd
-decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.5
-D × D measured at D = 4,096, about 7.7 GiB at the thesis' width); with `canonical.gcca(...,
-eigensolver="qr")` C + 1.2 D × D measured (3.7 GiB: one workspace, a block row, the top k eigenvectors)
-at about 7× the time. XLA cannot see
-memory a LAPACK call allocates itself: `--measure D` runs GCCA at joint width D (the thesis' widths
-scaled) in a fresh process and prints the measured rise of the resident set beside XLA's plan
-(embjax/canonical.py's docstring has the figures).
+The canonical-space solves (`--canonical K`) need, at the thesis' width, C plus one D × D workspace in
+XLA's plan, for either method: GCCA C + 1 D × D + one block row of products (4.14 GiB at most, 3.41 GiB
+while LAPACK's ?syevd decomposes the workspace in place); generalized Procrustes 3.41 GiB for its starting
+eigenvectors (the same in-place machinery), then at K = 1024 at most C + 0.78 GiB (2.49 GiB) for its
+sweeps (one jitted step per block row, the row read as a view of C) and maps, where its one while_loop over
+C planned 5.82 GiB. Beside that plan ?syevd allocates 2D² floats of scratch (C + 3.5 D × D measured at
+D = 4,096, about 7.7 GiB at the thesis' width); eigensolver="qr" (?syev, in place) and "subset" (?syevr,
+in place, the top K eigenpairs only) measure C + 1 D × D and a few D × K (3.7–3.9 GiB at the thesis'
+width), "qr" at about 7× the default's time, "subset" at 0.75–1.7× it depending on the spectrum. XLA
+cannot see memory a LAPACK call allocates itself: `--measure D` runs GCCA and Procrustes (`--methods`,
+`--solvers`, `--iters` sweeps) at joint width D (the thesis' widths scaled) in a fresh process and prints
+the measured rise of the resident set beside XLA's plan; `--time-solvers D` times the eigendecomposition
+step alone per eigensolver in alternating rounds (embjax/canonical.py's docstring has the figures).
 
     ./launch.sh bench memory_plan --canonical 1024 --only-canonical --measure 4096
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical --time-solvers 4096 --solvers divide_and_conquer,subset
 """
 from __future__ import annotations
 
@@ -88,8 +93,8 @@ def _rss(field: str) -> int:
 
 def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: int = 3) -> dict:
     """Each method (GCCA, generalized Procrustes) on statistics of joint width `width` (a low-rank-plus-
-    diagonal C built on the device, so no host copy inflates the peak): a first run compiles (Procrustes
-    with the same sweeps), then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
+    diagonal C built on the device, so no host copy inflates the peak): a first run of each eigensolver
+    compiles its steps, then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
     (Procrustes with `iters` sweeps: its memory does not grow with them). Returns the bytes of C and, per
     method and eigensolver, the rise of the peak over the resident set at the start of its run (C, the
     compiled steps, the runtime): the method's own memory. (Run with an older embjax on the path, it
@@ -112,10 +117,10 @@ def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: in
         known = getattr(canonical, "EIGENSOLVERS", ()) if takes else ("divide_and_conquer",)
         solve = {"gcca": lambda kw, it: canonical.gcca(state, [k], **kw)[0],
                  "procrustes": lambda kw, it: canonical.procrustes(state, [k], iters=it, **kw)[0]}[method]
-        jax.block_until_ready(solve({}, iters))  # compiles every XLA step of the default path
-        for solver in solvers or known:
-            if solver not in known:
-                continue
+        measured = [solver for solver in (solvers or known) if solver in known]
+        for solver in measured:  # compiles every XLA step of every path measured (compilers' memory is not theirs)
+            jax.block_until_ready(solve({"eigensolver": solver} if takes else {}, iters))
+        for solver in measured:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
             before, start = _rss("VmRSS"), time.perf_counter()
@@ -134,13 +139,18 @@ def _measure(width: int, k: int, methods: str, solvers: str | None, iters: int) 
     plan = canonical_plan(dims, k)
     gcca = {name: r for name, r in plan.items() if name.startswith("GCCA")}
     planned = max(r["peak"] for r in gcca.values()) - width * width * 4
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical", str(k),
-           "--methods", methods, "--iters", str(iters)] + (["--solvers", solvers] if solvers else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    from embjax import canonical
+
+    m = {}
+    for method in methods.split(","):  # each method and eigensolver in a fresh process of its own
+        for solver in (solvers.split(",") if solvers else getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",))):
+            cmd = [sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical", str(k),
+                   "--methods", method, "--iters", str(iters), "--solvers", solver]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+            m.update(json.loads(out.stdout.strip().splitlines()[-1]))
     unit = width * width * 4
     print(f"\nmeasured at D = {width} (the thesis' widths scaled: {dims}), k = {k}, Procrustes with {iters} "
-          f"sweeps, in a fresh process; one D × D is {unit / 2**20:.1f} MiB. Beyond C, XLA plans "
+          f"sweeps, each row in a fresh process; one D × D is {unit / 2**20:.1f} MiB. Beyond C, XLA plans "
           f"{planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) for GCCA's divide_and_conquer path; LAPACK's "
           "?syevd allocates 1 + 6D + 2D² floats of its own besides.")
     print("| method | eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")

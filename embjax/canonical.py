@@ -29,25 +29,41 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
 Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
-1024 --only-canonical`, XLA's own analysis, compile only). GCCA writes B block row by block row into one
-D × D workspace and decomposes it there. On CPU, LAPACK's ?syevd runs on the workspace's own buffer
-(`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back (XLA's
-plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and at
-most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
-What XLA does not see: ?syevd (divide and conquer) allocates 1 + 6D + 2D² floats of its own. Measured
-as the rise of the resident set beyond C (`memory_plan.py --canonical 1024 --only-canonical --measure
-4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 10–14):
+1024 --only-canonical`, XLA's own analysis, compile only). Both methods build one symmetric D × D
+workspace from C and decompose it there (`_top_eigenpairs`): GCCA writes B into it block row by block
+row, Procrustes the scaled joint covariance s_i s_j C_ij. On CPU, LAPACK's ?syevd runs on the workspace's
+own buffer (`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back
+(XLA's plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and
+at most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
+Procrustes' sweeps used to run in one while_loop over C, where XLA materialised every block row of C twice
+(the row-block slices of the rotation updates and of the objective, hoisted out of the loop: 3.87 GiB of
+temporaries, 5.82 GiB with C at k = 1024). They now run as one jitted step per block, fed its block row
+as a view of C's own buffer (`_row_block`), and take the objective and the encoders' Cov(x, h) from the
+one product C q: at k = 1024 a step plans C + 0.19 GiB, the objective C + 0.32 GiB and the encoders and
+decoders C + 0.78 GiB (the diagonal blocks' pseudo-inverses), so Procrustes too peaks at C + 1 D × D
+(3.41 GiB, its eigendecomposition). What XLA does not see: ?syevd (divide and conquer) allocates
+1 + 6D + 2D² floats of its own. Measured as the rise of the resident set beyond C (`memory_plan.py
+--canonical 1024 --only-canonical --measure 4096`: D = 4,096, the thesis' widths scaled, one D × D = 64
+MiB, k = 1024, so one D × k is 0.25 D × D here; 2-core machine under load):
 
-    before this change (jax's eigh)                    4.61 D × D                                         116 s
-    eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, plus LAPACK's 2)    75 s
-    eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (the workspace, a block row, top k)  531 s
+    GCCA, before the in-place change (jax's eigh)            4.61 D × D                                   116 s
+    GCCA, eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, LAPACK's 2)    75 s
+    GCCA, eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (workspace, a block row, top k) 531 s
+    (those three at load 10–14, the last two in one run)
+    GCCA, "divide_and_conquer"                               SUBSET_TABLE
+    Procrustes, before this change (jax's eigh, while_loop)  3.56 D × D                                    28 s
+    (3 sweeps; `--methods procrustes --iters 3` run on the previous commit, load 4–5)
 
-(the seconds of one process, the last two in one run: under that load only their ratio means much). So at
-the thesis' width the default needs about C + 3.5 D × D (7.7 GiB) and "qr" C + 1.2 D × D (3.7 GiB), the
-one-workspace goal, at about 7× the time (implicit QR applies its rotations to all D eigenvectors).
-Procrustes: C + 1 D × D for its starting eigenvectors (3.50 GiB; plus ?syevd's scratch), then at
-k = 1024 5.82 GiB (3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet
-reduced). Encoders and decoders are D × k.
+(seconds of one process under load: only ratios from one run mean much). So at the thesis' width the
+default needs about C + 3.5 D × D (7.7 GiB), "qr" C + 1.2 D × D (3.7 GiB), "subset" C + 1 D × D and a few
+D × k (about 3.9 GiB at k = 1024), for either method. "qr" takes about 7× the default's time (implicit QR
+applies its rotations to all D eigenvectors). "subset" (?syevr, RANGE = 'I') bisects for the top k
+eigenvalues and refines their eigenvectors by inverse iteration, reorthogonalising within clusters of
+close eigenvalues, so its time depends on the spectrum: timed alone in alternating rounds at D = 4,096,
+k = 1,024 (`memory_plan.py --canonical 1024 --only-canonical --time-solvers 4096`, load 4–6; the second
+round, the first compiles), it took 1.7× the default's time on GCCA's B (clustered: the whitened noise
+directions sit near 1; 22.7 s against 13.5 s) and 0.75× on Procrustes' scaled C (17.6 s against 23.6 s).
+Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """
