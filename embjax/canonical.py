@@ -44,25 +44,28 @@ decoders C + 0.78 GiB (the diagonal blocks' pseudo-inverses), so Procrustes too 
 (3.41 GiB, its eigendecomposition). What XLA does not see: ?syevd (divide and conquer) allocates
 1 + 6D + 2D² floats of its own. Measured as the rise of the resident set beyond C (`memory_plan.py
 --canonical 1024 --only-canonical --measure 4096`: D = 4,096, the thesis' widths scaled, one D × D = 64
-MiB, k = 1024, so one D × k is 0.25 D × D here; 2-core machine under load):
+MiB, k = 1024, so one D × k is 0.25 D × D here; each row a fresh process, compiled before measuring):
 
-    GCCA, before the in-place change (jax's eigh)            4.61 D × D                                   116 s
-    GCCA, eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, LAPACK's 2)    75 s
-    GCCA, eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (workspace, a block row, top k) 531 s
-    (those three at load 10–14, the last two in one run)
-    GCCA, "divide_and_conquer"                               SUBSET_TABLE
-    Procrustes, before this change (jax's eigh, while_loop)  3.56 D × D                                    28 s
-    (3 sweeps; `--methods procrustes --iters 3` run on the previous commit, load 4–5)
+    GCCA, before the in-place eigendecomposition (jax's eigh)      4.61 D × D   (an older run)
+    GCCA, "divide_and_conquer" (default)                           3.26 D × D   (XLA's plan 1.43, LAPACK's 2)
+    GCCA, "qr" (host ?syev, in place, O(D) scratch)                1.15 D × D   (an older run: 7× the default's time)
+    GCCA, "subset" (host ?syevr, in place, the top k only)         1.98 D × D   (workspace, block row, a few D × k)
+    Procrustes, before this change (jax's eigh, one while_loop)    3.55 D × D
+    Procrustes, "divide_and_conquer" (default)                     3.02 D × D
+    Procrustes, "subset"                                           2.27 D × D
 
-(seconds of one process under load: only ratios from one run mean much). So at the thesis' width the
-default needs about C + 3.5 D × D (7.7 GiB), "qr" C + 1.2 D × D (3.7 GiB), "subset" C + 1 D × D and a few
-D × k (about 3.9 GiB at k = 1024), for either method. "qr" takes about 7× the default's time (implicit QR
-applies its rotations to all D eigenvectors). "subset" (?syevr, RANGE = 'I') bisects for the top k
-eigenvalues and refines their eigenvectors by inverse iteration, reorthogonalising within clusters of
-close eigenvalues, so its time depends on the spectrum: timed alone in alternating rounds at D = 4,096,
-k = 1,024 (`memory_plan.py --canonical 1024 --only-canonical --time-solvers 4096`, load 4–6; the second
-round, the first compiles), it took 1.7× the default's time on GCCA's B (clustered: the whitened noise
-directions sit near 1; 22.7 s against 13.5 s) and 0.75× on Procrustes' scaled C (17.6 s against 23.6 s).
+(2026-12-07 16:05–16:09 UTC, load 2–3; "before" is `--methods procrustes,gcca --solvers
+divide_and_conquer` run on commit 869ef13, whose GCCA gave 3.35, the same path to the run's noise; the
+two older rows at load 10–14.) So at the thesis' width the default needs about C + 3.5 D × D (7.7 GiB)
+for either method, "qr" C + 1.2 D × D (3.7 GiB) and "subset" C + 1 D × D and a few D × k: 4–5 D × k
+here, so about C + 1.2 D × D (3.8 GiB) at k = 1024 (an estimate), the one-workspace goal. "subset" pays
+only when max(ranks) ≪ D: at k = D its eigenvectors are a second D × D.
+Its time: ?syevr with RANGE = 'I' bisects for the top k eigenvalues and refines their eigenvectors by
+inverse iteration, reorthogonalising within clusters (MRRR only for the whole spectrum). The
+eigendecomposition step alone, D = 4,096, k = 1,024, three alternating rounds (`memory_plan.py --canonical
+1024 --only-canonical --time-solvers 4096 --rounds 3`, 16:09 UTC, load 1–2; the first round compiles):
+GCCA's B 4.6 s against the default's 3.8–4.1 s, Procrustes' scaled C 4.4–4.5 s against 3.7–4.1 s, so
+about 1.15× the default's time ("qr": about 7×).
 Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).

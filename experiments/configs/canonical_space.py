@@ -12,7 +12,8 @@ same cache) the affine study's zoo models. Extra fields:
   eigensolver  the hubs' eigendecomposition (embjax.canonical: GCCA's, and Procrustes' starting
                directions): "divide_and_conquer" (LAPACK ?syevd, fast; about C + 3.5 D x D resident),
                "qr" (?syev in one workspace: about C + 1.15 D x D, ~7x slower) or "subset" (?syevr in
-               one workspace, only the top max(ranks) eigenpairs); see embjax/canonical.py's docstring
+               one workspace, only the top max(ranks) eigenpairs: lean only when max(ranks) << D, and
+               the default ranks reach D); see embjax/canonical.py's docstring
   tolerance    the intrinsic dimension is the smallest k whose mean relative change over all ordered
                pairs is within this of the direct affine maps' (0.01 = 1 point)
 """
