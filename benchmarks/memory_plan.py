@@ -27,8 +27,8 @@ eigenvectors (the same in-place machinery), then at K = 1024 at most C + 0.78 Gi
 sweeps (one jitted step per block row, the row read as a view of C) and maps, where its one while_loop over
 C planned 5.82 GiB. Beside that plan ?syevd allocates 2D² floats of scratch (C + 3.5 D × D measured at
 D = 4,096, about 7.7 GiB at the thesis' width); eigensolver="qr" (?syev, in place) and "subset" (?syevr,
-in place, the top K eigenpairs only) measure C + 1 D × D and a few D × K (3.7–3.8 GiB at the thesis'
-width), "qr" at about 7× the default's time, "subset" at about 1.15× it (D = 4,096, K = 1,024). XLA
+in place, the top K eigenpairs only) measure C + 1 D × D and a few D × K (about 3.8 GiB at the thesis'
+width), "qr" at 6–11× the default's time, "subset" at about 1.15× it (D = 4,096, K = 1,024). XLA
 cannot see memory a LAPACK call allocates itself: `--measure D` runs GCCA and Procrustes (`--methods`,
 `--solvers`, `--iters` sweeps) at joint width D (the thesis' widths scaled) in a fresh process and prints
 the measured rise of the resident set beside XLA's plan; `--time-solvers D` times the eigendecomposition

@@ -48,25 +48,27 @@ MiB, k = 1024, so one D × k is 0.25 D × D here; each row a fresh process, comp
 
     GCCA, before the in-place eigendecomposition (jax's eigh)      4.61 D × D   (an older run)
     GCCA, "divide_and_conquer" (default)                           3.26 D × D   (XLA's plan 1.43, LAPACK's 2)
-    GCCA, "qr" (host ?syev, in place, O(D) scratch)                1.15 D × D   (an older run: 7× the default's time)
-    GCCA, "subset" (host ?syevr, in place, the top k only)         1.98 D × D   (workspace, block row, a few D × k)
+    GCCA, "qr" (host ?syev, in place, O(D) scratch)                1.84 D × D   (workspace, block row, a few D × k)
+    GCCA, "subset" (host ?syevr, in place, the top k only)         1.98 D × D   (the same, and its D × k vectors)
     Procrustes, before this change (jax's eigh, one while_loop)    3.55 D × D
     Procrustes, "divide_and_conquer" (default)                     3.02 D × D
+    Procrustes, "qr"                                               2.31 D × D
     Procrustes, "subset"                                           2.27 D × D
 
-(2026-12-07 16:05–16:09 UTC, load 2–3; "before" is `--methods procrustes,gcca --solvers
-divide_and_conquer` run on commit 869ef13, whose GCCA gave 3.35, the same path to the run's noise; the
-two older rows at load 10–14.) So at the thesis' width the default needs about C + 3.5 D × D (7.7 GiB)
-for either method, "qr" C + 1.2 D × D (3.7 GiB) and "subset" C + 1 D × D and a few D × k: 4–5 D × k
-here, so about C + 1.2 D × D (3.8 GiB) at k = 1024 (an estimate), the one-workspace goal. "subset" pays
-only when max(ranks) ≪ D: at k = D its eigenvectors are a second D × D.
+(2026-12-07 16:05–16:19 UTC, load 1–4; `--solvers qr` a run of its own; "before" is `--methods
+procrustes,gcca --solvers divide_and_conquer` run on commit 869ef13, whose GCCA gave 3.35, the same path
+to the run's noise; the oldest row at load 10–14. An older harness, measuring every eigensolver in one
+process, gave "qr" 1.15: memory freed by the run before it was reused.) So at the thesis' width the
+default needs about C + 3.5 D × D (7.7 GiB) for either method, and "qr" and "subset" C + 1 D × D and a
+few D × k: 3–5 D × k here, so about C + 1.2 D × D (3.8 GiB) at k = 1024 (an estimate), the one-workspace
+goal. "subset" pays only when max(ranks) ≪ D: at k = D its eigenvectors are a second D × D.
 Its time: ?syevr with RANGE = 'I' bisects for the top k eigenvalues and refines their eigenvectors by
 inverse iteration, reorthogonalising within clusters (MRRR only for the whole spectrum). The
 eigendecomposition step alone, D = 4,096, k = 1,024, three alternating rounds (`memory_plan.py --canonical
 1024 --only-canonical --time-solvers 4096 --rounds 3`, 16:09 UTC, load 1–2; the first round compiles):
 GCCA's B 4.6 s against the default's 3.8–4.1 s, Procrustes' scaled C 4.4–4.5 s against 3.7–4.1 s, so
-about 1.15× the default's time ("qr": about 7×).
-Encoders and decoders are D × k.
+about 1.15× the default's time ("qr": GCCA 139 s and Procrustes 59 s in the runs above, against the
+default's 12 s and 10 s, so 6–11×). Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """

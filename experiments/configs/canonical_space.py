@@ -11,7 +11,7 @@ same cache) the affine study's zoo models. Extra fields:
                float32 condition limit)
   eigensolver  the hubs' eigendecomposition (embjax.canonical: GCCA's, and Procrustes' starting
                directions): "divide_and_conquer" (LAPACK ?syevd, fast; about C + 3.5 D x D resident),
-               "qr" (?syev in one workspace: about C + 1.15 D x D, ~7x slower) or "subset" (?syevr in
+               "qr" (?syev in one workspace: about C + 1.2 D x D, 6-11x slower) or "subset" (?syevr in
                one workspace, only the top max(ranks) eigenpairs: lean only when max(ranks) << D, and
                the default ranks reach D); see embjax/canonical.py's docstring
   tolerance    the intrinsic dimension is the smallest k whose mean relative change over all ordered
