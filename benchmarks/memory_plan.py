@@ -20,17 +20,22 @@ replaced). Nothing is executed: shapes only.
 
 The last line ends with the larger per-device peak of the two engine steps, in GiB.
 
-The canonical-space solves (`--canonical K`) need, at the thesis' width: GCCA, C plus one D × D
-workspace plus one block row of products in XLA's plan (4.14 GiB at most, 3.41 GiB while LAPACK's ?syevd
-decomposes the workspace in place), and ?syevd's own 2D² floats of scratch beside that plan (C + 3.5
-D × D measured at D = 4,096, about 7.7 GiB at the thesis' width); with `canonical.gcca(...,
-eigensolver="qr")` C + 1.2 D × D measured (3.7 GiB: one workspace, a block row, the top k eigenvectors)
-at about 7× the time. XLA cannot see
-memory a LAPACK call allocates itself: `--measure D` runs GCCA at joint width D (the thesis' widths
-scaled) in a fresh process and prints the measured rise of the resident set beside XLA's plan
-(embjax/canonical.py's docstring has the figures).
+The canonical-space solves (`--canonical K`) need, at the thesis' width, C plus one D × D workspace in
+XLA's plan, for either method: GCCA C + 1 D × D + one block row of products (4.14 GiB at most, 3.41 GiB
+while LAPACK's ?syevd decomposes the workspace in place); generalized Procrustes 3.41 GiB for its starting
+eigenvectors (the same in-place machinery), then at K = 1024 at most C + 0.78 GiB (2.49 GiB) for its
+sweeps (one jitted step per block row, the row read as a view of C) and maps, where its one while_loop over
+C planned 5.82 GiB. Beside that plan ?syevd allocates 2D² floats of scratch (C + 3.5 D × D measured at
+D = 4,096, about 7.7 GiB at the thesis' width); eigensolver="qr" (?syev, in place) and "subset" (?syevr,
+in place, the top K eigenpairs only) measure C + 1 D × D and a few D × K (about 3.8 GiB at the thesis'
+width), "qr" at 6–11× the default's time, "subset" at about 1.15× it (D = 4,096, K = 1,024). XLA
+cannot see memory a LAPACK call allocates itself: `--measure D` runs GCCA and Procrustes (`--methods`,
+`--solvers`, `--iters` sweeps) at joint width D (the thesis' widths scaled) in a fresh process and prints
+the measured rise of the resident set beside XLA's plan; `--time-solvers D` times the eigendecomposition
+step alone per eigensolver in alternating rounds (embjax/canonical.py's docstring has the figures).
 
     ./launch.sh bench memory_plan --canonical 1024 --only-canonical --measure 4096
+    ./launch.sh bench memory_plan --canonical 1024 --only-canonical --time-solvers 4096 --solvers divide_and_conquer,subset
 """
 from __future__ import annotations
 
@@ -56,8 +61,16 @@ def _args(argv):
                     help="also compile the canonical-space solves (embjax.canonical) at hub width K, one device")
     ap.add_argument("--only-canonical", action="store_true", help="with --canonical: skip the engine's steps")
     ap.add_argument("--measure", type=int, default=0, metavar="D",
-                    help="with --canonical: also run GCCA at joint width D (the thesis' widths scaled) in a fresh "
-                         "process and print its measured peak resident memory beside XLA's plan")
+                    help="with --canonical: also run GCCA and Procrustes at joint width D (the thesis' widths "
+                         "scaled) in a fresh process and print their measured peak resident memory")
+    ap.add_argument("--methods", default="gcca,procrustes", help="with --measure: the methods measured")
+    ap.add_argument("--solvers", default=None,
+                    help="with --measure: the eigensolvers measured, comma-separated (default: all embjax has)")
+    ap.add_argument("--iters", type=int, default=3, help="with --measure: Procrustes' sweeps per measured run")
+    ap.add_argument("--time-solvers", type=int, default=0, metavar="D",
+                    help="with --canonical K: time the eigendecomposition step alone at joint width D, per "
+                         "eigensolver (--solvers), in --rounds alternating rounds")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--measure-child", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -78,12 +91,16 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_child(width: int, k: int) -> dict:
-    """GCCA on statistics of joint width `width` (a low-rank-plus-diagonal C built on the device, so no
-    host copy inflates the peak): a first run compiles, then each eigensolver runs measured from a reset
-    peak (`/proc/self/clear_refs`) on. Returns the bytes of C and, per eigensolver, the rise of the peak
-    over the resident set at the start of its run (C, the compiled steps, the runtime): GCCA's own
-    memory. (Run with an older embjax on the path, it measures that one's single path.)"""
+def measure_child(width: int, k: int, methods=("gcca",), solvers=None, iters: int = 3) -> dict:
+    """Each method (GCCA, generalized Procrustes) on statistics of joint width `width` (a low-rank-plus-
+    diagonal C built on the device, so no host copy inflates the peak): a first run of each eigensolver
+    compiles its steps, then each eigensolver runs measured from a reset peak (`/proc/self/clear_refs`) on
+    (Procrustes with `iters` sweeps: its memory does not grow with them). Returns the bytes of C and, per
+    method and eigensolver, the rise of the peak over the resident set at the start of its run (C, the
+    compiled steps, the runtime): the method's own memory. (Run with an older embjax on the path, it
+    measures that one's single path, as "divide_and_conquer".)"""
+    import inspect
+
     import jax
     import jax.numpy as jnp
 
@@ -94,20 +111,27 @@ def measure_child(width: int, k: int) -> dict:
     cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
     state = stats.Stats(count=jnp.asarray(1000, jnp.int32), mean=jnp.zeros((width,), jnp.float32), cross=cross,
                         dims=dims)
-    jax.block_until_ready(canonical.gcca(state, [k])[1])  # compiles every XLA step of both paths but one
-    out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4}
-    for solver in getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",)):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        before, start = _rss("VmRSS"), time.perf_counter()
-        kw = {"eigensolver": solver} if hasattr(canonical, "EIGENSOLVERS") else {}
-        jax.block_until_ready(canonical.gcca(state, [k], **kw)[1])
-        out[solver] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
-                       "seconds": time.perf_counter() - start}
+    out = {"width": width, "dims": list(dims), "c_bytes": width * width * 4, "k": k, "iters": iters}
+    for method in methods:
+        takes = "eigensolver" in inspect.signature(getattr(canonical, method)).parameters
+        known = getattr(canonical, "EIGENSOLVERS", ()) if takes else ("divide_and_conquer",)
+        solve = {"gcca": lambda kw, it: canonical.gcca(state, [k], **kw)[0],
+                 "procrustes": lambda kw, it: canonical.procrustes(state, [k], iters=it, **kw)[0]}[method]
+        measured = [solver for solver in (solvers or known) if solver in known]
+        for solver in measured:  # compiles every XLA step of every path measured (compilers' memory is not theirs)
+            jax.block_until_ready(solve({"eigensolver": solver} if takes else {}, iters))
+        for solver in measured:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            before, start = _rss("VmRSS"), time.perf_counter()
+            kw = {"eigensolver": solver} if takes else {}
+            jax.block_until_ready(solve(kw, iters))
+            out[f"{method} {solver}"] = {"rss_before": before, "peak_rise": _rss("VmHWM") - before,
+                                         "seconds": time.perf_counter() - start}
     return out
 
 
-def _measure(width: int, k: int) -> None:
+def _measure(width: int, k: int, methods: str, solvers: str | None, iters: int) -> None:
     import json
     import subprocess
 
@@ -115,19 +139,70 @@ def _measure(width: int, k: int) -> None:
     plan = canonical_plan(dims, k)
     gcca = {name: r for name, r in plan.items() if name.startswith("GCCA")}
     planned = max(r["peak"] for r in gcca.values()) - width * width * 4
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical",
-                          str(k)], capture_output=True, text=True, check=True, env=os.environ)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    from embjax import canonical
+
+    m = {}
+    for method in methods.split(","):  # each method and eigensolver in a fresh process of its own
+        for solver in (solvers.split(",") if solvers else getattr(canonical, "EIGENSOLVERS", ("divide_and_conquer",))):
+            cmd = [sys.executable, os.path.abspath(__file__), "--measure-child", str(width), "--canonical", str(k),
+                   "--methods", method, "--iters", str(iters), "--solvers", solver]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+            m.update(json.loads(out.stdout.strip().splitlines()[-1]))
     unit = width * width * 4
-    print(f"\nGCCA run at D = {width} (the thesis' widths scaled: {dims}), k = {k}, in a fresh process; one D × D "
-          f"is {unit / 2**20:.1f} MiB. Beyond C, XLA plans {planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) "
-          "for the divide_and_conquer path; LAPACK's ?syevd allocates 1 + 6D + 2D² floats of its own besides.")
-    print("| eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")
-    print("|---|---:|---:|---:|---:|")
-    for solver in ("divide_and_conquer", "qr"):
-        r = m[solver]
-        print(f"| {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
-              f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
+    print(f"\nmeasured at D = {width} (the thesis' widths scaled: {dims}), k = {k}, Procrustes with {iters} "
+          f"sweeps, each row in a fresh process; one D × D is {unit / 2**20:.1f} MiB. Beyond C, XLA plans "
+          f"{planned / 2**20:.1f} MiB ({planned / unit:.2f} D × D) for GCCA's divide_and_conquer path; LAPACK's "
+          "?syevd allocates 1 + 6D + 2D² floats of its own besides.")
+    print("| method | eigensolver | resident set before (C, runtime) | peak rise beyond it | in D × D | seconds |")
+    print("|---|---|---:|---:|---:|---:|")
+    for key, r in m.items():
+        if isinstance(r, dict):
+            method, solver = key.split(" ")
+            print(f"| {method} | {solver} | {r['rss_before'] / 2**20:.0f} MiB | {r['peak_rise'] / 2**20:.1f} MiB | "
+                  f"{r['peak_rise'] / unit:.2f} | {r['seconds']:.1f} |", flush=True)
+
+
+def time_eigensolvers(width: int, k: int, solvers, rounds: int) -> None:
+    """Seconds of the eigendecomposition step alone (the workspace filled, decomposed, the top k rows out:
+    canonical._top_eigenpairs) for each eigensolver, in alternating rounds, on both methods' matrices
+    from the same statistics as `measure_child`: GCCA's whitened joint covariance B (a clustered spectrum:
+    the whitened noise directions sit near 1) and Procrustes' scaled joint covariance (a spread one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from embjax import canonical
+
+    dims = tuple(scaled_widths(width))
+    u = jax.random.normal(jax.random.key(0), (width, 64), jnp.float32)
+    cross = jax.jit(lambda u: u @ u.T + jnp.diag(jnp.linspace(1.0, 2.0, width)))(u).block_until_ready()
+    count = jnp.asarray(1000, jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        whiten = canonical._whitening(cross, count, 0.0, 1e6, dims=dims)
+        tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(cross[a:b, a:b])) for a, b in
+                              canonical._block_rows(cross, dims)])
+        scale = jax.lax.rsqrt(tr / count)
+
+        def gcca_work():
+            work = jnp.zeros_like(cross)
+            for i in range(len(dims)):
+                work = canonical._whitened_row(work, cross, count, whiten, dims=dims, i=i)
+            return work
+
+        matrices = {"gcca (whitened B)": (gcca_work, lambda i: canonical._whitened_block_row(
+                        cross, count, whiten, dims=dims, i=i)),
+                    "procrustes (scaled C)": (lambda: canonical._scaled(cross, scale),
+                                              lambda i: canonical._scaled_block_row(cross, scale, dims=dims, i=i))}
+        print(f"\neigendecomposition step alone at D = {width}, top k = {k}, {rounds} alternating rounds (seconds):")
+        print("| matrix | round | " + " | ".join(solvers) + " |")
+        print("|---|---:|" + "---:|" * len(solvers))
+        for name, (workspace, block_row) in matrices.items():
+            for r in range(rounds):
+                row = []
+                for solver in solvers:
+                    start = time.perf_counter()
+                    jax.block_until_ready(canonical._top_eigenpairs(workspace, block_row, dims, k, solver, name))
+                    row.append(time.perf_counter() - start)
+                print(f"| {name} | {r + 1} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
 
 def canonical_plan(widths, k: int) -> dict:
@@ -160,11 +235,25 @@ def canonical_plan(widths, k: int) -> dict:
             f32(total, total), f32(total), k=k).compile(), live=c_bytes)
         out[f"GCCA 5: encoders, decoders, k = {k}"] = analyse(canonical._gcca_maps.lower(
             f32(k, total), f32(total), whiten, dims=dims).compile(), live=c_bytes)
-        out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
-            f32(total, total), f32(total), dims=dims, k_max=k).compile())
-        out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
-            f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
-            iters=500).compile())
+        if hasattr(canonical, "_rotate_block"):  # Procrustes as one step per block row, C read in place
+            out["Procrustes 1: the scaled joint covariance into the workspace"] = analyse(canonical._scaled.lower(
+                f32(total, total), f32(total)).compile())
+            out["Procrustes 2: eigenvectors in the workspace (as GCCA 3)"] = out["GCCA 3: eigenvectors in the workspace"]
+            # The block row is a view of C on CPU (canonical._row_block): C counted once, not twice.
+            d_max = max(dims)
+            out[f"Procrustes 3: a sweep's block step (widest), k = {k}"] = analyse(canonical._rotate_block.lower(
+                f32(d_max, total), f32(total, k), f32(total), f32(total), count, a=0).compile(),
+                live=c_bytes - d_max * total * 4)
+            out[f"Procrustes 4: the objective after a sweep, k = {k}"] = analyse(canonical._objective.lower(
+                f32(total, total), f32(total, k), count, dims=dims).compile())
+            out[f"Procrustes 5: encoders, decoders, k = {k}"] = analyse(canonical._gpa_maps.lower(
+                f32(total, total), count, f32(total, k), scalar, scalar, dims=dims).compile())
+        else:  # embjax before the change (one while_loop over C)
+            out["Procrustes start (eigenvectors)"] = analyse(canonical._pca_start.lower(
+                f32(total, total), f32(total), dims=dims, k_max=k).compile())
+            out[f"Procrustes, k = {k}"] = analyse(canonical._gpa.lower(
+                f32(total, total), count, f32(total), f32(total, k), scalar, scalar, scalar, scalar, dims=dims,
+                iters=500).compile())
     return out
 
 
@@ -215,7 +304,9 @@ def main(argv=None) -> int:
 
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        print(json.dumps(measure_child(a.measure_child, a.canonical)), flush=True)
+        solvers = a.solvers.split(",") if a.solvers else None
+        print(json.dumps(measure_child(a.measure_child, a.canonical, a.methods.split(","), solvers, a.iters)),
+              flush=True)
         return 0
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={a.devices}").strip()
@@ -269,7 +360,10 @@ def main(argv=None) -> int:
     if a.canonical and a.only_canonical:
         _print_canonical(widths, a.canonical)
         if a.measure:
-            _measure(a.measure, a.canonical)
+            _measure(a.measure, a.canonical, a.methods, a.solvers, a.iters)
+        if a.time_solvers:
+            time_eigensolvers(a.time_solvers, a.canonical, (a.solvers or "divide_and_conquer,subset").split(","),
+                              a.rounds)
         return 0
     results = {}
     fit = extract.Pass("fit", None, "train", feats, accumulator=fit_acc)

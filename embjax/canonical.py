@@ -29,25 +29,46 @@ b = μ_t − μ_s W) usable wherever a direct affine map is (`compose`, `pair_ma
   squares onto / from h (a pure rotation cannot undo a general linear distortion of the latent).
 
 Memory, at the thesis' width (D = 21,408, float32, C = 1.71 GiB; `benchmarks/memory_plan.py --canonical
-1024 --only-canonical`, XLA's own analysis, compile only). GCCA writes B block row by block row into one
-D × D workspace and decomposes it there. On CPU, LAPACK's ?syevd runs on the workspace's own buffer
-(`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back (XLA's
-plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and at
-most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
-What XLA does not see: ?syevd (divide and conquer) allocates 1 + 6D + 2D² floats of its own. Measured
-as the rise of the resident set beyond C (`memory_plan.py --canonical 1024 --only-canonical --measure
-4096`: D = 4,096, the thesis' widths scaled, one D × D = 64 MiB; 2-core machine at load 10–14):
+1024 --only-canonical`, XLA's own analysis, compile only). Both methods build one symmetric D × D
+workspace from C and decompose it there (`_top_eigenpairs`): GCCA writes B into it block row by block
+row, Procrustes the scaled joint covariance s_i s_j C_ij. On CPU, LAPACK's ?syevd runs on the workspace's
+own buffer (`_lapack_rows`); jax's eigh gave LAPACK a column-major copy and copied the eigenvectors back
+(XLA's plan was C + 2 D × D, 5.12 GiB). XLA now plans C + 1 D × D for the eigendecomposition (3.41 GiB) and
+at most C + 1 D × D + one block row of products (4.14 GiB, the 4,320-wide block row) for any GCCA step.
+Procrustes' sweeps used to run in one while_loop over C, where XLA materialised every block row of C twice
+(the row-block slices of the rotation updates and of the objective, hoisted out of the loop: 3.87 GiB of
+temporaries, 5.82 GiB with C at k = 1024). They now run as one jitted step per block, fed its block row
+as a view of C's own buffer (`_row_block`), and take the objective and the encoders' Cov(x, h) from the
+one product C q: at k = 1024 a step plans C + 0.19 GiB, the objective C + 0.32 GiB and the encoders and
+decoders C + 0.78 GiB (the diagonal blocks' pseudo-inverses), so Procrustes too peaks at C + 1 D × D
+(3.41 GiB, its eigendecomposition). What XLA does not see: ?syevd (divide and conquer) allocates
+1 + 6D + 2D² floats of its own. Measured as the rise of the resident set beyond C (`memory_plan.py
+--canonical 1024 --only-canonical --measure 4096`: D = 4,096, the thesis' widths scaled, one D × D = 64
+MiB, k = 1024, so one D × k is 0.25 D × D here; each row a fresh process, compiled before measuring):
 
-    before this change (jax's eigh)                    4.61 D × D                                         116 s
-    eigensolver="divide_and_conquer" (default)         3.46 D × D   (XLA's plan 1.43, plus LAPACK's 2)    75 s
-    eigensolver="qr" (host ?syev, in place, O(D))      1.15 D × D   (the workspace, a block row, top k)  531 s
+    GCCA, before the in-place eigendecomposition (jax's eigh)      4.61 D × D   (an older run)
+    GCCA, "divide_and_conquer" (default)                           3.26 D × D   (XLA's plan 1.43, LAPACK's 2)
+    GCCA, "qr" (host ?syev, in place, O(D) scratch)                1.84 D × D   (workspace, block row, a few D × k)
+    GCCA, "subset" (host ?syevr, in place, the top k only)         1.98 D × D   (the same, and its D × k vectors)
+    Procrustes, before this change (jax's eigh, one while_loop)    3.55 D × D
+    Procrustes, "divide_and_conquer" (default)                     3.02 D × D
+    Procrustes, "qr"                                               2.31 D × D
+    Procrustes, "subset"                                           2.27 D × D
 
-(the seconds of one process, the last two in one run: under that load only their ratio means much). So at
-the thesis' width the default needs about C + 3.5 D × D (7.7 GiB) and "qr" C + 1.2 D × D (3.7 GiB), the
-one-workspace goal, at about 7× the time (implicit QR applies its rotations to all D eigenvectors).
-Procrustes: C + 1 D × D for its starting eigenvectors (3.50 GiB; plus ?syevd's scratch), then at
-k = 1024 5.82 GiB (3.87 GiB of XLA temporaries in the sweeps: more than the one-workspace goal, not yet
-reduced). Encoders and decoders are D × k.
+(2026-12-07 16:05–16:19 UTC, load 1–4; `--solvers qr` a run of its own; "before" is `--methods
+procrustes,gcca --solvers divide_and_conquer` run on commit 869ef13, whose GCCA gave 3.35, the same path
+to the run's noise; the oldest row at load 10–14. An older harness, measuring every eigensolver in one
+process, gave "qr" 1.15: memory freed by the run before it was reused.) So at the thesis' width the
+default needs about C + 3.5 D × D (7.7 GiB) for either method, and "qr" and "subset" C + 1 D × D and a
+few D × k: 3–5 D × k here, so about C + 1.2 D × D (3.8 GiB) at k = 1024 (an estimate), the one-workspace
+goal. "subset" pays only when max(ranks) ≪ D: at k = D its eigenvectors are a second D × D.
+Its time: ?syevr with RANGE = 'I' bisects for the top k eigenvalues and refines their eigenvectors by
+inverse iteration, reorthogonalising within clusters (MRRR only for the whole spectrum). The
+eigendecomposition step alone, D = 4,096, k = 1,024, three alternating rounds (`memory_plan.py --canonical
+1024 --only-canonical --time-solvers 4096 --rounds 3`, 16:09 UTC, load 1–2; the first round compiles):
+GCCA's B 4.6 s against the default's 3.8–4.1 s, Procrustes' scaled C 4.4–4.5 s against 3.7–4.1 s, so
+about 1.15× the default's time ("qr": GCCA 139 s and Procrustes 59 s in the runs above, against the
+default's 12 s and 10 s, so 6–11×). Encoders and decoders are D × k.
 
 Pure functions of arrays; `gcca` and `procrustes` read a Stats-like state (count, mean, cross, dims).
 """
@@ -186,38 +207,73 @@ def _gcca_maps(top, vals, whiten, *, dims):
     return enc, dec
 
 
-def _eigh_on_host(cross, count, whiten, dims):
-    """The lean path: B written block row by block row into one NumPy buffer and decomposed there by
-    LAPACK's ?syev (implicit QR, 3D − 1 floats of workspace besides), eigenvectors as rows, ascending."""
+def _host_eigh(work, k_max, eigensolver):
+    """LAPACK on a NumPy workspace's own buffer, in place: read as column-major, `work`'s row-major buffer
+    is workᵀ (so LAPACK's upper triangle is `work`'s lower one). "qr": ?syev (implicit QR, all eigenpairs,
+    3D − 1 floats of scratch; the eigenvectors overwrite the workspace). "subset": ?syevr with RANGE = 'I',
+    only the k_max largest eigenpairs (for a part of the spectrum LAPACK bisects the tridiagonal form and
+    refines the eigenvectors by inverse iteration: O(D) scratch, the eigenvectors a new D × k_max; at
+    k_max = D it uses MRRR). Returns (the top k_max eigenvectors as rows, eigenvalues, both descending
+    (all D, or the top k_max for "subset"), LAPACK's info)."""
     import scipy.linalg
 
-    work = np.empty(cross.shape, np.dtype(cross.dtype))
-    for i, (a, b) in enumerate(_block_rows(cross, dims)):
-        work[a:b] = np.asarray(_whitened_block_row(cross, count, whiten, dims=dims, i=i))
-    syev, = scipy.linalg.get_lapack_funcs(("syev",), (work,))
-    vals, vecs, info = syev(work.T, compute_v=1, lower=0, overwrite_a=1)  # work.T: its column-major view
-    if not np.shares_memory(vecs, work):
-        raise RuntimeError("canonical.gcca: LAPACK's ?syev did not work in place (a second D × D was made)")
-    return work, vals, info
+    d = work.shape[0]
+    if eigensolver == "qr":
+        syev, = scipy.linalg.get_lapack_funcs(("syev",), (work,))
+        vals, vecs, info = syev(work.T, compute_v=1, lower=0, overwrite_a=1)  # work.T: its column-major view
+        if not np.shares_memory(vecs, work):
+            raise RuntimeError("canonical: LAPACK's ?syev did not work in place (a second D × D was made)")
+        return work[::-1][:k_max], vals[::-1].copy(), info
+    syevr, = scipy.linalg.get_lapack_funcs(("syevr",), (work,))
+    vals, vecs, m, _, info = syevr(work.T, compute_v=1, range="I", lower=0, il=d - k_max + 1, iu=d, overwrite_a=1)
+    if info == 0 and m != k_max:
+        raise np.linalg.LinAlgError(f"canonical: LAPACK's ?syevr found {m} of the {k_max} largest eigenpairs")
+    return vecs.T[::-1], vals[:m][::-1].copy(), info
+
+
+def _top_eigenpairs(workspace, block_row, dims, k_max, eigensolver, what):
+    """The k_max eigenvectors of largest eigenvalue (rows, (k_max, D)) and the eigenvalues (descending: all
+    D, or the top k_max for "subset") of a symmetric D × D matrix, built in one workspace and decomposed
+    there; only its lower triangle is read. "divide_and_conquer": `workspace()` returns it as a jax array,
+    donated to LAPACK's ?syevd on CPU (`_eigh_in_place`; ?syevd allocates 1 + 6D + 2D² floats of its
+    own). "qr", "subset": a NumPy workspace filled with `block_row(i)` ((d_i, D), one at a time) and
+    decomposed by `_host_eigh`. `what` names the matrix in the error raised when LAPACK fails."""
+    if eigensolver == "divide_and_conquer":
+        vecs, vals, info = _eigh_in_place(workspace())
+        top, vals = _top_rows(vecs, vals, k=k_max)
+        del vecs
+    else:
+        width = sum(dims)
+        work = None
+        for i, (a, b) in enumerate(_block_rows(None, dims)):
+            row = np.asarray(block_row(i))
+            if work is None:
+                work = np.empty((width, width), row.dtype)
+            work[a:b] = row
+            del row
+        top, vals, info = _host_eigh(work, k_max, eigensolver)
+        top = np.ascontiguousarray(top)  # the top rows on their own, so that the workspace can go first
+        del work
+        top, vals = jnp.asarray(top), jnp.asarray(vals)
+    if int(info) != 0:
+        raise np.linalg.LinAlgError(f"{what} failed (LAPACK info {int(info)}); check the statistics for NaN or inf")
+    return top, vals
 
 
 def _gcca(cross, count, ridge, cond_limit, *, dims, k_max, eigensolver):
     """Encoders, decoders (at width k_max) and eigenvalues (descending). Beyond C, one D × D buffer: B is
     written into it block row by block row, then overwritten by its eigenvectors."""
     whiten = _whitening(cross, count, ridge, cond_limit, dims=dims)
-    if eigensolver == "qr":
-        vecs, vals, info = _eigh_on_host(cross, count, whiten, dims)
-        top, vals = jnp.asarray(vecs[::-1][:k_max]), jnp.asarray(vals[::-1].copy())
-    else:
+
+    def workspace():
         work = jnp.zeros_like(cross)
         for i in range(len(dims)):
             work = _whitened_row(work, cross, count, whiten, dims=dims, i=i)
-        vecs, vals, info = _eigh_in_place(work)
-        top, vals = _top_rows(vecs, vals, k=k_max)
-    del vecs
-    if int(info) != 0:
-        raise np.linalg.LinAlgError(f"canonical.gcca: the eigendecomposition of the whitened joint covariance "
-                                    f"failed (LAPACK info {int(info)}); check the statistics for NaN or inf")
+        return work
+
+    top, vals = _top_eigenpairs(workspace, lambda i: _whitened_block_row(cross, count, whiten, dims=dims, i=i),
+                                dims, k_max, eigensolver,
+                                "canonical.gcca: the eigendecomposition of the whitened joint covariance")
     enc, dec = _gcca_maps(top, vals, whiten, dims=dims)
     return enc, dec, vals
 
@@ -226,19 +282,21 @@ def _means(state):
     return tuple(state.mean[a:b] for a, b in _block_rows(state.cross, state.dims))
 
 
-EIGENSOLVERS = ("divide_and_conquer", "qr")
+EIGENSOLVERS = ("divide_and_conquer", "qr", "subset")
 
 
 def gcca(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None,
          eigensolver: str = "divide_and_conquer"):
     """Generalized CCA (MAXVAR) hubs at every rank in `ranks`, from one eigendecomposition.
 
-    Returns ({k: Hub}, eigenvalues of the whitened joint covariance, descending; they lie in [0, N] and
-    a latent shared by all N models gives an eigenvalue near N). `ridge` is relative (λ_i = ridge ·
-    tr Σ_ii / d_i); eigenvalues of a block below its largest / cond_limit (default 1e6 in float32, 1e12
-    in float64) are treated as zero. `eigensolver`: "divide_and_conquer" (LAPACK ?syevd on CPU, in the
-    workspace, but with 2 D² floats of LAPACK scratch) or "qr" (?syev on the host, in place, O(D)
-    scratch: C plus one D × D in all, several times slower); see the module docstring.
+    Returns ({k: Hub}, eigenvalues of the whitened joint covariance, descending (all D of them; the top
+    max(ranks) with eigensolver "subset"); they lie in [0, N] and a latent shared by all N models gives an
+    eigenvalue near N). `ridge` is relative (λ_i = ridge · tr Σ_ii / d_i); eigenvalues of a block below its
+    largest / cond_limit (default 1e6 in float32, 1e12 in float64) are treated as zero. `eigensolver`:
+    "divide_and_conquer" (LAPACK ?syevd on CPU, in the workspace, but with 2 D² floats of LAPACK scratch),
+    "qr" (?syev on the host, in place, O(D) scratch: C plus one D × D in all, several times slower) or
+    "subset" (?syevr on the host, in place, only the top max(ranks) eigenpairs: O(D) scratch plus the
+    D × max(ranks) eigenvectors); see the module docstring.
     """
     ranks = _check(state, ranks, "gcca")
     if eigensolver not in EIGENSOLVERS:
@@ -259,60 +317,101 @@ def _polar(a):
     return _mm(u, vt)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "k_max"))
-def _pca_start(cross, scale, *, dims, k_max):
-    """Top-k_max eigenvectors of the scaled joint covariance (the consensus' starting point)."""
-    work = cross * scale[:, None] * scale[None, :]
-    vecs = jax.lax.linalg.eigh(work, lower=True, symmetrize_input=False)[0]
-    return vecs[:, ::-1][:, :k_max]
+@jax.jit
+def _scaled(cross, scale):
+    """The scaled joint covariance s_i s_j C_ij as a new D × D: the workspace of the starting eigenvectors."""
+    return cross * scale[:, None] * scale[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "iters"))
-def _gpa(cross, count, scale, start, ridge, cond_limit, tol, tol_objective, *, dims, iters):
+@functools.partial(jax.jit, static_argnames=("dims", "i"))
+def _scaled_block_row(cross, scale, *, dims, i):
+    """Block row i of the scaled joint covariance, (d_i, D) (the host eigensolvers' workspace, row by row)."""
+    a, b = _block_rows(cross, dims)[i]
+    return cross[a:b] * scale[a:b, None] * scale[None, :]
+
+
+def _row_block(cross, a, b):
+    """Rows a:b of C as a jax array without copying C where it lives in host memory: on CPU, a NumPy view
+    of C's own buffer (DLPack) handed back to jax aliased (`may_alias`); elsewhere a slice (a copy of one
+    block row, freed after its step)."""
+    devices = cross.devices()
+    device = next(iter(devices))
+    if len(devices) == 1 and device.platform == "cpu":
+        return jax.device_put(np.from_dlpack(cross)[a:b], device, may_alias=True)
+    return cross[a:b]
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _gpa_start(start, scale, *, dims):
+    """q = [s_i R_i] with R_i = polar(model i's rows of the starting eigenvectors); where s_i = 0, 1/s_i = 0."""
+    q = jnp.concatenate([scale[a:b, None] * _polar(start[a:b]) for a, b in _block_rows(start, dims)])
+    return q, jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("a",), donate_argnums=1)
+def _rotate_block(rows, q, scale, unscale, count, *, a):
+    """One Gauss-Seidel step: R_i ← polar(Cov(y_i, h)) ∝ polar(s_i C_i· q) for the block whose rows of C are
+    `rows` (C[a:b], (d_i, D)); q (donated) gets s_i R_i in rows a:b. Also returns how far R_i moved (root
+    mean square per column)."""
+    b = a + rows.shape[0]
+    n = jnp.maximum(count, 1).astype(rows.dtype)
+    rot = _polar(_mm(rows, q) * scale[a:b, None] / n)
+    step = rot - q[a:b] * unscale[a:b, None]
+    return q.at[a:b].set(scale[a:b, None] * rot), jnp.sqrt(jnp.sum(step * step) / min(b - a, q.shape[1]))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _objective(cross, q, count, *, dims):
+    """tr Cov(Σ_i y_i R_i) at rotations q, exactly: Σ_i ⟨q_i, (C q)_i⟩ / n, with C q as one product (no
+    block of C is copied)."""
+    p = _mm(cross, q)
+    return sum(jnp.sum(q[a:b] * p[a:b]) for a, b in _block_rows(cross, dims)) / jnp.maximum(count, 1).astype(q.dtype)
+
+
+@jax.jit
+def _go_on(changes, new, old, it, tol, tol_objective):
+    """Whether to sweep again: some rotation moved by more than tol and (in the first two sweeps, or) the
+    objective rose by more than tol_objective relative."""
+    change = jnp.max(jnp.stack(changes))
+    return (change > tol) & ((it < 2) | (new - old > tol_objective * jnp.abs(new)))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _gpa_maps(cross, count, q, ridge, cond_limit, *, dims):
+    """Least squares onto and from h at rotations q: E_i = Σ_ii⁺ Cov(x_i, h), D_j = Cov(h)⁺ Cov(h, x_j); and
+    the objective tr Cov(Σ_i y_i R_i) = tr (qᵀ C q) / n. Cov(x, h) ∝ C q is one product (D × k)."""
     blocks = _block_rows(cross, dims)
     n = jnp.maximum(count, 1).astype(cross.dtype)
-    # q = [s_i R_i]: the consensus is h = x_cat q / N (centred); Cov(y_i, h) ∝ s_i C_i· q.
-    q = jnp.concatenate([scale[a:b, None] * _polar(start[a:b]) for a, b in blocks])
-    unscale = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-
-    def objective(q):  # tr Cov(Σ_i y_i R_i), exactly, at rotations q
-        return sum(jnp.sum(q[a:b] * _mm(cross[a:b], q)) for a, b in blocks) / n
-
-    def sweep(carry):
-        q, _, old, it = carry
-        change = jnp.zeros((), cross.dtype)
-        for a, b in blocks:
-            rot = _polar(_mm(cross[a:b], q) * scale[a:b, None] / n)
-            step = rot - q[a:b] * unscale[a:b, None]
-            change = jnp.maximum(change, jnp.sqrt(jnp.sum(step * step) / min(b - a, q.shape[1])))
-            q = q.at[a:b].set(scale[a:b, None] * rot)
-        new = objective(q)
-        return q, change, new, it + 1
-
-    inf = jnp.asarray(jnp.inf, cross.dtype)
-
-    def body(carry):
-        q, change, obj, prev, it = carry
-        q, change, new, it = sweep((q, change, obj, it))
-        return q, change, new, obj, it
-
-    def cond(carry):
-        _, change, obj, prev, it = carry
-        return (it < iters) & (change > tol) & ((it < 2) | (obj - prev > tol_objective * jnp.abs(obj)))
-
-    q, _, _, _, it = jax.lax.while_loop(cond, body, (q, inf, objective(q), -inf, 0))
-    # Least squares onto and from h: E_i = Σ_ii⁺ Cov(x_i, h), D_j = Cov(h)⁺ Cov(h, x_j).
-    cov_xh = [_mm(cross[a:b], q) / n for a, b in blocks]
+    p = _mm(cross, q) / n
+    cov_xh = [p[a:b] for a, b in blocks]
     cov_h = sum(_mm(q[a:b].T, g) for (a, b), g in zip(blocks, cov_xh))
-    obj = jnp.trace(cov_h)  # tr Cov(Σ_i y_i R_i) at the final rotations
     inv_h = _spectral(cov_h, 0.0, cond_limit)[2]
     enc = tuple(_mm(_spectral(cross[a:b, a:b] / n, ridge, cond_limit)[2], g) for (a, b), g in zip(blocks, cov_xh))
     dec = tuple(_mm(inv_h, g.T) for g in cov_xh)
+    return enc, dec, jnp.trace(cov_h)
+
+
+def _gpa(cross, count, scale, start, ridge, cond_limit, tol, tol_objective, *, dims, iters):
+    """Alternating rotations from the starting directions `start` (D, k), block by block (Gauss-Seidel),
+    then encoders and decoders. The sweeps run as one jitted step per block, fed its block row of C
+    without a copy (`_row_block`), so beside C they hold O(D k): q = [s_i R_i] (the consensus is
+    h = x_cat q / N, centred; Cov(y_i, h) ∝ s_i C_i· q)."""
+    q, unscale = _gpa_start(start, scale, dims=dims)
+    obj, it, go = _objective(cross, q, count, dims=dims), 0, bool(np.inf > tol)
+    while it < iters and go:
+        changes = []
+        for a, b in _block_rows(cross, dims):
+            q, change = _rotate_block(_row_block(cross, a, b), q, scale, unscale, count, a=a)
+            changes.append(change)
+        new, it = _objective(cross, q, count, dims=dims), it + 1
+        go, obj = bool(_go_on(tuple(changes), new, obj, it, tol, tol_objective)), new
+    enc, dec, obj = _gpa_maps(cross, count, q, ridge, cond_limit, dims=dims)
     return enc, dec, obj, it
 
 
 def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: float | None = None,
-               iters: int = 500, tol: float | None = None, tol_objective: float | None = None):
+               iters: int = 500, tol: float | None = None, tol_objective: float | None = None,
+               eigensolver: str = "divide_and_conquer"):
     """Generalized Procrustes hubs at every rank in `ranks` (one alternating solve per rank, each started
     from the top principal directions of the scaled joint covariance).
 
@@ -321,21 +420,31 @@ def procrustes(state, ranks: Sequence[int], ridge: float = 0.0, cond_limit: floa
     per column, default √eps of the dtype), or when a sweep raises the objective by no more than
     `tol_objective` relative (default 10 eps: rounding; directions the objective does not see can keep
     rotations moving without changing the hub), or after `iters` (tol_objective = -inf: stop on the rotations alone).
+    `eigensolver`: the starting directions' eigendecomposition, as in `gcca` (the scaled joint covariance
+    in one D × D workspace).
     """
     ranks = _check(state, ranks, "procrustes")
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f"canonical.procrustes: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}")
     dtype = state.cross.dtype
     cond = maps_lib.default_cond_limit(dtype) if cond_limit is None else cond_limit
     tol = float(np.sqrt(jnp.finfo(dtype).eps)) if tol is None else tol
     tol_objective = 10 * float(jnp.finfo(dtype).eps) if tol_objective is None else tol_objective
-    dims = tuple(state.dims)
+    dims, cross = tuple(state.dims), state.cross
+    if not isinstance(cross, jax.Array):  # host statistics (NumPy): one device array for every step, aliased
+        cross = jax.device_put(np.ascontiguousarray(cross), may_alias=True)
     with jax.default_matmul_precision("highest"):
-        tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(state.cross[a:b, a:b])) for a, b in _block_rows(state.cross, dims)])
+        tr = jnp.concatenate([jnp.full((b - a,), jnp.trace(cross[a:b, a:b])) for a, b in _block_rows(cross, dims)])
         scale = jnp.where(tr > 0, jax.lax.rsqrt(jnp.where(tr > 0, tr / state.count, 1.0)), 0.0).astype(dtype)
-        start = _pca_start(state.cross, scale, dims=dims, k_max=max(ranks))
+        top, _ = _top_eigenpairs(lambda: _scaled(cross, scale), lambda i: _scaled_block_row(cross, scale, dims=dims, i=i),
+                                 dims, max(ranks), eigensolver,
+                                 "canonical.procrustes: the eigendecomposition of the scaled joint covariance")
+        start = top.T  # (D, k_max): the top principal directions as columns, descending
+        del top
         hubs, info = {}, {}
         for k in ranks:
-            enc, dec, obj, it = _gpa(state.cross, state.count, scale, start[:, :k], ridge, cond, tol, tol_objective,
-                                  dims=dims, iters=iters)
+            enc, dec, obj, it = _gpa(cross, state.count, scale, start[:, :k], ridge, cond, tol, tol_objective,
+                                     dims=dims, iters=iters)
             hubs[k] = Hub(enc, dec, _means(state))
             info[k] = {"objective": float(obj), "iterations": int(it)}
     return hubs, info

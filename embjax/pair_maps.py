@@ -72,14 +72,15 @@ def hub_family(method: str, k: int) -> str:
 def solve_hubs(st, ranks, methods=HUB_METHODS, *, ridge: float = 0.0, iters: int = 500,
                eigensolver: str = "divide_and_conquer"):
     """Canonical hubs (embjax.canonical) of every method at every rank, from one set of joint statistics
-    (`eigensolver`: GCCA's, see canonical.gcca). Returns ({family: Hub with NumPy arrays}, {method: CPU
-    seconds of its solve}); the family names are `hub_family(method, k)`."""
+    (`eigensolver`: the eigendecomposition of both methods, see canonical.gcca). Returns ({family: Hub
+    with NumPy arrays}, {method: CPU seconds of its solve}); the family names are `hub_family(method, k)`."""
     unknown = sorted(set(methods) - set(HUB_METHODS))
     if unknown:
         raise ValueError(f"pair_maps.hub_families: unknown methods {unknown}; choose from {HUB_METHODS}")
     ranks = sorted({int(k) for k in ranks})
     solvers = {"gcca": lambda: canonical.gcca(st, ranks, ridge=ridge, eigensolver=eigensolver)[0],
-               "procrustes": lambda: canonical.procrustes(st, ranks, ridge=ridge, iters=iters)[0]}
+               "procrustes": lambda: canonical.procrustes(st, ranks, ridge=ridge, iters=iters,
+                                                          eigensolver=eigensolver)[0]}
     hubs, cpu = {}, {}
     for method in methods:
         t = time.process_time()

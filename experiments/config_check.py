@@ -295,7 +295,7 @@ FIELDS: dict[str, dict[str, Callable]] = {
                         form="comma-separated hubs: gcca, procrustes"),
         "ranks": Text(pattern=r"(\d+(\s*,\s*\d+)*)?", form="comma-separated hub widths, or empty for the curve"),
         "hub_ridge": WEIGHT, "tolerance": WEIGHT, "procrustes_iters": POSITIVE,
-        "eigensolver": Choice(("divide_and_conquer", "qr")),
+        "eigensolver": Choice(("divide_and_conquer", "qr", "subset")),
     },
     "extract": {
         **DATA, **ENGINE, **MEMBERS, **ZOO, "name": NAME, "models": Models(minimum=1), "split": SPLIT,

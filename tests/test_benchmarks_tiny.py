@@ -40,7 +40,11 @@ def test_thesis_gpu_script_runs_tiny_on_cpu():
 
 def test_memory_plan_compiles_the_canonical_solves_at_a_toy_size():
     out = _run("benchmarks/memory_plan.py", "--devices", "1", "--batch", "8", "--widths", "64,96,128",
-               "--canonical", "16", "--only-canonical")
+               "--canonical", "16", "--only-canonical", "--measure", "256", "--methods", "procrustes",
+               "--solvers", "subset", "--iters", "1")
     rows = [line for line in out.splitlines() if line.startswith("| GCCA") or line.startswith("| Procrustes")]
-    assert len(rows) == 7, out
+    assert len(rows) == 10, out
     assert all(line.rstrip().endswith("GiB |") for line in rows), rows
+    # --measure: the method and eigensolver asked for, run in a process of its own (the rise of its resident set).
+    measured = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| procrustes")]
+    assert [[c.strip() for c in m] for m in measured] == [["procrustes", "subset"]], out

@@ -196,6 +196,26 @@ def test_constant_and_dead_features_give_finite_hubs():
             assert np.all(np.isfinite(w)) and np.all(np.isfinite(b))
 
 
+def test_procrustes_is_the_same_from_every_eigensolver():
+    """The starting directions come from canonical.EIGENSOLVERS alike (to rounding; "subset" takes LAPACK's
+    partial-spectrum path at k = 3 < D); the rotations then converge to the same consensus. float32:
+    the composed maps (which do not depend on the eigenvectors' signs) agree to 2e-3 of their largest
+    entry, the same rounding margin as tests/test_canonical_memory.py's GCCA comparison."""
+    rng = np.random.default_rng(5)
+    state = _state(_correlated(rng, 500, (4, 6), latent=3, noise=0.3))  # the shapes of the test above
+    ref, info_ref = canonical.procrustes(state, [3])
+    for solver in ("qr", "subset"):
+        hubs, info = canonical.procrustes(state, [3], eigensolver=solver)
+        np.testing.assert_allclose(info[3]["objective"], info_ref[3]["objective"], rtol=1e-5)
+        for s, t in ((0, 1), (1, 0)):
+            (w, b), (w_ref, b_ref) = canonical.compose(hubs[3], s, t), canonical.compose(ref[3], s, t)
+            scale = np.abs(np.asarray(w_ref)).max()
+            np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), atol=2e-3 * scale)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(b_ref), atol=2e-2 * scale)
+    with pytest.raises(ValueError, match="eigensolver must be one of"):
+        canonical.procrustes(state, [3], eigensolver="jacobi")
+
+
 def test_rank_curve_and_intrinsic_dim():
     assert canonical.rank_curve(640, 192) == [1, 2, 4, 8, 16, 32, 64, 128, 192, 384, 640]
     assert canonical.intrinsic_dim([1, 4, 16], [-0.5, -0.03, -0.021], -0.02) == 4

@@ -9,9 +9,11 @@ same cache) the affine study's zoo models. Extra fields:
                two and four times it and the joint width D (embjax.canonical.rank_curve)
   hub_ridge    relative ridge of each block's whitening / regression (0: pseudo-inverses beyond the
                float32 condition limit)
-  eigensolver  GCCA's eigendecomposition (embjax.canonical.gcca): "divide_and_conquer" (LAPACK ?syevd,
-               fast; about C + 3.5 D x D resident) or "qr" (?syev in one workspace: about C + 1.15 D x D,
-               ~7x slower; for the thesis' widths on a machine short of memory)
+  eigensolver  the hubs' eigendecomposition (embjax.canonical: GCCA's, and Procrustes' starting
+               directions): "divide_and_conquer" (LAPACK ?syevd, fast; about C + 3.5 D x D resident),
+               "qr" (?syev in one workspace: about C + 1.2 D x D, 6-11x slower) or "subset" (?syevr in
+               one workspace, only the top max(ranks) eigenpairs: lean only when max(ranks) << D, and
+               the default ranks reach D); see embjax/canonical.py's docstring
   tolerance    the intrinsic dimension is the smallest k whose mean relative change over all ordered
                pairs is within this of the direct affine maps' (0.01 = 1 point)
 """
