@@ -58,18 +58,24 @@ def pytest_configure(config):
         "tolerances assume exact float32 matmuls)")
 
 
-# The files that cost most CPU in the everyday tier, most first (measured with
-# `/usr/bin/time -f "%U+%S" pytest -n 0 -m "not slow" tests/FILE`; README's Tests section). With
+# The files that cost most CPU in the everyday tier, most first (CPU seconds per file, the tests'
+# processes and their children, from the 2026-12-07 16:14 run; README's Tests section). With
 # `--dist loadfile --no-loadscope-reorder` (launch.sh) xdist hands files to the two workers in collection
 # order, one at a time as a worker runs dry; starting with the longest files keeps both workers busy to
-# the end (longest processing time first), where xdist's default order (files with the most tests first)
-# left the long study files, which hold few tests each, to the end, one worker running them alone. A file
-# not listed runs after these, in alphabetical order; the list steers the schedule only, never what runs.
+# the end (longest processing time first). An outdated order costs wall time: in that run the previous
+# list (its first files no longer the longest) left one worker with 356 CPU s and the other with 245. A
+# file not listed runs after these, in alphabetical order; the list steers the schedule only, never what
+# runs.
 LONGEST_FIRST = (
-    "test_backward_compatible.py", "test_open_set.py", "test_full_network_embedding.py", "test_own_features.py",
-    "test_train.py", "test_conv_matmul.py", "test_study.py", "test_folding.py", "test_nasnet.py",
-    "test_inception.py", "test_efficientnet.py", "test_named_layers.py", "test_no_allreduce.py",
-    "test_timm_parity.py", "test_zoo.py", "test_cli_checks.py",
+    "test_study.py", "test_tf_slim.py", "test_efficientnet.py", "test_conv_matmul.py", "test_nasnet.py",
+    "test_inception.py", "test_open_set.py", "test_named_layers.py", "test_full_network_embedding.py",
+    "test_folding.py", "test_backward_compatible.py", "test_registry.py", "test_maps.py", "test_canonical.py",
+    "test_svm.py", "test_evaluate.py", "test_stats.py", "test_verification.py", "test_similarity.py",
+    "test_learned_families.py", "test_resnet.py", "test_study_planted.py", "test_mobilenet.py",
+    "test_timm_parity.py", "test_no_allreduce.py", "test_zoo.py", "test_own_features.py", "test_train.py",
+    "test_inception_slim.py", "test_bct.py", "test_engine_faults.py", "test_extract.py",
+    "test_multidevice_core.py", "test_zoo_apart.py", "test_learned_maps.py", "test_fne.py", "test_iresnet.py",
+    "test_retrieval.py", "test_vgg.py", "test_h5.py",
 )
 
 
