@@ -46,6 +46,11 @@ def env(cache=None, devices: int = 1, **extra) -> dict:
     e.pop("EMBJAX_TRACEBACK", None)
     if cache is not None:
         e["EMBJAX_CACHE"] = str(cache)
+    # Every compiled program into the cache's persistent XLA cache, however short its compilation (a
+    # study caches only those over a second on its own): a test's second and third runs of one
+    # configuration (killed, resumed) load them instead of compiling again.
+    e["JAX_COMPILATION_CACHE_DIR"] = os.path.join(e["EMBJAX_CACHE"], "xla")
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

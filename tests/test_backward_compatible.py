@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import study_runner as runner
+import tiny_models
 from embjax import bct, bct_report
 from experiments import backward_compatible as study
 from experiments.configs import backward_compatible as configs
@@ -22,7 +23,7 @@ TINY = dict(train_split="train[:640]", eval_split="test[:200]", batch_size=64, c
 def tiny_config(checkpoint_every: int = 4):
     """The tiny run; the in-process one checkpoints only at the end of each training and pass (nothing
     resumes in it: the kill test, with checkpoints every 4 steps, runs the preset's zoo models from the
-    command line) and trains stand-in backbones (`_tiny_specs`) instead of zoo models."""
+    command line) and trains stand-in backbones (tests/tiny_models.py) instead of zoo models."""
     c = configs.get_config("fashion_mnist")
     c.update(dict(TINY, checkpoint_every=checkpoint_every))
     for t in (c.old_train, c.new_train):
@@ -123,44 +124,12 @@ def test_learned_maps_against_the_closed_form_on_a_planted_map():
     assert r2["learned_mlp"] > closed + 0.05, (r2, closed)
 
 
-def _tiny_specs():
-    """Two stand-in backbones for the in-process run, registered under their own names: a dense layer, a
-    BatchNorm (batch statistics go through the training state) and a 64- / 96-wide embedding before a
-    10-class head, on the zoo's Fashion-MNIST preprocessing. The study's bookkeeping and arithmetic are
-    the same for any backbone; each trains in a fraction of a zoo model's compilation (the zoo models
-    train in the kill test, whole tier, and in tests/test_zoo.py)."""
-    import dataclasses
-
-    import flax.linen as nn
-
-    from embjax.models import registry
-
-    class TinyNet(nn.Module):
-        width: int
-
-        @nn.compact
-        def __call__(self, x, train=False):
-            h = nn.Dense(128)(x.reshape(x.shape[0], -1))
-            h = nn.relu(nn.BatchNorm(use_running_average=not train)(h))
-            h = nn.Dense(self.width)(h)
-            return {"pre_logits": h, "logits": nn.Dense(10)(h)}
-
-    base = registry.get("zoo_resnet_v1")
-    return {name: dataclasses.replace(base, name=name, family="tiny", feature_dim=width,
-                                      build=lambda width=width, **_: TinyNet(width))
-            for name, width in (("tiny_old", 64), ("tiny_new", 96))}
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from embjax.models import registry
-
     work = tmp_path_factory.mktemp("bct_study")
-    specs, get = _tiny_specs(), registry.get
     config = tiny_config(checkpoint_every=1000)
     config.update(dict(old_model="tiny_old", new_model="tiny_new"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "get", lambda name: specs[name] if name in specs else get(name))
+    with tiny_models.registered(tiny_old=64, tiny_new=96):
         results, engine = study.run(config, str(work / "state"))
     run_dir = str(work / "report")
     study.write_report(run_dir, results)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import study_runner as runner
+import tiny_models
 from embjax import cells, data, verification
 from experiments import open_set
 
@@ -148,11 +149,13 @@ def test_smoke_run_in_process_against_numpy(tmp_path):
     from experiments.configs import open_set as configs
 
     config = configs.get_config("smoke")
-    # Nothing resumes in this process: larger batches and no checkpoint inside a pass (the kill test below,
-    # whole tier, runs the preset as it is).
-    config.update(dict(num_fit=160, batch_size=40, checkpoint_every=1000))
-    results, engine = open_set.run(config, str(tmp_path / "state"))
-    assert results["models"] == ["zoo_resnet_v1", "zoo_mobilenet_v2"]
+    # Nothing resumes in this process: larger batches and no checkpoint inside a pass, and two random
+    # stand-in backbones (tests/tiny_models.py) for the preset's zoo models (the kill test below, whole
+    # tier, runs the preset as it is).
+    config.update(dict(num_fit=160, batch_size=40, checkpoint_every=1000, models="tiny_a,tiny_b"))
+    with tiny_models.registered(tiny_a=64, tiny_b=96):
+        results, engine = open_set.run(config, str(tmp_path / "state"))
+    assert results["models"] == ["tiny_a", "tiny_b"]
     assert results["num_fit"] == 160 and results["num_eval"] == 120
     for key in ("cka", "cka_debiased", "cca", "pwcca", "procrustes", "mutual_knn", "cknna"):
         assert np.shape(results["similarity"][key]) == (2, 2)
