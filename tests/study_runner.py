@@ -30,7 +30,7 @@ HUNG = 1800  # seconds after which a child is taken to be hung (a failure, never
 
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a child with `devices` fake CPU devices: this process' own flags (e.g. the everyday
-    tier's optimisation level, set by launch.sh) with the device count replaced."""
+    tier's compile options, set by launch.sh) with the device count replaced."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
 
