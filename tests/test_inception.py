@@ -188,6 +188,7 @@ def test_converter_reports_every_missing_extra_and_misshaped_parameter(keras_v3)
     assert f"Keras layer {convs[6]!r} has 2 weights, expected 1" in message
 
 
+@pytest.mark.slow  # builds Keras' full-size Inception-ResNet-v2 (the v3 converter's errors stay everyday)
 def test_converter_rejects_a_batchnorm_with_scale_and_a_missing_head(keras_irv2):
     weights = dict(keras_irv2["weights"])
     gamma = np.ones_like(weights["conv_7b_bn"][0])
@@ -201,6 +202,7 @@ def test_converter_rejects_a_batchnorm_with_scale_and_a_missing_head(keras_irv2)
     assert "missing parameter params/predictions/kernel" in message
 
 
+@pytest.mark.slow  # the same full-size Keras model as above
 def test_converter_refuses_other_weights_and_non_dicts(keras_irv2):
     """Inception-ResNet-v2 weights offered as Inception-v3: hundreds of problems, all kept, 60 shown."""
     with pytest.raises(WeightMismatchError) as info:
@@ -325,6 +327,7 @@ def test_small_inception_trains(small_variables):
     assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow  # a second compilation of the network (tests/test_resnet.py keeps bfloat16 everyday)
 def test_small_inception_bfloat16_tracks_float32(small_variables):
     """bfloat16 computation with float32 parameters stays close to the float32 forward.
 

@@ -145,6 +145,7 @@ def test_too_small_inputs_are_refused():
         jax.eval_shape(nasnet.nasnet_large().init, jax.random.key(0), jnp.zeros((1, 31, 64, 3)))
 
 
+@pytest.mark.slow  # the same round trip as tests/test_inception.py's, on a larger network
 def test_converter_reads_keras_weights_files(keras_nasnet_case, tmp_path):
     """Round trip through Keras' own .weights.h5 writer and embjax's reader (SeparableConv2D included)."""
     path = tmp_path / "nasnet.weights.h5"
