@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+import study_runner as runner
 from experiments import config_check
 from experiments.config_check import ConfigError
 
@@ -257,10 +258,8 @@ print(json.dumps(out))
 def run_command_lines(cases):
     """Run every (module, argv, extra environment) case as `python -m module argv...` would; returns
     {"rc", "cpu", "stderr"} per case. One interpreter imports the studies once, then forks a child per case."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("EMBJAX_TRACEBACK", None)
     proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=600)
+                          text=True, cwd=ROOT, env=runner.env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import study_runner as runner
 from embjax import feature_files, feature_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,9 +123,7 @@ def doc_command():
 
 
 def run_cli(argv, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("EMBJAX_TRACEBACK", None)
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, cwd=cwd, env=runner.env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +308,7 @@ def test_benchmark_runs_at_a_toy_size(tmp_path):
         [sys.executable, "benchmarks/own_features.py", "--models", "3", "--dim", "16", "--n", "3000",
          "--batch", "512", "--sklearn-pairs", "2", "--growth", "embjax:16:6000,sklearn:16:6000",
          "--data-dir", str(tmp_path / "data")],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=runner.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     diff = re.search(r"max relative difference of predictions on 3000 rows \(2 pairs;[^|]*\| (\S+) \|", proc.stdout)
     # Both solve the same least-squares problem; float32 features of 16 well-conditioned dims: the two
@@ -341,8 +340,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     argv = doc_command() + ["--batch_size=16", "--checkpoint_every=5"]
     whole = run_cli(argv + ["--workdir=whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    victim = subprocess.Popen(argv + ["--workdir=killed"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    victim = subprocess.Popen(argv + ["--workdir=killed"], cwd=tmp_path, env=runner.env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     for line in victim.stdout:
         if re.search(r"\[fit .*\] batch 7/44", line):
